@@ -1,0 +1,6 @@
+#!/bin/sh
+# Build helper for widget.
+set -eu
+cd "$(dirname "$0")/.."
+python3 -m compileall -q src
+echo "build ok"
