@@ -1,0 +1,216 @@
+"""Run a Plan against a replica: read master bytes for send ops, feed the replica writer, collect outcomes.
+
+`apply_actions` is the one action loop; it runs in-process for local replicas and inside the
+agent for remote ones. Item failures become outcomes; only transport or fatal errors raise.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import xxhash
+
+from dirsync.errors import ItemError, ItemIOError, SourceChangedError
+from dirsync.manifest import FileEntry
+from dirsync.plan import Action, Commit, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
+
+READ_BLOCK = 8 << 20
+
+
+class Sink(Protocol):
+    """Receives outcomes in order. Implemented by ReplicaSummary (and the agent's result sender)."""
+
+    def staged(self, w: WriteFile) -> None: ...
+    def done(self, a: Action, path: str) -> None: ...
+    def failed(self, path: str, err: ItemError) -> None: ...
+    def warn(self, msg: str) -> None: ...
+
+
+def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[bytes]], sink: Sink,
+                  should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Carry out `actions` in order on `replica` (a replica.Replica)."""
+    staged_ok: dict[str, WriteFile] = {}
+    for a in actions:
+        if should_stop():
+            break
+        try:
+            if isinstance(a, WriteFile):
+                sends = sends_for(a)
+                try:
+                    replica.stage(a, sends)
+                finally:
+                    close = getattr(sends, "close", None)
+                    if close:
+                        close()
+                staged_ok[a.path] = a
+                sink.staged(a)
+            elif isinstance(a, Commit):
+                for p, err in replica.commit(a.paths):
+                    if err is None:
+                        sink.done(staged_ok.pop(p), p)
+                    else:
+                        staged_ok.pop(p, None)
+                        sink.failed(p, err)
+            elif isinstance(a, MakeDir):
+                replica.make_dir(a)
+                sink.done(a, a.path)
+            elif isinstance(a, MakeLink):
+                replica.make_link(a)
+                sink.done(a, a.path)
+            elif isinstance(a, SetMeta):
+                replica.set_meta(a)
+                sink.done(a, a.path)
+            elif isinstance(a, Delete):
+                warning = replica.delete(a)
+                if warning:
+                    sink.warn(warning)
+                else:
+                    sink.done(a, a.path)
+        except ItemError as e:
+            sink.failed(getattr(a, "path", ""), e)
+
+
+class MasterReader:
+    """Reads send-op bytes from master files, checking every chunk against the scanned digest."""
+
+    def __init__(self, root: str, throttle: Callable[[int], None] | None = None) -> None:
+        self.root = root
+        self.throttle = throttle
+
+    def sends(self, w: WriteFile) -> Iterator[bytes]:
+        """Yield the bytes of w's send ops in order. Raises SourceChangedError (an ItemError)
+        when the master file no longer matches the manifest: such a file is not committed."""
+        ops = [o for o in w.ops if isinstance(o, SendOp)]
+        if not ops:
+            return
+        t = w.target
+        path = w.path
+        try:
+            fd = os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceChangedError(path, "read", "vanished from the master since it was scanned") from None
+        except OSError as e:
+            raise ItemIOError(path, "read", e) from None
+        try:
+            st0 = os.fstat(fd)
+            if not stat.S_ISREG(st0.st_mode) or st0.st_size != t.size or st0.st_mtime_ns != t.mtime_ns:
+                raise SourceChangedError(path, "read", "changed on the master since it was scanned; it will be synced next run")
+            offsets, sizes, digests = _chunk_table(t)
+            for op in ops:
+                i = bisect.bisect_left(offsets, op.offset)
+                if i >= len(offsets) or offsets[i] != op.offset:
+                    raise SourceChangedError(path, "read", "send op not on a chunk boundary")
+                end = op.offset + op.size
+                while i < len(offsets) and offsets[i] < end:
+                    # Read a run of whole chunks (up to READ_BLOCK) and verify each one.
+                    j, run = i, 0
+                    while j < len(offsets) and offsets[j] < end and (run == 0 or run + sizes[j] <= READ_BLOCK):
+                        run += sizes[j]
+                        j += 1
+                    try:
+                        buf = os.pread(fd, run, offsets[i])
+                    except OSError as e:
+                        raise ItemIOError(path, "read", e) from None
+                    if len(buf) != run:
+                        raise SourceChangedError(path, "read", "shrank while being read; it will be synced next run")
+                    view = memoryview(buf)
+                    pos = 0
+                    for k in range(i, j):
+                        if xxhash.xxh3_128_digest(view[pos:pos + sizes[k]]) != digests[k]:
+                            raise SourceChangedError(path, "read", "changed while being read; it will be synced next run")
+                        pos += sizes[k]
+                    if self.throttle:
+                        self.throttle(run)
+                    yield buf
+                    i = j
+            st1 = os.fstat(fd)
+            if (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) != (st0.st_size, st0.st_mtime_ns, st0.st_ctime_ns):
+                raise SourceChangedError(path, "read", "changed while being read; it will be synced next run")
+        finally:
+            os.close(fd)
+
+
+def _chunk_table(t: FileEntry) -> tuple[list[int], tuple[int, ...], list[bytes]]:
+    offsets, digests = [], []
+    for off, _n, d in t.chunks():
+        offsets.append(off)
+        digests.append(d)
+    return offsets, t.sizes, digests
+
+
+@dataclass
+class ReplicaSummary:
+    """What happened to one replica in one run (also the --json per-replica object)."""
+
+    replica: str
+    status: str = "ok"  # ok | partial | failed | refused | dry-run
+    exit_code: int = 0
+    files_written: int = 0
+    bytes_sent: int = 0
+    bytes_reused: int = 0
+    files_deleted: int = 0
+    dirs_created: int = 0
+    links_made: int = 0
+    meta_set: int = 0
+    errors: list[ItemError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    fatal: str | None = None
+    seconds: float = 0.0
+    on_progress: Callable[[int], None] | None = None
+
+    def staged(self, w: WriteFile) -> None:
+        s = w.send_bytes
+        self.bytes_sent += s
+        self.bytes_reused += w.target.size - s
+        if self.on_progress:
+            self.on_progress(w.target.size)
+
+    def done(self, a: Action, path: str) -> None:
+        if isinstance(a, WriteFile):
+            self.files_written += 1
+        elif isinstance(a, Delete):
+            self.files_deleted += 1
+        elif isinstance(a, MakeDir):
+            self.dirs_created += 1
+        elif isinstance(a, MakeLink):
+            self.links_made += 1
+        elif isinstance(a, SetMeta):
+            self.meta_set += 1
+
+    def failed(self, path: str, err: ItemError) -> None:
+        self.errors.append(err)
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    def to_json(self) -> dict:
+        return {
+            "replica": self.replica,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "files_written": self.files_written,
+            "bytes_sent": self.bytes_sent,
+            "bytes_reused": self.bytes_reused,
+            "files_deleted": self.files_deleted,
+            "dirs_created": self.dirs_created,
+            "links_made": self.links_made,
+            "metadata_set": self.meta_set,
+            "errors": [{"path": os.fsencode(e.path).decode("utf-8", "backslashreplace"), "op": e.op,
+                        "code": e.code, "message": str(e)} for e in self.errors],
+            "warnings": self.warnings,
+            "fatal": self.fatal,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0

@@ -1,0 +1,246 @@
+"""Manifests: what a tree contains, as plain data, and their on-disk form. No filesystem access.
+
+Paths are POSIX-style relpaths as `str` (undecodable bytes kept with surrogateescape);
+the root directory is the entry with path "". Digests are xxh3-128 (16 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Union
+
+import msgpack
+import xxhash
+
+FORMAT_VERSION = 1
+DIGEST_SIZE = 16
+MAGIC = b"DSYNCMF"
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    kind: ClassVar[str] = "f"
+    path: str
+    size: int
+    mode: int  # permission bits (S_IMODE)
+    mtime_ns: int
+    digest: bytes  # xxh3-128 of the whole content
+    avg: int  # chunk class (FastCDC average size); 0: the file is one chunk
+    sizes: tuple[int, ...]  # chunk sizes, in order; they tile [0, size)
+    digests: bytes  # DIGEST_SIZE bytes per chunk, in order
+    # Cache-only facts: not part of what the file *is*.
+    ino: int = field(default=0, compare=False)
+    ctime_ns: int = field(default=0, compare=False)
+    trusted: bool = field(default=False, compare=False)  # digest may be reused when stat matches
+
+    def chunks(self) -> Iterator[tuple[int, int, bytes]]:
+        """Yield (offset, size, digest) for each chunk."""
+        off = 0
+        d = self.digests
+        for i, n in enumerate(self.sizes):
+            yield off, n, d[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+            off += n
+
+    def same_content(self, other: "Entry") -> bool:
+        return isinstance(other, FileEntry) and other.size == self.size and other.digest == self.digest
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    kind: ClassVar[str] = "d"
+    path: str
+    mode: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEntry:
+    kind: ClassVar[str] = "l"
+    path: str
+    target: str  # stored as given, never followed
+    mtime_ns: int
+
+
+Entry = Union[FileEntry, DirEntry, LinkEntry]
+
+
+def entry_key(e: Entry) -> tuple:
+    """What must be equal for two entries to count as the same (content and metadata)."""
+    if isinstance(e, FileEntry):
+        return ("f", e.size, e.digest, e.mode, e.mtime_ns)
+    if isinstance(e, DirEntry):
+        return ("d", e.mode, e.mtime_ns)
+    return ("l", e.target, e.mtime_ns)
+
+
+@dataclass(slots=True)
+class Manifest:
+    """A tree: relpath -> entry. Holds the root DirEntry at "" when the root was read."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    def keys(self) -> dict[str, tuple]:
+        return {p: entry_key(e) for p, e in self.entries.items()}
+
+    def files(self) -> Iterator[FileEntry]:
+        for e in self.entries.values():
+            if isinstance(e, FileEntry):
+                yield e
+
+
+def parent_of(path: str) -> str:
+    i = path.rfind("/")
+    return path[:i] if i >= 0 else ""
+
+
+def is_under(path: str, top: str) -> bool:
+    """True when `path` is `top` or inside it ("" is the root, which holds everything)."""
+    return top == "" or path == top or path.startswith(top + "/")
+
+
+def check_relpath(path: str) -> str:
+    """Return `path` if it is a safe replica-relative path, else raise ValueError.
+
+    Safe: non-empty, relative, '/'-separated, no '', '.' or '..' component, no NUL.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError("empty path")
+    if "\x00" in path:
+        raise ValueError("NUL in path")
+    if path.startswith("/"):
+        raise ValueError("absolute path")
+    if len(path) > 4096:
+        raise ValueError("path too long")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"bad path component {part!r}")
+    return path
+
+
+# -- Merkle digests (used by verify) ---------------------------------------------
+
+
+def tree_digests(m: Manifest) -> dict[str, bytes]:
+    """Digest of every directory over its whole subtree (content and metadata)."""
+    children: dict[str, list[str]] = {}
+    for p in m.entries:
+        if p:
+            children.setdefault(parent_of(p), []).append(p)
+    out: dict[str, bytes] = {}
+
+    def dir_digest(d: str) -> bytes:
+        h = xxhash.xxh3_128()
+        e = m.entries.get(d)
+        if isinstance(e, DirEntry):
+            h.update(b"D%d %d\0" % (e.mode, e.mtime_ns))
+        for c in sorted(children.get(d, ())):
+            ce = m.entries[c]
+            h.update(os.fsencode(c) + b"\0")
+            if isinstance(ce, DirEntry):
+                h.update(dir_digest(c))
+            elif isinstance(ce, FileEntry):
+                h.update(b"F%d %d %d\0" % (ce.size, ce.mode, ce.mtime_ns) + ce.digest)
+            else:
+                h.update(b"L%d\0" % ce.mtime_ns + os.fsencode(ce.target))
+        out[d] = h.digest()
+        return out[d]
+
+    # Iterative post-order to survive deep trees without recursion limits.
+    order: list[str] = []
+    stack = [""]
+    while stack:
+        d = stack.pop()
+        order.append(d)
+        stack.extend(c for c in children.get(d, ()) if isinstance(m.entries[c], DirEntry))
+    for d in reversed(order):
+        if d not in out:
+            dir_digest(d)
+    return out
+
+
+# -- serialisation ------------------------------------------------------------------
+
+
+class ManifestFormatError(ValueError):
+    """The bytes are not a manifest this version can read (corrupt, or from another version)."""
+
+
+def encode_rows(entries) -> list[tuple]:
+    """Entries as plain msgpack-able rows (the manifest body and the wire use the same rows)."""
+    rows = []
+    enc = os.fsencode
+    for e in entries:
+        if isinstance(e, FileEntry):
+            rows.append((0, enc(e.path), e.size, e.mode, e.mtime_ns, e.digest, e.avg, list(e.sizes),
+                         e.digests, e.ino, e.ctime_ns, e.trusted))
+        elif isinstance(e, DirEntry):
+            rows.append((1, enc(e.path), e.mode, e.mtime_ns))
+        else:
+            rows.append((2, enc(e.path), enc(e.target), e.mtime_ns))
+    return rows
+
+
+def to_bytes(m: Manifest, chunker: str) -> bytes:
+    """Versioned, checksummed encoding: MAGIC, version byte, xxh3-64 of body, msgpack body."""
+    body = msgpack.packb((chunker, encode_rows(m.entries.values())), use_bin_type=True)
+    return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(body) + body
+
+
+def from_bytes(data: bytes, chunker: str) -> Manifest:
+    """Inverse of to_bytes. Raises ManifestFormatError on any inconsistency."""
+    n = len(MAGIC)
+    if len(data) < n + 9 or data[:n] != MAGIC:
+        raise ManifestFormatError("not a dirsync manifest")
+    if data[n] != FORMAT_VERSION:
+        raise ManifestFormatError(f"manifest format version {data[n]}, this dirsync reads {FORMAT_VERSION}")
+    body = data[n + 9 :]
+    if xxhash.xxh3_64_digest(body) != data[n + 1 : n + 9]:
+        raise ManifestFormatError("manifest checksum mismatch")
+    try:
+        got_chunker, rows = msgpack.unpackb(body, raw=False, use_list=False)
+        if got_chunker != chunker:
+            raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
+        return Manifest(entries=decode_rows(rows))
+    except ManifestFormatError:
+        raise
+    except Exception as e:  # malformed body: any decoding failure means "rebuild"
+        raise ManifestFormatError(f"manifest body unreadable: {e}") from e
+
+
+def decode_rows(rows) -> dict[str, Entry]:
+    """Decode manifest rows into entries, validating types and paths (rows may come from a peer)."""
+    dec = os.fsdecode
+    entries: dict[str, Entry] = {}
+    for r in rows:
+        t = r[0]
+        path = dec(r[1])
+        if path:
+            check_relpath(path)
+        if t == 0:
+            (_, _, size, mode, mtime, digest, avg, sizes, digests, ino, ctime, trusted) = r
+            sizes = tuple(sizes)
+            if (
+                not all(isinstance(x, int) for x in (size, mode, mtime, avg, ino, ctime))
+                or len(digest) != DIGEST_SIZE
+                or len(digests) != DIGEST_SIZE * len(sizes)
+                or sum(sizes) != size
+                or any((not isinstance(s, int)) or s <= 0 for s in sizes)
+                or size < 0
+            ):
+                raise ValueError(f"bad file row for {path!r}")
+            entries[path] = FileEntry(path, size, mode, mtime, bytes(digest), avg, sizes, bytes(digests),
+                                      ino, ctime, bool(trusted))
+        elif t == 1:
+            _, _, mode, mtime = r
+            if not isinstance(mode, int) or not isinstance(mtime, int):
+                raise ValueError(f"bad dir row for {path!r}")
+            entries[path] = DirEntry(path, mode, mtime)
+        elif t == 2:
+            _, _, target, mtime = r
+            if not isinstance(mtime, int) or not target or b"\0" in target:
+                raise ValueError(f"bad link row for {path!r}")
+            entries[path] = LinkEntry(path, dec(target), mtime)
+        else:
+            raise ValueError(f"unknown entry type {t!r}")
+    return entries

@@ -1,0 +1,451 @@
+"""Pure diff of a master and a replica manifest into an ordered Plan of typed actions. No I/O.
+
+Order (what the replica writer relies on):
+  1. MakeDir for new directories whose parents exist and whose path is free;
+  2. WriteFile (staged in the replica's temp area) interleaved with Commit batches; a path is
+     committed only once no later WriteFile copies from it, so swaps and renames are safe;
+  3. Delete of replica entries in the way of a type change (deepest first);
+  4. the remaining MakeDir, Commit, then MakeLink;
+  5. SetMeta of files and links;
+  6. Delete of what the master no longer has (deepest first), only with opts.delete;
+  7. SetMeta of directories, deepest first, the root last (their mtimes change with their contents).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+from dirsync.errors import display_path
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of
+
+
+@dataclass(frozen=True, slots=True)
+class CopyOp:
+    """Bytes the replica already has: `size` bytes of replica file `src` at `offset`."""
+
+    src: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendOp:
+    """Bytes the master must send: `size` bytes of the target content at `offset`."""
+
+    offset: int
+    size: int
+
+
+Op = Union[CopyOp, SendOp]
+
+
+def expect_of(e: Entry | None) -> tuple | None:
+    """What a replica path must still look like before it is replaced or deleted."""
+    if e is None:
+        return None
+    if isinstance(e, FileEntry):
+        return ("f", e.size, e.mtime_ns)
+    if isinstance(e, LinkEntry):
+        return ("l", e.target)
+    return ("d",)
+
+
+@dataclass(frozen=True, slots=True)
+class MakeDir:
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFile:
+    target: FileEntry  # what the file must become (content, mode, mtime)
+    ops: tuple[Op, ...]  # tile [0, target.size) in order
+    expect: tuple | None  # what is at the path when it is committed (None: nothing)
+
+    @property
+    def path(self) -> str:
+        return self.target.path
+
+    @property
+    def send_bytes(self) -> int:
+        return sum(o.size for o in self.ops if isinstance(o, SendOp))
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Move these staged files to their final names."""
+
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MakeLink:
+    path: str
+    target: str
+    mtime_ns: int
+    expect: tuple | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetMeta:
+    path: str
+    kind: str  # "f" | "d" | "l"
+    mode: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    path: str
+    kind: str
+    expect: tuple | None
+    obstruction: bool = False  # removed to make room for a type change, not a mirror delete
+
+
+Action = Union[MakeDir, WriteFile, Commit, MakeLink, SetMeta, Delete]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    delete: bool = True
+    protect: frozenset[str] = frozenset()  # master paths with read problems: leave replica alone there
+    commit_bytes: int = 256 << 20
+    commit_files: int = 4096
+
+
+@dataclass(frozen=True)
+class Totals:
+    writes: int = 0
+    send_bytes: int = 0
+    reuse_bytes: int = 0
+    deletes: int = 0
+    mkdirs: int = 0
+    links: int = 0
+    meta: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, why) left alone by this plan
+
+    def totals(self) -> Totals:
+        w = s = r = d = mk = ln = mt = 0
+        for a in self.actions:
+            if isinstance(a, WriteFile):
+                w += 1
+                for o in a.ops:
+                    if isinstance(o, SendOp):
+                        s += o.size
+                    else:
+                        r += o.size
+            elif isinstance(a, Delete):
+                d += 1
+            elif isinstance(a, MakeDir):
+                mk += 1
+            elif isinstance(a, MakeLink):
+                ln += 1
+            elif isinstance(a, SetMeta):
+                mt += 1
+        return Totals(w, s, r, d, mk, ln, mt)
+
+    @property
+    def empty(self) -> bool:
+        return not self.actions
+
+    def deletes(self) -> list[Delete]:
+        return [a for a in self.actions if isinstance(a, Delete)]
+
+    def render(self) -> str:
+        """One stable line per action, then a totals line."""
+        lines = []
+        for a in self.actions:
+            line = render_action(a)
+            if line:
+                lines.append(line)
+        for path, why in self.skipped:
+            lines.append(f"skip    {display_path(path)}: {why}")
+        t = self.totals()
+        lines.append(
+            f"total: {t.writes} to write (send {human_size(t.send_bytes)}, reuse {human_size(t.reuse_bytes)}), "
+            f"{t.deletes} to delete, {t.mkdirs} dirs, {t.links} links, {t.meta} metadata"
+        )
+        return "\n".join(lines)
+
+    def apply_to(self, replica: Manifest) -> Manifest:
+        """The manifest the replica has after this plan succeeds (the model used by tests)."""
+        entries = dict(replica.entries)
+        staged: dict[str, FileEntry] = {}
+        for a in self.actions:
+            if isinstance(a, MakeDir):
+                entries[a.path] = DirEntry(a.path, a.mode, 0)
+            elif isinstance(a, WriteFile):
+                staged[a.path] = a.target
+            elif isinstance(a, Commit):
+                for p in a.paths:
+                    entries[p] = staged.pop(p)
+            elif isinstance(a, MakeLink):
+                entries[a.path] = LinkEntry(a.path, a.target, a.mtime_ns)
+            elif isinstance(a, SetMeta):
+                e = entries[a.path]
+                if isinstance(e, LinkEntry):
+                    entries[a.path] = replace(e, mtime_ns=a.mtime_ns)
+                else:
+                    entries[a.path] = replace(e, mode=a.mode, mtime_ns=a.mtime_ns)
+            elif isinstance(a, Delete):
+                del entries[a.path]
+        assert not staged, f"staged but never committed: {sorted(staged)}"
+        return Manifest(entries)
+
+
+def render_action(a: Action) -> str:
+    if isinstance(a, MakeDir):
+        return f"mkdir   {display_path(a.path)}/"
+    if isinstance(a, WriteFile):
+        send = a.send_bytes
+        reuse = a.target.size - send
+        line = f"write   {display_path(a.path)}  {human_size(a.target.size)}"
+        copies = [o for o in a.ops if isinstance(o, CopyOp)]
+        if len(a.ops) == 1 and copies and copies[0].src != a.path:
+            return line + f"  reuse all from {display_path(copies[0].src)}"
+        if reuse:
+            line += f"  reuse {human_size(reuse)}"
+        return line + f"  send {human_size(send)}"
+    if isinstance(a, MakeLink):
+        return f"link    {display_path(a.path)} -> {display_path(a.target)}"
+    if isinstance(a, SetMeta):
+        suffix = "/" if a.kind == "d" else ""
+        shown = display_path(a.path) + suffix if a.path else "./"
+        if a.kind == "l":
+            return f"meta    {shown}  mtime"
+        return f"meta    {shown}  mode {a.mode:04o}"
+    if isinstance(a, Delete):
+        return f"delete  {display_path(a.path)}{'/' if a.kind == 'd' else ''}"
+    return ""  # Commit: an ordering barrier, not a change a person needs to read
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} TiB"
+
+
+# -- diff ----------------------------------------------------------------------------
+
+
+class ChunkIndex:
+    """Where the replica already has each chunk digest (first location wins) and each whole file."""
+
+    def __init__(self, replica: Manifest) -> None:
+        self.chunks: dict[bytes, tuple[str, int, int]] = {}
+        self.wholes: dict[tuple[int, bytes], str] = {}
+        chunks = self.chunks
+        for f in replica.files():
+            if f.size == 0:
+                continue
+            self.wholes.setdefault((f.size, f.digest), f.path)
+            for off, n, d in f.chunks():
+                if d not in chunks:
+                    chunks[d] = (f.path, off, n)
+
+
+def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
+    """Copy each chunk the replica already has (from any file); send the rest. Merges runs."""
+    if target.size == 0:
+        return ()
+    whole = have.wholes.get((target.size, target.digest))
+    if whole is not None:
+        return (CopyOp(whole, 0, target.size),)
+    ops: list[Op] = []
+    for off, n, d in target.chunks():
+        loc = have.chunks.get(d)
+        if loc is not None and loc[2] == n:
+            src, soff, _ = loc
+            last = ops[-1] if ops else None
+            if isinstance(last, CopyOp) and last.src == src and last.offset + last.size == soff:
+                ops[-1] = CopyOp(src, last.offset, last.size + n)
+            else:
+                ops.append(CopyOp(src, soff, n))
+        else:
+            last = ops[-1] if ops else None
+            if isinstance(last, SendOp):
+                ops[-1] = SendOp(last.offset, last.size + n)
+            else:
+                ops.append(SendOp(off, n))
+    return tuple(ops)
+
+
+@dataclass
+class _Acc:
+    early_dirs: list[MakeDir] = field(default_factory=list)
+    writes: list[tuple[WriteFile, bool]] = field(default_factory=list)  # (write, can commit early)
+    clears: list[Delete] = field(default_factory=list)
+    late_dirs: list[MakeDir] = field(default_factory=list)
+    links: list[MakeLink] = field(default_factory=list)
+    file_meta: list[SetMeta] = field(default_factory=list)
+    dir_meta: dict[str, SetMeta] = field(default_factory=dict)
+    touched_dirs: set[str] = field(default_factory=set)
+    deletes: list[Delete] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions()) -> Plan:
+    """Return the actions that turn `replica` into `master` (see the module docstring for order).
+
+    Paths in opts.protect (and below) are neither changed nor deleted. Without opts.delete,
+    nothing the master lacks is deleted, and a type change that would remove a non-empty
+    replica directory is skipped and listed in Plan.skipped.
+    """
+    M, R = master.entries, replica.entries
+    protect = opts.protect
+
+    def protected(p: str) -> bool:
+        if not protect:
+            return False
+        q = p
+        while True:
+            if q in protect:
+                return True
+            if not q:
+                return False
+            q = parent_of(q)
+
+    acc = _Acc()
+    r_children: dict[str, list[str]] = {}
+    for p in R:
+        if p:
+            r_children.setdefault(parent_of(p), []).append(p)
+
+    def r_subtree(p: str) -> list[str]:
+        out, stack = [], [p]
+        while stack:
+            q = stack.pop()
+            out.append(q)
+            stack.extend(r_children.get(q, ()))
+        return out
+
+    late: set[str] = set()  # master paths that must wait for a type-change clear
+    blocked: set[str] = set()  # master paths we may not touch this run
+    cleared: set[str] = set()  # replica paths removed by type-change clears
+    index: ChunkIndex | None = None
+
+    for p in sorted(M):
+        if not p:
+            continue
+        m = M[p]
+        par = parent_of(p)
+        if par in blocked or protected(p):
+            blocked.add(p)
+            continue
+        r = R.get(p)
+        is_late = par in late
+        obstructed = r is not None and r.kind != m.kind and (r.kind == "d" or m.kind == "d")
+        if obstructed:
+            assert r is not None
+            sub = r_subtree(p)
+            if any(protected(q) for q in sub):
+                blocked.add(p)
+                acc.skipped.append((p, "the replica has something else here under a path the master could not read"))
+                continue
+            if r.kind == "d" and len(sub) > 1 and not opts.delete:
+                blocked.add(p)
+                acc.skipped.append((p, "replaces a non-empty replica directory; not done without deletes"))
+                continue
+            for q in sorted(sub, reverse=True):
+                acc.clears.append(Delete(q, R[q].kind, expect_of(R[q]), obstruction=True))
+                cleared.add(q)
+            is_late = True
+            r = None
+        if is_late:
+            late.add(p)
+        if isinstance(m, DirEntry):
+            if r is None:
+                (acc.late_dirs if is_late else acc.early_dirs).append(MakeDir(p, m.mode))
+                acc.touched_dirs.add(par)
+                acc.dir_meta[p] = SetMeta(p, "d", m.mode, m.mtime_ns)
+            elif not isinstance(r, DirEntry) or r.mode != m.mode or r.mtime_ns != m.mtime_ns:
+                acc.dir_meta[p] = SetMeta(p, "d", m.mode, m.mtime_ns)
+        elif isinstance(m, FileEntry):
+            if isinstance(r, FileEntry) and m.same_content(r):
+                if r.mode != m.mode or r.mtime_ns != m.mtime_ns:
+                    acc.file_meta.append(SetMeta(p, "f", m.mode, m.mtime_ns))
+                continue
+            if index is None:
+                index = ChunkIndex(replica)
+            w = WriteFile(m, file_delta(m, index), expect_of(r))
+            acc.writes.append((w, not is_late))
+            acc.touched_dirs.add(par)
+        else:
+            assert isinstance(m, LinkEntry)
+            if isinstance(r, LinkEntry) and r.target == m.target:
+                if r.mtime_ns != m.mtime_ns:
+                    acc.file_meta.append(SetMeta(p, "l", 0, m.mtime_ns))
+                continue
+            acc.links.append(MakeLink(p, m.target, m.mtime_ns, expect_of(r)))
+            acc.touched_dirs.add(par)
+
+    if opts.delete:
+        for p in sorted(R, reverse=True):
+            if p and p not in M and p not in cleared and not protected(p):
+                acc.deletes.append(Delete(p, R[p].kind, expect_of(R[p])))
+                acc.touched_dirs.add(parent_of(p))
+    for q in cleared:
+        acc.touched_dirs.add(parent_of(q))
+
+    actions: list[Action] = list(acc.early_dirs)
+    actions += _writes_with_commits(acc.writes, opts)
+    actions += acc.clears
+    actions += acc.late_dirs
+    late_commits = tuple(w.path for w, early in acc.writes if not early)
+    if late_commits:
+        actions.append(Commit(late_commits))
+    actions += acc.links
+    actions += acc.file_meta
+    for d in acc.touched_dirs:
+        md = M.get(d)
+        if isinstance(md, DirEntry) and d not in acc.dir_meta and d not in blocked and not protected(d):
+            acc.dir_meta[d] = SetMeta(d, "d", md.mode, md.mtime_ns)
+    root = M.get("")
+    if isinstance(root, DirEntry) and "" not in acc.dir_meta:
+        rr = R.get("")
+        if not isinstance(rr, DirEntry) or rr.mode != root.mode or rr.mtime_ns != root.mtime_ns:
+            acc.dir_meta[""] = SetMeta("", "d", root.mode, root.mtime_ns)
+    # Deepest first so setting a child's metadata never disturbs a parent already done; root last.
+    actions += acc.deletes
+    actions += _deepest_first(acc.dir_meta)  # after deletes: removing an entry changes its parent's mtime
+    return Plan(tuple(actions), tuple(acc.skipped))
+
+
+def _deepest_first(metas: dict[str, SetMeta]) -> list[SetMeta]:
+    return [metas[p] for p in sorted(metas, key=lambda p: (-p.count("/") if p else 1, p))]
+
+
+def _writes_with_commits(writes: list[tuple[WriteFile, bool]], opts: PlanOptions) -> list[Action]:
+    """WriteFiles in order with Commit batches; a path is never committed while a later write copies from it."""
+    need: Counter[str] = Counter()
+    for w, _ in writes:
+        for src in {o.src for o in w.ops if isinstance(o, CopyOp)}:
+            need[src] += 1
+    out: list[Action] = []
+    pending: list[WriteFile] = []
+    pending_bytes = 0
+    for w, early in writes:
+        out.append(w)
+        for src in {o.src for o in w.ops if isinstance(o, CopyOp)}:
+            need[src] -= 1
+        if early:
+            pending.append(w)
+            pending_bytes += w.target.size
+        if pending and (pending_bytes >= opts.commit_bytes or len(pending) >= opts.commit_files):
+            ready = [x for x in pending if need[x.path] <= 0]
+            if ready:
+                out.append(Commit(tuple(x.path for x in ready)))
+                pending = [x for x in pending if need[x.path] > 0]
+                pending_bytes = sum(x.target.size for x in pending)
+    if pending:
+        out.append(Commit(tuple(x.path for x in pending)))
+    return out

@@ -1,0 +1,516 @@
+"""The only code that writes into a replica. Runs in-process for local replicas and inside the agent.
+
+Every path operation is relative to a directory fd reached from the root fd one component at
+a time with O_NOFOLLOW, so a replica directory swapped for a symlink cannot redirect a write
+outside the root. Files are built in `.dirsync/tmp/` (same filesystem as the tree), verified
+against the whole-file digest, made durable, and only then renamed to their final name.
+Staging in one folder rather than beside the target lets a file be staged before its
+directory exists, keeps type changes and swaps simple, and makes stale temps easy to find.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import secrets
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import xxhash
+
+from dirsync import chunking
+from dirsync.errors import (
+    ConflictError,
+    ConfigError,
+    InvalidPathError,
+    ItemError,
+    ItemIOError,
+    RefusedError,
+)
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, check_relpath, is_under, parent_of
+from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
+from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, ScanResult, scan_tree
+from dirsync.state import FileLock, fsync_dir, load_manifest_file, save_manifest_file, write_atomic
+
+MARKER = "replica.json"
+CACHE = "manifest"
+COPY_BLOCK = 4 << 20
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class OpenInfo:
+    created: bool = False  # the root directory was made by this run
+    initialised: bool = False  # the marker was written by this run
+    cache_status: str = "ok"  # "ok" | "missing" | "unusable"
+    cache_reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def deletes_allowed(self) -> bool:
+        """False when the replica's cache was lost unexpectedly: no deletions on such a run."""
+        return self.cache_status == "ok" or self.initialised
+
+
+_libc = None
+
+
+def _syncfs(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        os.sync()
+
+
+class Replica:
+    """One replica root. Call open(), then manifest(), then the action methods, then close()."""
+
+    def __init__(self, root: str, *, readonly: bool = False) -> None:
+        self.root = os.path.abspath(root)
+        self.readonly = readonly
+        self.root_fd = -1
+        self.tmp_fd = -1
+        self.lock: FileLock | None = None
+        self.cache: Manifest | None = None
+        self.current: dict[str, Entry] = {}  # what the replica holds now (scan, then our changes)
+        self.staged: dict[str, tuple[str, WriteFile]] = {}
+        self._dirfds: dict[str, int] = {}
+        self._tmp_seq = 0
+        self.write_start_ns = time.time_ns()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self, *, init: bool = False, chunker: str = chunking.CHUNKER_ID) -> OpenInfo:
+        """Check the root and take it over for this run.
+
+        Raises RefusedError for a root that is not a directory, or a non-empty directory that
+        dirsync never synced (unless init); LockedError when another run holds it.
+        A missing root is created (its parent must exist).
+        """
+        info = OpenInfo()
+        root = self.root
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            if self.readonly:
+                info.cache_status = "missing"
+                info.initialised = True
+                return info
+            try:
+                os.mkdir(root, 0o755)
+            except FileNotFoundError:
+                raise ConfigError(f"replica {root}: parent directory does not exist") from None
+            except OSError as e:
+                raise ConfigError(f"replica {root}: cannot create: {e.strerror}") from None
+            info.created = True
+            st = os.stat(root)
+        except OSError as e:
+            raise RefusedError(f"replica {root}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise RefusedError(f"replica {root} is not a directory")
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        state = os.path.join(root, STATE_DIR)
+        marked = os.path.isfile(os.path.join(state, MARKER))
+        if not marked:
+            others = [n for n in os.listdir(root) if n != STATE_DIR]
+            if others and not init:
+                raise RefusedError(
+                    f"replica {root} is not empty and was never synced by dirsync",
+                    hint="check the path; pass --init to make this directory a replica anyway",
+                )
+        if self.readonly:
+            info.initialised = not marked  # what a real run would do
+            if marked:
+                load = load_manifest_file(os.path.join(state, CACHE), chunker)
+                self.cache, info.cache_status, info.cache_reason = load.manifest, load.status, load.reason
+            else:
+                info.cache_status = "missing"
+            return info
+        os.makedirs(os.path.join(state, "tmp"), exist_ok=True)
+        self.lock = FileLock(os.path.join(state, "lock"), f"replica {root}").acquire()
+        if not marked:
+            write_atomic(os.path.join(state, MARKER),
+                         json.dumps({"format": 1, "id": str(uuid.uuid4()), "created_ns": time.time_ns()}).encode())
+            info.initialised = True
+        self.tmp_fd = os.open(os.path.join(state, "tmp"), _O_DIR)
+        for name in os.listdir(self.tmp_fd):  # stale temps of an interrupted run: we hold the lock
+            try:
+                os.unlink(name, dir_fd=self.tmp_fd)
+            except IsADirectoryError:
+                pass
+            except FileNotFoundError:
+                pass
+        load = load_manifest_file(os.path.join(state, CACHE), chunker)
+        self.cache, info.cache_status, info.cache_reason = load.manifest, load.status, load.reason
+        if load.status == "unusable":
+            info.warnings.append(f"replica cache unusable ({load.reason}): rescanning everything, no deletions this run")
+        elif load.status == "missing" and marked:
+            info.warnings.append("replica cache missing: rescanning everything, no deletions this run")
+        return info
+
+    def manifest(self, excluder: Excluder, *, fresh: bool = False) -> ScanResult:
+        """Scan the replica (reusing its cache unless `fresh`) and remember the result."""
+        if self.root_fd < 0:
+            return ScanResult(Manifest())
+        res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
+        self.current = dict(res.manifest.entries)
+        return res
+
+    def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> None:
+        """Drop unfinished temps, save the cache of what the replica now holds, release the lock."""
+        try:
+            for tmp, _ in self.staged.values():
+                self._unlink_tmp(tmp)
+            self.staged.clear()
+            if save and not self.readonly and self.root_fd >= 0 and self.current:
+                save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE), Manifest(self.current), chunker)
+        finally:
+            for fd in self._dirfds.values():
+                os.close(fd)
+            self._dirfds.clear()
+            for fd in (self.tmp_fd, self.root_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self.tmp_fd = self.root_fd = -1
+            if self.lock:
+                self.lock.release()
+                self.lock = None
+
+    # -- path resolution -----------------------------------------------------------
+
+    def _dirfd(self, rel: str) -> int:
+        """fd of directory `rel`, reached from the root without following any symlink."""
+        if not rel:
+            return self.root_fd
+        fd = self._dirfds.get(rel)
+        if fd is not None:
+            return fd
+        parent = self._dirfd(parent_of(rel))
+        name = rel.rsplit("/", 1)[-1]
+        try:
+            fd = os.open(name, _O_DIR, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise InvalidPathError(rel, "open directory", "not a directory (or a symlink) on the replica") from None
+            raise ItemIOError(rel, "open directory", e) from None
+        if len(self._dirfds) > 256:
+            self._drop_dirfds("")
+        self._dirfds[rel] = fd
+        return fd
+
+    def _drop_dirfds(self, top: str) -> None:
+        for k in [k for k in self._dirfds if is_under(k, top)]:
+            os.close(self._dirfds.pop(k))
+
+    def _at(self, rel: str, op: str) -> tuple[int, str]:
+        try:
+            check_relpath(rel)
+        except ValueError as e:
+            raise InvalidPathError(rel, op, str(e)) from None
+        return self._dirfd(parent_of(rel)), rel.rsplit("/", 1)[-1]
+
+    def _check_expect(self, rel: str, dfd: int, name: str, expect: tuple | None, op: str) -> None:
+        """Raise ConflictError unless the path still looks as the plan expected."""
+        try:
+            st = os.lstat(name, dir_fd=dfd)
+        except FileNotFoundError:
+            if expect is None:
+                return
+            raise ConflictError(rel, op, "vanished from the replica since it was scanned") from None
+        if expect is None:
+            raise ConflictError(rel, op, "appeared on the replica since it was scanned; left alone")
+        kind = expect[0]
+        ok = False
+        if kind == "f":
+            ok = stat.S_ISREG(st.st_mode) and st.st_size == expect[1] and st.st_mtime_ns == expect[2]
+        elif kind == "l":
+            ok = stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dfd) == expect[1]
+        elif kind == "d":
+            ok = stat.S_ISDIR(st.st_mode)
+        if not ok:
+            raise ConflictError(rel, op, "changed on the replica since it was scanned; left alone")
+
+    # -- actions -------------------------------------------------------------------
+
+    def make_dir(self, a: MakeDir) -> None:
+        dfd, name = self._at(a.path, "mkdir")
+        try:
+            os.mkdir(name, 0o700, dir_fd=dfd)
+        except FileExistsError:
+            st = os.lstat(name, dir_fd=dfd)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConflictError(a.path, "mkdir", "something else appeared there on the replica") from None
+        except OSError as e:
+            raise ItemIOError(a.path, "mkdir", e) from None
+        self.current[a.path] = DirEntry(a.path, a.mode, 0)
+
+    def stage(self, w: WriteFile, sends: Iterator[bytes]) -> int:
+        """Build w.target in a temp file from copy ops and the bytes of `sends` (the send ops'
+        data in order, in pieces of any size); verify and make it durable-ready. Returns bytes
+        written. On any failure the temp is removed and an ItemError raised."""
+        path = w.path
+        try:
+            check_relpath(path)
+        except ValueError as e:
+            raise InvalidPathError(path, "write", str(e)) from None
+        self._tmp_seq += 1
+        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.tmp_fd)
+        except OSError as e:
+            raise ItemIOError(path, "write", e) from None
+        ok = False
+        srcs: dict[str, int] = {}
+        try:
+            h = xxhash.xxh3_128()
+            pending = b""
+            total = 0
+            for op in w.ops:
+                if isinstance(op, CopyOp):
+                    sfd = srcs.get(op.src)
+                    if sfd is None:
+                        sdfd, sname = self._at(op.src, "read")
+                        try:
+                            sfd = srcs[op.src] = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdfd)
+                        except OSError as e:
+                            raise ConflictError(path, "write", f"reuse source {op.src} unreadable: {e.strerror}") from None
+                    off, left = op.offset, op.size
+                    while left:
+                        buf = os.pread(sfd, min(left, COPY_BLOCK), off)
+                        if not buf:
+                            raise ConflictError(path, "write", f"reuse source {op.src} shrank since it was scanned")
+                        h.update(buf)
+                        _write_all(fd, buf)
+                        off += len(buf)
+                        left -= len(buf)
+                    total += op.size
+                else:
+                    left = op.size
+                    while left:
+                        if not pending:
+                            pending = next(sends, b"")
+                            if not pending:
+                                raise ConflictError(path, "write", "master sent too little data")
+                        piece = pending[:left]
+                        pending = pending[len(piece):]
+                        h.update(piece)
+                        _write_all(fd, piece)
+                        left -= len(piece)
+                    total += op.size
+            if pending or next(sends, b""):
+                raise ConflictError(path, "write", "master sent too much data")
+            if total != w.target.size or h.digest() != w.target.digest:
+                self._forget_sources(w)
+                raise ConflictError(path, "write",
+                                    "content check failed (the replica changed during the sync); retry")
+            os.fchmod(fd, w.target.mode)
+            os.utime(fd, ns=(w.target.mtime_ns, w.target.mtime_ns))
+            ok = True
+        except OSError as e:
+            raise ItemIOError(path, "write", e) from None
+        finally:
+            os.close(fd)
+            for sfd in srcs.values():
+                os.close(sfd)
+            if not ok:
+                self._unlink_tmp(tmp)
+        old = self.staged.pop(path, None)
+        if old:
+            self._unlink_tmp(old[0])
+        self.staged[path] = (tmp, w)
+        return total
+
+    def discard(self, path: str) -> None:
+        """Forget a staged file (its master changed after staging)."""
+        old = self.staged.pop(path, None)
+        if old:
+            self._unlink_tmp(old[0])
+
+    def commit(self, paths: tuple[str, ...]) -> list[tuple[str, ItemError | None]]:
+        """Make staged files durable, then rename each over its final name (after re-checking
+        that the replica entry there is still what the plan expected)."""
+        todo = [(p, self.staged[p]) for p in paths if p in self.staged]
+        if not todo:
+            return []
+        if len(todo) > 8:
+            _syncfs(self.tmp_fd)  # one flush for the batch instead of one fsync per small file
+        else:
+            for _, (tmp, _w) in todo:
+                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tmp_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        out: list[tuple[str, ItemError | None]] = []
+        dirs: set[int] = set()
+        for p, (tmp, w) in todo:
+            del self.staged[p]
+            try:
+                dfd, name = self._at(p, "commit")
+                self._check_expect(p, dfd, name, w.expect, "commit")
+                self._retire(p, dfd, name, w.expect)
+                try:
+                    os.replace(tmp, name, src_dir_fd=self.tmp_fd, dst_dir_fd=dfd)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise ItemIOError(p, "commit", e) from None
+                    self._commit_across_devices(p, tmp, dfd, name)
+                st = os.lstat(name, dir_fd=dfd)
+                trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
+                self.current[p] = replace(w.target, ino=st.st_ino, ctime_ns=st.st_ctime_ns, trusted=trusted)
+                dirs.add(dfd)
+                out.append((p, None))
+            except ItemError as e:
+                self._unlink_tmp(tmp)
+                out.append((p, e))
+        if len(dirs) > 8:
+            _syncfs(self.root_fd)
+        else:
+            for dfd in dirs:
+                os.fsync(dfd)
+        return out
+
+    def _commit_across_devices(self, p: str, tmp: str, dfd: int, name: str) -> None:
+        """The target directory is another mount inside the replica: copy beside it, then rename."""
+        side = f"{TMP_PREFIX}x{self._tmp_seq}-{secrets.token_hex(4)}"
+        try:
+            src = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.tmp_fd)
+            try:
+                st = os.fstat(src)
+                dst = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                              dir_fd=dfd)
+                try:
+                    while True:
+                        buf = os.read(src, COPY_BLOCK)
+                        if not buf:
+                            break
+                        _write_all(dst, buf)
+                    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                    os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            os.replace(side, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as e:
+            try:
+                os.unlink(side, dir_fd=dfd)
+            except OSError:
+                pass
+            raise ItemIOError(p, "commit", e) from None
+        self._unlink_tmp(tmp)
+
+    def make_link(self, a: MakeLink) -> None:
+        dfd, name = self._at(a.path, "link")
+        self._tmp_seq += 1
+        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}"
+        try:
+            os.symlink(a.target, tmp, dir_fd=self.tmp_fd)
+            os.utime(tmp, ns=(a.mtime_ns, a.mtime_ns), dir_fd=self.tmp_fd, follow_symlinks=False)
+            self._check_expect(a.path, dfd, name, a.expect, "link")
+            self._retire(a.path, dfd, name, a.expect)
+            os.replace(tmp, name, src_dir_fd=self.tmp_fd, dst_dir_fd=dfd)
+        except OSError as e:
+            self._unlink_tmp(tmp)
+            raise ItemIOError(a.path, "link", e) from None
+        except ItemError:
+            self._unlink_tmp(tmp)
+            raise
+        self.current[a.path] = LinkEntry(a.path, a.target, a.mtime_ns)
+
+    def set_meta(self, a: SetMeta) -> None:
+        rel = a.path
+        try:
+            if a.kind == "d":
+                fd = self.root_fd if not rel else None
+                if fd is None:
+                    dfd, name = self._at(rel, "set metadata")
+                    fd = os.open(name, _O_DIR, dir_fd=dfd)
+                try:
+                    os.fchmod(fd, a.mode)
+                    os.utime(fd, ns=(a.mtime_ns, a.mtime_ns))
+                finally:
+                    if fd != self.root_fd:
+                        os.close(fd)
+                self.current[rel] = DirEntry(rel, a.mode, a.mtime_ns)
+            elif a.kind == "l":
+                dfd, name = self._at(rel, "set metadata")
+                os.utime(name, ns=(a.mtime_ns, a.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+                e = self.current.get(rel)
+                if isinstance(e, LinkEntry):
+                    self.current[rel] = replace(e, mtime_ns=a.mtime_ns)
+            else:
+                dfd, name = self._at(rel, "set metadata")
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    st = os.fstat(fd)
+                    e = self.current.get(rel)
+                    if not (isinstance(e, FileEntry) and stat.S_ISREG(st.st_mode) and st.st_size == e.size
+                            and st.st_mtime_ns == e.mtime_ns and st.st_ctime_ns == e.ctime_ns):
+                        raise ConflictError(rel, "set metadata", "changed on the replica since it was scanned")
+                    os.fchmod(fd, a.mode)
+                    os.utime(fd, ns=(a.mtime_ns, a.mtime_ns))
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                # Content untouched since the scan (ctime matched), so the digest stays valid.
+                self.current[rel] = replace(e, mode=a.mode, mtime_ns=a.mtime_ns, ctime_ns=st.st_ctime_ns,
+                                            trusted=e.trusted and a.mtime_ns < self.write_start_ns - RACY_NS)
+        except OSError as e:
+            raise ItemIOError(rel, "set metadata", e) from None
+
+    def delete(self, a: Delete) -> str | None:
+        """Remove one entry (a directory must be empty by now). Returns a warning instead of
+        raising when a directory still holds entries dirsync does not manage (excluded ones)."""
+        dfd, name = self._at(a.path, "delete")
+        self._check_expect(a.path, dfd, name, a.expect, "delete")
+        try:
+            if a.kind == "d":
+                self._drop_dirfds(a.path)
+                os.rmdir(name, dir_fd=dfd)
+            else:
+                self._retire(a.path, dfd, name, a.expect)
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass  # retired (moved to a backup) already
+        except OSError as e:
+            if a.kind == "d" and e.errno == errno.ENOTEMPTY and not a.obstruction:
+                self.current.pop(a.path, None)
+                return f"kept directory {a.path}/ on the replica: it holds excluded entries"
+            raise ItemIOError(a.path, "delete", e) from None
+        self.current.pop(a.path, None)
+        return None
+
+    # -- hooks and helpers -----------------------------------------------------------
+
+    def _retire(self, rel: str, dfd: int, name: str, expect: tuple | None) -> None:
+        """Called just before an existing file or link is replaced or deleted (backup hook)."""
+
+    def _forget_sources(self, w: WriteFile) -> None:
+        """A reuse source did not hold what its cache entry said: make the next scan reread it."""
+        for op in w.ops:
+            if isinstance(op, CopyOp):
+                e = self.current.get(op.src)
+                if isinstance(e, FileEntry):
+                    self.current[op.src] = replace(e, trusted=False)
+
+    def _unlink_tmp(self, tmp: str) -> None:
+        try:
+            os.unlink(tmp, dir_fd=self.tmp_fd)
+        except OSError:
+            pass
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

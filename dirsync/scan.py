@@ -1,0 +1,271 @@
+"""Walk a root into a Manifest, reusing cached entries of unchanged files. The only tree walker.
+
+A cached file entry is reused when it is `trusted` and (size, mtime_ns, ino, ctime_ns) all
+match; otherwise the file is read and chunked. An entry is trusted only when its ctime and
+mtime were clearly older than the moment its content was read (git's "racy clean" rule), so
+a write landing in the same timestamp tick as our read is never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import pathspec
+
+from dirsync import chunking
+from dirsync.errors import ItemError, ItemIOError, SourceChangedError
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, is_under, parent_of
+
+STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
+TMP_PREFIX = ".dirsync-tmp-"
+RACY_NS = 100_000_000  # ext4 stamps come from a coarse clock (1-10 ms); stay well clear
+BUFFER_MAX = 1 << 20  # files up to this size are read in one go
+
+
+class Excluder:
+    """gitignore-style excludes (patterns from --exclude and the master's .dirsyncignore)."""
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.patterns = [p for p in patterns if p.strip() and not p.lstrip().startswith("#")]
+        self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns) if self.patterns else None
+
+    def excluded(self, relpath: str, is_dir: bool) -> bool:
+        if relpath == STATE_DIR:
+            return True
+        if self._spec is None:
+            return False
+        return self._spec.match_file(relpath + "/" if is_dir else relpath)
+
+
+def read_ignore_file(root: str) -> list[str]:
+    """Patterns of `<root>/.dirsyncignore`, or [] when there is none."""
+    try:
+        with open(os.path.join(root, ".dirsyncignore"), encoding="utf-8", errors="surrogateescape") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class ScanResult:
+    manifest: Manifest
+    errors: list[ItemError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    protect: set[str] = field(default_factory=set)  # nothing at or under these may be deleted
+    files_read: int = 0
+    bytes_read: int = 0
+
+
+def scan_tree(
+    root: str,
+    *,
+    excluder: Excluder | None = None,
+    cache: Manifest | None = None,
+    only: Iterable[str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> ScanResult:
+    """Scan `root` (an existing directory) into a ScanResult.
+
+    `cache`: a previous manifest whose trusted file entries may be reused. With `only`, the
+    entries of `cache` outside those relpaths are taken as they are and only the named paths
+    (and the metadata of their parent directories) are looked at again.
+    Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
+    paths in `protect`; the root itself must be readable (checked by the caller).
+    """
+    s = _Scanner(root, excluder or Excluder(), cache, on_bytes)
+    if only is None:
+        s.entries[""] = s.dir_entry("", os.lstat(root))
+        s.walk("")
+    else:
+        s.rescan(only)
+    res = s.result
+    res.manifest = Manifest(s.entries)
+    return res
+
+
+class _Scanner:
+    def __init__(self, root: str, excluder: Excluder, cache: Manifest | None, on_bytes) -> None:
+        self.root = root
+        self.excluder = excluder
+        self.cache = cache.entries if cache is not None else {}
+        self.on_bytes = on_bytes
+        self.entries: dict[str, Entry] = {}
+        self.result = ScanResult(Manifest())
+        self.start_ns = time.time_ns()
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    @staticmethod
+    def dir_entry(rel: str, st: os.stat_result) -> DirEntry:
+        return DirEntry(rel, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+
+    def fail(self, err: ItemError) -> None:
+        self.result.errors.append(err)
+        self.result.protect.add(err.path)
+
+    def walk(self, top: str) -> None:
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            prefix = d + "/" if d else ""
+            try:
+                with os.scandir(self.abspath(d)) as it:
+                    items = list(it)
+            except OSError as e:
+                self.fail(ItemIOError(d, "read directory", e))
+                continue
+            for de in items:
+                rel = prefix + de.name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # vanished between listing and stat: simply absent now
+                except OSError as e:
+                    self.fail(ItemIOError(rel, "stat", e))
+                    continue
+                if self.add(rel, st):
+                    stack.append(rel)
+
+    def add(self, rel: str, st: os.stat_result) -> bool:
+        """Record one path; True when it is a directory to descend into."""
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            if self.excluder.excluded(rel, True):
+                return False
+            self.entries[rel] = self.dir_entry(rel, st)
+            return True
+        if self.excluder.excluded(rel, False):
+            return False
+        if stat.S_ISREG(m):
+            e = self.file_entry(rel, st)
+            if e is not None:
+                self.entries[rel] = e
+        elif stat.S_ISLNK(m):
+            try:
+                target = os.readlink(self.abspath(rel))
+            except OSError as err:
+                self.fail(ItemIOError(rel, "read link", err))
+                return False
+            self.entries[rel] = LinkEntry(rel, target, st.st_mtime_ns)
+        else:
+            kind = "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
+            self.result.warnings.append(f"skipping special file {rel} ({kind})")
+        return False
+
+    def file_entry(self, rel: str, st: os.stat_result) -> FileEntry | None:
+        c = self.cache.get(rel)
+        prev_avg = None
+        if isinstance(c, FileEntry):
+            if (c.trusted and c.size == st.st_size and c.mtime_ns == st.st_mtime_ns
+                    and c.ino == st.st_ino and c.ctime_ns == st.st_ctime_ns):
+                mode = stat.S_IMODE(st.st_mode)
+                return c if c.mode == mode else _with_mode(c, mode)
+            prev_avg = c.avg
+        try:
+            return self.hash_file(rel, st, prev_avg)
+        except FileNotFoundError:
+            return None  # vanished: absent now; a later scan confirms the deletion
+        except ItemError as err:
+            self.fail(err)
+        except OSError as err:
+            self.fail(ItemIOError(rel, "read", err))
+        return None
+
+    def hash_file(self, rel: str, st: os.stat_result, prev_avg: int | None) -> FileEntry:
+        fd = os.open(self.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st0 = os.fstat(fd)
+            if not stat.S_ISREG(st0.st_mode) or st0.st_ino != st.st_ino:
+                raise SourceChangedError(rel, "read", "replaced while being scanned")
+            avg = chunking.choose_avg(st0.st_size, prev_avg)
+            if st0.st_size <= BUFFER_MAX:
+                buf = _read_all(fd, st0.st_size)
+                sizes, digests, whole = chunking.chunk_buffer(buf, avg)
+                nread = len(buf)
+            else:
+                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                    sizes, digests, whole, nread = chunking.chunk_stream(f, avg)
+            st1 = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (nread != st0.st_size or st1.st_size != st0.st_size or st1.st_mtime_ns != st0.st_mtime_ns
+                or st1.st_ctime_ns != st0.st_ctime_ns):
+            raise SourceChangedError(rel, "read", "file changed while being read; it will be synced on a later run")
+        self.result.files_read += 1
+        self.result.bytes_read += nread
+        if self.on_bytes:
+            self.on_bytes(nread)
+        limit = self.start_ns - RACY_NS
+        trusted = st1.st_ctime_ns < limit and st1.st_mtime_ns < limit
+        return FileEntry(rel, nread, stat.S_IMODE(st1.st_mode), st1.st_mtime_ns, whole, avg, sizes, digests,
+                         st1.st_ino, st1.st_ctime_ns, trusted)
+
+    def rescan(self, only: Iterable[str]) -> None:
+        tops = sorted(set(only))
+        # Drop nested duplicates: rescanning "a" covers "a/b".
+        kept: list[str] = []
+        for p in tops:
+            if not any(is_under(p, k) for k in kept):
+                kept.append(p)
+        if "" in kept:
+            self.entries[""] = self.dir_entry("", os.lstat(self.root))
+            self.walk("")
+            return
+        self.entries = {p: e for p, e in self.cache.items() if not any(is_under(p, k) for k in kept)}
+        parents = set()
+        for p in kept:
+            q = parent_of(p)
+            parents.add(q)
+            while q:
+                q = parent_of(q)
+                parents.add(q)
+            if any(not isinstance(self.entries.get(a), DirEntry) for a in _ancestors(p)):
+                continue  # parent gone or not a dir: its own rescan (or removal) covers it
+            try:
+                st = os.lstat(self.abspath(p))
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                self.fail(ItemIOError(p, "stat", e))
+                continue
+            if self.add(p, st):
+                self.walk(p)
+        for q in parents:
+            try:
+                st = os.lstat(self.abspath(q))
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and isinstance(self.entries.get(q), DirEntry):
+                self.entries[q] = self.dir_entry(q, st)
+
+
+def _ancestors(p: str) -> list[str]:
+    out = []
+    q = parent_of(p)
+    while True:
+        out.append(q)
+        if not q:
+            return out
+        q = parent_of(q)
+
+
+def _with_mode(c: FileEntry, mode: int) -> FileEntry:
+    return FileEntry(c.path, c.size, mode, c.mtime_ns, c.digest, c.avg, c.sizes, c.digests, c.ino, c.ctime_ns,
+                     c.trusted)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    want = size + 1  # one extra byte: notice a file that grew since fstat
+    while want > 0:
+        b = os.read(fd, want)
+        if not b:
+            break
+        chunks.append(b)
+        want -= len(b)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

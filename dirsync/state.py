@@ -1,0 +1,142 @@
+"""On-disk state outside the trees: where caches and locks live, atomic writes, flock locks.
+
+Master side: $XDG_STATE_HOME/dirsync (default ~/.local/state/dirsync):
+  masters/<hash of master path>.manifest   master manifest cache
+  locks/<hash of master+replica>.lock      one run at a time per master/replica pair
+Replica side: the `.dirsync/` folder at the replica root (see replica.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+from dirsync.errors import LockedError
+from dirsync.manifest import Manifest, ManifestFormatError, from_bytes, to_bytes
+
+
+def state_home() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "dirsync")
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def master_cache_path(master_root: str) -> str:
+    return os.path.join(state_home(), "masters", _key(master_root) + ".manifest")
+
+
+def pair_lock_path(master_root: str, replica_spec: str) -> str:
+    return os.path.join(state_home(), "locks", _key(master_root, replica_spec) + ".lock")
+
+
+@dataclass
+class CacheLoad:
+    manifest: Manifest | None
+    status: str  # "ok" | "missing" | "unusable"
+    reason: str = ""
+
+
+def load_manifest_file(path: str, chunker: str) -> CacheLoad:
+    """Read a manifest cache; a missing file is "missing", anything unreadable is "unusable"."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return CacheLoad(None, "missing")
+    except OSError as e:
+        return CacheLoad(None, "unusable", e.strerror or str(e))
+    try:
+        return CacheLoad(from_bytes(data, chunker), "ok")
+    except (ManifestFormatError, ValueError) as e:
+        return CacheLoad(None, "unusable", str(e))
+
+
+def save_manifest_file(path: str, m: Manifest, chunker: str) -> None:
+    write_atomic(path, to_bytes(m, chunker))
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Temp file + fsync + rename + directory fsync: the file is either old or new, never torn."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(d)
+
+
+def fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileLock:
+    """An exclusive flock held on a file; the kernel drops it if the process dies (even kill -9)."""
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self, wait_s: float = 0.0) -> "FileLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = _read_pid(fd)
+                    os.close(fd)
+                    who = f" by pid {holder}" if holder else ""
+                    raise LockedError(f"{self.what} is locked{who}: another dirsync run is using it",
+                                      hint="wait for it to finish, or pass --wait SECONDS")
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,250 @@
+"""One sync run: check the master, scan it once, then for each replica: lock, scan, plan, guard, apply.
+
+Sequences the stages; decides nothing about individual files (that is plan.py's job).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dirsync import chunking
+from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch
+from dirsync.errors import DirsyncError, ExitCode, ItemError, RefusedError
+from dirsync.manifest import Manifest
+from dirsync.plan import Plan, PlanOptions, diff
+from dirsync.progress import Reporter
+from dirsync.scan import Excluder, ScanResult, read_ignore_file, scan_tree
+from dirsync.state import FileLock, load_manifest_file, master_cache_path, pair_lock_path, save_manifest_file
+from dirsync.transport import Transport, TransportOptions, is_remote_spec, open_transport
+
+MASS_DELETE_MIN = 10  # the default guard ignores runs deleting fewer entries than this
+
+# When several replicas end differently, the run's exit code is the most serious one.
+_SEVERITY = [ExitCode.INTERRUPTED, ExitCode.ERROR, ExitCode.CONNECT, ExitCode.PROTOCOL, ExitCode.LOCKED,
+             ExitCode.REFUSED, ExitCode.USAGE, ExitCode.DELETE_LIMIT, ExitCode.PARTIAL, ExitCode.OK]
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    master: str
+    replicas: tuple[str, ...]
+    delete: bool = True
+    init: bool = False
+    excludes: tuple[str, ...] = ()
+    max_delete: int | None = None  # more planned deletes than this: none at all happen (exit 25)
+    allow_mass_delete: bool = False  # turn off the default guards (emptied master, >half deleted)
+    dry_run: bool = False
+    lock_wait_s: float = 0.0
+    transport: TransportOptions = TransportOptions()
+
+
+@dataclass
+class RunSummary:
+    master: str
+    replicas: list[ReplicaSummary] = field(default_factory=list)
+    scan_errors: list[ItemError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    plans: list[tuple[str, Plan]] = field(default_factory=list)
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        codes = {ExitCode(r.exit_code) for r in self.replicas}
+        if self.scan_errors:
+            codes.add(ExitCode.PARTIAL)
+        for c in _SEVERITY:
+            if c in codes:
+                return int(c)
+        return 0
+
+    def to_json(self) -> dict:
+        return {
+            "master": self.master,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+            "master_scan": {
+                "files_hashed": self.files_hashed,
+                "bytes_hashed": self.bytes_hashed,
+                "errors": [{"path": os.fsencode(e.path).decode("utf-8", "backslashreplace"), "op": e.op,
+                            "code": e.code, "message": str(e)} for e in self.scan_errors],
+                "warnings": self.warnings,
+            },
+            "replicas": [r.to_json() for r in self.replicas],
+        }
+
+
+def check_master(master: str) -> str:
+    """Absolute real path of a usable master root; RefusedError (replicas untouched) otherwise."""
+    try:
+        st = os.stat(master)
+    except FileNotFoundError:
+        raise RefusedError(f"master {master} does not exist; no replica was touched",
+                           hint="is the disk mounted? check the path") from None
+    except OSError as e:
+        raise RefusedError(f"master {master}: {e.strerror}; no replica was touched") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RefusedError(f"master {master} is not a directory; no replica was touched")
+    try:
+        with os.scandir(master) as it:
+            next(it, None)
+    except OSError as e:
+        raise RefusedError(f"master {master} is unreadable ({e.strerror}); no replica was touched") from None
+    return os.path.realpath(master)
+
+
+def check_overlap(master_real: str, replica: str) -> None:
+    """Refuse a local replica that is the master, inside it, or holds it (also through symlinks)."""
+    if is_remote_spec(replica):
+        return
+    rp = os.path.realpath(replica)
+    if rp == master_real or rp.startswith(master_real.rstrip("/") + "/") or \
+            master_real.startswith(rp.rstrip("/") + "/"):
+        raise RefusedError(f"replica {replica} overlaps the master {master_real}; refusing",
+                           hint="master and replica must be separate trees")
+
+
+def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tuple[ScanResult, bool]:
+    """Scan the master with its cache; returns (result, cache trustworthy for deletes)."""
+    cache_file = master_cache_path(master_real)
+    load = load_manifest_file(cache_file, chunking.CHUNKER_ID)
+    cache_ok = load.status != "unusable"
+    if not cache_ok:
+        reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
+    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.manifest)
+    try:
+        save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID)
+    except OSError as e:
+        reporter.warn(f"could not save the master cache {cache_file}: {e.strerror}")
+    return res, cache_ok
+
+
+def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False,
+             master_scan: tuple[ScanResult, bool] | None = None) -> RunSummary:
+    """Mirror cfg.master to every replica. Fatal problems with the master raise; a fatal problem
+    with one replica is recorded in its summary and the other replicas still run."""
+    watch = Stopwatch()
+    master_real = check_master(cfg.master)
+    for r in cfg.replicas:
+        check_overlap(master_real, r)
+    patterns = list(cfg.excludes) + read_ignore_file(master_real)
+    run = RunSummary(master=cfg.master)
+    mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
+    run.scan_errors = list(mscan.errors)
+    run.warnings = list(mscan.warnings)
+    run.files_hashed, run.bytes_hashed = mscan.files_read, mscan.bytes_read
+    for w in mscan.warnings:
+        reporter.warn(w)
+    for e in mscan.errors:
+        reporter.error(str(e))
+    for spec in cfg.replicas:
+        summary = ReplicaSummary(replica=spec)
+        sw = Stopwatch()
+        try:
+            lock = None
+            if not cfg.dry_run:
+                lock = FileLock(pair_lock_path(master_real, _replica_key(spec)),
+                                f"master/replica pair {cfg.master} -> {spec}").acquire(cfg.lock_wait_s)
+            try:
+                transport = open_transport(spec, cfg.transport)
+                _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop)
+            finally:
+                if lock:
+                    lock.release()
+        except DirsyncError as e:
+            summary.fatal = str(e)
+            summary.exit_code = int(e.exit_code)
+            summary.status = "refused" if e.exit_code in (ExitCode.REFUSED, ExitCode.DELETE_LIMIT) else "failed"
+            reporter.fatal(f"{spec}: {e}", e.hint)
+        summary.seconds = sw.elapsed()
+        if summary.exit_code == 0 and summary.errors:
+            summary.exit_code = int(ExitCode.PARTIAL)
+            summary.status = "partial"
+        run.replicas.append(summary)
+        if not cfg.dry_run and summary.fatal is None:
+            t = summary
+            reporter.info(f"{spec}: {t.files_written} written, {t.files_deleted} deleted, "
+                          f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
+    run.seconds = watch.elapsed()
+    return run
+
+
+def _replica_key(spec: str) -> str:
+    return spec if is_remote_spec(spec) else os.path.abspath(spec)
+
+
+def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list[str], t: Transport,
+              summary: ReplicaSummary, run: RunSummary, reporter: Reporter, should_stop: Callable[[], bool]) -> None:
+    info = t.open(init=cfg.init, readonly=cfg.dry_run)
+    ok = False
+    try:
+        for w in info.warnings:
+            summary.warn(w)
+            reporter.warn(f"{cfg.master} -> {t.name}: {w}")
+        rscan = t.scan(patterns)
+        for e in rscan.errors:
+            summary.failed(e.path, e)
+            reporter.error(f"{t.name}: {e}")
+        deletes_ok = cfg.delete and cache_ok and info.deletes_allowed and not rscan.errors
+        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect))
+        plan = diff(mscan.manifest, rscan.manifest, opts)
+        plan = _guard_deletes(cfg, mscan.manifest, rscan.manifest, plan, opts, summary, reporter, t.name)
+        for path, why in plan.skipped:
+            summary.warn(f"skipped {path}: {why}")
+        if cfg.dry_run:
+            run.plans.append((t.name, plan))
+            summary.status = "dry-run"
+            ok = True
+            return
+        totals = plan.totals()
+        summary.on_progress = reporter.advance
+        reporter.begin(str(t.name), totals.send_bytes + totals.reuse_bytes)
+        try:
+            t.apply(plan.actions, MasterReader(os.path.realpath(cfg.master)), summary, should_stop)
+        finally:
+            reporter.end()
+        for e in summary.errors:
+            if e not in rscan.errors:
+                reporter.error(f"{t.name}: {e}")
+        for w in summary.warnings:
+            if w not in info.warnings:
+                reporter.warn(f"{t.name}: {w}")
+        ok = True
+    finally:
+        t.close(save=ok)
+
+
+def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: Plan, opts: PlanOptions,
+                   summary: ReplicaSummary, reporter: Reporter, name: str) -> Plan:
+    """Mass-delete guards, checked on the plan before anything is deleted."""
+    deletes = plan.deletes()
+    if not deletes:
+        return plan
+    n_master = len(master.entries) - ("" in master.entries)
+    n_replica = len(replica.entries) - ("" in replica.entries)
+    if not cfg.allow_mass_delete and n_master == 0 and n_replica > 0:
+        raise RefusedError(
+            f"master {cfg.master} is empty but replica {name} holds {n_replica} entries; refusing to delete them",
+            hint="if the master really is meant to be empty, pass --allow-mass-delete")
+    if cfg.max_delete is not None:
+        tripped = len(deletes) > cfg.max_delete
+        limit = f"--max-delete {cfg.max_delete}"
+    else:
+        tripped = (not cfg.allow_mass_delete and len(deletes) >= MASS_DELETE_MIN and 2 * len(deletes) > n_replica)
+        limit = "the default guard (more than half of the replica)"
+    if not tripped:
+        return plan
+    msg = (f"{name}: {len(deletes)} deletions planned, over {limit}; nothing was deleted "
+           "(pass --max-delete N or --allow-mass-delete to allow it)")
+    summary.fatal = msg
+    summary.exit_code = int(ExitCode.DELETE_LIMIT)
+    summary.status = "refused"
+    reporter.error(msg)
+    safe = PlanOptions(delete=False, protect=opts.protect, commit_bytes=opts.commit_bytes,
+                       commit_files=opts.commit_files)
+    return diff(master, replica, safe)

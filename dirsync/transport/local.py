@@ -1,0 +1,42 @@
+"""LocalTransport: the replica writer called in-process."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+from dirsync.apply import MasterReader, Sink, apply_actions
+from dirsync.plan import Action
+from dirsync.replica import OpenInfo, Replica
+from dirsync.scan import Excluder, ScanResult
+
+
+class LocalTransport:
+    is_remote = False
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.name = root
+        self.replica: Replica | None = None
+
+    def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
+        self.replica = Replica(self.root, readonly=readonly)
+        try:
+            return self.replica.open(init=init)
+        except BaseException:
+            self.replica.close(save=False)
+            raise
+
+    def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
+        assert self.replica is not None
+        return self.replica.manifest(Excluder(patterns), fresh=fresh)
+
+    def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
+              should_stop: Callable[[], bool] = lambda: False) -> None:
+        assert self.replica is not None
+        apply_actions(self.replica, actions, master.sends, sink, should_stop)
+
+    def close(self, *, save: bool = True) -> None:
+        if self.replica is not None:
+            self.replica.close(save=save)
+            self.replica = None
