@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class MasterReader:
     def __init__(self, root: str, throttle: Callable[[int], None] | None = None) -> None:
         self.root = root
         self.throttle = throttle
+        # Throttled reads go in smaller runs (about 1/4 s of data each) so the pace stays even.
+        rate = getattr(throttle, "rate", 0)
+        self.block = min(READ_BLOCK, max(64 << 10, int(rate) // 4)) if rate else READ_BLOCK
 
     def sends(self, w: WriteFile) -> Iterator[bytes]:
         """Yield the bytes of w's send ops in order. Raises SourceChangedError (an ItemError)
@@ -107,9 +111,9 @@ class MasterReader:
                     raise SourceChangedError(path, "read", "send op not on a chunk boundary")
                 end = op.offset + op.size
                 while i < len(offsets) and offsets[i] < end:
-                    # Read a run of whole chunks (up to READ_BLOCK) and verify each one.
+                    # Read a run of whole chunks (up to self.block) and verify each one.
                     j, run = i, 0
-                    while j < len(offsets) and offsets[j] < end and (run == 0 or run + sizes[j] <= READ_BLOCK):
+                    while j < len(offsets) and offsets[j] < end and (run == 0 or run + sizes[j] <= self.block):
                         run += sizes[j]
                         j += 1
                     try:
@@ -133,6 +137,46 @@ class MasterReader:
                 raise SourceChangedError(path, "read", "changed while being read; it will be synced next run")
         finally:
             os.close(fd)
+
+
+_RATE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_rate(text: str) -> int:
+    """`--bwlimit` value -> bytes per second. `500K`, `10M`, `1.5G`, `4096`; K/M/G are 1024-based
+    (`KB`, `KiB`, `KB/s` are accepted too). ValueError for anything else or a rate below 1 KiB/s."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgb]?)(?:i?b)?(?:/s)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"bad rate {text!r}: expected a number of bytes per second like 500K or 10M")
+    rate = int(float(m.group(1)) * _RATE_UNITS[m.group(2).upper()])
+    if rate < 1024:
+        raise ValueError(f"rate {text!r} is below 1K (1024 bytes per second)")
+    return rate
+
+
+class TokenBucket:
+    """Paces a byte stream to `rate` bytes/second: call it with each block's size before sending.
+
+    Pure pacing with a small burst allowance (`burst_s` seconds of credit at most), so a
+    transfer of N bytes takes about N/rate seconds however it is split into blocks.
+    """
+
+    def __init__(self, rate: int, burst_s: float = 0.1, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst_s = burst_s
+        self.clock = clock
+        self.sleep = sleep
+        self.t = clock()  # when the bytes granted so far will have been "paid for"
+
+    def __call__(self, nbytes: int) -> None:
+        now = self.clock()
+        self.t = max(self.t, now - self.burst_s) + nbytes / self.rate
+        delay = self.t - now
+        if delay > 0:
+            self.sleep(delay)
 
 
 def _chunk_table(t: FileEntry) -> tuple[list[int], tuple[int, ...], list[bytes]]:
