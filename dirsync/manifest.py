@@ -138,7 +138,7 @@ def tree_digests(m: Manifest) -> dict[str, bytes]:
             ce = m.entries[c]
             h.update(os.fsencode(c) + b"\0")
             if isinstance(ce, DirEntry):
-                h.update(dir_digest(c))
+                h.update(out[c] if c in out else dir_digest(c))
             elif isinstance(ce, FileEntry):
                 h.update(b"F%d %d %d\0" % (ce.size, ce.mode, ce.mtime_ns) + ce.digest)
             else:
