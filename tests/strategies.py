@@ -1,0 +1,138 @@
+"""Hypothesis strategies for manifests, shared by the unit/property tests.
+
+Planner manifests use a tiny world so that overlaps really happen: names from {a, b, c},
+depth <= 3, and chunk contents from a small pool. Every chunk digest stands for real bytes
+(`CHUNK_POOL`), so a test can rebuild any file's content (`content_of`) and check that a
+CopyOp really points at the bytes it claims. One pool entry is the concatenation of two
+others, so two files can hold the same bytes with different chunk lists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import xxhash
+from hypothesis import strategies as st
+
+from dirsync.manifest import DIGEST_SIZE, DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of
+
+_BASE = [b"alpha-", b"bravo!!", b"c", b"delta delta delta", b"echo-echo"]
+CHUNK_POOL: tuple[bytes, ...] = tuple(_BASE + [_BASE[0] + _BASE[1]])  # last = alpha-bravo!! as one chunk
+
+
+def digest(data: bytes) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+CONTENT_BY_DIGEST: dict[bytes, bytes] = {digest(c): c for c in CHUNK_POOL}
+assert len(CONTENT_BY_DIGEST) == len(CHUNK_POOL)
+
+NAMES = "abc"
+MAX_DEPTH = 3
+FILE_MODES = (0o644, 0o755)
+DIR_MODES = (0o755, 0o700)
+MTIMES = (1_000_000_000, 2_000_000_000)
+LINK_TARGETS = ("a", "b/c", "../x")
+
+
+def file_entry(path: str, chunk_ids, mode: int = 0o644, mtime_ns: int = MTIMES[0], avg: int = 512) -> FileEntry:
+    """A FileEntry whose chunks are CHUNK_POOL[i] for i in chunk_ids (sizes tile the file)."""
+    parts = [CHUNK_POOL[i] for i in chunk_ids]
+    data = b"".join(parts)
+    return FileEntry(path, len(data), mode, mtime_ns, digest(data), avg if parts else 0,
+                     tuple(len(p) for p in parts), b"".join(digest(p) for p in parts))
+
+
+def content_of(e: FileEntry) -> bytes:
+    """The bytes a generated FileEntry stands for."""
+    out = b"".join(CONTENT_BY_DIGEST[e.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]] for i in range(len(e.sizes)))
+    assert len(out) == e.size and digest(out) == e.digest
+    return out
+
+
+def chunk_ids_of(m: Manifest) -> set[int]:
+    """Pool indices of every chunk some file of `m` holds."""
+    ids = {digest(c): i for i, c in enumerate(CHUNK_POOL)}
+    out = set()
+    for f in m.files():
+        for _off, _n, d in f.chunks():
+            out.add(ids[d])
+    return out
+
+
+@st.composite
+def manifests(draw, pool: tuple[int, ...] | None = None, root: bool = True) -> Manifest:
+    """A consistent tree (every entry's parent is a directory in it) over names {a,b,c}.
+
+    `pool`: chunk indices files may use (default: all of CHUNK_POOL)."""
+    ids = tuple(range(len(CHUNK_POOL))) if pool is None else tuple(pool)
+    entries: dict[str, Entry] = {}
+    if root:
+        entries[""] = DirEntry("", draw(st.sampled_from(DIR_MODES)), draw(st.sampled_from(MTIMES)))
+
+    def fill(prefix: str, depth: int) -> None:
+        for name in NAMES:
+            if not draw(st.booleans()):
+                continue
+            path = prefix + name
+            kind = draw(st.sampled_from("fdl" if depth < MAX_DEPTH else "fl"))
+            if kind == "d":
+                entries[path] = DirEntry(path, draw(st.sampled_from(DIR_MODES)), draw(st.sampled_from(MTIMES)))
+                fill(path + "/", depth + 1)
+            elif kind == "l":
+                entries[path] = LinkEntry(path, draw(st.sampled_from(LINK_TARGETS)), draw(st.sampled_from(MTIMES)))
+            else:
+                chunks = draw(st.lists(st.sampled_from(ids), max_size=4)) if ids else []
+                entries[path] = file_entry(path, chunks, draw(st.sampled_from(FILE_MODES)),
+                                           draw(st.sampled_from(MTIMES)), draw(st.sampled_from((0, 512, 1024))))
+
+    fill("", 1)
+    return Manifest(entries)
+
+
+@st.composite
+def protect_sets(draw, master: Manifest, replica: Manifest) -> frozenset[str]:
+    """Paths a master scan could have failed on: each one's parent is a directory in the master
+    (the scanner records an error for an entry it found while listing a directory it read)."""
+    cands = sorted(p for p in set(master.entries) | set(replica.entries)
+                   if p and isinstance(master.entries.get(parent_of(p)), DirEntry))
+    if not cands:
+        return frozenset()
+    return frozenset(draw(st.lists(st.sampled_from(cands), max_size=3)))
+
+
+# -- manifests for the serialisation tests (any valid path, incl. non-UTF-8 names) --------
+
+_component_bytes = st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b
+                                                            and b not in (b".", b".."))
+_relpaths = st.lists(_component_bytes, min_size=1, max_size=4).map(lambda cs: os.fsdecode(b"/".join(cs)))
+_ints = st.integers(min_value=0, max_value=2**63 - 1)
+_mtimes = st.integers(min_value=-(2**62), max_value=2**63 - 1)
+_digests = st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)
+
+
+@st.composite
+def any_file(draw, path: str) -> FileEntry:
+    sizes = tuple(draw(st.lists(st.integers(1, 1 << 40), max_size=5)))
+    digests = b"".join(draw(_digests) for _ in sizes)
+    return FileEntry(path, sum(sizes), draw(st.integers(0, 0o7777)), draw(_mtimes), draw(_digests),
+                     draw(st.sampled_from((0, 512, 4096, 65536))), sizes, digests,
+                     draw(_ints), draw(_mtimes), draw(st.booleans()))
+
+
+@st.composite
+def any_manifests(draw) -> Manifest:
+    """Entries with arbitrary (valid) paths; paths need not form a tree (the codec does not care)."""
+    entries: dict[str, Entry] = {}
+    if draw(st.booleans()):
+        entries[""] = DirEntry("", draw(st.integers(0, 0o7777)), draw(_mtimes))
+    for path in draw(st.lists(_relpaths, max_size=8, unique=True)):
+        kind = draw(st.sampled_from("fdl"))
+        if kind == "f":
+            entries[path] = draw(any_file(path))
+        elif kind == "d":
+            entries[path] = DirEntry(path, draw(st.integers(0, 0o7777)), draw(_mtimes))
+        else:
+            target = os.fsdecode(draw(st.binary(min_size=1, max_size=20).filter(lambda b: b"\0" not in b)))
+            entries[path] = LinkEntry(path, target, draw(_mtimes))
+    return Manifest(entries)

@@ -1,0 +1,263 @@
+"""Manifest data and its on-disk form: round-trips, rejection of bad bytes, Merkle digests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import msgpack
+import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dirsync.manifest import (
+    FORMAT_VERSION,
+    MAGIC,
+    DirEntry,
+    FileEntry,
+    LinkEntry,
+    Manifest,
+    ManifestFormatError,
+    encode_rows,
+    parent_of,
+    from_bytes,
+    to_bytes,
+    tree_digests,
+)
+
+try:
+    from strategies import any_manifests, file_entry
+except ImportError:  # tests/ imported as a package
+    from tests.strategies import any_manifests, file_entry
+
+CHUNKER = "test-chunker/v1"
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def cache_facts(m: Manifest) -> dict:
+    return {p: (e.ino, e.ctime_ns, e.trusted) for p, e in m.entries.items() if isinstance(e, FileEntry)}
+
+
+@SETTINGS
+@given(any_manifests())
+def test_round_trip(m):
+    back = from_bytes(to_bytes(m, CHUNKER), CHUNKER)
+    assert back == m
+    assert back.keys() == m.keys()
+    # Fields left out of equality (the cache facts) must survive too: the scanner relies on them.
+    assert cache_facts(back) == cache_facts(m)
+    # Paths keep their exact bytes, also when they are not UTF-8.
+    assert sorted(os.fsencode(p) for p in back.entries) == sorted(os.fsencode(p) for p in m.entries)
+
+
+def sample_manifest() -> Manifest:
+    bad = os.fsdecode(b"caf\xe9-\xff")  # Latin-1 bytes: not UTF-8
+    return Manifest({
+        "": DirEntry("", 0o755, 1),
+        "docs": DirEntry("docs", 0o700, 2),
+        "docs/café.txt": file_entry("docs/café.txt", [0, 1, 2], 0o644, 3),
+        bad: file_entry(bad, [3], 0o600, 4),
+        "docs/empty": file_entry("docs/empty", [], 0o644, 5),
+        "link": LinkEntry("link", os.fsdecode(b"docs/\xfe"), 6),
+    })
+
+
+def test_non_utf8_round_trip_exact():
+    m = sample_manifest()
+    back = from_bytes(to_bytes(m, CHUNKER), CHUNKER)
+    assert back == m
+    assert os.fsencode(back.entries["link"].target) == b"docs/\xfe"
+    assert b"caf\xe9-\xff" in {os.fsencode(p) for p in back.entries}
+
+
+def test_encoding_is_deterministic():
+    m = sample_manifest()
+    assert to_bytes(m, CHUNKER) == to_bytes(Manifest(dict(m.entries)), CHUNKER)
+
+
+def test_wrong_chunker_rejected():
+    data = to_bytes(sample_manifest(), CHUNKER)
+    with pytest.raises(ManifestFormatError, match="chunker"):
+        from_bytes(data, "other-chunker/v2")
+
+
+def test_wrong_version_rejected():
+    data = bytearray(to_bytes(sample_manifest(), CHUNKER))
+    data[len(MAGIC)] = FORMAT_VERSION + 1
+    with pytest.raises(ManifestFormatError, match="version"):
+        from_bytes(bytes(data), CHUNKER)
+
+
+@pytest.mark.parametrize("data", [b"", b"DSYNC", MAGIC, b"not a manifest at all, just text", b"\0" * 64])
+def test_garbage_rejected(data):
+    with pytest.raises(ManifestFormatError):
+        from_bytes(data, CHUNKER)
+
+
+def test_every_truncation_rejected():
+    data = to_bytes(sample_manifest(), CHUNKER)
+    for n in range(len(data)):
+        with pytest.raises(ManifestFormatError):
+            from_bytes(data[:n], CHUNKER)
+
+
+def test_every_single_byte_corruption_rejected():
+    data = to_bytes(sample_manifest(), CHUNKER)
+    for i in range(len(data)):
+        for flip in (0x01, 0x80):
+            bad = bytearray(data)
+            bad[i] ^= flip
+            with pytest.raises(ManifestFormatError):
+                from_bytes(bytes(bad), CHUNKER)
+
+
+def test_trailing_garbage_rejected():
+    data = to_bytes(sample_manifest(), CHUNKER)
+    with pytest.raises(ManifestFormatError):
+        from_bytes(data + b"\0", CHUNKER)
+
+
+def forge(rows, chunker: str = CHUNKER) -> bytes:
+    """Bytes with a valid header and checksum around an arbitrary body (what a buggy writer or a
+    hostile peer could produce): only the body validation stands in the way."""
+    body = msgpack.packb((chunker, rows), use_bin_type=True)
+    return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(body) + body
+
+
+def good_file_row(path=b"f"):
+    (row,) = encode_rows([file_entry(os.fsdecode(path), [0, 1])])
+    return list(row)
+
+
+def test_forged_valid_body_accepted():
+    # The control for the cases below: forge() itself makes readable manifests.
+    m = from_bytes(forge([good_file_row(), (1, b"d", 0o755, 1), (2, b"l", b"t", 1)]), CHUNKER)
+    assert set(m.entries) == {"f", "d", "l"}
+
+
+def _with(row, i, value):
+    row = list(row)
+    row[i] = value
+    return row
+
+
+@pytest.mark.parametrize("rows", [
+    [_with(good_file_row(), 1, b"../escape")],
+    [_with(good_file_row(), 1, b"/abs")],
+    [_with(good_file_row(), 1, b"a//b")],
+    [_with(good_file_row(), 1, b"a\0b")],
+    [_with(good_file_row(), 2, 999)],  # sizes do not sum to size
+    [_with(good_file_row(), 5, b"short")],  # whole digest of the wrong length
+    [_with(good_file_row(), 8, b"\0" * 7)],  # chunk digests of the wrong length
+    [_with(good_file_row(), 7, [0, 13])],  # a zero-size chunk
+    [_with(good_file_row(), 3, "0644")],  # mode not an int
+    [good_file_row()[:5]],  # short row
+    [(1, b"d", "rwx", 1)],
+    [(2, b"l", b"", 1)],  # empty link target
+    [(2, b"l", b"a\0b", 1)],
+    [(7, b"x", 1, 2)],  # unknown entry type
+    "not a list of rows",
+    [None],
+])
+def test_forged_bad_body_rejected(rows):
+    with pytest.raises(ManifestFormatError):
+        from_bytes(forge(rows), CHUNKER)
+
+
+# -- tree_digests -----------------------------------------------------------------------
+
+
+def tree() -> Manifest:
+    return Manifest({
+        "": DirEntry("", 0o755, 1),
+        "a": DirEntry("a", 0o755, 2),
+        "a/b": DirEntry("a/b", 0o755, 3),
+        "a/b/f": file_entry("a/b/f", [0, 1], 0o644, 4),
+        "a/b/l": LinkEntry("a/b/l", "f", 5),
+        "a/g": file_entry("a/g", [2], 0o644, 6),
+        "z": DirEntry("z", 0o755, 7),
+        "z/h": file_entry("z/h", [3], 0o644, 8),
+    })
+
+
+def changed(m: Manifest, path: str, **kw) -> Manifest:
+    e = dict(m.entries)
+    e[path] = replace(e[path], **kw)
+    return Manifest(e)
+
+
+def other_content(e: FileEntry) -> FileEntry:
+    return replace(file_entry(e.path, [4]), mode=e.mode, mtime_ns=e.mtime_ns)
+
+
+MUTATIONS = [
+    ("file content", lambda m: Manifest({**m.entries, "a/b/f": other_content(m.entries["a/b/f"])}), "a/b/f"),
+    ("file digest only", lambda m: changed(m, "a/b/f", digest=b"\1" * 16), "a/b/f"),
+    ("file mode", lambda m: changed(m, "a/b/f", mode=0o600), "a/b/f"),
+    ("file mtime", lambda m: changed(m, "a/b/f", mtime_ns=44), "a/b/f"),
+    ("link target", lambda m: changed(m, "a/b/l", target="g"), "a/b/l"),
+    ("link mtime", lambda m: changed(m, "a/b/l", mtime_ns=55), "a/b/l"),
+    ("dir mode", lambda m: changed(m, "a/b", mode=0o700), "a/b/x"),
+    ("dir mtime", lambda m: changed(m, "a/b", mtime_ns=33), "a/b/x"),
+    ("new file", lambda m: Manifest({**m.entries, "a/b/n": file_entry("a/b/n", [])}), "a/b/n"),
+    ("removed file", lambda m: Manifest({p: e for p, e in m.entries.items() if p != "a/b/f"}), "a/b/f"),
+    ("file becomes link", lambda m: Manifest({**m.entries, "a/b/f": LinkEntry("a/b/f", "x", 4)}), "a/b/f"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,where", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_tree_digests_change_up_the_path_only(name, mutate, where):
+    m = tree()
+    before = tree_digests(m)
+    after = tree_digests(mutate(m))
+    assert set(before) == {"", "a", "a/b", "z"}
+    # Every directory above the change sees it ...
+    for d in ("", "a", "a/b"):
+        assert after[d] != before[d], f"{name}: digest of {d!r} did not change"
+    # ... and a directory beside it does not.
+    assert after["z"] == before["z"]
+
+
+def test_tree_digests_ignore_cache_facts_and_rebuild():
+    m = tree()
+    m2 = changed(m, "a/b/f", ino=99, ctime_ns=12345, trusted=True)
+    assert tree_digests(m2) == tree_digests(m)
+    assert tree_digests(Manifest(dict(reversed(list(m.entries.items()))))) == tree_digests(m)
+
+
+def test_tree_digests_rename_changes_digest():
+    m = tree()
+    e = dict(m.entries)
+    f = e.pop("a/g")
+    e["a/h"] = replace(f, path="a/h")
+    after = tree_digests(Manifest(e))
+    assert after["a"] != tree_digests(m)["a"]
+
+
+def test_tree_digests_deep_tree():
+    # No recursion limit on deep trees (1500 levels: a path still under check_relpath's 4096 chars).
+    e = {"": DirEntry("", 0o755, 0)}
+    p = ""
+    for _ in range(1500):
+        p = f"{p}/d" if p else "d"
+        e[p] = DirEntry(p, 0o755, 0)
+    e[p + "/f"] = file_entry(p + "/f", [0])
+    out = tree_digests(Manifest(e))
+    assert len(out) == 1501
+    assert out[p] != out[parent_of(p)]
+
+
+@SETTINGS
+@given(any_manifests(), st.data())
+def test_keys_differ_exactly_when_entry_facts_differ(m, data):
+    # entry_key (what the planner compares) sees content and metadata, never cache facts.
+    files = [e for e in m.entries.values() if isinstance(e, FileEntry)]
+    if not files:
+        return
+    f = data.draw(st.sampled_from(files))
+    cache_only = Manifest({**m.entries, f.path: replace(f, ino=f.ino + 1, ctime_ns=f.ctime_ns + 1,
+                                                        trusted=not f.trusted)})
+    assert cache_only.keys() == m.keys()
+    touched = Manifest({**m.entries, f.path: replace(f, mtime_ns=f.mtime_ns + 1)})
+    assert touched.keys() != m.keys()
