@@ -16,7 +16,6 @@ import math
 from typing import BinaryIO
 
 import xxhash
-from pyfastcdc import FastCDC
 
 CHUNKER_ID = "fastcdc2020/nc1/sqrt4/v1"  # recorded in every manifest; change it when boundaries change
 SINGLE_MAX = 1024
@@ -25,7 +24,7 @@ MAX_AVG = 64 * 1024
 READ_SIZE = 8 * 1024 * 1024  # stream read size for large files
 
 _digest = xxhash.xxh3_128_digest
-_cutters: dict[int, FastCDC] = {}
+_cutters: dict = {}  # avg -> pyfastcdc.FastCDC; imported lazily (costs ~0.1 s, a no-op run needs none)
 
 
 def natural_avg(size: int) -> int:
@@ -45,9 +44,11 @@ def choose_avg(size: int, previous_avg: int | None) -> int:
     return nat
 
 
-def cutter(avg: int) -> FastCDC:
+def cutter(avg: int):
     c = _cutters.get(avg)
     if c is None:
+        from pyfastcdc import FastCDC
+
         c = _cutters[avg] = FastCDC(avg, min_size=max(64, avg // 4), max_size=max(1024, avg * 4),
                                     normalized_chunking=1)
     return c

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import pathspec
-
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
 from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, is_under, parent_of
@@ -31,7 +29,11 @@ class Excluder:
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
         self.patterns = [p for p in patterns if p.strip() and not p.lstrip().startswith("#")]
-        self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns) if self.patterns else None
+        self._spec = None
+        if self.patterns:
+            import pathspec  # only when there are patterns: its import is not free
+
+            self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns)
 
     def excluded(self, relpath: str, is_dir: bool) -> bool:
         if relpath == STATE_DIR:
