@@ -50,6 +50,7 @@ class OpenInfo:
     cache_status: str = "ok"  # "ok" | "missing" | "unusable"
     cache_reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    reserved: tuple[str, ...] = ()  # relpaths the replica keeps for itself (an inside backup dir)
 
     @property
     def deletes_allowed(self) -> bool:
@@ -68,12 +69,41 @@ def _syncfs(fd: int) -> None:
         os.sync()
 
 
+@dataclass(frozen=True)
+class BackupOptions:
+    """--backup-dir: keep what a sync overwrites or deletes on the replica.
+
+    Before an existing file or symlink is replaced or deleted it is hard-linked (copied when
+    the backup dir is on another filesystem) to `<dir>/<stamp>/<relpath>`, where `<stamp>` is
+    the run's UTC start time like `2026-11-26T101500Z` (`-1`, `-2`... added when two runs share
+    a second). A relative `dir` is relative to the replica root; a dir inside the replica is
+    left out of its scans (never synced into, never deleted). `keep`: after the run only the
+    newest `keep` run folders are kept (None: keep all). When the backup fails the file is
+    left as it is and the failure is an item error.
+    """
+
+    dir: str
+    keep: int | None = None
+    stamp: str = ""  # "" = now
+
+
+BACKUP_STAMP_RE = r"\d{4}-\d{2}-\d{2}T\d{6}Z(?:-\d+)?"
+
+
+def backup_stamp(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime(time.time() if t is None else t))
+
+
 class Replica:
     """One replica root. Call open(), then manifest(), then the action methods, then close()."""
 
-    def __init__(self, root: str, *, readonly: bool = False) -> None:
+    def __init__(self, root: str, *, readonly: bool = False, backup: BackupOptions | None = None) -> None:
         self.root = os.path.abspath(root)
         self.readonly = readonly
+        self.backup = backup
+        self.backup_dir = ""  # absolute, set by open()
+        self.backup_rel: str | None = None  # the backup dir relative to the root, when inside it
+        self._backup_run: str | None = None  # <dir>/<stamp> once this run made it
         self.root_fd = -1
         self.tmp_fd = -1
         self.lock: FileLock | None = None
@@ -95,6 +125,8 @@ class Replica:
         """
         info = OpenInfo()
         root = self.root
+        if self.backup is not None:
+            self._place_backup(info)
         try:
             st = os.stat(root)
         except FileNotFoundError:
@@ -158,6 +190,8 @@ class Replica:
         """Scan the replica (reusing its cache unless `fresh`) and remember the result."""
         if self.root_fd < 0:
             return ScanResult(Manifest())
+        if self.backup_rel:
+            excluder = _Reserved(excluder, self.backup_rel)
         res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
         self.current = dict(res.manifest.entries)
         return res
@@ -170,6 +204,8 @@ class Replica:
             self.staged.clear()
             if save and not self.readonly and self.root_fd >= 0 and self.current:
                 save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE), Manifest(self.current), chunker)
+            if self.backup is not None and self.backup.keep and not self.readonly and self.root_fd >= 0:
+                self._prune_backups(self.backup.keep)
         finally:
             for fd in self._dirfds.values():
                 os.close(fd)
@@ -493,7 +529,74 @@ class Replica:
     # -- hooks and helpers -----------------------------------------------------------
 
     def _retire(self, rel: str, dfd: int, name: str, expect: tuple | None) -> None:
-        """Called just before an existing file or link is replaced or deleted (backup hook)."""
+        """Called just before an existing file or link is replaced or deleted (backup hook).
+
+        With --backup-dir, keeps the entry at <backup dir>/<stamp>/<rel> (see BackupOptions);
+        raises ItemIOError (and the caller leaves the entry alone) when that fails."""
+        if self.backup is None or expect is None or expect[0] not in ("f", "l"):
+            return
+        try:
+            run = self._backup_run_dir()
+            target = os.path.join(run, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            n = 0
+            while os.path.lexists(target):  # the same path retired twice in one run
+                n += 1
+                target = os.path.join(run, f"{rel}.~{n}~")
+            try:
+                os.link(name, target, src_dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                _copy_entry(dfd, name, target)
+        except OSError as e:
+            raise ItemIOError(rel, "backup", e) from None
+
+    def _place_backup(self, info: OpenInfo) -> None:
+        """Resolve the backup dir; remember it (and report it reserved) when it is inside the root."""
+        assert self.backup is not None
+        d = os.path.join(self.root, os.path.expanduser(self.backup.dir))
+        self.backup_dir = os.path.normpath(d)
+        real_root, real_dir = os.path.realpath(self.root), os.path.realpath(self.backup_dir)
+        if real_dir == real_root:
+            raise ConfigError(f"backup dir {self.backup.dir} is the replica root {self.root}",
+                              hint="use a subfolder such as .dirsync-backup, or a path outside the replica")
+        if real_dir.startswith(real_root.rstrip("/") + "/"):
+            self.backup_rel = os.path.relpath(real_dir, real_root)
+            info.reserved = (self.backup_rel,)
+
+    def _backup_run_dir(self) -> str:
+        """<backup dir>/<stamp>, made on first use (a fresh name if another run took it)."""
+        if self._backup_run is None:
+            assert self.backup is not None
+            os.makedirs(self.backup_dir, exist_ok=True)
+            stamp = self.backup.stamp or backup_stamp(self.write_start_ns / 1e9)
+            n = 0
+            while True:
+                cand = os.path.join(self.backup_dir, stamp if n == 0 else f"{stamp}-{n}")
+                try:
+                    os.mkdir(cand)
+                    break
+                except FileExistsError:
+                    n += 1
+            self._backup_run = cand
+        return self._backup_run
+
+    def _prune_backups(self, keep: int) -> None:
+        """Keep only the newest `keep` run folders in the backup dir (best effort)."""
+        import re
+        import shutil
+
+        try:
+            names = [n for n in os.listdir(self.backup_dir) if re.fullmatch(BACKUP_STAMP_RE, n)]
+        except OSError:
+            return
+
+        def key(n: str) -> tuple[str, int]:  # 2026-11-26T101500Z, then its -1, -2 ... -10
+            return n[:17], int(n[19:] or 0)
+
+        for n in sorted(names, key=key)[:-keep]:
+            shutil.rmtree(os.path.join(self.backup_dir, n), ignore_errors=True)
 
     def _forget_sources(self, w: WriteFile) -> None:
         """A reuse source did not hold what its cache entry said: make the next scan reread it."""
@@ -508,6 +611,41 @@ class Replica:
             os.unlink(tmp, dir_fd=self.tmp_fd)
         except OSError:
             pass
+
+
+class _Reserved:
+    """An Excluder that also leaves out one reserved relpath (the backup dir inside the replica)."""
+
+    def __init__(self, inner: Excluder, rel: str) -> None:
+        self.inner = inner
+        self.rel = rel
+
+    def excluded(self, relpath: str, is_dir: bool) -> bool:
+        return relpath == self.rel or self.inner.excluded(relpath, is_dir)
+
+
+def _copy_entry(dfd: int, name: str, target: str) -> None:
+    """Copy one file or symlink (mode and mtime kept) when a hard link is impossible."""
+    st = os.lstat(name, dir_fd=dfd)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(name, dir_fd=dfd), target)
+        os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
+        return
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                buf = os.read(src, COPY_BLOCK)
+                if not buf:
+                    break
+                _write_all(dst, buf)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
