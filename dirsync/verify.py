@@ -2,6 +2,11 @@
 
 Comparison descends a Merkle tree of directory digests (manifest.tree_digests), so equal
 subtrees are skipped as a whole and only differing directories are listed entry by entry.
+
+`--quick` rehashes and walks nothing: it compares the Merkle root of the master's cached
+manifest (state dir) with that of the replica's cached manifest (`.dirsync/manifest`), both
+filtered by the current excludes. It proves only that the last scans of both sides agree
+(e.g. that the last sync completed), not that the disks still hold that content.
 """
 
 from __future__ import annotations
@@ -99,9 +104,30 @@ def _meta_detail(a: Entry, b: Entry) -> str:
     return ", ".join(parts)
 
 
+def filter_manifest(m: Manifest, patterns: list[str], reserved: tuple[str, ...] = ()) -> Manifest:
+    """`m` without the entries that `patterns` (or `reserved` relpaths) exclude, with their subtrees."""
+    from dirsync.scan import Excluder
+
+    ex = Excluder(patterns)
+    dropped: set[str] = set()
+    out: dict[str, Entry] = {}
+    for p in sorted(m.entries):  # a directory sorts before everything under it
+        e = m.entries[p]
+        if p and (parent_of(p) in dropped or p in reserved or ex.excluded(p, isinstance(e, DirEntry))):
+            dropped.add(p)
+            continue
+        out[p] = e
+    return Manifest(out)
+
+
+def cached_root(m: Manifest, patterns: list[str], reserved: tuple[str, ...] = ()) -> bytes:
+    """Merkle root digest of a cached manifest as a scan with `patterns` would have seen it."""
+    return tree_digests(filter_manifest(m, patterns, reserved)).get("", b"")
+
+
 def run_verify(master: str, replicas: list[str], excludes: list[str], transport_opts, reporter,
                quick: bool = False) -> list[VerifyResult]:
-    """Rescan master and each replica (ignoring caches unless quick) and compare them."""
+    """Rescan master and each replica without caches and compare them (quick: compare cached roots)."""
     from dirsync.scan import Excluder, read_ignore_file, scan_tree
     from dirsync.state import load_manifest_file, master_cache_path
     from dirsync import chunking
@@ -110,24 +136,56 @@ def run_verify(master: str, replicas: list[str], excludes: list[str], transport_
 
     real = check_master(master)
     patterns = list(excludes) + read_ignore_file(real)
-    cache = None
     if quick:
-        cache = load_manifest_file(master_cache_path(real), chunking.CHUNKER_ID).manifest
-    mscan = scan_tree(real, excluder=Excluder(patterns), cache=cache)
+        return _quick(real, replicas, patterns, transport_opts,
+                      load_manifest_file(master_cache_path(real), chunking.CHUNKER_ID).manifest)
+    mscan = scan_tree(real, excluder=Excluder(patterns))
     for e in mscan.errors:
         reporter.error(f"master: {e}")
     results = []
     for spec in replicas:
         t = open_transport(spec, transport_opts)
-        t.open(readonly=True)
+        info = t.open(readonly=True)
         try:
-            rscan = t.scan(patterns, fresh=not quick)
+            rscan = t.scan(patterns, fresh=True)
         finally:
             t.close(save=False)
         for e in rscan.errors:
             reporter.error(f"{spec}: {e}")
-        mroot, rroot, diffs = compare(mscan.manifest, rscan.manifest)
+        mman = filter_manifest(mscan.manifest, [], info.reserved) if info.reserved else mscan.manifest
+        mroot, rroot, diffs = compare(mman, rscan.manifest)
         for e in list(mscan.errors) + list(rscan.errors):
             diffs.append(Difference("unread", e.path, str(e)))
         results.append(VerifyResult(spec, mroot, rroot, diffs))
+    return results
+
+
+def _quick(real: str, replicas: list[str], patterns: list[str], transport_opts,
+           mcache: Manifest | None) -> list[VerifyResult]:
+    from dirsync.transport import open_transport
+
+    results = []
+    for spec in replicas:
+        t = open_transport(spec, transport_opts)
+        info = t.open(readonly=True)
+        try:
+            get_root = getattr(t, "cached_root", None)
+            if get_root is not None:
+                rroot = get_root(patterns)
+            else:  # a transport without the optional call: its cached scan is still cheap
+                rroot = tree_digests(t.scan(patterns).manifest).get("", b"")
+        finally:
+            t.close(save=False)
+        res = VerifyResult(spec, replica_root=rroot or b"")
+        if mcache is None:
+            res.differences.append(Difference("nocache", "", "no cached manifest for the master; run sync "
+                                                              "or verify without --quick"))
+        else:
+            res.master_root = cached_root(mcache, patterns, info.reserved)
+        if rroot is None:
+            res.differences.append(Difference("nocache", "", "no cached manifest on the replica"))
+        elif mcache is not None and res.master_root != rroot:
+            res.differences.append(Difference("root", "", "cached root digests differ; run verify without "
+                                                           "--quick to list the differences"))
+        results.append(res)
     return results

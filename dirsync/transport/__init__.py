@@ -11,6 +11,21 @@ Contract (what sync.py relies on; the conformance tests check it for every imple
                                        sink.failed, only transport failures raise (ConnectError,
                                        ProtocolError)
   close(save=True)                     saves the replica cache, drops temps, releases the lock
+  cached_root(patterns) -> bytes | None
+                                       OPTIONAL (verify --quick): Merkle root digest of the
+                                       replica's saved manifest, filtered by `patterns`, without
+                                       walking the tree; None when there is no usable cache.
+                                       Callers fall back to scan() when a transport lacks it.
+
+Options that the replica side must honour (carried in TransportOptions):
+  backup_dir, backup_keep              --backup-dir/--backup-keep. The replica side builds
+                                       Replica(root, backup=backup_options(opts)); Replica._retire
+                                       then keeps every file/link it replaces or deletes (see
+                                       replica.BackupOptions). open() reports a backup dir inside
+                                       the replica in OpenInfo.reserved; the replica's scans skip
+                                       it and sync.py drops those relpaths from the master manifest.
+--bwlimit is not a transport option: it throttles MasterReader on the master side, so it
+limits the bytes of send ops (before compression) to each replica, whatever the transport.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from typing import Callable, Protocol, Sequence
 
 from dirsync.apply import MasterReader, Sink
 from dirsync.plan import Action
-from dirsync.replica import OpenInfo
+from dirsync.replica import BackupOptions, OpenInfo
 from dirsync.scan import ScanResult
 
 
@@ -33,6 +48,12 @@ class TransportOptions:
     accept_new_host_key: bool = False
     compress: bool = False
     connect_timeout: float = 15.0
+    backup_dir: str | None = None  # absolute, or relative to the replica root
+    backup_keep: int | None = None  # keep the newest N backup run folders
+
+
+def backup_options(opts: TransportOptions) -> BackupOptions | None:
+    return BackupOptions(opts.backup_dir, opts.backup_keep) if opts.backup_dir else None
 
 
 class Transport(Protocol):
@@ -64,4 +85,4 @@ def open_transport(spec: str, opts: TransportOptions = TransportOptions()) -> Tr
         return RemoteTransport(spec, opts)
     from dirsync.transport.local import LocalTransport
 
-    return LocalTransport(spec)
+    return LocalTransport(spec, opts)

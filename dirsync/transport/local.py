@@ -9,18 +9,21 @@ from dirsync.apply import MasterReader, Sink, apply_actions
 from dirsync.plan import Action
 from dirsync.replica import OpenInfo, Replica
 from dirsync.scan import Excluder, ScanResult
+from dirsync.transport import TransportOptions, backup_options
+from dirsync.verify import cached_root
 
 
 class LocalTransport:
     is_remote = False
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, opts: TransportOptions | None = None) -> None:
         self.root = os.path.abspath(root)
         self.name = root
+        self.opts = opts or TransportOptions()
         self.replica: Replica | None = None
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
-        self.replica = Replica(self.root, readonly=readonly)
+        self.replica = Replica(self.root, readonly=readonly, backup=backup_options(self.opts))
         try:
             return self.replica.open(init=init)
         except BaseException:
@@ -30,6 +33,13 @@ class LocalTransport:
     def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
         assert self.replica is not None
         return self.replica.manifest(Excluder(patterns), fresh=fresh)
+
+    def cached_root(self, patterns: list[str]) -> bytes | None:
+        assert self.replica is not None
+        if self.replica.cache is None:
+            return None
+        reserved = (self.replica.backup_rel,) if self.replica.backup_rel else ()
+        return cached_root(self.replica.cache, patterns, reserved)
 
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
               should_stop: Callable[[], bool] = lambda: False) -> None:
