@@ -6,14 +6,15 @@ Sequences the stages; decides nothing about individual files (that is plan.py's 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from dirsync import chunking
-from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch
-from dirsync.errors import DirsyncError, ExitCode, ItemError, RefusedError
+from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
+from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError
 from dirsync.manifest import Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
@@ -39,12 +40,19 @@ class SyncConfig:
     allow_mass_delete: bool = False  # turn off the default guards (emptied master, >half deleted)
     dry_run: bool = False
     lock_wait_s: float = 0.0
-    transport: TransportOptions = TransportOptions()
+    transport: TransportOptions = TransportOptions()  # also carries --backup-dir/--backup-keep
+    bwlimit: int | None = None  # bytes per second of master data sent to each replica
+    profile: str | None = None  # the profile name, recorded in the pair status record
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 @dataclass
 class RunSummary:
     master: str
+    run_id: str = field(default_factory=new_run_id)
     replicas: list[ReplicaSummary] = field(default_factory=list)
     scan_errors: list[ItemError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -66,6 +74,7 @@ class RunSummary:
     def to_json(self) -> dict:
         return {
             "master": self.master,
+            "run_id": self.run_id,
             "exit_code": self.exit_code,
             "seconds": round(self.seconds, 3),
             "master_scan": {
@@ -132,6 +141,7 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     master_real = check_master(cfg.master)
     for r in cfg.replicas:
         check_overlap(master_real, r)
+        check_backup_dir(master_real, r, cfg.transport.backup_dir)
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
     mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
@@ -145,26 +155,29 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     for spec in cfg.replicas:
         summary = ReplicaSummary(replica=spec)
         sw = Stopwatch()
+        started = time.time()
+        lock = None
         try:
-            lock = None
-            if not cfg.dry_run:
-                lock = FileLock(pair_lock_path(master_real, _replica_key(spec)),
-                                f"master/replica pair {cfg.master} -> {spec}").acquire(cfg.lock_wait_s)
             try:
+                if not cfg.dry_run:
+                    lock = FileLock(pair_lock_path(master_real, _replica_key(spec)),
+                                    f"master/replica pair {cfg.master} -> {spec}").acquire(cfg.lock_wait_s)
                 transport = open_transport(spec, cfg.transport)
                 _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop)
-            finally:
-                if lock:
-                    lock.release()
-        except DirsyncError as e:
-            summary.fatal = str(e)
-            summary.exit_code = int(e.exit_code)
-            summary.status = "refused" if e.exit_code in (ExitCode.REFUSED, ExitCode.DELETE_LIMIT) else "failed"
-            reporter.fatal(f"{spec}: {e}", e.hint)
-        summary.seconds = sw.elapsed()
-        if summary.exit_code == 0 and summary.errors:
-            summary.exit_code = int(ExitCode.PARTIAL)
-            summary.status = "partial"
+            except DirsyncError as e:
+                summary.fatal = str(e)
+                summary.exit_code = int(e.exit_code)
+                summary.status = "refused" if e.exit_code in (ExitCode.REFUSED, ExitCode.DELETE_LIMIT) else "failed"
+                reporter.fatal(f"{spec}: {e}", e.hint)
+            summary.seconds = sw.elapsed()
+            if summary.exit_code == 0 and summary.errors:
+                summary.exit_code = int(ExitCode.PARTIAL)
+                summary.status = "partial"
+            if lock:  # still held: the status record and the run it describes are one step
+                _record_status(master_real, spec, summary, run, started, cfg, reporter)
+        finally:
+            if lock:
+                lock.release()
         run.replicas.append(summary)
         if not cfg.dry_run and summary.fatal is None:
             t = summary
@@ -172,6 +185,34 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
                           f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
     run.seconds = watch.elapsed()
     return run
+
+
+def _record_status(master_real: str, spec: str, summary: ReplicaSummary, run: RunSummary, started: float,
+                   cfg: SyncConfig, reporter: Reporter) -> None:
+    from dirsync.status import record_run
+
+    try:
+        record_run(master_real, _replica_key(spec), summary, run_id=run.run_id, started=started,
+                   profile=cfg.profile)
+    except OSError as e:
+        reporter.warn(f"{spec}: could not write the status record: {e.strerror or e}")
+
+
+def check_backup_dir(master_real: str, replica: str, backup_dir: str | None) -> None:
+    """Refuse a --backup-dir that would land inside the master (it would be synced)."""
+    if not backup_dir:
+        return
+    d = os.path.expanduser(backup_dir)
+    if not os.path.isabs(d):
+        if is_remote_spec(replica):
+            return  # relative to a remote root: never inside the local master
+        d = os.path.join(os.path.abspath(replica), d)
+    elif is_remote_spec(replica):
+        return
+    real = os.path.realpath(d)
+    if real == master_real or real.startswith(master_real.rstrip("/") + "/"):
+        raise ConfigError(f"backup dir {backup_dir} is inside the master {master_real}",
+                          hint="put backups inside the replica or somewhere outside both trees")
 
 
 def _replica_key(spec: str) -> str:
@@ -192,8 +233,13 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             reporter.error(f"{t.name}: {e}")
         deletes_ok = cfg.delete and cache_ok and info.deletes_allowed and not rscan.errors
         opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect))
-        plan = diff(mscan.manifest, rscan.manifest, opts)
-        plan = _guard_deletes(cfg, mscan.manifest, rscan.manifest, plan, opts, summary, reporter, t.name)
+        mman = mscan.manifest
+        if info.reserved:  # the replica's own backup dir: nothing of the master goes there
+            from dirsync.verify import filter_manifest
+
+            mman = filter_manifest(mman, [], info.reserved)
+        plan = diff(mman, rscan.manifest, opts)
+        plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:
             summary.warn(f"skipped {path}: {why}")
         if cfg.dry_run:
@@ -205,7 +251,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         summary.on_progress = reporter.advance
         reporter.begin(str(t.name), totals.send_bytes + totals.reuse_bytes)
         try:
-            t.apply(plan.actions, MasterReader(os.path.realpath(cfg.master)), summary, should_stop)
+            throttle = TokenBucket(cfg.bwlimit) if cfg.bwlimit else None  # one bucket per replica
+            t.apply(plan.actions, MasterReader(os.path.realpath(cfg.master), throttle), summary, should_stop)
         finally:
             reporter.end()
         for e in summary.errors:
