@@ -36,11 +36,24 @@ def _on_sigterm(signum, frame):  # SIGTERM unwinds like Ctrl-C so temps are remo
     raise KeyboardInterrupt
 
 
-def _transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress):
+def _transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
+                    backup_dir=None, backup_keep=None, **more):
     from dirsync.transport import TransportOptions
 
     return TransportOptions(port=port, identity=identity, ssh_config=ssh_config, remote_cmd=remote_cmd,
-                            accept_new_host_key=accept_new_host_key, compress=compress)
+                            accept_new_host_key=accept_new_host_key, compress=compress,
+                            backup_dir=backup_dir, backup_keep=backup_keep, **more)
+
+
+def _rate_option(value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    from dirsync.apply import parse_rate
+
+    try:
+        return parse_rate(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 # Options shared by sync and plan.
@@ -51,6 +64,15 @@ O_SSH_CONFIG = typer.Option(None, "--ssh-config", help="SSH config file (default
 O_REMOTE_CMD = typer.Option(None, "--remote-cmd", help="Command that runs dirsync on the remote side.")
 O_ACCEPT = typer.Option(False, "--accept-new-host-key", help="Trust and record an unknown SSH host key.")
 O_COMPRESS = typer.Option(False, "--compress", "-z", help="Compress data sent to remote replicas (zstd).")
+O_BACKUP_DIR = typer.Option(None, "--backup-dir", metavar="DIR",
+                            help="Keep replica files that are overwritten or deleted in DIR/<UTC time>/<path> "
+                                 "(relative DIR: inside each replica root, left out of the sync).")
+O_BACKUP_KEEP = typer.Option(None, "--backup-keep", min=1, metavar="N",
+                             help="With --backup-dir: keep only the newest N run folders (default: all).")
+O_BWLIMIT = typer.Option(None, "--bwlimit", metavar="RATE", callback=_rate_option,
+                         help="Limit master data sent to each replica, bytes/second: 500K, 10M (1024-based).")
+O_CONFIG = typer.Option(None, "--config", "-c", metavar="FILE",
+                        help="Profiles file (default $XDG_CONFIG_HOME/dirsync/config.toml).")
 
 
 @app.command()
@@ -75,6 +97,9 @@ def sync(
     remote_cmd: Optional[str] = O_REMOTE_CMD,
     accept_new_host_key: bool = O_ACCEPT,
     compress: bool = O_COMPRESS,
+    backup_dir: Optional[str] = O_BACKUP_DIR,
+    backup_keep: Optional[int] = O_BACKUP_KEEP,
+    bwlimit: Optional[str] = O_BWLIMIT,
 ) -> None:
     """Make each REPLICA an exact mirror of MASTER.
 
@@ -86,8 +111,9 @@ def sync(
     reporter = make_reporter(quiet=quiet or as_json and not verbose, log_file=log_file, verbose=verbose)
     cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
                      excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
-                     dry_run=dry_run, lock_wait_s=wait,
-                     transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress))
+                     dry_run=dry_run, lock_wait_s=wait, bwlimit=bwlimit,  # type: ignore[arg-type] # parsed
+                     transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
+                                               backup_dir, backup_keep))
 
     def job() -> int:
         run = run_sync(cfg, reporter)
@@ -166,10 +192,15 @@ def verify(
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
     accept_new_host_key: bool = O_ACCEPT,
+    backup_dir: Optional[str] = typer.Option(None, "--backup-dir", metavar="DIR",
+                                             help="The --backup-dir used by sync (left out when inside a replica)."),
 ) -> None:
     """Prove each REPLICA equals MASTER by rehashing both sides; list every difference.
 
-    Exits 0 only when every replica is identical (1 when one differs).
+    Exits 0 only when every replica is identical (1 when one differs). --quick rehashes and
+    walks nothing: it compares the Merkle roots of the cached manifests (master cache in the
+    state dir, replica cache in REPLICA/.dirsync), i.e. whether the last scans agree.
+
     Example: dirsync verify ~/site /backup/site
     """
     from dirsync.progress import make_reporter
@@ -179,7 +210,8 @@ def verify(
 
     def job() -> int:
         results = run_verify(master, list(replicas), list(exclude or ()),
-                             _transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False),
+                             _transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
+                                             backup_dir),
                              reporter, quick=quick)
         if as_json:
             print(json.dumps({"replicas": [{"replica": r.replica, "equal": r.equal,
@@ -195,6 +227,189 @@ def verify(
                     for d in r.differences:
                         print("  " + d.render())
         return 0 if all(r.equal for r in results) else 1
+
+    raise typer.Exit(_run(job, reporter))
+
+
+def _fail_early(e: DirsyncError) -> "typer.Exit":
+    """A config problem found before a reporter exists: print it like _run would."""
+    print(f"error: {e}", file=sys.stderr)
+    if e.hint:
+        print(f"hint: {e.hint}", file=sys.stderr)
+    return typer.Exit(int(e.exit_code))
+
+
+def _or(flag, profile, key: str, default=None):
+    """A command-line value wins over the profile's; None means "not given"."""
+    return flag if flag is not None else profile.get(key, default)
+
+
+@app.command()
+def run(
+    name: str = typer.Argument(..., help="Profile name: a [profile.NAME] table of the config file."),
+    config: Optional[str] = O_CONFIG,
+    delete: Optional[bool] = typer.Option(None, "--delete/--no-delete", help="Override the profile's delete."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x",
+                                                help="Another pattern to leave out (added to the profile's)."),
+    init: bool = typer.Option(False, "--init", help="Accept a non-empty directory never synced before."),
+    max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Delete nothing if more than N deletions."),
+    allow_mass_delete: bool = typer.Option(False, "--allow-mass-delete",
+                                           help="Allow emptying a replica / deleting over half of it."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Print the plan, change nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a summary line even when not on a terminal."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    log_file: Optional[str] = typer.Option(None, "--log-file", help="Append timestamped lines to this file."),
+    wait: Optional[float] = typer.Option(None, "--wait", help="Wait up to SECONDS for a lock held by another run."),
+    backup_dir: Optional[str] = O_BACKUP_DIR,
+    backup_keep: Optional[int] = O_BACKUP_KEEP,
+    bwlimit: Optional[str] = O_BWLIMIT,
+    port: Optional[int] = O_PORT,
+    identity: Optional[str] = O_IDENTITY,
+    ssh_config: Optional[str] = O_SSH_CONFIG,
+    remote_cmd: Optional[str] = O_REMOTE_CMD,
+    accept_new_host_key: bool = O_ACCEPT,
+    compress: Optional[bool] = typer.Option(None, "--compress/--no-compress", "-z",
+                                            help="Compress data sent to remote replicas (zstd)."),
+) -> None:
+    """Run the profile NAME from the config file; command-line flags override it.
+
+    \b
+    Example: dirsync run backup --quiet
+    crontab: */5 * * * * dirsync run backup
+
+    \b
+    ~/.config/dirsync/config.toml (or --config FILE):
+      [profile.backup]
+      master      = "~/site"
+      replicas    = ["/mnt/backup/site", "deploy@web1:/srv/site"]
+      exclude     = ["*.log", "build/"]
+      max_delete  = 200
+      backup_dir  = ".dirsync-backup"
+      backup_keep = 14
+      bwlimit     = "10M"
+      wait        = 300
+    Other keys: delete, init, allow_mass_delete, compress, log_file, quiet, verbose, json,
+    port, identity, ssh_config, remote_cmd, accept_new_host_key, connect_timeout.
+
+    \b
+    Exit codes: 0 ok (or nothing to do), 2 usage/config error, 3 locked, 10 connection,
+    11 protocol, 12 refused by a safety guard, 23 partial, 25 delete limit, 130 interrupted.
+    """
+    from dirsync import profiles
+    from dirsync.progress import make_reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    try:
+        prof = profiles.load(config).profile(name)
+    except DirsyncError as e:
+        raise _fail_early(e)
+    as_json = as_json or prof.get("json", False)
+    verbose = verbose or prof.get("verbose", False)
+    quiet = quiet or prof.get("quiet", False)
+    reporter = make_reporter(quiet=quiet or as_json and not verbose, log_file=_or(log_file, prof, "log_file"),
+                             verbose=verbose)
+    more = {"connect_timeout": prof.get("connect_timeout")} if prof.get("connect_timeout") is not None else {}
+    cfg = SyncConfig(
+        master=prof.get("master"), replicas=tuple(prof.get("replicas")), delete=_or(delete, prof, "delete", True),
+        init=init or prof.get("init", False), excludes=tuple(prof.get("exclude", [])) + tuple(exclude or ()),
+        max_delete=_or(max_delete, prof, "max_delete"),
+        allow_mass_delete=allow_mass_delete or prof.get("allow_mass_delete", False), dry_run=dry_run,
+        lock_wait_s=_or(wait, prof, "wait", 0.0), bwlimit=_or(bwlimit, prof, "bwlimit"), profile=name,
+        transport=_transport_opts(_or(port, prof, "port"), _or(identity, prof, "identity"),
+                                  _or(ssh_config, prof, "ssh_config"), _or(remote_cmd, prof, "remote_cmd"),
+                                  accept_new_host_key or prof.get("accept_new_host_key", False),
+                                  _or(compress, prof, "compress", False), _or(backup_dir, prof, "backup_dir"),
+                                  _or(backup_keep, prof, "backup_keep"), **more))
+
+    def job() -> int:
+        result = run_sync(cfg, reporter)
+        if dry_run:
+            _print_plans(result, as_json)
+        elif as_json:
+            out = result.to_json()
+            out["profile"] = name
+            print(json.dumps(out, indent=2))
+        return result.exit_code
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    raise typer.Exit(_run(job, reporter))
+
+
+@app.command()
+def status(
+    targets: Optional[List[str]] = typer.Argument(None, metavar="[PROFILE | MASTER REPLICA...]",
+                                                  help="A profile name, or MASTER and its replicas; "
+                                                       "nothing: every profile of the config file."),
+    config: Optional[str] = O_CONFIG,
+    exclude: Optional[List[str]] = O_EXCLUDE,
+    no_check: bool = typer.Option(False, "--no-check", help="Only show the records; do not scan to see "
+                                                             "whether a replica is behind."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object on stdout."),
+    backup_dir: Optional[str] = typer.Option(None, "--backup-dir", metavar="DIR",
+                                             help="The --backup-dir used by sync (MASTER REPLICA form)."),
+    port: Optional[int] = O_PORT,
+    identity: Optional[str] = O_IDENTITY,
+    ssh_config: Optional[str] = O_SSH_CONFIG,
+    remote_cmd: Optional[str] = O_REMOTE_CMD,
+    accept_new_host_key: bool = O_ACCEPT,
+) -> None:
+    """For each replica: when it was last synced successfully, by which run, and whether it is
+    behind the master now (a dry-run plan is not empty).
+
+    Exits 0 when every replica is up to date, 1 when one is behind, or the code of the error
+    that stopped a check (e.g. 10 for an unreachable host, 12 for a missing master).
+
+    Example: dirsync status backup        (or: dirsync status ~/site /backup/site)
+    """
+    from dirsync import profiles
+    from dirsync.progress import make_reporter
+    from dirsync.status import check_status
+    from dirsync.sync import _SEVERITY, SyncConfig
+
+    targets = list(targets or [])
+    groups: list[tuple[Optional[str], SyncConfig]] = []
+    try:
+        if len(targets) >= 2:
+            groups.append((None, SyncConfig(
+                master=targets[0], replicas=tuple(targets[1:]), excludes=tuple(exclude or ()),
+                transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
+                                          backup_dir))))
+        else:
+            cfgfile = profiles.load(config)
+            names = targets or sorted(cfgfile.profiles)
+            for n in names:
+                p = cfgfile.profile(n)
+                groups.append((n, SyncConfig(
+                    master=p.get("master"), replicas=tuple(p.get("replicas")), delete=p.get("delete", True),
+                    excludes=tuple(p.get("exclude", [])) + tuple(exclude or ()), max_delete=p.get("max_delete"),
+                    allow_mass_delete=p.get("allow_mass_delete", False), profile=n,
+                    transport=_transport_opts(p.get("port"), p.get("identity"), p.get("ssh_config"),
+                                              p.get("remote_cmd"), p.get("accept_new_host_key", False), False,
+                                              p.get("backup_dir"), p.get("backup_keep")))))
+    except DirsyncError as e:
+        raise _fail_early(e)
+    reporter = make_reporter(quiet=True)
+
+    def job() -> int:
+        codes = set()
+        out = []
+        for n, cfg in groups:
+            pairs = check_status(cfg, reporter, check=not no_check)
+            for ps in pairs:
+                codes.add(ps.exit_code if ps.exit_code else 1 if ps.behind else 0)
+            out.append({"profile": n, "master": cfg.master, "replicas": [ps.to_json() for ps in pairs]})
+            if not as_json:
+                if n is not None or len(groups) > 1:
+                    print(f"== {n or cfg.master}: {cfg.master}")
+                for ps in pairs:
+                    print(ps.render())
+        if as_json:
+            print(json.dumps({"profiles": out}, indent=2))
+        for c in _SEVERITY:
+            if int(c) in codes:
+                return int(c)
+        return 1 if 1 in codes else 0
 
     raise typer.Exit(_run(job, reporter))
 
