@@ -414,5 +414,70 @@ def status(
     raise typer.Exit(_run(job, reporter))
 
 
+@app.command()
+def watch(
+    master: str = typer.Argument(..., help="The directory whose contents are the truth."),
+    replicas: List[str] = typer.Argument(..., help="Replica directories: PATH, [user@]host:PATH or ssh://..."),
+    delay: float = typer.Option(0.2, "--delay", min=0.0, help="Seconds of quiet before a batch of changes syncs."),
+    max_latency: float = typer.Option(2.0, "--max-latency", min=0.0,
+                                      help="Sync a batch this many seconds after its first change at the latest."),
+    rescan_interval: float = typer.Option(3600.0, "--rescan-interval", min=1.0,
+                                          help="Seconds between full rescans (catch what events missed)."),
+    delete: bool = typer.Option(True, "--delete/--no-delete", help="Delete replica files the master lacks."),
+    exclude: Optional[List[str]] = O_EXCLUDE,
+    init: bool = typer.Option(False, "--init", help="Accept a non-empty directory never synced before."),
+    max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Delete nothing if more than N deletions."),
+    allow_mass_delete: bool = typer.Option(False, "--allow-mass-delete",
+                                           help="Allow emptying a replica / deleting over half of it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors."),
+    log_file: Optional[str] = typer.Option(None, "--log-file", help="Append timestamped lines to this file."),
+    port: Optional[int] = O_PORT,
+    identity: Optional[str] = O_IDENTITY,
+    ssh_config: Optional[str] = O_SSH_CONFIG,
+    remote_cmd: Optional[str] = O_REMOTE_CMD,
+    accept_new_host_key: bool = O_ACCEPT,
+    compress: bool = O_COMPRESS,
+    backup_dir: Optional[str] = O_BACKUP_DIR,
+    backup_keep: Optional[int] = O_BACKUP_KEEP,
+    bwlimit: Optional[str] = O_BWLIMIT,
+) -> None:
+    """Keep each REPLICA in sync with MASTER as files change (one sync at start, then on events).
+
+    A replica that fails (host down, disk unmounted) is retried with backoff while the others go
+    on. SIGINT/SIGTERM: the current file is finished or dropped (no temp left), locks are
+    released, exit 0; a second signal interrupts at once (exit 130). A second watcher of the
+    same master/replica pair exits 3. One info line per synced batch unless --quiet.
+
+    Example: dirsync watch ~/site /backup/site deploy@web1:/srv/site --log-file ~/dirsync.log
+    """
+    import threading
+
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig
+    from dirsync.watch import run_watch
+
+    reporter = Reporter(sys.stderr, quiet=quiet, log_file=log_file, verbose=not quiet)
+    cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
+                     excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
+                     bwlimit=bwlimit,  # type: ignore[arg-type] # parsed by its callback
+                     transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
+                                               backup_dir, backup_keep))
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # first: finish cleanly; second: unwind now (temps removed, 130)
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def job() -> int:
+        return run_watch(cfg, reporter, stop, delay_s=delay, max_latency_s=max(max_latency, delay),
+                         rescan_interval_s=rescan_interval, ignore_paths=[log_file] if log_file else [])
+
+    raise typer.Exit(_run(job, reporter))
+
+
 def main() -> None:
     app()
