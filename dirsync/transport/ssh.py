@@ -469,8 +469,34 @@ class HostSettings:
         return self.host_key_alias or host_key_name(self.hostname, self.port)
 
 
-def load_ssh_config(path: str | os.PathLike[str] | None) -> paramiko.SSHConfig:
-    """Parse ``path`` (default ``~/.ssh/config`` if it exists). Raises ``ConfigError`` if it cannot."""
+class SshConfig:
+    """An ssh_config file's text; ``lookup`` applies it to one host with explicit overrides.
+
+    Overrides are injected as a leading ``Host <alias>`` block (ssh_config is
+    first-match-wins), so tokens such as ``%p``/``%r`` in ProxyCommand expand to
+    the port and user actually used, as with ``ssh -p``/``-l``.
+    """
+
+    def __init__(self, text: str = "", source: str = "<none>") -> None:
+        self.text = text
+        self.source = source
+        self.lookup("localhost")  # report syntax errors now, not at the first connect
+
+    def lookup(self, alias: str, *, port: int | None = None, user: str | None = None) -> paramiko.SSHConfigDict:
+        head = ""
+        if port is not None:
+            head += f"  Port {port}\n"
+        if user is not None and not any(c.isspace() or c == '"' for c in user):
+            head += f"  User {user}\n"
+        text = (f"Host {alias}\n" + head + self.text) if head else self.text
+        try:
+            return paramiko.SSHConfig.from_text(text).lookup(alias)
+        except paramiko.ssh_exception.ConfigParseError as e:
+            raise ConfigError(f"cannot parse ssh config {self.source}: {e}") from e
+
+
+def load_ssh_config(path: str | os.PathLike[str] | None) -> SshConfig:
+    """Read ``path`` (default ``~/.ssh/config`` if it exists). Raises ``ConfigError`` if it cannot be read or parsed."""
     explicit = path is not None
     p = Path(path) if path is not None else Path(os.path.expanduser("~/.ssh/config"))
     try:
@@ -478,13 +504,10 @@ def load_ssh_config(path: str | os.PathLike[str] | None) -> paramiko.SSHConfig:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"ssh config file not found: {p}") from None
-        return paramiko.SSHConfig()
+        return SshConfig()
     except OSError as e:
         raise ConfigError(f"cannot read ssh config {p}: {e.strerror}") from e
-    try:
-        return paramiko.SSHConfig.from_text(text)
-    except paramiko.ssh_exception.ConfigParseError as e:
-        raise ConfigError(f"cannot parse ssh config {p}: {e}") from e
+    return SshConfig(text, str(p))
 
 
 def _files(value: str | None) -> tuple[str, ...]:
@@ -494,7 +517,7 @@ def _files(value: str | None) -> tuple[str, ...]:
 
 
 def resolve_host(
-    cfg: paramiko.SSHConfig,
+    cfg: SshConfig,
     alias: str,
     *,
     user: str | None = None,
@@ -503,7 +526,7 @@ def resolve_host(
     known_hosts_files: Sequence[str | os.PathLike[str]] | None = None,
 ) -> HostSettings:
     """Apply ssh_config to ``alias``; explicit arguments win over the config, the config over defaults."""
-    o = cfg.lookup(alias)
+    o = cfg.lookup(alias, port=port, user=user)
     try:
         cfg_port = int(o["port"]) if "port" in o else None
     except ValueError:
@@ -596,12 +619,13 @@ def _prefer(current: Sequence[str], first: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass
 class _Options:
-    cfg: paramiko.SSHConfig
+    cfg: SshConfig
     known_hosts_files: Sequence[str | os.PathLike[str]] | None
     accept_new: bool
     connect_timeout: float
     keepalive: int
     compress: bool = False
+    identity: str | None = None
     own_known_hosts: Path = field(default_factory=dirsync_known_hosts_path)
 
 
@@ -630,6 +654,7 @@ def connect(
       dirsync's own known_hosts. A changed or revoked key is always refused.
     * Authentication: ``identity``, then the config's IdentityFile entries,
       then the SSH agent and ``~/.ssh/id_*`` (those two unless IdentitiesOnly).
+      ProxyJump hops are resolved the same way (``identity`` is offered to them too).
 
     Raises ``ConnectError`` (one line naming user@host:port) for DNS failure,
     refused/unreachable port, timeout, an unknown, changed or revoked host key,
@@ -645,6 +670,7 @@ def connect(
         raise ConfigError(f"identity file not found: {identity}")
     opts = _Options(
         cfg=load_ssh_config(ssh_config_file),
+        identity=str(identity) if identity is not None else None,
         known_hosts_files=known_hosts_files,
         accept_new=accept_new_host_key,
         connect_timeout=connect_timeout,
@@ -677,7 +703,14 @@ def _connect_host(
             prev: paramiko.SSHClient | None = None
             for hop in s.proxy_jump.split(","):
                 huser, hhost, hport = _parse_hop(hop)
-                hs = resolve_host(opts.cfg, hhost, user=huser, port=hport, known_hosts_files=opts.known_hosts_files)
+                hs = resolve_host(
+                    opts.cfg,
+                    hhost,
+                    user=huser,
+                    port=hport,
+                    identity=opts.identity,
+                    known_hosts_files=opts.known_hosts_files,
+                )
                 prev = _connect_host(hs, opts, via=prev, depth=depth + 1)
                 client.jumps.append(prev)
             assert prev is not None
@@ -773,6 +806,9 @@ def _handshake(client: DirsyncSSHClient, s: HostSettings, opts: _Options, sock: 
                 f"authentication failed for {label}: no SSH key to offer",
                 hint="pass --identity, set IdentityFile in ~/.ssh/config, or start an SSH agent",
             ) from e
+        if msg in ("No existing session", "Negotiation failed."):
+            # start_client() gave up at `timeout` before the server finished the key exchange
+            raise ConnectError(f"timed out after {timeout:g} s in the SSH handshake with {label}") from e
         if "banner" in msg.lower():
             raise ConnectError(f"no SSH server answered at {label} within {timeout:g} s ({msg})") from e
         raise ConnectError(f"SSH handshake with {label} failed: {msg or type(e).__name__}") from e
