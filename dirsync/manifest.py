@@ -79,6 +79,7 @@ class Manifest:
     """A tree: relpath -> entry. Holds the root DirEntry at "" when the root was read."""
 
     entries: dict[str, Entry] = field(default_factory=dict)
+    generation: str = field(default="", compare=False)  # id of a saved replica state (delta scans)
 
     def keys(self) -> dict[str, tuple]:
         return {p: entry_key(e) for p, e in self.entries.items()}
@@ -166,14 +167,19 @@ class ManifestFormatError(ValueError):
     """The bytes are not a manifest this version can read (corrupt, or from another version)."""
 
 
-def encode_rows(entries) -> list[tuple]:
-    """Entries as plain msgpack-able rows (the manifest body and the wire use the same rows)."""
+def encode_rows(entries, *, cache_fields: bool = True) -> list[tuple]:
+    """Entries as plain msgpack-able rows (the manifest body and the wire use the same rows;
+    the wire leaves out the cache-only fields)."""
     rows = []
     enc = os.fsencode
     for e in entries:
         if isinstance(e, FileEntry):
-            rows.append((0, enc(e.path), e.size, e.mode, e.mtime_ns, e.digest, e.avg, list(e.sizes),
-                         e.digests, e.ino, e.ctime_ns, e.trusted))
+            if cache_fields:
+                rows.append((0, enc(e.path), e.size, e.mode, e.mtime_ns, e.digest, e.avg, list(e.sizes),
+                             e.digests, e.ino, e.ctime_ns, e.trusted))
+            else:
+                rows.append((0, enc(e.path), e.size, e.mode, e.mtime_ns, e.digest, e.avg, list(e.sizes),
+                             e.digests))
         elif isinstance(e, DirEntry):
             rows.append((1, enc(e.path), e.mode, e.mtime_ns))
         else:
@@ -183,7 +189,7 @@ def encode_rows(entries) -> list[tuple]:
 
 def to_bytes(m: Manifest, chunker: str) -> bytes:
     """Versioned, checksummed encoding: MAGIC, version byte, xxh3-64 of body, msgpack body."""
-    body = msgpack.packb((chunker, encode_rows(m.entries.values())), use_bin_type=True)
+    body = msgpack.packb((chunker, encode_rows(m.entries.values()), m.generation), use_bin_type=True)
     return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(body) + body
 
 
@@ -198,10 +204,12 @@ def from_bytes(data: bytes, chunker: str) -> Manifest:
     if xxhash.xxh3_64_digest(body) != data[n + 1 : n + 9]:
         raise ManifestFormatError("manifest checksum mismatch")
     try:
-        got_chunker, rows = msgpack.unpackb(body, raw=False, use_list=False)
+        parts = msgpack.unpackb(body, raw=False, use_list=False)
+        got_chunker, rows = parts[0], parts[1]
+        generation = parts[2] if len(parts) > 2 else ""
         if got_chunker != chunker:
             raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
-        return Manifest(entries=decode_rows(rows))
+        return Manifest(entries=decode_rows(rows), generation=str(generation))
     except ManifestFormatError:
         raise
     except Exception as e:  # malformed body: any decoding failure means "rebuild"
@@ -218,10 +226,13 @@ def decode_rows(rows) -> dict[str, Entry]:
         if path:
             check_relpath(path)
         if t == 0:
+            if len(r) == 9:  # wire row: no cache-only fields
+                r = tuple(r) + (0, 0, False)
             (_, _, size, mode, mtime, digest, avg, sizes, digests, ino, ctime, trusted) = r
             sizes = tuple(sizes)
             if (
                 not all(isinstance(x, int) for x in (size, mode, mtime, avg, ino, ctime))
+                or not 0 <= mode <= 0o7777
                 or len(digest) != DIGEST_SIZE
                 or len(digests) != DIGEST_SIZE * len(sizes)
                 or sum(sizes) != size
@@ -233,7 +244,7 @@ def decode_rows(rows) -> dict[str, Entry]:
                                       ino, ctime, bool(trusted))
         elif t == 1:
             _, _, mode, mtime = r
-            if not isinstance(mode, int) or not isinstance(mtime, int):
+            if not isinstance(mode, int) or not isinstance(mtime, int) or not 0 <= mode <= 0o7777:
                 raise ValueError(f"bad dir row for {path!r}")
             entries[path] = DirEntry(path, mode, mtime)
         elif t == 2:

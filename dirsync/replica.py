@@ -109,6 +109,7 @@ class Replica:
         self.lock: FileLock | None = None
         self.cache: Manifest | None = None
         self.current: dict[str, Entry] = {}  # what the replica holds now (scan, then our changes)
+        self.scanned: Manifest | None = None  # the last scan result
         self.staged: dict[str, tuple[str, WriteFile]] = {}
         self._dirfds: dict[str, int] = {}
         self._tmp_seq = 0
@@ -194,16 +195,22 @@ class Replica:
             excluder = _Reserved(excluder, self.backup_rel)
         res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
         self.current = dict(res.manifest.entries)
+        self.scanned = res.manifest
         return res
 
-    def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> None:
-        """Drop unfinished temps, save the cache of what the replica now holds, release the lock."""
+    def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> str:
+        """Drop unfinished temps, save the cache of what the replica now holds, release the lock.
+
+        Returns the generation id of the saved cache ("" when nothing was saved)."""
+        generation = ""
         try:
             for tmp, _ in self.staged.values():
                 self._unlink_tmp(tmp)
             self.staged.clear()
             if save and not self.readonly and self.root_fd >= 0 and self.current:
-                save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE), Manifest(self.current), chunker)
+                generation = uuid.uuid4().hex
+                save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
+                                   Manifest(self.current, generation=generation), chunker)
             if self.backup is not None and self.backup.keep and not self.readonly and self.root_fd >= 0:
                 self._prune_backups(self.backup.keep)
         finally:
@@ -217,6 +224,7 @@ class Replica:
             if self.lock:
                 self.lock.release()
                 self.lock = None
+        return generation
 
     # -- path resolution -----------------------------------------------------------
 
