@@ -1,0 +1,247 @@
+"""End to end on real trees through the real CLI (`python -m dirsync sync`), no mocks.
+
+Each test builds a master, syncs, mutates, syncs again and checks with the independent
+tree comparison (tests/treecmp.py) that the replica equals the master: bytes, modes, mtimes
+(directories and the root included) and symlink targets.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:
+    import treecmp
+    from helpers import (
+        File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, read,
+        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, stray_temps, swap,
+        sync_json, text_lines, tmp_entries, touch, truncate, write,
+    )
+except ImportError:  # tests/ imported as a package
+    from tests import treecmp
+    from tests.helpers import (
+        File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, read,
+        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, stray_temps, swap,
+        sync_json, text_lines, tmp_entries, touch, truncate, write,
+    )
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def synced(master, replica, *, args=()) -> dict:
+    """Sync through the CLI, then check: exit 0, replica == master, master untouched, no temps."""
+    before = treecmp.snapshot(master)
+    _, out = sync_json(master, replica, args=args)
+    assert treecmp.snapshot(master) == before, "sync modified the master"
+    treecmp.assert_trees_equal(master, replica)
+    assert tmp_entries(replica) == []
+    assert stray_temps(replica) == []
+    r = out["replicas"][0]
+    assert r["errors"] == [] and r["status"] == "ok", r
+    return r
+
+
+def initial_tree() -> dict:
+    return {
+        "README.md": text_lines(3 * KiB, seed=1),
+        "empty.txt": b"",
+        "emptydir": {},
+        "src": {
+            "main.py": text_lines(20 * KiB, seed=2),
+            "util.py": text_lines(2 * KiB, seed=3),
+            "pkg": {"__init__.py": b"", "deep": {"deeper": {"x.txt": b"deep\n", "y.bin": random_bytes(5000, 4)}}},
+        },
+        "data": {"big.bin": random_bytes(400 * KiB, 5), "small.bin": random_bytes(3000, 6)},
+        "docs": {"guide.md": text_lines(6 * KiB, seed=7), "café-menü.txt": "crème brûlée\n".encode(),
+                 "日本語.txt": "こんにちは\n".encode()},
+        b"bad\xffname.txt": b"latin-1 name\n",
+        b"dir\xfe": {b"inner\xfd": b"x"},
+        "ro.txt": File(b"read only\n", mode=0o444),
+        "exec.sh": File(b"#!/bin/sh\necho hi\n", mode=0o755),
+        "private": {"secret.txt": File(b"s\n", mode=0o600)},
+        "link-rel": Link("docs/guide.md"),
+        "link-abs": Link("/etc/passwd"),
+        "link-dangling": Link("does/not/exist"),
+        "link-dir": Link("src"),
+        "spaces and\nnewline.txt": b"odd name\n",
+    }
+
+
+def test_mutation_rounds(tmp_path):
+    m, r = tmp_path / "master", tmp_path / "replica"
+    build_tree(m, initial_tree())
+    os.chmod(m / "private", 0o700)
+    first = synced(m, r)
+    assert first["files_written"] >= 14 and first["links_made"] == 4 and first["bytes_sent"] > 400 * KiB, first
+
+    # Round 1: content edits, metadata, new names of every flavour.
+    guide = read(m / "docs/guide.md")
+    write(m / "docs/guide.md", guide.replace(b"\n", b"\nEDITED LINE\n", 1))
+    append(m / "README.md", b"appended line\n")
+    insert(m / "data/big.bin", 200 * KiB, b"<inserted>" * 10)
+    truncate(m / "data/small.bin", 1000)
+    os.chmod(m / "exec.sh", 0o700)
+    touch(m / "src/util.py", 1_500_000_000_123_456_789)
+    old = read(m / "src/main.py")
+    overwrite_same_size_and_mtime(m / "src/main.py", old[:100] + b"X" * 10 + old[110:])
+    build_tree(m, {"a/b/c/new-empty.txt": b"", "newdir/empty-sub": {}, "ünïcödé/名前.txt": "u\n".encode(),
+                   b"new\x80\xffraw": {b"f\xc3\x28": b"invalid utf-8 name\n"}})
+    os.chmod(m / "src", 0o750)
+    synced(m, r)
+
+    # Round 2: renames of files and directories (with non-UTF-8 names), deletes.
+    os.makedirs(m / "moved")
+    os.rename(m / "data/big.bin", m / "moved/big2.bin")
+    os.rename(m / "src/pkg", m / "src/pkg2")
+    os.rename(J(m, b"bad\xffname.txt"), J(m, b"renamed\xfe.txt"))
+    os.rename(J(m, b"new\x80\xffraw"), J(m, b"raw-renamed\x81"))
+    os.rename(m / "link-rel", m / "link-renamed")
+    remove(m / "docs/café-menü.txt")
+    remove(m / "emptydir")
+    remove(J(m, b"dir\xfe"))
+    rep = synced(m, r)
+    assert rep["bytes_sent"] < 4 * KiB, f"renames should be copied locally, sent {rep['bytes_sent']}"
+
+    # Round 3: type changes in every direction.
+    replace_with_dir(m / "README.md", {"inside.txt": b"README is a directory now\n", "sub": {}})
+    replace_with_file(m / "data", b"data is a file now\n")
+    replace_with_link(m / "exec.sh", "src/util.py")
+    replace_with_file(m / "link-renamed", b"was a link\n")
+    replace_with_link(m / "docs", "src")
+    replace_with_dir(m / "link-dir", {"f.txt": b"link became a dir\n"})
+    replace_with_link(m / "link-abs", "/tmp")
+    replace_with_link(m / "empty.txt", "dangling-target")
+    synced(m, r)
+
+    # Round 4: swap, truncate to zero, copy, directory metadata, deeper deletes, back-and-forth types.
+    build_tree(m, {"swap-a": random_bytes(70 * KiB, 11), "swap-b": random_bytes(90 * KiB, 12)})
+    synced(m, r)
+    swap(m / "swap-a", m / "swap-b")
+    truncate(m / "src/util.py", 0)
+    write(m / "copy-of-main.py", read(m / "src/main.py"))
+    touch(m / "newdir", 1_400_000_000_000_000_000)
+    os.chmod(m / "a/b", 0o711)
+    remove(m / "src/pkg2/deep/deeper")
+    replace_with_file(m / "README.md", b"README is a file again\n")
+    replace_with_dir(m / "empty.txt")
+    rep = synced(m, r)
+    assert rep["bytes_sent"] < 4 * KiB, f"swap and copy should reuse replica bytes, sent {rep['bytes_sent']}"
+
+    # Round 5: nothing changed: nothing to do.
+    rep = synced(m, r)
+    assert (rep["files_written"], rep["bytes_sent"], rep["files_deleted"], rep["metadata_set"]) == (0, 0, 0, 0), rep
+
+
+def test_plan_is_empty_after_sync_and_sync_is_idempotent(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, initial_tree())
+    synced(m, r)
+    cp = run_cli("plan", m, r)
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("total: 0 to write"), cp.stdout
+
+
+def test_two_replicas_and_a_failing_one_does_not_stop_the_others(tmp_path):
+    m = tmp_path / "m"
+    build_tree(m, initial_tree())
+    bad_file = tmp_path / "is-a-file"
+    write(bad_file, b"not a directory\n")
+    stranger = tmp_path / "stranger"
+    build_tree(stranger, {"precious.txt": b"never synced by dirsync\n"})
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    stranger_before = treecmp.snapshot(stranger)
+
+    cp, out = sync_json(m, bad_file, r1, stranger, r2, expect=12)
+    reps = {os.path.basename(x["replica"]): x for x in out["replicas"]}
+    assert reps["is-a-file"]["status"] == "refused" and reps["is-a-file"]["exit_code"] == 12
+    assert "not a directory" in reps["is-a-file"]["fatal"]
+    assert reps["stranger"]["status"] == "refused" and reps["stranger"]["exit_code"] == 12
+    assert reps["r1"]["status"] == "ok" and reps["r2"]["status"] == "ok"
+    treecmp.assert_trees_equal(m, r1)
+    treecmp.assert_trees_equal(m, r2)
+    assert read(bad_file) == b"not a directory\n"
+    assert treecmp.snapshot(stranger) == stranger_before
+    assert not os.path.exists(stranger / ".dirsync")
+    # One line per failed replica on stderr, naming it.
+    errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+    assert any(str(bad_file) in ln for ln in errs) and any(str(stranger) in ln for ln in errs), cp.stderr
+
+    # Both good replicas stay in step on the next run.
+    write(m / "docs/guide.md", b"changed\n")
+    _, out = sync_json(m, r1, r2)
+    assert [x["files_written"] for x in out["replicas"]] == [1, 1]
+    treecmp.assert_trees_equal(m, r1)
+    treecmp.assert_trees_equal(m, r2)
+
+
+# -- bytes on the wire (measured with --json) ---------------------------------------------
+
+
+def _sent(m, r) -> int:
+    rep = synced(m, r)
+    print(f"bytes_sent={rep['bytes_sent']} bytes_reused={rep['bytes_reused']}")
+    return rep["bytes_sent"]
+
+
+def test_moving_a_large_file_sends_nothing(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"in": {"big.bin": random_bytes(20 * MiB, 21)}, "elsewhere": {"deeper": {}}})
+    assert _sent(m, r) == 20 * MiB
+    os.rename(m / "in/big.bin", m / "elsewhere/deeper/big-moved.bin")
+    assert _sent(m, r) == 0
+
+
+def test_mid_file_insertion_sends_about_two_chunks(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    data = random_bytes(20 * MiB, 22)
+    build_tree(m, {"big.bin": data})
+    _sent(m, r)
+    insert(m / "big.bin", 10 * MiB + 12345, random_bytes(100, 23))
+    sent = _sent(m, r)
+    assert 100 <= sent < 300 * KiB, sent
+
+
+def test_one_line_edit_in_a_20k_text_file_sends_about_a_kilobyte(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    text = text_lines(20 * KiB, seed=24)
+    build_tree(m, {"src": {"module.py": text}})
+    _sent(m, r)
+    lines = text.splitlines(keepends=True)
+    lines[len(lines) // 2] = b"    return compute(value, count)  # edited\n"
+    write(m / "src/module.py", b"".join(lines))
+    sent = _sent(m, r)
+    assert 0 < sent <= 2 * KiB + 512, sent
+
+
+def test_swap_sends_nothing_and_converges(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    a, b = random_bytes(3 * MiB, 25), random_bytes(2 * MiB, 26)
+    build_tree(m, {"a": a, "d": {"b": b}})
+    _sent(m, r)
+    os.rename(m / "a", m / "tmp")
+    os.rename(m / "d/b", m / "a")
+    os.rename(m / "tmp", m / "d/b")
+    assert _sent(m, r) == 0
+    assert read(r / "a") == b and read(r / "d/b") == a
+
+
+def test_copies_and_appends_reuse_replica_bytes(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"log.bin": random_bytes(4 * MiB, 27)})
+    _sent(m, r)
+    write(m / "copy1.bin", read(m / "log.bin"))
+    append(m / "log.bin", random_bytes(1000, 28))
+    sent = _sent(m, r)
+    assert sent < 300 * KiB, sent  # the tail chunk or two, not the 8 MiB written
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o755, 0o444, 0o4755, 0o1777])
+def test_modes_including_special_bits_round_trip(tmp_path, mode):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"f": b"x", "d": {"g": b"y"}})
+    os.chmod(m / "f", mode)
+    os.chmod(m / "d", mode | 0o700)
+    synced(m, r)
