@@ -534,3 +534,49 @@ def test_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
     out = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "k.pub")], capture_output=True, text=True, check=True)
     blob = base64.b64decode((tmp_path / "k.pub").read_text().split()[1])
     assert fingerprint(blob) == out.stdout.split()[1]
+
+
+# --- the fixture's own contract -----------------------------------------------------------
+
+
+def test_start_sshd_reports_missing_sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_sshd_plugin, "SSHD_CANDIDATES", ("/nonexistent/sshd",))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(_sshd_plugin.SshdUnavailable, match="sshd not found"):
+        _sshd_plugin.start_sshd(tmp_path / "s")
+
+
+@pytest.mark.parametrize(("required", "outcome"), [("1", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_unavailable_sshd_fails_only_when_required(
+    monkeypatch: pytest.MonkeyPatch, required: str, outcome: type[BaseException]
+) -> None:
+    monkeypatch.setenv("DIRSYNC_REQUIRE_SSH", required)
+    with pytest.raises(outcome):
+        _sshd_plugin._unavailable("test")
+
+
+@pytest.mark.ssh
+def test_extra_sshd_stops_cleanly(tmp_path: Path) -> None:
+    info = _sshd_plugin.start_sshd(tmp_path / "s2")
+    try:
+        client = connect(info.url("/"), **info.connect_kwargs())
+        ch = ParamikoChannel(client, "cat >/dev/null")
+        time.sleep(0.2)
+        kids = info.session_pids()
+        assert kids
+    finally:
+        info.stop()
+    assert not os.path.exists(f"/proc/{info.pid}")
+    time.sleep(0.2)
+    assert [p for p in kids if _alive(p)] == []
+    with pytest.raises(ConnectError, match="connection lost"):
+        ch.settimeout(5)
+        ch.recv(1)
+    client.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False

@@ -718,7 +718,7 @@ def _connect_host(
         elif s.proxy_command:
             try:
                 sock = paramiko.ProxyCommand(s.proxy_command)
-            except paramiko.ssh_exception.ProxyCommandFailure as e:
+            except (paramiko.ssh_exception.ProxyCommandFailure, OSError) as e:
                 raise ConnectError(f"ProxyCommand for {s.label} failed: {e}") from e
         _handshake(client, s, opts, sock, timeout)
     except BaseException:
