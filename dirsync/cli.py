@@ -479,5 +479,13 @@ def watch(
     raise typer.Exit(_run(job, reporter))
 
 
+@app.command(hidden=True)
+def agent() -> None:
+    """Serve one replica over stdin/stdout (started by a remote `dirsync sync` through SSH)."""
+    from dirsync.transport.agent import main as agent_main
+
+    raise typer.Exit(agent_main())
+
+
 def main() -> None:
     app()

@@ -1,0 +1,304 @@
+"""`dirsync agent`: the far side of a remote replica. Frames on stdin/stdout around replica.Replica.
+
+Runs the same scanner, action loop (apply.apply_actions) and replica writer as a local replica.
+Everything received is validated before use (proto.dec_*). The session ends on `bye`, on EOF
+of stdin (a dropped link), or after IDLE_S seconds without input; the replica lock and temps
+go with it. stdout carries frames only: anything else printed by mistake goes to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+from typing import Any, Iterator
+
+import zstandard
+
+from dirsync import __version__
+from dirsync.apply import apply_actions
+from dirsync.errors import DirsyncError, ItemError, ProtocolError, SourceChangedError
+from dirsync.manifest import encode_rows
+from dirsync.plan import Action, SendOp, WriteFile
+from dirsync.replica import BackupOptions, Replica
+from dirsync.scan import Excluder
+from dirsync.transport import proto
+from dirsync.transport.wire import (
+    FrameDecoder,
+    check_hello,
+    encode,
+    hello,
+    v_bool,
+    v_bytes,
+    v_int,
+    v_list,
+    v_map,
+    v_str,
+)
+
+IDLE_S = 900.0  # no input for this long: the master is gone
+PING_S = 5.0  # keep-alive frames so the master can tell a slow agent from a dead link
+READ_SIZE = 1 << 20
+
+
+class _Aborted(ItemError):
+    """The master abandoned a file mid-stream (it changed while read); the master reports it."""
+
+
+class Agent:
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.decoder = FrameDecoder()
+        self.inbox: list[Any] = []
+        self.wlock = threading.Lock()
+        self.replica: Replica | None = None
+        self.unz = zstandard.ZstdDecompressor()
+
+    # -- I/O ---------------------------------------------------------------------
+
+    def send(self, msg: Any) -> None:
+        data = encode(msg)
+        with self.wlock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.wfd, view):]
+
+    def recv(self) -> Any:
+        while not self.inbox:
+            r, _, _ = select.select([self.rfd], [], [], IDLE_S)
+            if not r:
+                raise ProtocolError(f"no input for {IDLE_S:g} s; giving up")
+            data = os.read(self.rfd, READ_SIZE)
+            if not data:
+                self.decoder.check_eof()
+                raise EOFError
+            self.inbox.extend(self.decoder.feed(data))
+        m = self.inbox.pop(0)
+        return v_map(m)
+
+    # -- session -----------------------------------------------------------------
+
+    def run(self) -> int:
+        stop = threading.Event()
+        pinger = threading.Thread(target=self._ping, args=(stop,), name="agent-ping")
+        self.send(hello(__version__))
+        try:
+            check_hello(self.recv())
+            pinger.start()
+            while True:
+                m = self.recv()
+                t = m.get("t")
+                if t == "bye":
+                    return 0
+                try:
+                    self.handle(t, m)
+                except DirsyncError as e:
+                    if isinstance(e, ProtocolError):
+                        raise
+                    self.send(proto.enc_fatal(e))
+        except EOFError:
+            return 0
+        except ProtocolError as e:
+            try:
+                self.send(proto.enc_fatal(e))
+            except OSError:
+                pass
+            print(f"dirsync agent: {e}", file=sys.stderr)
+            return 11
+        finally:
+            stop.set()
+            if pinger.is_alive():
+                pinger.join()
+            if self.replica is not None:
+                self.replica.close(save=False)
+
+    def _ping(self, stop: threading.Event) -> None:
+        while not stop.wait(PING_S):
+            try:
+                self.send({"t": "ping"})
+            except OSError:
+                return
+
+    def handle(self, t: Any, m: dict) -> None:
+        if t == "open":
+            self.open(m)
+        elif t == "scan":
+            self.scan(m)
+        elif t == "apply":
+            self.apply()
+        elif t == "close":
+            self.close(v_bool(m.get("save", True)))
+        else:
+            raise ProtocolError(f"unexpected message {str(t)[:40]!r}")
+
+    def open(self, m: dict) -> None:
+        if self.replica is not None:
+            raise ProtocolError("open twice")
+        root = os.path.expanduser(os.fsdecode(v_bytes(m.get("root"), 4096) or b"."))
+        backup = None
+        bdir = m.get("backup_dir")
+        if bdir is not None:
+            keep = m.get("backup_keep")
+            backup = BackupOptions(os.fsdecode(v_bytes(bdir, 4096)), None if keep is None else v_int(keep, 1, 1 << 30))
+        replica = Replica(root, readonly=v_bool(m.get("readonly", False)), backup=backup)
+        try:
+            info = replica.open(init=v_bool(m.get("init", False)))
+        except BaseException:
+            replica.close(save=False)
+            raise
+        self.replica = replica
+        self.send({"t": "opened", "info": proto.enc_open_info(info)})
+
+    def scan(self, m: dict) -> None:
+        r = self._need()
+        patterns = [v_str(p, 4096) for p in v_list(m.get("patterns", []), 10000)]
+        fresh = v_bool(m.get("fresh", False))
+        base = v_str(m.get("base", ""), 64)
+        res = r.manifest(Excluder(patterns), fresh=fresh)
+        entries = res.manifest.entries
+        cache = r.cache
+        if base and cache is not None and cache.generation == base:
+            old = cache.entries
+            changed = [e for p, e in entries.items() if old.get(p) != e]
+            removed = [os.fsencode(p) for p in old if p not in entries]
+            full = False
+        else:
+            changed, removed, full = list(entries.values()), [], True
+        self._send_rows(changed, removed)
+        self.send({"t": "scan_end", "full": full, "base": base if not full else "",
+                   "errors": [proto.enc_item_error(e) for e in res.errors], "warnings": res.warnings,
+                   "cached_root": self._cached_root(patterns)})
+
+    def _cached_root(self, patterns: list[str]) -> bytes:
+        from dirsync.verify import cached_root
+
+        r = self._need()
+        if r.cache is None:
+            return b""
+        return cached_root(r.cache, patterns, (r.backup_rel,) if r.backup_rel else ())
+
+    def _send_rows(self, entries: list, removed: list[bytes]) -> None:
+        for i in range(0, len(entries), proto.ROWS_PER_FRAME):
+            self.send({"t": "rows", "rows": encode_rows(entries[i:i + proto.ROWS_PER_FRAME], cache_fields=False)})
+        for i in range(0, len(removed), proto.ROWS_PER_FRAME):
+            self.send({"t": "removed", "paths": removed[i:i + proto.ROWS_PER_FRAME]})
+
+    def apply(self) -> None:
+        r = self._need()
+        sink = _ResultSender(self)
+        apply_actions(r, self._actions(), self._sends, sink)
+        self.send({"t": "applied"})
+
+    def _actions(self) -> Iterator[Action]:
+        while True:
+            m = self.recv()
+            t = m.get("t")
+            if t == "apply_end":
+                return
+            a = proto.dec_action(m)
+            if isinstance(a, WriteFile):
+                self._inline = m.get("d")
+            yield a
+
+    def _sends(self, w: WriteFile) -> Iterator[bytes]:
+        if not any(isinstance(o, SendOp) for o in w.ops):
+            return iter(())  # nothing to receive for this file (the master sends no data frames)
+        return _Sends(self, w, self._inline)
+
+    def close(self, save: bool) -> None:
+        r = self._need()
+        scanned = r.scanned.entries if r.scanned is not None else {}
+        current = dict(r.current)
+        gen = r.close(save=save)
+        self.replica = None
+        if gen:
+            changed = [e for p, e in current.items() if scanned.get(p) != e]
+            removed = [os.fsencode(p) for p in scanned if p not in current]
+            self._send_rows(changed, removed)
+        self.send({"t": "closed", "gen": gen})
+
+    def _need(self) -> Replica:
+        if self.replica is None:
+            raise ProtocolError("no replica open")
+        return self.replica
+
+
+class _Sends:
+    """The data of one WriteFile's send ops: inline, or `data` frames up to `end`/`abort`."""
+
+    def __init__(self, agent: Agent, w: WriteFile, inline: Any) -> None:
+        self.agent = agent
+        self.w = w
+        self.inline = inline
+        self.done = False
+
+    def __iter__(self) -> "_Sends":
+        return self
+
+    def __next__(self) -> bytes:
+        if self.inline is not None:
+            data, self.inline = v_bytes(self.inline, 1 << 24), None
+            self.done = True
+            if not data:
+                raise StopIteration
+            return data
+        if self.done:
+            raise StopIteration
+        m = self.agent.recv()
+        t = m.get("t")
+        if t == "data":
+            b = v_bytes(m.get("b"), 1 << 24)
+            if m.get("z"):
+                try:
+                    b = self.agent.unz.decompress(b, max_output_size=1 << 24)
+                except zstandard.ZstdError as e:
+                    raise ProtocolError(f"bad compressed data: {e}") from None
+            return b
+        if t == "end":
+            self.done = True
+            raise StopIteration
+        if t == "abort":
+            self.done = True
+            raise _Aborted(self.w.path, "read", "abandoned by the master")
+        raise ProtocolError(f"expected data for {self.w.path!r}, got {str(t)[:40]!r}")
+
+    def close(self) -> None:
+        """Skip what is left of this file's data (the writer stopped early)."""
+        while not self.done:
+            try:
+                next(self)
+            except (StopIteration, _Aborted):
+                self.done = True
+
+
+class _ResultSender:
+    """The action loop's sink on the agent: forwards every outcome to the master."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def staged(self, w: WriteFile) -> None:
+        self.agent.send({"t": "staged", "p": os.fsencode(w.path)})
+
+    def done(self, a: Action, path: str) -> None:
+        self.agent.send({"t": "done", "k": proto.enc_action(a)["t"] if not isinstance(a, WriteFile) else "write",
+                         "p": os.fsencode(path)})
+
+    def failed(self, path: str, err: ItemError) -> None:
+        if isinstance(err, _Aborted):
+            return
+        self.agent.send({"t": "failed", "e": proto.enc_item_error(err)})
+
+    def warn(self, msg: str) -> None:
+        self.agent.send({"t": "warn", "msg": msg})
+
+
+def main() -> int:
+    """Entry point of `dirsync agent`: speak frames on the original stdout, keep stray prints off it."""
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return Agent(rfd, wfd).run()

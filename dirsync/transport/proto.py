@@ -1,0 +1,195 @@
+"""dirsync's messages on the wire: encoding and (hostile-input) decoding of actions, entries,
+errors and open results. Pure: no I/O. Framing and validators live in wire.py.
+
+Both sides use these functions, so a message is described in one place. See PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+from dirsync.errors import (
+    ConfigError,
+    ConnectError,
+    DirsyncError,
+    ExitCode,
+    ItemError,
+    LockedError,
+    ProtocolError,
+    RefusedError,
+)
+from dirsync.manifest import Entry, FileEntry, decode_rows, encode_rows
+from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
+from dirsync.replica import OpenInfo
+from dirsync.transport.wire import v_bool, v_bytes, v_int, v_list, v_map, v_relpath, v_str
+
+MAX_OPS = 1 << 22
+MAX_ROWS = 1 << 16  # rows per frame
+MAX_MODE = 0o7777
+I64 = 2**63 - 1
+ROWS_PER_FRAME = 4096
+
+_enc = os.fsencode
+
+
+def _path(b: Any, *, root_ok: bool = False) -> str:
+    if root_ok and b == b"":
+        return ""
+    return v_relpath(b)
+
+
+def enc_expect(x: tuple | None) -> Any:
+    if x is None:
+        return None
+    if x[0] == "l":
+        return ["l", _enc(x[1])]
+    return list(x)
+
+
+def dec_expect(x: Any) -> tuple | None:
+    if x is None:
+        return None
+    x = v_list(x, 3)
+    kind = v_str(x[0], 1) if x else ""
+    if kind == "f" and len(x) == 3:
+        return ("f", v_int(x[1], 0, I64), v_int(x[2], -I64, I64))
+    if kind == "l" and len(x) == 2:
+        return ("l", os.fsdecode(v_bytes(x[1], 4096)))
+    if kind == "d" and len(x) == 1:
+        return ("d",)
+    raise ProtocolError(f"bad expectation {x!r:.80}")
+
+
+def enc_action(a: Action) -> dict:
+    if isinstance(a, WriteFile):
+        ops = [[_enc(o.src), o.offset, o.size] if isinstance(o, CopyOp) else [o.offset, o.size] for o in a.ops]
+        return {"t": "write", "f": encode_rows([a.target], cache_fields=False)[0], "ops": ops,
+                "x": enc_expect(a.expect)}
+    if isinstance(a, Commit):
+        return {"t": "commit", "ps": [_enc(p) for p in a.paths]}
+    if isinstance(a, MakeDir):
+        return {"t": "mkdir", "p": _enc(a.path), "mode": a.mode}
+    if isinstance(a, MakeLink):
+        return {"t": "link", "p": _enc(a.path), "to": _enc(a.target), "mt": a.mtime_ns, "x": enc_expect(a.expect)}
+    if isinstance(a, SetMeta):
+        return {"t": "meta", "p": _enc(a.path), "k": a.kind, "mode": a.mode, "mt": a.mtime_ns}
+    if isinstance(a, Delete):
+        return {"t": "del", "p": _enc(a.path), "k": a.kind, "x": enc_expect(a.expect), "ob": a.obstruction}
+    raise TypeError(f"unknown action {a!r}")
+
+
+def dec_action(m: dict) -> Action:
+    """Decode and validate one action from the client (everything is hostile until checked)."""
+    t = m.get("t")
+    if t == "write":
+        target = dec_rows([m.get("f")])
+        f = next(iter(target.values())) if len(target) == 1 else None
+        if not isinstance(f, FileEntry) or not f.path:
+            raise ProtocolError("write: target is not a file row")
+        ops: list = []
+        pos = 0
+        for o in v_list(m.get("ops"), MAX_OPS):
+            o = v_list(o, 3)
+            if len(o) == 3:
+                op = CopyOp(v_relpath(o[0]), v_int(o[1], 0, I64), v_int(o[2], 1, I64))
+            elif len(o) == 2:
+                op = SendOp(v_int(o[0], 0, I64), v_int(o[1], 1, I64))
+                if op.offset != pos:
+                    raise ProtocolError(f"write {f.path!r}: send op at {op.offset}, expected {pos}")
+            else:
+                raise ProtocolError("write: malformed op")
+            pos += op.size
+            ops.append(op)
+        if pos != f.size:
+            raise ProtocolError(f"write {f.path!r}: ops cover {pos} bytes of {f.size}")
+        return WriteFile(f, tuple(ops), dec_expect(m.get("x")))
+    if t == "commit":
+        return Commit(tuple(v_relpath(p) for p in v_list(m.get("ps"), MAX_OPS)))
+    if t == "mkdir":
+        return MakeDir(v_relpath(m.get("p")), v_int(m.get("mode"), 0, MAX_MODE))
+    if t == "link":
+        target = v_bytes(m.get("to"), 4096)
+        if not target or b"\0" in target:
+            raise ProtocolError("link: empty target or NUL in target")
+        return MakeLink(v_relpath(m.get("p")), os.fsdecode(target), v_int(m.get("mt"), -I64, I64),
+                        dec_expect(m.get("x")))
+    if t == "meta":
+        kind = v_str(m.get("k"), 1)
+        if kind not in ("f", "d", "l"):
+            raise ProtocolError(f"meta: bad kind {kind!r}")
+        return SetMeta(_path(m.get("p"), root_ok=kind == "d"), kind, v_int(m.get("mode"), 0, MAX_MODE),
+                       v_int(m.get("mt"), -I64, I64))
+    if t == "del":
+        kind = v_str(m.get("k"), 1)
+        if kind not in ("f", "d", "l"):
+            raise ProtocolError(f"del: bad kind {kind!r}")
+        return Delete(v_relpath(m.get("p")), kind, dec_expect(m.get("x")), v_bool(m.get("ob", False)))
+    raise ProtocolError(f"unknown action type {str(t)[:40]!r}")
+
+
+def dec_rows(rows: Any) -> dict[str, Entry]:
+    try:
+        return decode_rows(v_list(rows, MAX_ROWS))
+    except ProtocolError:
+        raise
+    except Exception as e:  # any shape problem in peer data is a protocol error
+        raise ProtocolError(f"bad manifest rows from the peer: {e}") from None
+
+
+def enc_item_error(e: ItemError) -> list:
+    return [_enc(e.path), e.op, e.code, str(e)]
+
+
+class RemoteItemError(ItemError):
+    """An item error that happened on the far side; its message is kept as the agent wrote it."""
+
+    def __init__(self, path: str, op: str, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(path, op, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def dec_item_error(x: Any) -> ItemError:
+    x = v_list(x, 4)
+    if len(x) != 4:
+        raise ProtocolError("bad item error")
+    path = os.fsdecode(v_bytes(x[0], 4096))
+    return RemoteItemError(path, v_str(x[1], 100), v_str(x[2], 40), v_str(x[3], 4096))
+
+
+_FATAL = {int(ExitCode.USAGE): ConfigError, int(ExitCode.LOCKED): LockedError, int(ExitCode.REFUSED): RefusedError,
+          int(ExitCode.CONNECT): ConnectError, int(ExitCode.PROTOCOL): ProtocolError}
+
+
+def enc_fatal(e: DirsyncError) -> dict:
+    return {"t": "fatal", "code": int(e.exit_code), "msg": str(e), "hint": e.hint or ""}
+
+
+def dec_fatal(m: dict, where: str) -> DirsyncError:
+    code = v_int(m.get("code"), 0, 255)
+    cls = _FATAL.get(code, DirsyncError)
+    hint = v_str(m.get("hint", ""), 4096) or None
+    return cls(f"{where}: {v_str(m.get('msg'), 4096)}", hint=hint)
+
+
+def enc_open_info(info: OpenInfo) -> dict:
+    d = asdict(info)
+    d["reserved"] = [_enc(p) for p in info.reserved]
+    return d
+
+
+def dec_open_info(x: Any) -> OpenInfo:
+    m = v_map(x)
+    return OpenInfo(
+        created=v_bool(m.get("created", False)),
+        initialised=v_bool(m.get("initialised", False)),
+        cache_status=v_str(m.get("cache_status", "ok"), 20),
+        cache_reason=v_str(m.get("cache_reason", ""), 4096),
+        warnings=[v_str(w, 4096) for w in v_list(m.get("warnings", []), 1000)],
+        reserved=tuple(v_relpath(p) for p in v_list(m.get("reserved", []), 16)),
+    )
