@@ -38,6 +38,7 @@ from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, ScanResult, s
 from dirsync.state import FileLock, fsync_dir, load_manifest_file, save_manifest_file, write_atomic
 
 MARKER = "replica.json"
+RESERVED = "reserved.json"  # backup dirs inside the root: left out of later scans while they exist
 CACHE = "manifest"
 COPY_BLOCK = 4 << 20
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -103,6 +104,7 @@ class Replica:
         self.backup = backup
         self.backup_dir = ""  # absolute, set by open()
         self.backup_rel: str | None = None  # the backup dir relative to the root, when inside it
+        self.reserved: tuple[str, ...] = ()  # backup_rel and earlier runs' backup dirs: never scanned
         self._backup_run: str | None = None  # <dir>/<stamp> once this run made it
         self.root_fd = -1
         self.tmp_fd = -1
@@ -162,6 +164,7 @@ class Replica:
             if marked:
                 load = load_manifest_file(os.path.join(state, CACHE), chunker)
                 self.cache, info.cache_status, info.cache_reason = load.manifest, load.status, load.reason
+                self._reserve(info, state, persist=False)
             else:
                 info.cache_status = "missing"
             return info
@@ -185,14 +188,15 @@ class Replica:
             info.warnings.append(f"replica cache unusable ({load.reason}): rescanning everything, no deletions this run")
         elif load.status == "missing" and marked:
             info.warnings.append("replica cache missing: rescanning everything, no deletions this run")
+        self._reserve(info, state, persist=True)
         return info
 
     def manifest(self, excluder: Excluder, *, fresh: bool = False) -> ScanResult:
         """Scan the replica (reusing its cache unless `fresh`) and remember the result."""
         if self.root_fd < 0:
             return ScanResult(Manifest())
-        if self.backup_rel:
-            excluder = _Reserved(excluder, self.backup_rel)
+        if self.reserved:
+            excluder = _Reserved(excluder, self.reserved)
         res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
         self.current = dict(res.manifest.entries)
         self.scanned = res.manifest
@@ -573,6 +577,29 @@ class Replica:
             self.backup_rel = os.path.relpath(real_dir, real_root)
             info.reserved = (self.backup_rel,)
 
+    def _reserve(self, info: OpenInfo, state: str, *, persist: bool) -> None:
+        """Reserved relpaths: this run's backup dir inside the root, plus those of earlier runs
+        (recorded in .dirsync/reserved.json) that still exist as directories, so that a later
+        sync without --backup-dir never deletes old backups. Removing such a directory by hand
+        ends its reservation."""
+        rels = set(info.reserved)
+        path = os.path.join(state, RESERVED)
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f).get("reserved", [])
+        except (OSError, ValueError, AttributeError):
+            stored = []
+        for rel in stored if isinstance(stored, list) else ():
+            try:
+                check_relpath(rel)
+                if stat.S_ISDIR(os.lstat(os.path.join(self.root, rel)).st_mode):
+                    rels.add(rel)
+            except (ValueError, TypeError, OSError):
+                pass
+        self.reserved = info.reserved = tuple(sorted(rels))
+        if persist and sorted(stored if isinstance(stored, list) else []) != list(self.reserved):
+            write_atomic(path, json.dumps({"reserved": list(self.reserved)}).encode())
+
     def _backup_run_dir(self) -> str:
         """<backup dir>/<stamp>, made on first use (a fresh name if another run took it)."""
         if self._backup_run is None:
@@ -622,14 +649,14 @@ class Replica:
 
 
 class _Reserved:
-    """An Excluder that also leaves out one reserved relpath (the backup dir inside the replica)."""
+    """An Excluder that also leaves out reserved relpaths (backup dirs inside the replica)."""
 
-    def __init__(self, inner: Excluder, rel: str) -> None:
+    def __init__(self, inner: Excluder, rels: tuple[str, ...]) -> None:
         self.inner = inner
-        self.rel = rel
+        self.rels = frozenset(rels)
 
     def excluded(self, relpath: str, is_dir: bool) -> bool:
-        return relpath == self.rel or self.inner.excluded(relpath, is_dir)
+        return relpath in self.rels or self.inner.excluded(relpath, is_dir)
 
 
 def _copy_entry(dfd: int, name: str, target: str) -> None:

@@ -238,6 +238,9 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             from dirsync.verify import filter_manifest
 
             mman = filter_manifest(mman, [], info.reserved)
+            if len(mman.entries) != len(mscan.manifest.entries):
+                summary.warn(f"master entries under {', '.join(info.reserved)} are not synced: "
+                             "the replica keeps its backups there")
         plan = diff(mman, rscan.manifest, opts)
         plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:

@@ -560,6 +560,31 @@ def test_backup_dir_keeps_overwritten_and_deleted_files(tmp_path, env):
     assert [read(r / ".bak" / n / "a.txt") for n in kept] == [b"A3", b"A4"]
 
 
+def test_a_later_sync_without_backup_dir_keeps_the_old_backups(tmp_path, env):
+    m, r = tmp_path / "m", tmp_path / "r"
+    write(m / "a.txt", "v1")
+    assert cli(env, "sync", "--backup-dir", "old", m, r).returncode == 0
+    write(m / "a.txt", "v2!")
+    assert cli(env, "sync", "--backup-dir", "old", m, r).returncode == 0
+    (stamp,) = os.listdir(r / "old")
+    # By hand, without --backup-dir: the backups are neither deleted nor reported as extra.
+    res = cli(env, "sync", "--json", m, r)
+    assert res.returncode == 0 and json.loads(res.stdout)["replicas"][0]["files_deleted"] == 0
+    assert read(r / "old" / stamp / "a.txt") == b"v1"
+    assert cli(env, "verify", m, r).returncode == 0
+    assert "up to date" in cli(env, "status", m, r).stdout
+    # A master directory of the same name is not synced into the backups (and says so).
+    write(m / "old" / "x.txt", "x")
+    res = cli(env, "sync", m, r)
+    assert res.returncode == 0 and "not synced" in res.stderr
+    assert not os.path.exists(r / "old" / "x.txt")
+    # Removing the backup dir by hand ends the reservation.
+    import shutil
+    shutil.rmtree(r / "old")
+    assert cli(env, "sync", m, r).returncode == 0
+    assert read(r / "old" / "x.txt") == b"x"
+
+
 def test_backup_dir_outside_the_replica_and_never_inside_the_master(tmp_path, env):
     m, r, bak = tmp_path / "m", tmp_path / "r", tmp_path / "backups"
     write(m / "a.txt", "old")

@@ -38,8 +38,7 @@ class LocalTransport:
         assert self.replica is not None
         if self.replica.cache is None:
             return None
-        reserved = (self.replica.backup_rel,) if self.replica.backup_rel else ()
-        return cached_root(self.replica.cache, patterns, reserved)
+        return cached_root(self.replica.cache, patterns, self.replica.reserved)
 
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
               should_stop: Callable[[], bool] = lambda: False) -> None:
