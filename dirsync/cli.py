@@ -392,12 +392,15 @@ def status(
     reporter = make_reporter(quiet=True)
 
     def job() -> int:
-        codes = set()
+        codes = set()  # of failed checks
+        behind = False
         out = []
         for n, cfg in groups:
             pairs = check_status(cfg, reporter, check=not no_check)
             for ps in pairs:
-                codes.add(ps.exit_code if ps.exit_code else 1 if ps.behind else 0)
+                if ps.exit_code:
+                    codes.add(ps.exit_code)
+                behind = behind or bool(ps.behind)
             out.append({"profile": n, "master": cfg.master, "replicas": [ps.to_json() for ps in pairs]})
             if not as_json:
                 if n is not None or len(groups) > 1:
@@ -406,10 +409,10 @@ def status(
                     print(ps.render())
         if as_json:
             print(json.dumps({"profiles": out}, indent=2))
-        for c in _SEVERITY:
-            if int(c) in codes:
+        for c in _SEVERITY:  # a failed check outranks "behind"
+            if int(c) in codes and c != ExitCode.OK:
                 return int(c)
-        return 1 if 1 in codes else 0
+        return 1 if behind or codes else 0
 
     raise typer.Exit(_run(job, reporter))
 

@@ -21,9 +21,11 @@ Options that the replica side must honour (carried in TransportOptions):
   backup_dir, backup_keep              --backup-dir/--backup-keep. The replica side builds
                                        Replica(root, backup=backup_options(opts)); Replica._retire
                                        then keeps every file/link it replaces or deletes (see
-                                       replica.BackupOptions). open() reports a backup dir inside
-                                       the replica in OpenInfo.reserved; the replica's scans skip
-                                       it and sync.py drops those relpaths from the master manifest.
+                                       replica.BackupOptions). open() reports backup dirs inside
+                                       the replica (this run's, and earlier runs' still present,
+                                       kept in .dirsync/reserved.json) in OpenInfo.reserved; the
+                                       replica's scans skip them and sync.py/verify.py drop those
+                                       relpaths from the master manifest.
 --bwlimit is not a transport option: it throttles MasterReader on the master side, so it
 limits the bytes of send ops (before compression) to each replica, whatever the transport.
 """
