@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     REFUSED = 12  # a safety guard stopped the run before it changed anything
     PARTIAL = 23  # some items failed, the rest synced (rsync's number)
     DELETE_LIMIT = 25  # mass-delete guard tripped: nothing was deleted (rsync's number)
+    CONFLICTS = 4  # two-way sync: conflicting changes were kept as conflict copies (all else synced)
     INTERRUPTED = 130
 
 

@@ -1,0 +1,1009 @@
+"""Two-way sync: a pure three-way reconciler, and a run that applies its result to both sides.
+
+`reconcile(base, a, b, opts)` compares two sides with the manifest both agreed on after the last
+successful two-way run (the *base*) and returns `Decisions`: one *target* manifest that BOTH sides
+must become (conflict copies included), plus per-path decisions for people. Each side's Plan is
+then an ordinary `plan.diff(target, side)`, applied by the ordinary replica writer: chunk reuse
+(renames and conflict copies send nothing), staged and verified writes, expect-checks.
+
+Semantics (per path; "changed" = differs from the base):
+  * both sides hold the same thing (same kind and content) -> in sync whatever the base says;
+    differing metadata is merged field by field (one-sided change wins; both changed: mode of the
+    newer file, the later mtime). This is also what makes a rerun after an interrupted run
+    converge without spurious conflicts.
+  * changed on one side only -> that side's version (or deletion) propagates; a permission-only
+    change on the other side is kept (it is not a content conflict).
+  * modify beats delete: deleted on one side, changed (content, mode or mtime) on the other ->
+    restored everywhere with the change. A directory deleted on one side stays where something
+    under it survives.
+  * changed differently on both sides -> conflict: the newer version (mtime; ties broken by
+    content, so the result does not depend on which side is `a`) keeps the name, the other is kept
+    beside it as NAME.sync-conflict-YYYYMMDD-HHMMSS-<side>.EXT on both sides (Syncthing's
+    convention; the stamp is the loser's mtime in UTC, so a rerun picks the same name). A directory
+    always keeps the name against a file or link. `--prefer a|b|newer` resolves conflicts without
+    copies (the loser is overwritten, including a losing directory's new contents).
+  * first run (no base): every path is "new" on the side that has it: union, identical files are
+    simply in sync (and so enter the base), differing ones are conflicts, nothing is deleted.
+  * a path either side could not read (scan error) is left alone on both sides, with its subtree.
+
+Where the state lives (see `TwoWaySide`): SIDE/.dirsync/twoway-<pairid>.base on both sides,
+identical bytes, written only after both sides applied; <pairid> hashes the two sides' marker ids
+(SIDE/.dirsync/replica.json), so moving or copying a side keeps its pair. A path whose actions did
+not all succeed on both sides keeps its old base entry, so the next run redoes that decision.
+A twoway-<pairid>.pending file on both sides marks a run in progress; finding it means the last
+run was interrupted (nothing special is needed: identical paths are in sync, the rest is redone).
+
+Remote sides: everything a side does goes through `TwoWaySide` (marker peek, state files, open,
+scan, apply, close) and `ContentSource` (read the bytes of a file the other side needs). Only the
+local implementations exist so far; see the module's end for what a remote one needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Sequence
+
+from dirsync.errors import (
+    ConfigError,
+    DirsyncError,
+    ExitCode,
+    ItemError,
+    RefusedError,
+    SourceChangedError,
+    display_path,
+)
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, is_under, parent_of
+from dirsync.plan import Commit, Plan, PlanOptions, SendOp, WriteFile, diff
+
+CONFLICT_TAG = ".sync-conflict-"
+_CONFLICT_RE = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[A-Za-z0-9]+(?:-\d+)?(?:\.[^/]*)?$")
+
+A, B = 0, 1
+
+
+def is_conflict_copy(path: str) -> bool:
+    """True for a name made by conflict handling (NAME.sync-conflict-YYYYMMDD-HHMMSS-SIDE[-N].EXT)."""
+    return bool(_CONFLICT_RE.search(path.rsplit("/", 1)[-1]))
+
+
+def conflict_name(path: str, mtime_ns: int, label: str, n: int = 0) -> str:
+    """Syncthing-style conflict copy name beside `path`; `n` > 0 disambiguates a taken name."""
+    d, _, name = path.rpartition("/")
+    stem, ext = os.path.splitext(name)  # ".bashrc" has no extension; "a.tar.gz" -> "a.tar" + ".gz"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(mtime_ns // 1_000_000_000))
+    tag = label if n == 0 else f"{label}-{n + 1}"
+    out = f"{stem}{CONFLICT_TAG}{stamp}-{tag}{ext}"
+    return f"{d}/{out}" if d else out
+
+
+# -- the reconciler (pure) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    prefer: str | None = None  # None: conflict copies; "a" | "b" | "newer": resolve without copies
+    labels: tuple[str, str] = ("a", "b")  # side names used in conflict copy names and reasons
+    protect: frozenset[str] = frozenset()  # paths (with subtrees) that a side could not read: left alone
+
+
+@dataclass(frozen=True)
+class Conflict:
+    path: str
+    winner: int  # A or B: whose version keeps the name
+    copy: str | None  # where the loser is kept (None: resolved by --prefer, loser dropped)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens to one path. action: "a>b" (b gets a's version), "b>a", "both" (each side
+    takes part of the other: merged metadata), "del-a" (deleted on a), "del-b", "conflict"."""
+
+    path: str
+    action: str
+    reason: str
+    minor: bool = False  # only a directory mtime moves: not worth a line in `plan`
+
+
+@dataclass
+class Decisions:
+    target: Manifest  # what both sides must become
+    decisions: list[Decision]  # sorted by path; paths already in sync are not listed
+    conflicts: list[Conflict]
+    origin: dict[str, tuple[int, str]]  # target file path -> (side, path there) holding its bytes
+    protect: frozenset[str]
+    labels: tuple[str, str] = ("a", "b")
+
+    def counts(self) -> Counter:
+        return Counter(d.action for d in self.decisions if not d.minor)
+
+    def render(self) -> str:
+        la, lb = self.labels
+        sym = {"a>b": f"{la} → {lb}", "b>a": f"{la} ← {lb}", "both": f"{la} ↔ {lb}", "del-a": f"delete {la}",
+               "del-b": f"delete {lb}", "conflict": "conflict"}
+        copies = {c.copy for c in self.conflicts if c.copy}
+        lines = []
+        for d in self.decisions:
+            if d.minor or d.path in copies:
+                continue
+            shown = display_path(d.path) or "./"
+            lines.append(f"{sym[d.action]:<9} {shown}  ({d.reason})")
+        return "\n".join(lines)
+
+
+def _sig(e: Entry | None) -> tuple | None:
+    """What an entry *is* (kind and content), without metadata."""
+    if e is None:
+        return None
+    if isinstance(e, FileEntry):
+        return ("f", e.size, e.digest)
+    if isinstance(e, LinkEntry):
+        return ("l", e.target)
+    return ("d",)
+
+
+def _meta_changed(e: Entry, o: Entry) -> bool:
+    """Metadata differs (same kind). Directory mtimes move with their contents: not a change."""
+    if isinstance(e, FileEntry):
+        return e.mode != o.mode or e.mtime_ns != o.mtime_ns
+    if isinstance(e, DirEntry):
+        return e.mode != o.mode
+    return e.mtime_ns != o.mtime_ns
+
+
+def _changed(e: Entry | None, o: Entry | None) -> bool:
+    if _sig(e) != _sig(o):
+        return True
+    return e is not None and o is not None and _meta_changed(e, o)
+
+
+def _pick3(x, y, o, tie: Callable):
+    """Three-way merge of one value: equal, or the side that moved away from the base, else tie()."""
+    if x == y:
+        return x
+    if o is not None:
+        if x == o:
+            return y
+        if y == o:
+            return x
+    return tie(x, y)
+
+
+def _same_kind(e: Entry | None, o: Entry | None) -> Entry | None:
+    return o if e is not None and o is not None and type(e) is type(o) else None
+
+
+def _merge_meta(ea: Entry, eb: Entry, eo: Entry | None) -> Entry:
+    """ea and eb hold the same content: merge their metadata (content and chunks from ea)."""
+    o = _same_kind(ea, eo)
+    t = _pick3(ea.mtime_ns, eb.mtime_ns, o.mtime_ns if o else None, max)
+    if isinstance(ea, LinkEntry):
+        return replace(ea, mtime_ns=t)
+    assert isinstance(ea, (FileEntry, DirEntry)) and isinstance(eb, (FileEntry, DirEntry))
+    if ea.mtime_ns != eb.mtime_ns:
+        newer_mode = ea.mode if ea.mtime_ns > eb.mtime_ns else eb.mode
+    else:
+        newer_mode = max(ea.mode, eb.mode)
+    mode = _pick3(ea.mode, eb.mode, o.mode if isinstance(o, (FileEntry, DirEntry)) else None,
+                  lambda x, y: newer_mode)
+    return replace(ea, mode=mode, mtime_ns=t)
+
+
+def _take(win: Entry, other: Entry | None, eo: Entry | None) -> Entry:
+    """`win`'s content, keeping a permission change the other side made to the same file."""
+    if isinstance(win, FileEntry) and isinstance(other, FileEntry):
+        o = _same_kind(win, eo)
+        mode = _pick3(win.mode, other.mode, o.mode if isinstance(o, FileEntry) else None, lambda x, y: x)
+        if mode != win.mode:
+            return replace(win, mode=mode)
+    return win
+
+
+def _newer(ea: Entry, eb: Entry) -> int:
+    """Which of two differing versions is newer: mtime, then a content-based tie-break (symmetric)."""
+    ka = (ea.mtime_ns, repr(_sig(ea)))
+    kb = (eb.mtime_ns, repr(_sig(eb)))
+    return A if ka > kb else B
+
+
+def _strip(e: Entry) -> Entry:
+    """An entry without cache-only facts (inode, ctime, trusted): the form kept in targets and bases."""
+    if isinstance(e, FileEntry) and (e.ino or e.ctime_ns or e.trusted):
+        return replace(e, ino=0, ctime_ns=0, trusted=False)
+    return e
+
+
+def reconcile(base: Manifest, a: Manifest, b: Manifest, opts: ReconcileOptions = ReconcileOptions()) -> Decisions:
+    """Three-way decisions for sides `a` and `b` given their last agreed `base` (empty: first run).
+
+    Pure: looks only at the manifests. The target it returns is a consistent tree (every entry's
+    parent is a directory in it) holding only entries, and bytes, that one of the sides has.
+    """
+    EA, EB, EO = a.entries, b.entries, base.entries
+    la, lb = opts.labels
+    label = (la, lb)
+    prefer = opts.prefer
+    if prefer not in (None, "a", "b", "newer"):
+        raise ValueError(f"prefer must be a, b or newer, not {prefer!r}")
+    protect = opts.protect
+
+    def protected(p: str) -> bool:
+        if not protect:
+            return False
+        q = p
+        while True:
+            if q in protect:
+                return True
+            if not q:
+                return False
+            q = parent_of(q)
+
+    T: dict[str, Entry] = {}
+    origin: dict[str, tuple[int, str]] = {}
+    reason: dict[str, str] = {}
+    conflicts: dict[str, Conflict] = {}
+    pending_copies: list[tuple[str, int, int]] = []  # (path, winner, loser side) needing a copy name
+    dropped: list[str] = []  # a non-dir won over a directory with --prefer: nothing stays under it
+
+    def put(p: str, e: Entry, side: int, src: str | None = None) -> None:
+        T[p] = _strip(replace(e, path=p) if e.path != p else e)
+        if isinstance(e, FileEntry):
+            origin[p] = (side, src if src is not None else p)
+
+    # Root: always kept, metadata merged.
+    ra, rb = EA.get(""), EB.get("")
+    if isinstance(ra, DirEntry) and isinstance(rb, DirEntry):
+        put("", _merge_meta(ra, rb, EO.get("")), A)
+    elif isinstance(ra, DirEntry) or isinstance(rb, DirEntry):
+        put("", ra if isinstance(ra, DirEntry) else rb, A if isinstance(ra, DirEntry) else B)  # type: ignore[arg-type]
+
+    # Pass 1: each path on its own, parents before children (a prefix sorts first).
+    for p in sorted((set(EA) | set(EB) | set(EO)) - {""}):
+        if protected(p):
+            continue
+        if dropped and any(is_under(p, d) for d in dropped):
+            reason[p] = "replaced by a file or link (--prefer)"
+            continue
+        ea, eb, eo = EA.get(p), EB.get(p), EO.get(p)
+        sa, sb, so = _sig(ea), _sig(eb), _sig(eo)
+        if sa == sb:
+            if ea is None:
+                if eo is not None:
+                    reason[p] = "deleted on both"
+                continue
+            assert eb is not None
+            put(p, _merge_meta(ea, eb, eo), A)
+            if isinstance(ea, FileEntry):
+                reason[p] = "metadata changed"
+            continue
+        ca, cb = sa != so, sb != so  # content (or kind, or existence) changed since the base
+        if not ca or not cb:
+            # One side changed what the path holds; the other at most its metadata.
+            w = B if not ca else A
+            ew, eother = (eb, ea) if w == B else (ea, eb)
+            lw, lo = label[w], label[1 - w]
+            if ew is None:  # the winner deleted it
+                assert eother is not None
+                if _changed(eother, eo):  # modify beats delete
+                    put(p, eother, 1 - w)
+                    reason[p] = f"deleted on {lw}, changed on {lo}: restored"
+                else:
+                    reason[p] = f"deleted on {lw}"
+                continue
+            put(p, _take(ew, eother, eo), w)
+            reason[p] = f"new on {lw}" if eo is None else f"changed on {lw}"
+            continue
+        # Both changed what the path holds, differently.
+        if ea is None or eb is None:  # one deleted, the other changed: modify beats delete
+            w = A if ea is not None else B
+            put(p, ea if ea is not None else eb, w)  # type: ignore[arg-type]
+            reason[p] = f"deleted on {label[1 - w]}, changed on {label[w]}: restored"
+            continue
+        why = "new on both sides, different" if eo is None else "changed on both sides"
+        if prefer in ("a", "b", "newer"):
+            w = A if prefer == "a" else B if prefer == "b" else _newer(ea, eb)
+            ew = ea if w == A else eb
+            put(p, ew, w)
+            how = f"--prefer {prefer}" if prefer != "newer" else "--prefer newer"
+            conflicts[p] = Conflict(p, w, None, f"{why}; {label[w]}'s version kept ({how})")
+            reason[p] = conflicts[p].reason
+            if not isinstance(ew, DirEntry):
+                dropped.append(p)
+            continue
+        if isinstance(ea, DirEntry) or isinstance(eb, DirEntry):
+            w = A if isinstance(ea, DirEntry) else B
+            why += f"; the directory on {label[w]} keeps the name"
+        else:
+            w = _newer(ea, eb)
+            why += f"; {label[w]}'s newer version keeps the name"
+        put(p, ea if w == A else eb, w)
+        pending_copies.append((p, w, 1 - w))
+        reason[p] = why
+
+    # Pass 2: names for conflict copies (after pass 1, so a copy left by an interrupted run is seen).
+    def free_name(p: str, loser: Entry, side: int) -> str:
+        n = 0
+        while True:
+            c = conflict_name(p, loser.mtime_ns, label[side], n)
+            held = [e for e in (EA.get(c), EB.get(c), T.get(c)) if e is not None]
+            if all(_sig(e) == _sig(loser) for e in held) and not protected(c):
+                return c
+            n += 1
+
+    def add_copy(p: str, w: int, side: int, loser: Entry, why: str) -> None:
+        c = free_name(p, loser, side)
+        if c not in T:  # else: a copy left by an interrupted run, already kept by pass 1
+            put(c, loser, side, src=loser.path)
+        conflicts[p] = Conflict(p, w, c, f"{why}; {label[side]}'s version kept as {display_path(c)}")
+        reason[p] = conflicts[p].reason
+
+    for p, w, side in pending_copies:
+        loser = EA[p] if side == A else EB[p]
+        add_copy(p, w, side, loser, reason[p])
+
+    # Pass 3: every entry's parent must be a directory. A directory deleted on one side stays
+    # when something under it survives; a file or link standing where a directory must be goes
+    # to a conflict copy.
+    need: set[str] = set()
+    for p in list(T) + [q for q in (set(EA) | set(EB)) if q and protected(q) and not protected(parent_of(q))]:
+        q = parent_of(p) if p else None
+        while q is not None and q not in need:
+            need.add(q)
+            q = parent_of(q) if q else None
+    for q in sorted(need):
+        t = T.get(q)
+        if isinstance(t, DirEntry):
+            continue
+        da, db = EA.get(q), EB.get(q)
+        da = da if isinstance(da, DirEntry) else None
+        db = db if isinstance(db, DirEntry) else None
+        if da is not None and db is not None:
+            d: Entry = _merge_meta(da, db, EO.get(q))
+        elif da is not None or db is not None:
+            d = da if da is not None else db  # type: ignore[assignment]
+        else:  # cannot happen for entries taken from a consistent side; keep the tree whole anyway
+            d = DirEntry(q, 0o755, 0)
+        if t is None:
+            put(q, d, A if da is not None else B)
+            if q:
+                reason[q] = "kept: something inside it was changed or added"
+            continue
+        # A non-directory won here, but something must live under q: the directory keeps the name.
+        side = A if _sig(EA.get(q)) == _sig(t) else B
+        loser = t
+        dside = A if da is not None else B
+        origin.pop(q, None)
+        put(q, d, dside)
+        add_copy(q, dside, side, loser,
+                 f"{label[side]} has a {('file' if isinstance(loser, FileEntry) else 'link')} where "
+                 f"{label[dside]} keeps a directory with changes inside")
+
+    # Decisions: compare the target with each side.
+    decisions: list[Decision] = []
+    for p in sorted((set(EA) | set(EB) | set(T)) - {""}):
+        if protected(p):
+            continue
+        t = T.get(p)
+        ea, eb = EA.get(p), EB.get(p)
+        oka, okb = _same(t, ea), _same(t, eb)
+        if oka and okb:
+            continue
+        if t is None:
+            if ea is not None and eb is not None:  # only through --prefer dropping a subtree
+                decisions.append(Decision(p, "del-a", reason.get(p, "dropped")))
+                decisions.append(Decision(p, "del-b", reason.get(p, "dropped")))
+                continue
+            act = "del-a" if ea is not None else "del-b"
+        elif p in conflicts:
+            act = "conflict"
+        elif oka:
+            act = "a>b"
+        elif okb:
+            act = "b>a"
+        else:
+            act = "both"
+        minor = (act != "conflict" and isinstance(t, DirEntry) and _minor_dir(t, ea) and _minor_dir(t, eb))
+        decisions.append(Decision(p, act, reason.get(p, _default_reason(act, label)), minor))
+    if "" in T:
+        t = T[""]
+        oka, okb = _same(t, EA.get("")), _same(t, EB.get(""))
+        if not (oka and okb):
+            act = "a>b" if oka else "b>a" if okb else "both"
+            decisions.insert(0, Decision("", act, "root metadata",
+                                         _minor_dir(t, EA.get("")) and _minor_dir(t, EB.get(""))))
+    conflict_list = [conflicts[p] for p in sorted(conflicts)]
+    return Decisions(Manifest(T), decisions, conflict_list, origin, frozenset(protect), (la, lb))
+
+
+def _same(t: Entry | None, e: Entry | None) -> bool:
+    """The side already holds the target entry (content and metadata)."""
+    if t is None or e is None:
+        return t is None and e is None
+    if _sig(t) != _sig(e):
+        return False
+    if isinstance(t, LinkEntry):
+        return t.mtime_ns == e.mtime_ns
+    return t.mode == e.mode and t.mtime_ns == e.mtime_ns  # type: ignore[union-attr]
+
+
+def _minor_dir(t: Entry, e: Entry | None) -> bool:
+    """Only a directory's mtime would change (or nothing)."""
+    return isinstance(t, DirEntry) and isinstance(e, DirEntry) and t.mode == e.mode
+
+
+def _default_reason(act: str, label: tuple[str, str]) -> str:
+    return {"a>b": f"changed on {label[0]}", "b>a": f"changed on {label[1]}", "both": "metadata merged",
+            "del-a": f"deleted on {label[1]}", "del-b": f"deleted on {label[0]}"}.get(act, act)
+
+
+def side_plans(dec: Decisions, a: Manifest, b: Manifest, *, delete: bool = True) -> tuple[Plan, Plan]:
+    """The ordinary Plans that turn each side into the target (pure)."""
+    opts = PlanOptions(delete=delete, protect=dec.protect)
+    return diff(dec.target, a, opts), diff(dec.target, b, opts)
+
+
+def settled_base(old: Manifest, dec: Decisions, unsettled: Iterable[str]) -> Manifest:
+    """The base to keep after a run: the target, except where some action did not complete on a
+    side (and under unreadable paths), where the old base entry stays so the next run decides again."""
+    skip = set(unsettled)
+    prot = dec.protect
+
+    def protected(p: str) -> bool:
+        q = p
+        while True:
+            if q in prot:
+                return True
+            if not q:
+                return False
+            q = parent_of(q)
+
+    out: dict[str, Entry] = {}
+    for p in set(dec.target.entries) | set(old.entries):
+        e = old.entries.get(p) if (p in skip or (prot and protected(p))) else dec.target.entries.get(p)
+        if e is not None:
+            out[p] = _strip(e)
+    return Manifest(out)
+
+
+# -- base records --------------------------------------------------------------------------------
+
+BASE_FORMAT = 1
+
+
+def pair_id(id_a: str, id_b: str) -> str:
+    """Name of a pair's state files: hash of the two sides' marker ids (order-independent)."""
+    x, y = sorted((id_a, id_b))
+    return hashlib.sha256(f"{x}\0{y}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class BaseRecord:
+    seq: int  # 1 for the first committed run of the pair, +1 for each later one
+    gen: str  # random id of this commit (same on both sides when both were written)
+    specs: dict[str, str]  # marker id -> how that side was named (a path or host:path)
+    manifest: Manifest
+
+
+def encode_base(rec: BaseRecord, chunker: str) -> bytes:
+    import msgpack
+
+    from dirsync.manifest import to_bytes
+
+    return msgpack.packb({"format": BASE_FORMAT, "seq": rec.seq, "gen": rec.gen, "specs": rec.specs,
+                          "manifest": to_bytes(rec.manifest, chunker)}, use_bin_type=True)
+
+
+def decode_base(data: bytes, chunker: str, *, header_only: bool = False) -> BaseRecord:
+    """Raises ValueError (ManifestFormatError included) for anything unreadable."""
+    import msgpack
+
+    from dirsync.manifest import from_bytes
+
+    try:
+        d = msgpack.unpackb(data, raw=False)
+    except Exception as e:
+        raise ValueError(f"two-way base unreadable: {e}") from e
+    if not isinstance(d, dict) or d.get("format") != BASE_FORMAT:
+        raise ValueError("not a two-way base record of this version")
+    seq, gen, specs = d.get("seq"), d.get("gen"), d.get("specs")
+    if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict):
+        raise ValueError("two-way base record header is malformed")
+    m = Manifest() if header_only else from_bytes(d.get("manifest", b""), chunker)
+    return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m)
+
+
+# -- sides ---------------------------------------------------------------------------------------
+
+_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending)")
+
+
+class ContentSource:
+    """Reads the bytes of one side's files for the other side's send ops (local: from disk)."""
+
+    def __init__(self, root: str, throttle: Callable[[int], None] | None = None) -> None:
+        from dirsync.apply import MasterReader
+
+        self.root = root
+        self.reader = MasterReader(root, throttle)
+
+    def holds(self, e: FileEntry) -> bool:
+        """The file is (still) there as `e` says, by size and mtime; the bytes are verified while read."""
+        try:
+            st = os.lstat(os.path.join(self.root, e.path))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+
+    def sends(self, w: WriteFile) -> Iterator[bytes]:
+        return self.reader.sends(w)
+
+
+class PairReader:
+    """The `master` reader for one side's plan: finds each file's bytes wherever the other side
+    holds them. Candidates are tried in order; the first whose file still matches is read (every
+    chunk is checked against its digest, so a file changed underneath fails that one file)."""
+
+    def __init__(self, candidates: Sequence[tuple[ContentSource, Manifest]]) -> None:
+        self.index: dict[tuple, list[tuple[ContentSource, FileEntry]]] = {}
+        for src, m in candidates:
+            for f in m.files():
+                if f.size:
+                    self.index.setdefault(_content_key(f), []).append((src, f))
+
+    def sends(self, w: WriteFile) -> Iterator[bytes]:
+        if not any(isinstance(o, SendOp) for o in w.ops):
+            return
+        for src, e in self.index.get(_content_key(w.target), ()):
+            if src.holds(e):
+                yield from src.sends(WriteFile(e, w.ops, None))
+                return
+        raise SourceChangedError(w.path, "read", "the other side no longer holds this version; "
+                                                 "it will be synced next run")
+
+
+def _content_key(f: FileEntry) -> tuple:
+    return (f.size, f.digest, f.sizes, f.digests)
+
+
+class TwoWaySide:
+    """One side of a two-way pair (local directory). A remote implementation needs the same methods."""
+
+    is_remote = False
+
+    def __init__(self, spec: str, label: str, topts=None) -> None:
+        from dirsync.transport import TransportOptions
+        from dirsync.transport.local import LocalTransport
+
+        self.spec = spec
+        self.label = label
+        self.root = os.path.abspath(spec)
+        self.key = os.path.realpath(spec)  # how base records name this side
+        self.transport = LocalTransport(spec, topts or TransportOptions())
+        self.info = None
+
+    # state files in SIDE/.dirsync (only twoway-<pairid>.base / .pending)
+    def _state(self, name: str) -> str:
+        if not _STATE_NAME.fullmatch(name):
+            raise ValueError(f"bad two-way state file name {name!r}")
+        from dirsync.scan import STATE_DIR
+
+        return os.path.join(self.root, STATE_DIR, name)
+
+    def peek_marker(self) -> str | None:
+        """The side's marker id, read without taking anything over (None: no marker)."""
+        from dirsync.replica import MARKER
+        from dirsync.scan import STATE_DIR
+
+        try:
+            with open(os.path.join(self.root, STATE_DIR, MARKER), "rb") as f:
+                return str(json.loads(f.read())["id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def list_bases(self) -> list[str]:
+        from dirsync.scan import STATE_DIR
+
+        try:
+            names = os.listdir(os.path.join(self.root, STATE_DIR))
+        except OSError:
+            return []
+        return sorted(n for n in names if _STATE_NAME.fullmatch(n) and n.endswith(".base"))
+
+    def read_state(self, name: str) -> bytes | None:
+        try:
+            with open(self._state(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_state(self, name: str, data: bytes) -> None:
+        from dirsync.state import write_atomic
+
+        write_atomic(self._state(name), data)
+
+    def remove_state(self, name: str) -> None:
+        try:
+            os.unlink(self._state(name))
+        except FileNotFoundError:
+            pass
+
+    def ignore_patterns(self) -> list[str]:
+        from dirsync.scan import read_ignore_file
+
+        return read_ignore_file(self.root)
+
+    # the replica contract
+    def open(self, *, init: bool, readonly: bool):
+        self.info = self.transport.open(init=init, readonly=readonly)
+        return self.info
+
+    def scan(self, patterns: list[str]):
+        return self.transport.scan(patterns)
+
+    def apply(self, actions, reader: PairReader, sink, should_stop: Callable[[], bool]) -> None:
+        self.transport.apply(actions, reader, sink, should_stop)  # type: ignore[arg-type]
+
+    def close(self, *, save: bool) -> None:
+        self.transport.close(save=save)
+
+    def source(self, throttle=None) -> ContentSource:
+        return ContentSource(self.root, throttle)
+
+
+def make_side(spec: str, label: str, topts=None) -> TwoWaySide:
+    from dirsync.transport import is_remote_spec
+
+    if is_remote_spec(spec):
+        raise ConfigError(f"two-way sync with a remote side ({spec}) is not supported yet",
+                          hint="both sides must be local directories for now")
+    return TwoWaySide(spec, label, topts)
+
+
+# -- a run ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwoWayConfig:
+    a: str
+    b: str
+    prefer: str | None = None
+    delete: bool = True
+    init: bool = False
+    excludes: tuple[str, ...] = ()
+    max_delete: int | None = None  # per side
+    allow_mass_delete: bool = False
+    dry_run: bool = False
+    transport: object = None  # TransportOptions
+    bwlimit: int | None = None
+
+    @classmethod
+    def from_sync(cls, cfg, prefer: str | None) -> "TwoWayConfig":
+        """From the SyncConfig the `sync`/`plan` commands build (MASTER is side a, the one REPLICA side b)."""
+        if len(cfg.replicas) != 1:
+            raise ConfigError(f"--two-way takes exactly two directories, got {1 + len(cfg.replicas)}",
+                              hint="dirsync sync --two-way A B")
+        if prefer not in (None, "a", "b", "newer"):
+            raise ConfigError(f"--prefer must be a, b or newer, not {prefer!r}")
+        return cls(a=cfg.master, b=cfg.replicas[0], prefer=prefer, delete=cfg.delete, init=cfg.init,
+                   excludes=tuple(cfg.excludes), max_delete=cfg.max_delete, allow_mass_delete=cfg.allow_mass_delete,
+                   dry_run=cfg.dry_run, transport=cfg.transport, bwlimit=cfg.bwlimit)
+
+
+def _new_summary(spec: str):
+    from dirsync.apply import ReplicaSummary
+
+    @dataclass
+    class _Tracked(ReplicaSummary):
+        done_paths: Counter = field(default_factory=Counter)
+
+        def done(self, a, path):  # type: ignore[override]
+            super().done(a, path)
+            self.done_paths[path] += 1
+
+    return _Tracked(replica=spec)
+
+
+@dataclass
+class TwoWaySummary:
+    a: str
+    b: str
+    decisions: Decisions | None = None
+    plans: tuple[Plan, Plan] | None = None
+    sides: list = field(default_factory=list)  # two ReplicaSummary
+    scan_errors: list[ItemError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    base_seq: int = 0
+    seconds: float = 0.0
+
+    @property
+    def conflicts(self) -> list[Conflict]:
+        return self.decisions.conflicts if self.decisions else []
+
+    @property
+    def exit_code(self) -> int:
+        codes = {ExitCode(s.exit_code) for s in self.sides}
+        if self.scan_errors or any(s.errors for s in self.sides):
+            codes.add(ExitCode.PARTIAL)
+        for c in (ExitCode.INTERRUPTED, ExitCode.ERROR, ExitCode.CONNECT, ExitCode.PROTOCOL, ExitCode.LOCKED,
+                  ExitCode.REFUSED, ExitCode.USAGE, ExitCode.DELETE_LIMIT, ExitCode.PARTIAL):
+            if c in codes:
+                return int(c)
+        if any(c.copy for c in self.conflicts):
+            return int(ExitCode.CONFLICTS)
+        return 0
+
+    def to_json(self) -> dict:
+        counts = self.decisions.counts() if self.decisions else Counter()
+        return {
+            "two_way": True, "a": self.a, "b": self.b, "exit_code": self.exit_code, "dry_run": self.dry_run,
+            "seconds": round(self.seconds, 3), "base_seq": self.base_seq,
+            "decisions": {"a_to_b": counts["a>b"], "b_to_a": counts["b>a"], "merged": counts["both"],
+                          "deleted_on_a": counts["del-a"], "deleted_on_b": counts["del-b"],
+                          "conflicts": counts["conflict"]},
+            "conflicts": [{"path": display_path(c.path), "winner": self.decisions.labels[c.winner],  # type: ignore[union-attr]
+                           "copy": display_path(c.copy) if c.copy else None, "reason": c.reason}
+                          for c in self.conflicts],
+            "scan_errors": [{"path": display_path(e.path), "op": e.op, "code": e.code, "message": str(e)}
+                            for e in self.scan_errors],
+            "warnings": self.warnings,
+            "sides": [s.to_json() for s in self.sides],
+        }
+
+
+def _check_sides(a: TwoWaySide, b: TwoWaySide) -> None:
+    ra, rb = a.key, b.key
+    if ra == rb or ra.startswith(rb.rstrip("/") + "/") or rb.startswith(ra.rstrip("/") + "/"):
+        raise RefusedError(f"{a.spec} and {b.spec} overlap; two-way sync needs two separate trees")
+
+
+def _guard_markers(x: TwoWaySide, y: TwoWaySide, chunker: str) -> None:
+    """Refuse when x is not the directory y was last synced with (marker gone or different):
+    an unmounted disk or a replaced folder must not read as "everything was deleted"."""
+    mx, my = x.peek_marker(), y.peek_marker()
+    if my is None:
+        return
+    if mx is not None and y.read_state(f"twoway-{pair_id(mx, my)}.base") is not None:
+        return
+    for name in y.list_bases():
+        data = y.read_state(name)
+        if data is None:
+            continue
+        try:
+            rec = decode_base(data, chunker, header_only=True)
+        except ValueError:
+            continue
+        for mid, spec in rec.specs.items():
+            if spec == x.key and mid != my and mid != mx:
+                what = "missing" if mx is None else "not the one it had"
+                raise RefusedError(
+                    f"{x.spec} is not the directory {y.spec} was last synced with: its .dirsync marker is {what} "
+                    "(unmounted, replaced or wiped?); nothing was changed",
+                    hint="check that it is mounted; to sync the two as a first run (a union, nothing deleted), "
+                         "pass --init")
+
+
+def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = lambda: False) -> TwoWaySummary:
+    """One two-way run between cfg.a and cfg.b (see the module docstring)."""
+    from dirsync import chunking
+    from dirsync.apply import Stopwatch, TokenBucket
+
+    watch = Stopwatch()
+    chunker = chunking.CHUNKER_ID
+    sa, sb = make_side(cfg.a, "a", cfg.transport), make_side(cfg.b, "b", cfg.transport)
+    _check_sides(sa, sb)
+    if not cfg.init:
+        _guard_markers(sa, sb, chunker)
+        _guard_markers(sb, sa, chunker)
+    summ = TwoWaySummary(cfg.a, cfg.b, dry_run=cfg.dry_run)
+    summ.sides = [_new_summary(cfg.a), _new_summary(cfg.b)]
+    opened: list[TwoWaySide] = []
+    ok = False
+    try:
+        for s in (sa, sb):
+            info = s.open(init=cfg.init, readonly=cfg.dry_run)
+            opened.append(s)
+            for w in info.warnings:
+                w = w.replace(", no deletions this run", "")  # the scan cache only: the base decides deletions
+                summ.warnings.append(f"{s.spec}: {w}")
+                reporter.warn(f"{s.spec}: {w}")
+
+        # The base: the newer record of the two sides (a crash between the two writes leaves one behind).
+        ida, idb = sa.peek_marker(), sb.peek_marker()
+        pid = pair_id(ida, idb) if ida and idb else None
+        base = Manifest()
+        if pid is not None:
+            recs: list[BaseRecord] = []
+            for s in (sa, sb):
+                data = s.read_state(f"twoway-{pid}.base")
+                if data is None:
+                    continue
+                try:
+                    recs.append(decode_base(data, chunker))
+                except ValueError as e:
+                    summ.warnings.append(f"{s.spec}: two-way base unusable ({e})")
+                    reporter.warn(f"{s.spec}: two-way base unusable ({e}); using the other side's")
+            if recs:
+                best = max(recs, key=lambda r: r.seq)
+                base, summ.base_seq = best.manifest, best.seq
+                if len(recs) == 2 and recs[0].gen != recs[1].gen:
+                    reporter.warn("the last two-way run stopped while saving its state; using the newer record")
+            if any(s.read_state(f"twoway-{pid}.pending") is not None for s in (sa, sb)):
+                msg = "the previous two-way run between these directories was interrupted; reconciling"
+                summ.warnings.append(msg)
+                reporter.warn(msg)
+
+        patterns = list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
+        scans = [s.scan(patterns) for s in (sa, sb)]
+        protect: set[str] = set()
+        for s, r in zip((sa, sb), scans):
+            for w in r.warnings:
+                reporter.warn(f"{s.spec}: {w}")
+            for e in r.errors:
+                summ.scan_errors.append(e)
+                reporter.error(f"{s.spec}: {e}")
+            protect |= r.protect
+        ma, mb = scans[0].manifest, scans[1].manifest
+        reserved = tuple(sorted({r for s in (sa, sb) for r in (s.info.reserved if s.info else ())}))
+        if reserved:
+            from dirsync.verify import filter_manifest
+
+            ma, mb, base = (filter_manifest(m, [], reserved) for m in (ma, mb, base))
+        dec = reconcile(base, ma, mb, ReconcileOptions(prefer=cfg.prefer, protect=frozenset(protect)))
+        summ.decisions = dec
+        pa, pb = side_plans(dec, ma, mb, delete=cfg.delete)
+        pa, pb = _guards(cfg, base, (ma, mb), (pa, pb), dec, summ, reporter)
+        summ.plans = (pa, pb)
+        if cfg.dry_run:
+            for s in summ.sides:
+                s.status = "dry-run"
+            ok = True
+            return summ
+
+        # Apply: a first (reading b's untouched files), then b (reading a's files where they are now).
+        ida, idb = sa.peek_marker(), sb.peek_marker()
+        assert ida and idb, "open() leaves a marker on both sides"
+        pid = pair_id(ida, idb)
+        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        for s in (sa, sb):
+            s.write_state(f"twoway-{pid}.pending", run_id.encode())
+        srcs_a = sa.source(TokenBucket(cfg.bwlimit) if cfg.bwlimit else None)
+        srcs_b = sb.source(TokenBucket(cfg.bwlimit) if cfg.bwlimit else None)
+        readers = (PairReader([(srcs_b, mb)]), PairReader([(srcs_a, dec.target), (srcs_a, ma)]))
+        for i, (s, plan) in enumerate(((sa, pa), (sb, pb))):
+            sm = summ.sides[i]
+            if plan.empty:
+                continue
+            t = plan.totals()
+            sm.on_progress = reporter.advance
+            reporter.begin(s.spec, t.send_bytes + t.reuse_bytes)
+            sw = Stopwatch()
+            try:
+                s.apply(plan.actions, readers[i], sm, should_stop)
+            finally:
+                reporter.end()
+                sm.seconds = sw.elapsed()
+            for e in sm.errors:
+                reporter.error(f"{s.spec}: {e}")
+            for w in sm.warnings:
+                reporter.warn(f"{s.spec}: {w}")
+
+        # Commit the base: what both sides now agree on.
+        unsettled: set[str] = set()
+        for plan, sm in zip((pa, pb), summ.sides):
+            need = Counter(a.path for a in plan.actions if not isinstance(a, Commit))  # type: ignore[union-attr]
+            unsettled |= {p for p, n in need.items() if sm.done_paths[p] < n}
+        new_base = settled_base(base, dec, unsettled)
+        rec = BaseRecord(summ.base_seq + 1, secrets.token_hex(8), {ida: sa.key, idb: sb.key}, new_base)
+        data = encode_base(rec, chunker)
+        for s in (sa, sb):
+            s.write_state(f"twoway-{pid}.base", data)
+        for s in (sa, sb):
+            s.remove_state(f"twoway-{pid}.pending")
+        summ.base_seq = rec.seq
+        for sm in summ.sides:
+            if sm.exit_code == 0 and sm.errors:
+                sm.exit_code = int(ExitCode.PARTIAL)
+                sm.status = "partial"
+        ok = True
+    finally:
+        for s in opened:
+            s.close(save=ok)
+        summ.seconds = watch.elapsed()
+    return summ
+
+
+def _guards(cfg: TwoWayConfig, base: Manifest, sides: tuple[Manifest, Manifest], plans: tuple[Plan, Plan],
+            dec: Decisions, summ: TwoWaySummary, reporter) -> tuple[Plan, Plan]:
+    """No-wipe guards, checked on both plans before anything happens on either side."""
+    from dirsync.sync import MASS_DELETE_MIN
+
+    n_base = len(base.entries) - ("" in base.entries)
+    names = (cfg.a, cfg.b)
+    for i in (A, B):
+        n = len(sides[i].entries) - ("" in sides[i].entries)
+        other = plans[1 - i]
+        if not cfg.allow_mass_delete and n == 0 and n_base > 0 and other.deletes():
+            raise RefusedError(
+                f"{names[i]} is empty but held {n_base} entries at the last two-way run; refusing to delete "
+                f"{len(other.deletes())} entries on {names[1 - i]}; nothing was changed",
+                hint="is it mounted? if it really was emptied on purpose, pass --allow-mass-delete")
+    out = list(plans)
+    for i in (A, B):
+        deletes = out[i].deletes()
+        if not deletes:
+            continue
+        n_side = len(sides[i].entries) - ("" in sides[i].entries)
+        if cfg.max_delete is not None:
+            tripped, limit = len(deletes) > cfg.max_delete, f"--max-delete {cfg.max_delete}"
+        else:
+            tripped = (not cfg.allow_mass_delete and len(deletes) >= MASS_DELETE_MIN and 2 * len(deletes) > n_side)
+            limit = "the default guard (more than half of the side)"
+        if not tripped:
+            continue
+        msg = (f"{names[i]}: {len(deletes)} deletions planned, over {limit}; nothing was deleted there "
+               "(pass --max-delete N or --allow-mass-delete to allow it)")
+        sm = summ.sides[i]
+        sm.fatal, sm.exit_code, sm.status = msg, int(ExitCode.DELETE_LIMIT), "refused"
+        reporter.error(msg)
+        out[i] = diff(dec.target, sides[i], PlanOptions(delete=False, protect=dec.protect))
+    return out[0], out[1]
+
+
+# -- command line glue ---------------------------------------------------------------------------------
+
+
+def cli_main(cfg: TwoWayConfig, reporter, *, as_json: bool = False, show_plan: bool = False,
+             should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Run (or with show_plan, only plan) and print; returns the exit code. Called by cli.py."""
+    summ = run_twoway(cfg, reporter, should_stop)
+    dec = summ.decisions
+    if as_json:
+        out = summ.to_json()
+        if show_plan and dec is not None:
+            out["plan"] = dec.render().splitlines()
+        print(json.dumps(out, indent=2))
+    elif show_plan and dec is not None:
+        text = dec.render()
+        if text:
+            print(text)
+        assert summ.plans is not None
+        for label, plan in zip(dec.labels, summ.plans):
+            t = plan.totals()
+            from dirsync.plan import human_size
+
+            print(f"{label}: {t.writes} to write (send {human_size(t.send_bytes)}, reuse {human_size(t.reuse_bytes)}), "
+                  f"{t.deletes} to delete, {t.mkdirs} dirs, {t.links} links, {t.meta} metadata")
+    if dec is not None and not show_plan:
+        c = dec.counts()
+        reporter.info(f"{cfg.a} ⇄ {cfg.b}: {c['a>b']} →, {c['b>a']} ←, {c['del-a']} deleted on a, "
+                      f"{c['del-b']} deleted on b, {c['conflict']} conflicts in {summ.seconds:.2f}s")
+        for cf in summ.conflicts:
+            if cf.copy:
+                reporter.warn(f"conflict: {display_path(cf.path)}: {cf.reason}")
+    return summ.exit_code
+
+
+# -- what a remote side needs (not implemented yet) --------------------------------------------------
+#
+# A RemoteTwoWaySide would wrap transport.remote.RemoteTransport (open/scan/apply/close as for a
+# replica) and add agent requests, all confined to the side's root:
+#   * peek marker: the id in ROOT/.dirsync/replica.json without opening (no lock, no writes);
+#   * state files: list / read / write_atomic / remove of ROOT/.dirsync/twoway-<32 hex>.(base|pending)
+#     (names checked against _STATE_NAME on the agent too);
+#   * ignore patterns: the content of ROOT/.dirsyncignore;
+#   * read chunks: given (path, size, mtime_ns, chunk table) and a list of SendOp ranges, stream the
+#     bytes, verifying every chunk against its digest (MasterReader.sends run on the agent), and a
+#     "holds" check (lstat size+mtime) for ContentSource.holds.
+# With those, a remote side's ContentSource pulls bytes through its agent, and PairReader works as
+# is: local<->remote streams remote bytes into the local writer (or local bytes to the agent's
+# writer); remote<->remote relays through this process. The reconciler, plans, guards and base
+# logic above do not change.
