@@ -71,6 +71,10 @@ O_BACKUP_KEEP = typer.Option(None, "--backup-keep", min=1, metavar="N",
                              help="With --backup-dir: keep only the newest N run folders (default: all).")
 O_BWLIMIT = typer.Option(None, "--bwlimit", metavar="RATE", callback=_rate_option,
                          help="Limit master data sent to each replica, bytes/second: 500K, 10M (1024-based).")
+O_TWO_WAY = typer.Option(False, "--two-way", help="Sync MASTER and one REPLICA both ways (three-way against the last "
+                                                 "run; differing changes are kept as .sync-conflict- copies, exit 4).")
+O_PREFER = typer.Option(None, "--prefer", metavar="a|b|newer",
+                        help="With --two-way: settle conflicts without copies, keeping side a's, b's or the newer version.")
 O_CONFIG = typer.Option(None, "--config", "-c", metavar="FILE",
                         help="Profiles file (default $XDG_CONFIG_HOME/dirsync/config.toml).")
 
@@ -100,8 +104,10 @@ def sync(
     backup_dir: Optional[str] = O_BACKUP_DIR,
     backup_keep: Optional[int] = O_BACKUP_KEEP,
     bwlimit: Optional[str] = O_BWLIMIT,
+    two_way: bool = O_TWO_WAY,
+    prefer: Optional[str] = O_PREFER,
 ) -> None:
-    """Make each REPLICA an exact mirror of MASTER.
+    """Make each REPLICA an exact mirror of MASTER (with --two-way: sync MASTER and REPLICA both ways).
 
     Example: dirsync sync ~/site /backup/site deploy@web1:/srv/site
     """
@@ -116,6 +122,8 @@ def sync(
                                                backup_dir, backup_keep))
 
     def job() -> int:
+        if two_way or prefer:
+            return _two_way(cfg, two_way, prefer, reporter, as_json, show_plan=dry_run)
         run = run_sync(cfg, reporter)
         if dry_run:
             _print_plans(run, as_json)
@@ -125,6 +133,15 @@ def sync(
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     raise typer.Exit(_run(job, reporter))
+
+
+def _two_way(cfg, two_way: bool, prefer, reporter, as_json: bool, show_plan: bool) -> int:
+    from dirsync.errors import ConfigError
+    from dirsync.twoway import TwoWayConfig, cli_main
+
+    if not two_way:
+        raise ConfigError("--prefer only applies with --two-way")
+    return cli_main(TwoWayConfig.from_sync(cfg, prefer), reporter, as_json=as_json, show_plan=show_plan)
 
 
 def _print_plans(run, as_json: bool) -> None:
@@ -157,6 +174,8 @@ def plan(
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
     accept_new_host_key: bool = O_ACCEPT,
+    two_way: bool = O_TWO_WAY,
+    prefer: Optional[str] = O_PREFER,
 ) -> None:
     """Print what sync would do, one line per action, and change nothing (same as sync --dry-run).
 
@@ -172,6 +191,8 @@ def plan(
                      transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False))
 
     def job() -> int:
+        if two_way or prefer:
+            return _two_way(cfg, two_way, prefer, reporter, as_json, show_plan=True)
         run = run_sync(cfg, reporter)
         _print_plans(run, as_json)
         return run.exit_code
