@@ -505,7 +505,10 @@ def watch(
 
 @app.command(hidden=True)
 def agent() -> None:
-    """Serve one replica over stdin/stdout (started by a remote `dirsync sync` through SSH)."""
+    """Serve one replica over stdin/stdout (started by a remote `dirsync sync` through SSH).
+
+    Example: dirsync agent   (run by `ssh HOST dirsync agent`; it speaks frames, not text)
+    """
     from dirsync.transport.agent import main as agent_main
 
     raise typer.Exit(agent_main())
