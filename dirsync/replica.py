@@ -168,13 +168,17 @@ class Replica:
             else:
                 info.cache_status = "missing"
             return info
-        os.makedirs(os.path.join(state, "tmp"), exist_ok=True)
-        self.lock = FileLock(os.path.join(state, "lock"), f"replica {root}").acquire()
-        if not marked:
-            write_atomic(os.path.join(state, MARKER),
-                         json.dumps({"format": 1, "id": str(uuid.uuid4()), "created_ns": time.time_ns()}).encode())
-            info.initialised = True
-        self.tmp_fd = os.open(os.path.join(state, "tmp"), _O_DIR)
+        try:
+            os.makedirs(os.path.join(state, "tmp"), exist_ok=True)
+            self.lock = FileLock(os.path.join(state, "lock"), f"replica {root}").acquire()
+            if not marked:
+                write_atomic(os.path.join(state, MARKER),
+                             json.dumps({"format": 1, "id": str(uuid.uuid4()), "created_ns": time.time_ns()}).encode())
+                info.initialised = True
+            self.tmp_fd = os.open(os.path.join(state, "tmp"), _O_DIR)
+        except OSError as e:  # unwritable root, full disk: this replica cannot be used
+            raise ConfigError(f"replica {root}: cannot set up {STATE_DIR}/: {e.strerror}",
+                              hint="the replica root must be writable by the user running dirsync") from None
         for name in os.listdir(self.tmp_fd):  # stale temps of an interrupted run: we hold the lock
             try:
                 os.unlink(name, dir_fd=self.tmp_fd)
@@ -213,8 +217,12 @@ class Replica:
             self.staged.clear()
             if save and not self.readonly and self.root_fd >= 0 and self.current:
                 generation = uuid.uuid4().hex
-                save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
-                                   Manifest(self.current, generation=generation), chunker)
+                try:
+                    save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
+                                       Manifest(self.current, generation=generation), chunker)
+                except OSError as e:  # e.g. a full disk: the old cache stays (stat checks catch staleness)
+                    generation = ""
+                    raise ItemIOError(f"{STATE_DIR}/{CACHE}", "save replica cache", e) from None
             if self.backup is not None and self.backup.keep and not self.readonly and self.root_fd >= 0:
                 self._prune_backups(self.backup.keep)
         finally:
