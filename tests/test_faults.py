@@ -1,0 +1,409 @@
+"""Faults on one machine, for real: files changing while they are read, kill -9 and SIGTERM in
+the middle of a large write, a full disk (tiny tmpfs), permission denied on the replica, a
+replica edited behind dirsync's back, and a second run on a locked pair.
+
+After every fault: no half-written file at a final name, the old replica file intact, and a
+rerun converges with `.dirsync/tmp/` empty. Waits poll a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+try:
+    import treecmp
+    from helpers import (
+        Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, random_bytes, read, remove, run_cli,
+        stray_temps, sync_json, tmp_entries, wait_for, world_dir, write,
+    )
+except ImportError:
+    from tests import treecmp
+    from tests.helpers import (
+        Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, random_bytes, read, remove, run_cli,
+        stray_temps, sync_json, tmp_entries, wait_for, world_dir, write,
+    )
+
+from dirsync.apply import MasterReader, ReplicaSummary
+from dirsync.errors import ExitCode
+from dirsync.plan import PlanOptions, diff
+from dirsync.progress import Reporter
+from dirsync.scan import scan_tree
+from dirsync.sync import SyncConfig, check_master, run_sync, scan_master
+from dirsync.transport.local import LocalTransport
+
+MiB = 1 << 20
+PARTIAL = int(ExitCode.PARTIAL)
+
+
+def sha(p) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(4 * MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_random_file(path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def quiet_reporter() -> Reporter:
+    return Reporter(io.StringIO())
+
+
+def converges(m, r) -> None:
+    cp = run_cli("sync", m, r)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, r)
+    assert tmp_entries(r) == [] and stray_temps(r) == []
+
+
+# -- a master file that changes while it is read --------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["append", "same-size-same-mtime", "truncate", "delete", "replace-by-dir"])
+def test_master_file_changed_between_scan_and_read_is_not_committed(tmp_path, change):
+    """Deterministic: scan the master, change a file, then run the sync on that (stale) scan."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    v1 = random_bytes(600_000, 1)
+    build_tree(m, {"f.bin": v1, "other.txt": b"o1\n"})
+    sync_json(m, r)
+    write(m / "f.bin", random_bytes(600_000, 2))  # v2: what the scan will see
+    write(m / "other.txt", b"o2\n")
+    rep = quiet_reporter()
+    mscan = scan_master(check_master(str(m)), [], rep)
+
+    if change == "append":
+        with open(m / "f.bin", "ab") as f:
+            f.write(b"late bytes")
+    elif change == "same-size-same-mtime":
+        st = os.stat(m / "f.bin")
+        data = bytearray(read(m / "f.bin"))
+        data[300_000:300_010] = b"0123456789"
+        write(m / "f.bin", bytes(data))
+        os.utime(m / "f.bin", ns=(st.st_atime_ns, st.st_mtime_ns))  # only ctime tells
+    elif change == "truncate":
+        os.truncate(m / "f.bin", 1000)
+    elif change == "delete":
+        os.unlink(m / "f.bin")
+    else:
+        os.unlink(m / "f.bin")
+        os.mkdir(m / "f.bin")
+
+    run = run_sync(SyncConfig(master=str(m), replicas=(str(r),)), rep, master_scan=mscan)
+    assert run.exit_code == PARTIAL
+    errs = run.replicas[0].errors
+    assert [e.path for e in errs] == ["f.bin"], errs
+    assert errs[0].code in ("CHANGED", "NOT_FOUND"), errs[0]
+    assert read(r / "f.bin") == v1, "a changed master file was committed"
+    assert read(r / "other.txt") == b"o2\n"  # the rest of the run went on
+    assert tmp_entries(r) == []
+    converges(m, r)  # the next run picks it up
+
+
+@pytest.mark.slow
+def test_concurrent_writer_never_yields_a_mixed_replica_file(tmp_path):
+    """A real writer thread rewrites an 8 MiB file in place, each version one repeated byte.
+
+    Sync in-process until some run reports the file as changed-while-read (deadline). At every
+    run the replica copy, if any, must be one whole version (one byte value), never a mix.
+    """
+    m, r = tmp_path / "m", tmp_path / "r"
+    size = 8 * MiB
+    build_tree(m, {"hot.bin": b"\0" * size, "cold.txt": b"cold\n"})
+    stop = threading.Event()
+    versions = [0]
+
+    def writer():
+        fd = os.open(m / "hot.bin", os.O_WRONLY)
+        try:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                block = bytes([i % 251 + 1]) * (1 * MiB)
+                for off in range(0, size, len(block)):
+                    os.pwrite(fd, block, off)
+                versions[0] = i
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    seen_changed = False
+    runs = 0
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and not seen_changed:
+            run = run_sync(SyncConfig(master=str(m), replicas=(str(r),)), quiet_reporter())
+            runs += 1
+            assert run.exit_code in (0, PARTIAL), run.to_json()
+            errors = list(run.scan_errors) + [e for x in run.replicas for e in x.errors]
+            seen_changed = any(e.path == "hot.bin" and e.code == "CHANGED" for e in errors)
+            if os.path.exists(r / "hot.bin"):
+                data = read(r / "hot.bin")
+                assert len(data) == size and data == data[:1] * size, "replica holds a mix of two versions"
+            assert tmp_entries(r) == []
+    finally:
+        stop.set()
+        t.join(10)
+    assert versions[0] > 1, "the writer never ran"
+    assert seen_changed, f"no run noticed the file changing in {runs} runs"
+    converges(m, r)
+
+
+# -- kill -9 and SIGTERM in the middle of a large write ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    """One 300 MiB random file, hard-linked into the masters that need it (read-only use)."""
+    d = tmp_path_factory.mktemp("big")
+    p = d / "big.bin"
+    write_random_file(p, 300 * MiB)
+    return p
+
+
+def _interrupt_mid_write(tmp_path, big, sig, *, extra_args=()):
+    m, r = tmp_path / "m", tmp_path / "r"
+    old = random_bytes(1 * MiB, 3)
+    build_tree(m, {"big.bin": old, "small.txt": b"s1\n"})
+    sync_json(m, r)
+    old_sha = sha(r / "big.bin")
+    os.unlink(m / "big.bin")
+    os.link(big, m / "big.bin")  # the new version: 300 MiB, nothing reusable
+    write(m / "small.txt", b"s2\n")
+    p = popen_cli("sync", *extra_args, m, r)
+    try:
+        wait_for(lambda: tmp_entries(r) or p.poll() is not None, 120, what="a temp file under .dirsync/tmp")
+        assert p.poll() is None, f"sync ended before it could be interrupted: {p.communicate()}"
+        wait_for(lambda: any(os.path.getsize(os.path.join(r, ".dirsync", "tmp", os.fsdecode(n))) > 0
+                             for n in tmp_entries(r)) or p.poll() is not None, 60, what="bytes in the temp")
+        if sig == signal.SIGKILL:
+            kill_group(p, signal.SIGKILL)
+        else:
+            p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+            p.wait(10)
+    return m, r, p.returncode, err.decode(errors="replace"), old_sha
+
+
+@pytest.mark.slow
+def test_kill_9_mid_write_leaves_the_old_file_intact(tmp_path, big_file):
+    m, r, rc, err, old_sha = _interrupt_mid_write(tmp_path, big_file, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, (rc, err)
+    assert sha(r / "big.bin") == old_sha, "the old file was damaged by a killed run"
+    # A stale temp may remain after kill -9; no dirsync temp may sit anywhere in the tree.
+    staging = os.path.join(os.fsencode(r), b".dirsync", b"tmp")
+    assert [t for t in stray_temps(r) if os.path.dirname(t) != staging] == []
+    assert all(n.startswith(b".dirsync-tmp-") for n in tmp_entries(r))
+    converges(m, r)
+    assert sha(r / "big.bin") == sha(big_file)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_write_exits_130_removes_its_temp_and_keeps_the_old_file(tmp_path, big_file):
+    m, r, rc, err, old_sha = _interrupt_mid_write(tmp_path, big_file, signal.SIGTERM)
+    assert rc == int(ExitCode.INTERRUPTED), (rc, err)
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert sha(r / "big.bin") == old_sha
+    assert tmp_entries(r) == [], "SIGTERM left a temp behind"
+    converges(m, r)
+
+
+def test_kill_9_while_throttled_and_a_second_run_is_locked_out(tmp_path):
+    """Same fault at a small size, made slow with --bwlimit: a second run on the pair meanwhile
+    exits 3, then kill -9 of the first; the old file survives and the lock is free again."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    old = random_bytes(64 * 1024, 4)
+    build_tree(m, {"big.bin": old})
+    sync_json(m, r)
+    write(m / "big.bin", random_bytes(6 * MiB, 5))
+    p = popen_cli("sync", "--bwlimit", "1M", m, r)
+    try:
+        wait_for(lambda: tmp_entries(r) or p.poll() is not None, 60, what="a temp file under .dirsync/tmp")
+        assert p.poll() is None, p.communicate()
+        second = run_cli("sync", m, r)
+        assert second.returncode == int(ExitCode.LOCKED), second.stderr
+        assert "locked" in second.stderr and str(p.pid) in second.stderr
+        kill_group(p, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+            p.wait(10)
+    assert read(r / "big.bin") == old
+    converges(m, r)  # the kernel dropped the flock with the process
+
+
+def test_stale_temps_from_a_dead_run_are_removed(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"a": b"a"})
+    sync_json(m, r)
+    write(r / ".dirsync" / "tmp" / ".dirsync-tmp-99-deadbeef", b"half a file")
+    write(m / "a", b"b")
+    converges(m, r)
+
+
+# -- disk full ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(size: str):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tempfile.mkdtemp(prefix="dirsync-tmpfs-")
+    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", d],
+                        capture_output=True, text=True)
+    if cp.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a tmpfs here: {cp.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_disk_full_is_an_item_error_and_the_old_file_survives(tmp_path):
+    m = tmp_path / "m"
+    v1 = random_bytes(100_000, 6)
+    build_tree(m, {"big.bin": v1, "a.txt": b"a1\n", "docs": {"b.txt": b"b1\n"}})
+    with tiny_tmpfs("2m") as r:
+        sync_json(m, r)
+        write_random_file(m / "big.bin", 3 * MiB)  # cannot fit
+        write(m / "a.txt", b"a2\n")
+        write(m / "docs" / "new.txt", b"new\n")
+        cp = run_cli("sync", m, r)
+        assert cp.returncode == PARTIAL, cp.stderr
+        errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errs) == 1, cp.stderr
+        assert "big.bin" in errs[0] and "No space left on device" in errs[0], errs
+        assert read(os.path.join(r, "big.bin")) == v1, "the old file was lost to a full disk"
+        assert read(os.path.join(r, "a.txt")) == b"a2\n" and read(os.path.join(r, "docs/new.txt")) == b"new\n"
+        assert tmp_entries(r) == [] and stray_temps(r) == []
+        # Room again (the big file shrinks): converges.
+        write(m / "big.bin", random_bytes(200_000, 7))
+        converges(m, r)
+
+
+def test_completely_full_replica_fails_cleanly(tmp_path):
+    """Even the replica's own cache cannot be saved: item errors and a clean exit, no traceback."""
+    m = tmp_path / "m"
+    build_tree(m, {"a.txt": b"a1\n", "d": {"b.txt": b"b1\n"}})
+    with tiny_tmpfs("1m") as r:
+        sync_json(m, r)
+        write(m / "a.txt", b"a2, longer than before\n")
+        write(m / "c.txt", b"c\n")
+        filler = os.path.join(r, ".dirsync", "filler")  # never synced, never deleted: ours to fill
+        with open(filler, "wb") as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        cp = run_cli("sync", m, r)
+        assert cp.returncode == PARTIAL, (cp.returncode, cp.stderr)
+        assert "No space left on device" in cp.stderr
+        assert read(os.path.join(r, "a.txt")) == b"a1\n"
+        assert tmp_entries(r) == [] and stray_temps(r) == []
+        leftovers = [n for n in os.listdir(os.path.join(r, ".dirsync")) if ".tmp-" in n]
+        assert leftovers == [], f"a half-written state file was left: {leftovers}"
+        os.unlink(filler)
+        converges(m, r)
+
+
+# -- permissions on the replica ------------------------------------------------------------------
+
+
+@pytest.fixture
+def unpriv():
+    reason = can_drop_to("nobody")
+    if reason:
+        pytest.skip(reason)
+    with world_dir() as d:
+        yield Unprivileged(d)
+
+
+def test_permission_denied_on_a_replica_directory_is_an_item_error(unpriv):
+    m, r = unpriv.path("m"), unpriv.path("r")
+    build_tree(m, {"ro": {"old.txt": b"old\n"}, "top.txt": b"t1\n"})
+    unpriv.own(m)
+    assert unpriv.run("sync", m, r).returncode == 0
+    write(os.path.join(m, "ro", "new.txt"), b"new\n")
+    write(os.path.join(m, "ro", "old.txt"), b"old, edited\n")
+    write(os.path.join(m, "top.txt"), b"t2\n")
+    unpriv.own(m)
+    os.chmod(os.path.join(r, "ro"), 0o555)  # nobody owns it but may not write into it
+    cp = unpriv.run("sync", m, r)
+    assert cp.returncode == PARTIAL, cp.stderr
+    errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+    assert errs and all("Permission denied" in ln for ln in errs), cp.stderr
+    assert any("ro/new.txt" in ln for ln in errs) and any("ro/old.txt" in ln for ln in errs), errs
+    assert read(os.path.join(r, "ro", "old.txt")) == b"old\n"
+    assert not os.path.exists(os.path.join(r, "ro", "new.txt"))
+    assert read(os.path.join(r, "top.txt")) == b"t2\n"
+    assert tmp_entries(r) == [] and stray_temps(r) == []
+    # The directory's mode comes from the master at the end of the run, so the next run succeeds.
+    cp = unpriv.run("sync", m, r)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_permission_denied_on_the_replica_root_is_reported(unpriv):
+    m, r = unpriv.path("m"), unpriv.path("r")
+    build_tree(m, {"a.txt": b"a\n"})
+    os.mkdir(r)  # owned by root, 0755: nobody cannot create .dirsync in it
+    unpriv.own(m)
+    cp = unpriv.run("sync", m, r)
+    assert cp.returncode == int(ExitCode.USAGE), cp.stderr
+    errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1 and "Permission denied" in errs[0] and str(r) in errs[0], cp.stderr
+    assert os.listdir(r) == []
+
+
+# -- the replica changes behind dirsync's back ------------------------------------------------------
+
+
+def test_replica_file_changed_after_the_scan_is_left_alone(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"a.txt": b"a1\n", "b.txt": b"b1\n", "gone.txt": b"g\n"})
+    sync_json(m, r)
+    write(m / "a.txt", b"a2 from the master\n")
+    write(m / "b.txt", b"b2\n")
+    remove(m / "gone.txt")
+    mscan = scan_tree(str(m))
+    t = LocalTransport(str(r))
+    t.open()
+    try:
+        plan = diff(mscan.manifest, t.scan([]).manifest, PlanOptions())
+        write(r / "a.txt", b"someone edited the replica meanwhile\n")  # after the scan, before apply
+        write(r / "gone.txt", b"and this one too, longer\n")
+        summary = ReplicaSummary(str(r))
+        t.apply(plan.actions, MasterReader(str(m)), summary)
+    finally:
+        t.close()
+    assert sorted(e.path for e in summary.errors) == ["a.txt", "gone.txt"], summary.errors
+    assert all(e.code == "CONFLICT" for e in summary.errors)
+    assert read(r / "a.txt") == b"someone edited the replica meanwhile\n"
+    assert read(r / "gone.txt") == b"and this one too, longer\n"
+    assert read(r / "b.txt") == b"b2\n"
+    assert tmp_entries(r) == []
+    converges(m, r)
