@@ -520,6 +520,25 @@ def decode_base(data: bytes, chunker: str, *, header_only: bool = False) -> Base
     return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m)
 
 
+def _encode_pending(run_id: str, conflicts: list[Conflict]) -> bytes:
+    """The .pending marker: the run and the conflicts it is resolving (so that a rerun after a
+    kill still reports them, though the sides may already agree)."""
+    import msgpack
+
+    rows = [(os.fsencode(c.path), c.winner, os.fsencode(c.copy), c.reason) for c in conflicts if c.copy]
+    return msgpack.packb({"run": run_id, "conflicts": rows}, use_bin_type=True)
+
+
+def _decode_pending(data: bytes) -> list[Conflict]:
+    import msgpack
+
+    try:
+        d = msgpack.unpackb(data, raw=False)
+        return [Conflict(os.fsdecode(p), int(w), os.fsdecode(c), str(r)) for p, w, c, r in d["conflicts"]]
+    except Exception:  # an older or torn marker: it still says "interrupted", nothing more
+        return []
+
+
 # -- sides ---------------------------------------------------------------------------------------
 
 _STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending)")
@@ -635,6 +654,17 @@ class TwoWaySide:
         except FileNotFoundError:
             pass
 
+    def looks_empty(self) -> bool:
+        """Missing, or nothing in it but dirsync's own folder (read without taking anything over)."""
+        from dirsync.scan import STATE_DIR
+
+        try:
+            return all(n == STATE_DIR for n in os.listdir(self.root))
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
     def ignore_patterns(self) -> list[str]:
         from dirsync.scan import read_ignore_file
 
@@ -724,9 +754,11 @@ class TwoWaySummary:
     base_seq: int = 0
     seconds: float = 0.0
 
+    carried: list[Conflict] = field(default_factory=list)  # made by an interrupted run, reported now
+
     @property
     def conflicts(self) -> list[Conflict]:
-        return self.decisions.conflicts if self.decisions else []
+        return (self.decisions.conflicts if self.decisions else []) + self.carried
 
     @property
     def exit_code(self) -> int:
@@ -807,9 +839,12 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
     summ.sides = [_new_summary(cfg.a), _new_summary(cfg.b)]
     opened: list[TwoWaySide] = []
     ok = False
+    # A never-synced, non-empty side needs --init only when the other side is not empty either:
+    # seeding an empty or new directory from an existing one is the usual first run.
+    init = (cfg.init or sb.looks_empty(), cfg.init or sa.looks_empty())
     try:
-        for s in (sa, sb):
-            info = s.open(init=cfg.init, readonly=cfg.dry_run)
+        for s, s_init in zip((sa, sb), init):
+            info = s.open(init=s_init, readonly=cfg.dry_run)
             opened.append(s)
             for w in info.warnings:
                 w = w.replace(", no deletions this run", "")  # the scan cache only: the base decides deletions
@@ -820,6 +855,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         ida, idb = sa.peek_marker(), sb.peek_marker()
         pid = pair_id(ida, idb) if ida and idb else None
         base = Manifest()
+        earlier: list[Conflict] = []  # conflicts an interrupted run made (its copies may be all that is left)
         if pid is not None:
             recs: list[BaseRecord] = []
             for s in (sa, sb):
@@ -836,10 +872,13 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 base, summ.base_seq = best.manifest, best.seq
                 if len(recs) == 2 and recs[0].gen != recs[1].gen:
                     reporter.warn("the last two-way run stopped while saving its state; using the newer record")
-            if any(s.read_state(f"twoway-{pid}.pending") is not None for s in (sa, sb)):
+            pend = [d for d in (s.read_state(f"twoway-{pid}.pending") for s in (sa, sb)) if d is not None]
+            if pend:
                 msg = "the previous two-way run between these directories was interrupted; reconciling"
                 summ.warnings.append(msg)
                 reporter.warn(msg)
+                for d in pend:
+                    earlier += [c for c in _decode_pending(d) if c not in earlier]
 
         patterns = list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
         scans = [s.scan(patterns) for s in (sa, sb)]
@@ -859,7 +898,10 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             ma, mb, base = (filter_manifest(m, [], reserved) for m in (ma, mb, base))
         dec = reconcile(base, ma, mb, ReconcileOptions(prefer=cfg.prefer, protect=frozenset(protect)))
         summ.decisions = dec
+        now = {c.copy for c in dec.conflicts}
+        summ.carried = [c for c in earlier if c.copy and c.copy not in now and c.copy in dec.target.entries]
         pa, pb = side_plans(dec, ma, mb, delete=cfg.delete)
+        intended = (pa, pb)  # what reaching the target takes; a guard may hold some of it back
         pa, pb = _guards(cfg, base, (ma, mb), (pa, pb), dec, summ, reporter)
         summ.plans = (pa, pb)
         if cfg.dry_run:
@@ -873,8 +915,9 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         assert ida and idb, "open() leaves a marker on both sides"
         pid = pair_id(ida, idb)
         run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        marker = _encode_pending(run_id, summ.conflicts)
         for s in (sa, sb):
-            s.write_state(f"twoway-{pid}.pending", run_id.encode())
+            s.write_state(f"twoway-{pid}.pending", marker)
         srcs_a = sa.source(TokenBucket(cfg.bwlimit) if cfg.bwlimit else None)
         srcs_b = sb.source(TokenBucket(cfg.bwlimit) if cfg.bwlimit else None)
         readers = (PairReader([(srcs_b, mb)]), PairReader([(srcs_a, dec.target), (srcs_a, ma)]))
@@ -898,7 +941,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
 
         # Commit the base: what both sides now agree on.
         unsettled: set[str] = set()
-        for plan, sm in zip((pa, pb), summ.sides):
+        for plan, sm in zip(intended, summ.sides):
             need = Counter(a.path for a in plan.actions if not isinstance(a, Commit))  # type: ignore[union-attr]
             unsettled |= {p for p, n in need.items() if sm.done_paths[p] < n}
         new_base = settled_base(base, dec, unsettled)
