@@ -189,7 +189,9 @@ class Plan:
             elif isinstance(a, MakeLink):
                 entries[a.path] = LinkEntry(a.path, a.target, a.mtime_ns)
             elif isinstance(a, SetMeta):
-                e = entries[a.path]
+                e = entries.get(a.path)
+                if e is None and a.kind == "d":  # a replica root the writer creates (fresh replica)
+                    e = DirEntry(a.path, a.mode, a.mtime_ns)
                 if isinstance(e, LinkEntry):
                     entries[a.path] = replace(e, mtime_ns=a.mtime_ns)
                 else:
@@ -410,7 +412,7 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
         if isinstance(md, DirEntry) and d not in acc.dir_meta and d not in blocked and not protected(d):
             acc.dir_meta[d] = SetMeta(d, "d", md.mode, md.mtime_ns)
     root = M.get("")
-    if isinstance(root, DirEntry) and "" not in acc.dir_meta:
+    if isinstance(root, DirEntry) and "" not in acc.dir_meta and not protected(""):
         rr = R.get("")
         if not isinstance(rr, DirEntry) or rr.mode != root.mode or rr.mtime_ns != root.mtime_ns:
             acc.dir_meta[""] = SetMeta("", "d", root.mode, root.mtime_ns)
