@@ -136,3 +136,153 @@ def any_manifests(draw) -> Manifest:
             target = os.fsdecode(draw(st.binary(min_size=1, max_size=20).filter(lambda b: b"\0" not in b)))
             entries[path] = LinkEntry(path, target, draw(_mtimes))
     return Manifest(entries)
+
+
+# -- plan model checker -------------------------------------------------------------------------
+
+NOW = -1  # a directory's mtime after the writer changed its contents (the time of the run)
+
+
+def _protected(path: str, protect) -> bool:
+    q = path
+    while True:
+        if q in protect:
+            return True
+        if not q:
+            return False
+        q = parent_of(q)
+
+
+def simulate(plan, master: Manifest, replica: Manifest, protect=frozenset()) -> dict[str, Entry]:
+    """Run `plan` on a model of the replica, checking every precondition the replica writer
+    relies on; return the final entries. Raises AssertionError naming the first violation.
+
+    Unlike Plan.apply_to (the planner's own model), this one is strict and independent:
+    - the parent of every MakeDir / Commit / MakeLink is a directory at that moment;
+    - MakeDir targets a free path; Commit and MakeLink never land on a directory;
+    - `expect` of WriteFile (checked at Commit), MakeLink and Delete matches the entry there;
+    - a directory is empty when deleted; SetMeta targets an entry of its kind;
+    - every WriteFile's ops tile the target; a SendOp starts and ends on target chunk
+      boundaries (MasterReader insists); a CopyOp reads an unchanged replica file, inside it,
+      and its bytes equal the target bytes it stands for (content rebuilt from CHUNK_POOL);
+    - no path is committed, linked over or deleted while a later WriteFile copies from it;
+    - every staged file is committed exactly once;
+    - nothing at or under a protected path is acted on;
+    - changing a directory's entries makes its mtime NOW until a later SetMeta fixes it.
+    """
+    from dirsync.plan import Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile, expect_of
+
+    state: dict[str, Entry] = dict(replica.entries)
+    if "" not in state:  # a replica that does not exist yet: the writer creates the root
+        state[""] = DirEntry("", 0o755, NOW)
+    orig = replica.entries
+    staged: dict[str, object] = {}
+    actions = plan.actions
+    later: list[set[str]] = [set() for _ in actions]
+    acc: set[str] = set()
+    for i in range(len(actions) - 1, -1, -1):
+        later[i] = set(acc)
+        a = actions[i]
+        if isinstance(a, WriteFile):
+            acc |= {o.src for o in a.ops if isinstance(o, CopyOp)}
+
+    def where(i: int, a) -> str:
+        return f"action {i} {a!r}"
+
+    def parent_is_dir(i, a, p):
+        par = parent_of(p)
+        assert isinstance(state.get(par), DirEntry), f"{where(i, a)}: parent {par!r} of {p!r} is not a directory then"
+
+    def touch_parent(p):
+        par = parent_of(p)
+        e = state.get(par)
+        if isinstance(e, DirEntry):
+            state[par] = DirEntry(par, e.mode, NOW)
+
+    def not_protected(i, a, p):
+        assert not _protected(p, protect), f"{where(i, a)}: acts on protected path {p!r}"
+
+    def not_needed_later(i, a, p):
+        assert p not in later[i], f"{where(i, a)}: {p!r} changes while a later WriteFile copies from it"
+
+    for i, a in enumerate(actions):
+        if isinstance(a, MakeDir):
+            not_protected(i, a, a.path)
+            parent_is_dir(i, a, a.path)
+            assert a.path not in state, f"{where(i, a)}: path taken by {state[a.path]!r}"
+            state[a.path] = DirEntry(a.path, a.mode, NOW)
+            touch_parent(a.path)
+        elif isinstance(a, WriteFile):
+            not_protected(i, a, a.path)
+            assert a.path not in staged, f"{where(i, a)}: staged twice"
+            t = a.target
+            want = content_of(t)
+            bounds = {0}
+            for off, n, _d in t.chunks():
+                bounds.add(off + n)
+            pos = 0
+            for op in a.ops:
+                assert op.size > 0, f"{where(i, a)}: empty op {op!r}"
+                if isinstance(op, SendOp):
+                    assert op.offset == pos, f"{where(i, a)}: {op!r} not at {pos}"
+                    assert op.offset in bounds and op.offset + op.size in bounds, \
+                        f"{where(i, a)}: {op!r} not on target chunk boundaries"
+                else:
+                    assert isinstance(op, CopyOp)
+                    src = orig.get(op.src)
+                    assert isinstance(src, FileEntry), f"{where(i, a)}: copy source {op.src!r} is no replica file"
+                    assert state.get(op.src) is src, f"{where(i, a)}: copy source {op.src!r} changed before use"
+                    assert 0 <= op.offset and op.offset + op.size <= src.size, f"{where(i, a)}: {op!r} outside source"
+                    got = content_of(src)[op.offset:op.offset + op.size]
+                    assert got == want[pos:pos + op.size], f"{where(i, a)}: {op!r} copies the wrong bytes"
+                pos += op.size
+            assert pos == t.size, f"{where(i, a)}: ops cover {pos} of {t.size} bytes"
+            staged[a.path] = a
+        elif isinstance(a, Commit):
+            assert a.paths, f"{where(i, a)}: empty commit"
+            for p in a.paths:
+                not_protected(i, a, p)
+                assert p in staged, f"{where(i, a)}: {p!r} committed but not staged (or committed twice)"
+                w = staged.pop(p)
+                parent_is_dir(i, a, p)
+                cur = state.get(p)
+                assert not isinstance(cur, DirEntry), f"{where(i, a)}: {p!r} is a directory at commit"
+                assert expect_of(cur) == w.expect, f"{where(i, a)}: {p!r} is {cur!r}, expected {w.expect!r}"
+                not_needed_later(i, a, p)
+                state[p] = w.target
+                touch_parent(p)
+        elif isinstance(a, MakeLink):
+            not_protected(i, a, a.path)
+            parent_is_dir(i, a, a.path)
+            cur = state.get(a.path)
+            assert not isinstance(cur, DirEntry), f"{where(i, a)}: a directory is in the way"
+            assert expect_of(cur) == a.expect, f"{where(i, a)}: found {cur!r}"
+            not_needed_later(i, a, a.path)
+            state[a.path] = LinkEntry(a.path, a.target, a.mtime_ns)
+            touch_parent(a.path)
+        elif isinstance(a, SetMeta):
+            not_protected(i, a, a.path)
+            cur = state.get(a.path)
+            assert cur is not None and cur.kind == a.kind, f"{where(i, a)}: found {cur!r}"
+            if isinstance(cur, LinkEntry):
+                state[a.path] = LinkEntry(cur.path, cur.target, a.mtime_ns)
+            elif isinstance(cur, DirEntry):
+                state[a.path] = DirEntry(cur.path, a.mode, a.mtime_ns)
+            else:
+                from dataclasses import replace
+                state[a.path] = replace(cur, mode=a.mode, mtime_ns=a.mtime_ns)
+        elif isinstance(a, Delete):
+            not_protected(i, a, a.path)
+            cur = state.get(a.path)
+            assert cur is not None and cur.kind == a.kind, f"{where(i, a)}: found {cur!r}"
+            assert expect_of(cur) == a.expect, f"{where(i, a)}: found {cur!r}"
+            if a.kind == "d":
+                kids = [q for q in state if q and parent_of(q) == a.path]
+                assert not kids, f"{where(i, a)}: directory not empty: {kids}"
+            not_needed_later(i, a, a.path)
+            del state[a.path]
+            touch_parent(a.path)
+        else:
+            raise AssertionError(f"unknown action {a!r}")
+    assert not staged, f"staged but never committed: {sorted(staged)}"
+    return state

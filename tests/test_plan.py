@@ -1,0 +1,310 @@
+"""Planner examples: the cases a person thinks of first, with the exact actions expected.
+
+The generated-manifest properties live in test_plan_props.py; every plan here also goes
+through the same strict writer model (strategies.simulate).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dirsync.manifest import DirEntry, FileEntry, LinkEntry, Manifest
+from dirsync.plan import (
+    ChunkIndex,
+    Commit,
+    CopyOp,
+    Delete,
+    MakeDir,
+    MakeLink,
+    PlanOptions,
+    SendOp,
+    SetMeta,
+    WriteFile,
+    diff,
+    file_delta,
+    human_size,
+)
+
+try:
+    from strategies import CHUNK_POOL, file_entry, simulate
+except ImportError:  # tests/ imported as a package
+    from tests.strategies import CHUNK_POOL, file_entry, simulate
+
+ROOT = DirEntry("", 0o755, 100)
+T = 1_000_000_000
+
+
+def tree(*entries) -> Manifest:
+    m = {"": ROOT}
+    for e in entries:
+        m[e.path] = e
+    return Manifest(m)
+
+
+def d(path, mode=0o755, mtime=T):
+    return DirEntry(path, mode, mtime)
+
+
+def f(path, chunks, mode=0o644, mtime=T):
+    return file_entry(path, chunks, mode, mtime)
+
+
+def ln(path, target, mtime=T):
+    return LinkEntry(path, target, mtime)
+
+
+def kinds(plan) -> list[tuple[str, str]]:
+    out = []
+    for a in plan.actions:
+        if isinstance(a, Commit):
+            out.append(("Commit", ",".join(a.paths)))
+        else:
+            out.append((type(a).__name__, a.path))
+    return out
+
+
+def check(master, replica, opts=PlanOptions()):
+    plan = diff(master, replica, opts)
+    state = simulate(plan, master, replica, opts.protect)
+    if opts.delete and not opts.protect and not plan.skipped:
+        assert Manifest(state).keys() == master.keys()
+        assert plan.apply_to(replica).keys() == master.keys()
+    return plan
+
+
+def test_new_file_is_sent():
+    plan = check(tree(f("a", [0, 1])), tree())
+    assert kinds(plan) == [("WriteFile", "a"), ("Commit", "a"), ("SetMeta", "")]
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.ops == (SendOp(0, len(CHUNK_POOL[0] + CHUNK_POOL[1])),)  # runs of sends merge
+    assert w.expect is None
+
+
+def test_rename_sends_nothing_and_deletes_old_name_last():
+    old = f("dir/old", [0, 1, 2, 3])
+    plan = check(tree(d("dir"), f("dir/new", [0, 1, 2, 3])), tree(d("dir"), old))
+    assert kinds(plan) == [("WriteFile", "dir/new"), ("Commit", "dir/new"), ("Delete", "dir/old"),
+                           ("SetMeta", "dir")]
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.ops == (CopyOp("dir/old", 0, old.size),)
+    assert plan.totals().send_bytes == 0
+    assert "write   dir/new  " in plan.render() and "reuse all from dir/old" in plan.render()
+
+
+def test_move_into_new_directory():
+    plan = check(tree(d("n"), f("n/x", [3, 4])), tree(f("x", [3, 4])))
+    assert kinds(plan)[:3] == [("MakeDir", "n"), ("WriteFile", "n/x"), ("Commit", "n/x")]
+    assert plan.totals().send_bytes == 0
+
+
+def test_mid_file_insertion_sends_one_chunk():
+    # 0 1 | 2 3  ->  0 1 4 2 3: copy a run, send the new chunk, copy a run.
+    r = f("big", [0, 1, 2, 3])
+    m = f("big", [0, 1, 4, 2, 3], mtime=T + 1)
+    plan = check(tree(m), tree(r))
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    n01 = len(CHUNK_POOL[0] + CHUNK_POOL[1])
+    n4 = len(CHUNK_POOL[4])
+    assert w.ops == (CopyOp("big", 0, n01), SendOp(n01, n4), CopyOp("big", n01, r.size - n01))
+    assert w.send_bytes == n4
+    assert w.expect == ("f", r.size, r.mtime_ns)
+
+
+def test_same_bytes_other_chunking_copies_whole_file():
+    # "alpha-bravo!!" as two chunks on the replica, as one chunk on the master.
+    r = f("x", [0, 1])
+    m = f("y", [5])
+    assert m.digest == r.digest and m.digests != r.digests
+    plan = check(tree(m), tree(r))
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.ops == (CopyOp("x", 0, r.size),)
+
+
+def test_chunk_of_other_size_is_not_reused():
+    # Same digest, other size: never trust a digest alone.
+    r = f("x", [0])
+    m = f("y", [2])
+    bad = FileEntry("x", len(CHUNK_POOL[0]), 0o644, T, r.digest, 512, r.sizes, m.digests)  # forged
+    idx = ChunkIndex(tree(bad))
+    assert file_delta(m, idx) == (SendOp(0, m.size),)
+
+
+def test_metadata_only_changes():
+    r = tree(f("a", [0]), ln("l", "a"), d("d"))
+    m = tree(f("a", [0], mode=0o600, mtime=T + 5), ln("l", "a", mtime=T + 6), d("d", mode=0o700))
+    plan = check(m, r)
+    assert not [a for a in plan.actions if isinstance(a, (WriteFile, MakeLink, Delete))]
+    assert SetMeta("a", "f", 0o600, T + 5) in plan.actions
+    assert SetMeta("l", "l", 0, T + 6) in plan.actions
+    assert SetMeta("d", "d", 0o700, T) in plan.actions
+
+
+def test_empty_file():
+    plan = check(tree(f("e", [])), tree())
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.ops == () and w.target.size == 0
+    assert "write   e  0 B  send 0 B" in plan.render()
+
+
+def test_replace_file_used_as_source_elsewhere():
+    # b is rewritten; a new file c copies chunks from the old b: b must be committed after c is staged.
+    r = tree(f("b", [0, 1]))
+    m = tree(f("b", [2], mtime=T + 1), f("c", [0, 1, 3]))
+    plan = check(m, r)
+    order = kinds(plan)
+    assert order.index(("WriteFile", "c")) < [i for i, k in enumerate(order) if k[0] == "Commit" and "b" in
+                                              k[1].split(",")][0]
+
+
+def test_commit_batches_respect_sources():
+    # Tiny batches: a file is still never committed before a later write has copied from it.
+    r = tree(f("a", [0]), f("b", [1]), f("c", [2]))
+    m = tree(f("a", [1]), f("b", [2]), f("c", [0]))  # a rotation
+    plan = check(m, r, PlanOptions(commit_files=1, commit_bytes=1))
+    assert plan.totals().send_bytes == 0
+
+
+def test_commit_batching_splits():
+    m = tree(*(f(n, [i % 6]) for i, n in enumerate("abcdef")))
+    plan = check(m, tree(), PlanOptions(commit_files=2))
+    commits = [a.paths for a in plan.actions if isinstance(a, Commit)]
+    assert commits == [("a", "b"), ("c", "d"), ("e", "f")]
+
+
+# -- type changes --------------------------------------------------------------------------------
+
+def test_file_to_dir():
+    plan = check(tree(d("x"), f("x/y", [0])), tree(f("x", [1])))
+    order = kinds(plan)
+    assert order.index(("Delete", "x")) < order.index(("MakeDir", "x")) < order.index(("Commit", "x/y"))
+    (dl,) = plan.deletes()
+    assert dl.obstruction and dl.expect == ("f", len(CHUNK_POOL[1]), T)
+
+
+def test_dir_to_file_removes_subtree_deepest_first():
+    r = tree(d("x"), d("x/y"), f("x/y/z", [0]), ln("x/l", "y"))
+    plan = check(tree(f("x", [0])), r)
+    dels = [a.path for a in plan.deletes()]
+    assert dels == ["x/y/z", "x/y", "x/l", "x"]
+    assert all(a.obstruction for a in plan.deletes())
+    # The new file reuses the chunk of a file inside the directory it replaces: staged first.
+    order = kinds(plan)
+    assert order.index(("WriteFile", "x")) < order.index(("Delete", "x/y/z"))
+    assert plan.totals().send_bytes == 0
+
+
+def test_dir_to_file_without_delete_is_skipped():
+    r = tree(d("x"), f("x/keep", [0]))
+    plan = check(tree(f("x", [1])), r, PlanOptions(delete=False))
+    assert [p for p, _ in plan.skipped] == ["x"]
+    assert not plan.deletes()
+    assert not [a for a in plan.actions if getattr(a, "path", None) == "x"]
+    assert "skip    x: replaces a non-empty replica directory" in plan.render()
+
+
+def test_empty_dir_to_file_without_delete_is_done():
+    plan = check(tree(f("x", [1])), tree(d("x")), PlanOptions(delete=False))
+    assert plan.skipped == ()
+    assert [a.path for a in plan.deletes()] == ["x"]
+
+
+def test_link_file_swaps():
+    r = tree(ln("a", "t"), f("b", [0]))
+    m = tree(f("a", [0]), ln("b", "t"))
+    plan = check(m, r)
+    assert not plan.deletes()  # a file replaces a link (and back) by rename, no delete needed
+    mk = [a for a in plan.actions if isinstance(a, MakeLink)]
+    assert mk == [MakeLink("b", "t", T, ("f", len(CHUNK_POOL[0]), T))]
+    assert plan.totals().send_bytes == 0
+
+
+def test_dir_to_link():
+    plan = check(tree(ln("x", "elsewhere")), tree(d("x"), f("x/f", [0])))
+    order = kinds(plan)
+    assert order.index(("Delete", "x")) < order.index(("MakeLink", "x"))
+
+
+def test_link_target_change():
+    plan = check(tree(ln("l", "new")), tree(ln("l", "old")))
+    assert [a for a in plan.actions if isinstance(a, MakeLink)] == [MakeLink("l", "new", T, ("l", "old"))]
+
+
+# -- deletes -------------------------------------------------------------------------------------
+
+def test_deletes_deepest_first_then_dir_meta():
+    r = tree(d("gone"), d("gone/sub"), f("gone/sub/f", [0]), f("gone/g", [1]), f("keep", [2]))
+    plan = check(tree(f("keep", [2])), r)
+    assert [a.path for a in plan.deletes()] == ["gone/sub/f", "gone/sub", "gone/g", "gone"]
+    assert kinds(plan)[-1] == ("SetMeta", "")
+
+
+def test_no_delete():
+    r = tree(f("extra", [0]), d("extra-dir"))
+    plan = check(tree(), r, PlanOptions(delete=False))
+    assert plan.actions == ()
+
+
+def test_protect_keeps_replica_side():
+    r = tree(d("p"), f("p/x", [0]), f("q", [1]))
+    m = tree(d("p", mode=0o700), f("q", [2]))
+    plan = check(m, r, PlanOptions(protect=frozenset({"p"})))
+    paths = {getattr(a, "path", None) for a in plan.actions}
+    assert "p" not in paths and "p/x" not in paths
+    assert ("WriteFile", "q") in kinds(plan)
+
+
+def test_protected_root_is_left_alone():
+    # The master root could not be listed: nothing, not even the root's metadata, is changed.
+    r = Manifest({"": DirEntry("", 0o700, 1), "x": f("x", [0])})
+    m = Manifest({"": DirEntry("", 0o755, 5)})
+    plan = check(m, r, PlanOptions(protect=frozenset({""})))
+    assert plan.actions == ()
+
+
+# -- fresh replica, rendering --------------------------------------------------------------------
+
+def test_fresh_replica_without_root_entry():
+    # A replica that does not exist yet scans as an empty manifest (no root entry).
+    m = tree(d("a"), f("a/f", [0]), ln("l", "a/f"))
+    plan = diff(m, Manifest())
+    simulate(plan, m, Manifest())
+    assert plan.apply_to(Manifest()).keys() == m.keys()
+
+
+def test_render_exact():
+    # Chunk sizes: 0 "alpha-" 6, 1 "bravo!!" 7, 2 "c" 1, 3 "delta delta delta" 17, 4 "echo-echo" 9,
+    # 5 "alpha-bravo!!" 13 (a chunk the replica does not have).
+    bad = os.fsdecode(b"caf\xe9")
+    r = tree(d("docs"), f("docs/old.md", [0, 1, 2, 3]), f("stale", [4]), ln("latest", "docs/old.md"))
+    m = tree(d("docs"), f("docs/new.md", [0, 1, 2, 3]), f("docs/edit.md", [0, 1, 3, 2]), f(bad, []),
+             ln("latest", "docs/new.md"), d("empty", mode=0o700), f("docs/sent.txt", [5, 3]))
+    plan = check(m, r)
+    assert plan.render().splitlines() == [
+        "mkdir   empty/",
+        "write   caf\\xe9  0 B  send 0 B",
+        "write   docs/edit.md  31 B  reuse 31 B  send 0 B",
+        "write   docs/new.md  31 B  reuse all from docs/old.md",
+        "write   docs/sent.txt  30 B  reuse 17 B  send 13 B",
+        "link    latest -> docs/new.md",
+        "delete  stale",
+        "delete  docs/old.md",
+        "meta    docs/  mode 0755",
+        "meta    empty/  mode 0700",
+        "meta    ./  mode 0755",
+        "total: 4 to write (send 13 B, reuse 79 B), 2 to delete, 1 dirs, 1 links, 3 metadata",
+    ]
+
+
+def test_render_has_one_line_per_visible_action():
+    m = tree(*(f(n, [i]) for i, n in enumerate("abc")))
+    plan = check(m, tree(), PlanOptions(commit_files=1))
+    visible = [a for a in plan.actions if not isinstance(a, Commit)]
+    assert len(plan.render().splitlines()) == len(visible) + 1
+
+
+@pytest.mark.parametrize("n,text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+                                    (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB"), (5000 << 30, "5000.0 GiB")])
+def test_human_size(n, text):
+    assert human_size(n) == text
