@@ -216,27 +216,36 @@ def from_bytes(data: bytes, chunker: str) -> Manifest:
         raise ManifestFormatError(f"manifest body unreadable: {e}") from e
 
 
+def _bad_path(p: str) -> bool:
+    """Fast form of check_relpath's rule (this runs once per row of every cache load)."""
+    w = "/" + p + "/"
+    return ("//" in w or "/./" in w or "/../" in w or "\x00" in p or len(p) > 4096)
+
+
 def decode_rows(rows) -> dict[str, Entry]:
     """Decode manifest rows into entries, validating types and paths (rows may come from a peer)."""
     dec = os.fsdecode
     entries: dict[str, Entry] = {}
+    int_only = {int}
     for r in rows:
         t = r[0]
         path = dec(r[1])
-        if path:
-            check_relpath(path)
+        if path and _bad_path(path):
+            check_relpath(path)  # raises with the precise reason
+            raise ValueError(f"bad path {path!r}")
         if t == 0:
             if len(r) == 9:  # wire row: no cache-only fields
                 r = tuple(r) + (0, 0, False)
             (_, _, size, mode, mtime, digest, avg, sizes, digests, ino, ctime, trusted) = r
             sizes = tuple(sizes)
             if (
-                not all(isinstance(x, int) for x in (size, mode, mtime, avg, ino, ctime))
+                not {type(size), type(mode), type(mtime), type(avg), type(ino), type(ctime)} <= int_only
                 or not 0 <= mode <= 0o7777
                 or len(digest) != DIGEST_SIZE
                 or len(digests) != DIGEST_SIZE * len(sizes)
+                or not set(map(type, sizes)) <= int_only
                 or sum(sizes) != size
-                or any((not isinstance(s, int)) or s <= 0 for s in sizes)
+                or (sizes and min(sizes) <= 0)
                 or size < 0
             ):
                 raise ValueError(f"bad file row for {path!r}")
@@ -244,12 +253,12 @@ def decode_rows(rows) -> dict[str, Entry]:
                                       ino, ctime, bool(trusted))
         elif t == 1:
             _, _, mode, mtime = r
-            if not isinstance(mode, int) or not isinstance(mtime, int) or not 0 <= mode <= 0o7777:
+            if type(mode) is not int or type(mtime) is not int or not 0 <= mode <= 0o7777:
                 raise ValueError(f"bad dir row for {path!r}")
             entries[path] = DirEntry(path, mode, mtime)
         elif t == 2:
             _, _, target, mtime = r
-            if not isinstance(mtime, int) or not target or b"\0" in target:
+            if type(mtime) is not int or not target or b"\0" in target:
                 raise ValueError(f"bad link row for {path!r}")
             entries[path] = LinkEntry(path, dec(target), mtime)
         else:

@@ -112,6 +112,7 @@ class Replica:
         self.cache: Manifest | None = None
         self.current: dict[str, Entry] = {}  # what the replica holds now (scan, then our changes)
         self.scanned: Manifest | None = None  # the last scan result
+        self.scan_unchanged = False
         self.staged: dict[str, tuple[str, WriteFile]] = {}
         self._dirfds: dict[str, int] = {}
         self._tmp_seq = 0
@@ -204,6 +205,7 @@ class Replica:
         res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
         self.current = dict(res.manifest.entries)
         self.scanned = res.manifest
+        self.scan_unchanged = res.unchanged
         return res
 
     def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> str:
@@ -215,7 +217,11 @@ class Replica:
             for tmp, _ in self.staged.values():
                 self._unlink_tmp(tmp)
             self.staged.clear()
-            if save and not self.readonly and self.root_fd >= 0 and self.current:
+            untouched = (self.scanned is not None and self.scan_unchanged and self.cache is not None
+                         and self.cache.generation and self.current == self.scanned.entries)
+            if untouched:
+                generation = self.cache.generation  # nothing changed: the saved cache is still exact
+            elif save and not self.readonly and self.root_fd >= 0 and self.current:
                 generation = uuid.uuid4().hex
                 try:
                     save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),

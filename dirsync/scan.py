@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, is_under, parent_of
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
@@ -59,6 +59,7 @@ class ScanResult:
     warnings: list[str] = field(default_factory=list)
     protect: set[str] = field(default_factory=set)  # nothing at or under these may be deleted
     files_read: int = 0
+    unchanged: bool = False  # the manifest equals the cache it was built from (no need to save it)
     bytes_read: int = 0
 
 
@@ -81,10 +82,13 @@ def scan_tree(
     s = _Scanner(root, excluder or Excluder(), cache, on_bytes)
     if only is None:
         s.entries[""] = s.dir_entry("", os.lstat(root))
+        s.changed = s.cache.get("") != s.entries[""]
         s.walk("")
     else:
         s.rescan(only)
     res = s.result
+    res.unchanged = (cache is not None and not s.changed and only is None
+                     and len(s.entries) == len(cache.entries))
     res.manifest = Manifest(s.entries)
     return res
 
@@ -97,6 +101,7 @@ class _Scanner:
         self.on_bytes = on_bytes
         self.entries: dict[str, Entry] = {}
         self.result = ScanResult(Manifest())
+        self.changed = False  # anything differs from the cache
         self.start_ns = time.time_ns()
 
     def abspath(self, rel: str) -> str:
@@ -139,7 +144,9 @@ class _Scanner:
         if stat.S_ISDIR(m):
             if self.excluder.excluded(rel, True):
                 return False
-            self.entries[rel] = self.dir_entry(rel, st)
+            e = self.entries[rel] = self.dir_entry(rel, st)
+            if not self.changed and self.cache.get(rel) != e:
+                self.changed = True
             return True
         if self.excluder.excluded(rel, False):
             return False
@@ -153,7 +160,9 @@ class _Scanner:
             except OSError as err:
                 self.fail(ItemIOError(rel, "read link", err))
                 return False
-            self.entries[rel] = LinkEntry(rel, target, st.st_mtime_ns)
+            e = self.entries[rel] = LinkEntry(rel, target, st.st_mtime_ns)
+            if not self.changed and self.cache.get(rel) != e:
+                self.changed = True
         else:
             kind = "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
             self.result.warnings.append(f"skipping special file {rel} ({kind})")
@@ -166,7 +175,10 @@ class _Scanner:
             if (c.trusted and c.size == st.st_size and c.mtime_ns == st.st_mtime_ns
                     and c.ino == st.st_ino and c.ctime_ns == st.st_ctime_ns):
                 mode = stat.S_IMODE(st.st_mode)
-                return c if c.mode == mode else _with_mode(c, mode)
+                if c.mode == mode:
+                    return c
+                self.changed = True
+                return _with_mode(c, mode)
             prev_avg = c.avg
         try:
             return self.hash_file(rel, st, prev_avg)
@@ -199,6 +211,7 @@ class _Scanner:
                 or st1.st_ctime_ns != st0.st_ctime_ns):
             raise SourceChangedError(rel, "read", "file changed while being read; it will be synced on a later run")
         self.result.files_read += 1
+        self.changed = True
         self.result.bytes_read += nread
         if self.on_bytes:
             self.on_bytes(nread)
@@ -208,17 +221,16 @@ class _Scanner:
                          st1.st_ino, st1.st_ctime_ns, trusted)
 
     def rescan(self, only: Iterable[str]) -> None:
-        tops = sorted(set(only))
-        # Drop nested duplicates: rescanning "a" covers "a/b".
-        kept: list[str] = []
-        for p in tops:
-            if not any(is_under(p, k) for k in kept):
-                kept.append(p)
+        tops = set(only)
+        # Drop nested duplicates: rescanning "a" covers "a/b". Ancestor lookups in a set, not
+        # pairwise is_under: watch mode passes up to ~1,000 paths and caches hold 100k+ entries.
+        kept = sorted(p for p in tops if not p or not _covered(parent_of(p), tops))
         if "" in kept:
             self.entries[""] = self.dir_entry("", os.lstat(self.root))
             self.walk("")
             return
-        self.entries = {p: e for p, e in self.cache.items() if not any(is_under(p, k) for k in kept)}
+        kept_set = set(kept)
+        self.entries = {p: e for p, e in self.cache.items() if not _covered(p, kept_set)}
         parents = set()
         for p in kept:
             q = parent_of(p)
@@ -244,6 +256,16 @@ class _Scanner:
                 continue
             if stat.S_ISDIR(st.st_mode) and isinstance(self.entries.get(q), DirEntry):
                 self.entries[q] = self.dir_entry(q, st)
+
+
+def _covered(p: str, tops: set[str]) -> bool:
+    """True when p or one of its ancestors ("" included) is in tops."""
+    while True:
+        if p in tops:
+            return True
+        if not p:
+            return False
+        p = parent_of(p)
 
 
 def _ancestors(p: str) -> list[str]:

@@ -118,6 +118,21 @@ def check_overlap(master_real: str, replica: str) -> None:
                            hint="master and replica must be separate trees")
 
 
+def check_replicas_apart(replicas: tuple[str, ...] | list[str]) -> None:
+    """Refuse two local replicas that are the same directory or one inside the other (also
+    through symlinks): each run the outer one would delete the inner one, state included."""
+    seen: list[tuple[str, str]] = []
+    for spec in replicas:
+        if is_remote_spec(spec):
+            continue
+        rp = os.path.realpath(spec)
+        for other, orp in seen:
+            if rp == orp or rp.startswith(orp.rstrip("/") + "/") or orp.startswith(rp.rstrip("/") + "/"):
+                raise RefusedError(f"replicas {other} and {spec} overlap; refusing",
+                                   hint="each replica must be a separate tree")
+        seen.append((spec, rp))
+
+
 def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tuple[ScanResult, bool]:
     """Scan the master with its cache; returns (result, cache trustworthy for deletes)."""
     cache_file = master_cache_path(master_real)
@@ -127,7 +142,8 @@ def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tu
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
     res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.manifest)
     try:
-        save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID)
+        if not res.unchanged:
+            save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID)
     except OSError as e:
         reporter.warn(f"could not save the master cache {cache_file}: {e.strerror}")
     return res, cache_ok
@@ -142,6 +158,7 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     for r in cfg.replicas:
         check_overlap(master_real, r)
         check_backup_dir(master_real, r, cfg.transport.backup_dir)
+    check_replicas_apart(cfg.replicas)
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
     mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
