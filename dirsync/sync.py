@@ -142,7 +142,8 @@ def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tu
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
     res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.manifest)
     try:
-        save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID)
+        if not res.unchanged:
+            save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID)
     except OSError as e:
         reporter.warn(f"could not save the master cache {cache_file}: {e.strerror}")
     return res, cache_ok
