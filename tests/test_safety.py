@@ -192,6 +192,30 @@ def test_overlapping_roots_are_refused(tmp_path, case):
     assert raw_snapshot(tmp_path) == before, "a refused run changed something"
 
 
+@pytest.mark.parametrize("case", ["nested", "nested-reversed", "nested-through-symlink", "same-twice"])
+def test_replicas_overlapping_each_other_are_refused(tmp_path, case):
+    """One replica inside another: each run the outer one deleted the inner one (its files and
+    its .dirsync/ state) and the inner one rewrote everything, forever, with exit 0."""
+    m = tmp_path / "m"
+    build_tree(m, TREE)
+    outer = tmp_path / "r"
+    if case == "nested":
+        replicas = (outer, outer / "sub")
+    elif case == "nested-reversed":
+        replicas = (outer / "sub", outer)
+    elif case == "nested-through-symlink":
+        os.mkdir(outer)
+        os.symlink(outer, tmp_path / "alias")
+        replicas = (outer, tmp_path / "alias" / "inner")
+    else:
+        replicas = (outer, outer)
+    before = raw_snapshot(tmp_path)
+    cp = run_cli("sync", m, *replicas)
+    assert cp.returncode == REFUSED, cp.stderr
+    assert "overlap" in cp.stderr, cp.stderr
+    assert raw_snapshot(tmp_path) == before, "a refused run changed something"
+
+
 def test_overlap_refusal_happens_before_any_replica_is_touched(tmp_path):
     m = tmp_path / "m"
     build_tree(m, TREE)
