@@ -245,3 +245,45 @@ def test_modes_including_special_bits_round_trip(tmp_path, mode):
     os.chmod(m / "f", mode)
     os.chmod(m / "d", mode | 0o700)
     synced(m, r)
+
+
+def test_hard_links_are_copied_as_separate_files(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"a.txt": b"shared content\n", "d": {}})
+    os.link(m / "a.txt", m / "d" / "b.txt")
+    synced(m, r)
+    sa, sb = os.stat(r / "a.txt"), os.stat(r / "d" / "b.txt")
+    assert sa.st_ino != sb.st_ino and sa.st_nlink == sb.st_nlink == 1
+    append(m / "a.txt", b"written through one link\n")  # both master names change
+    synced(m, r)
+    assert read(r / "d" / "b.txt") == b"shared content\nwritten through one link\n"
+
+
+def _photo_tree() -> dict:
+    return {"photos": {f"p{i:02d}.jpg": random_bytes(2000, 100 + i) for i in range(30)}, "readme": b"r\n"}
+
+
+def test_renaming_the_main_directory_sends_nothing_and_loses_nothing(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _photo_tree())
+    synced(m, r)
+    os.rename(m / "photos", m / "photos-2024")
+    _, out = sync_json(m, r, expect=None)
+    rep = out["replicas"][0]
+    assert rep["exit_code"] in (0, 25), rep
+    assert rep["bytes_sent"] == 0, rep
+    for i in range(30):  # the new names are complete whatever the guard decided
+        assert read(r / "photos-2024" / f"p{i:02d}.jpg") == read(m / "photos-2024" / f"p{i:02d}.jpg")
+    synced(m, r)  # and the next run converges
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "design: the default mass-delete guard compares deletions with the replica's size before the "
+    "run, so renaming the directory holding most of the tree (31 deletes of 32 entries, all content "
+    "reused) trips it with exit 25; the next run completes. See the e2e tier report."))
+def test_renaming_the_main_directory_completes_in_one_run(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _photo_tree())
+    synced(m, r)
+    os.rename(m / "photos", m / "photos-2024")
+    synced(m, r)
