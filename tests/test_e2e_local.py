@@ -287,3 +287,49 @@ def test_renaming_the_main_directory_completes_in_one_run(tmp_path):
     synced(m, r)
     os.rename(m / "photos", m / "photos-2024")
     synced(m, r)
+
+
+@pytest.mark.parametrize("shuffle", ["rotate-three", "shift-chain", "file-into-dir-of-itself",
+                                     "dir-collapses-into-file", "dir-rename-over-file"])
+def test_reshuffles_of_existing_content_send_nothing(tmp_path, shuffle):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"a": random_bytes(300 * KiB, 31), "b": random_bytes(200 * KiB, 32),
+                   "c": random_bytes(100 * KiB, 33), "d": {"x": random_bytes(150 * KiB, 34)}})
+    synced(m, r)
+    if shuffle == "rotate-three":  # a -> b -> c -> a
+        os.rename(m / "a", m / "t")
+        os.rename(m / "c", m / "a")
+        os.rename(m / "b", m / "c")
+        os.rename(m / "t", m / "b")
+    elif shuffle == "shift-chain":  # c -> new, b -> c, a -> b
+        os.rename(m / "c", m / "new")
+        os.rename(m / "b", m / "c")
+        os.rename(m / "a", m / "b")
+    elif shuffle == "file-into-dir-of-itself":  # a becomes a directory holding a's old content
+        os.rename(m / "a", m / "t")
+        os.mkdir(m / "a")
+        os.rename(m / "t", m / "a" / "inner")
+    elif shuffle == "dir-collapses-into-file":  # d/ becomes a file with d/x's content
+        os.rename(m / "d" / "x", m / "t")
+        os.rmdir(m / "d")
+        os.rename(m / "t", m / "d")
+    else:  # d/ renamed to where file c was
+        os.unlink(m / "c")
+        os.rename(m / "d", m / "c")
+    assert _sent(m, r) == 0
+
+
+def test_no_delete_keeps_replica_extras_and_syncs_the_rest(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"keep": b"k\n", "gone": b"g\n", "dir": {"x": b"x\n"}, "f": b"file\n"})
+    synced(m, r)
+    remove(m / "gone")
+    replace_with_file(m / "dir", b"dir became a file\n")  # needs deleting dir/x: skipped without deletes
+    replace_with_dir(m / "f", {"y": b"y\n"})  # a file in the way is replaced (not a mirror delete)
+    write(m / "keep", b"k2\n")
+    cp, out = sync_json(m, r, args=("--no-delete",))
+    rep = out["replicas"][0]
+    assert rep["files_deleted"] <= 1 and read(r / "gone") == b"g\n"
+    assert read(r / "dir" / "x") == b"x\n" and any("dir" in w for w in rep["warnings"]), rep
+    assert read(r / "keep") == b"k2\n" and read(r / "f" / "y") == b"y\n"
+    synced(m, r)
