@@ -2,8 +2,12 @@
 
 Runs the same scanner, action loop (apply.apply_actions) and replica writer as a local replica.
 Everything received is validated before use (proto.dec_*). The session ends on `bye`, on EOF
-of stdin (a dropped link), or after IDLE_S seconds without input; the replica lock and temps
-go with it. stdout carries frames only: anything else printed by mistake goes to stderr.
+of stdin (a dropped link), after IDLE_S seconds without input, or when the master has not read
+what the agent writes for WRITE_TIMEOUT_S (a stalled link); the replica lock and temps go with
+it. stdout carries frames only: anything else printed by mistake goes to stderr. See PROTOCOL.md.
+
+Exit status: 0 after `bye` or EOF, 11 after a protocol error (a `fatal` frame was sent first when
+possible), 1 after an internal error (also reported in a `fatal` frame).
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import os
 import select
 import sys
 import threading
+import traceback
 from typing import Any, Iterator
 
 import zstandard
 
 from dirsync import __version__
 from dirsync.apply import apply_actions
-from dirsync.errors import DirsyncError, ItemError, ProtocolError, SourceChangedError
+from dirsync.errors import DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import encode_rows
 from dirsync.plan import Action, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
@@ -38,8 +43,23 @@ from dirsync.transport.wire import (
 )
 
 IDLE_S = 900.0  # no input for this long: the master is gone
-PING_S = 5.0  # keep-alive frames so the master can tell a slow agent from a dead link
+IDLE_ENV = "DIRSYNC_AGENT_IDLE"  # seconds; overrides IDLE_S (tests)
+WRITE_TIMEOUT_S = 120.0  # the master read nothing of ours for this long: the link is stalled
+PING_S = 5.0  # keep-alive frames so the master can tell a slow agent from a dead link (hello may ask less)
+PING_MIN_S = 0.1
 READ_SIZE = 1 << 20
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        v = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return v if 0.1 <= v <= 86400 else default
+
+
+class _InternalError(DirsyncError):
+    """A bug in the agent (an unexpected exception); reported to the master, exit status 1."""
 
 
 class _Aborted(ItemError):
@@ -55,21 +75,31 @@ class Agent:
         self.wlock = threading.Lock()
         self.replica: Replica | None = None
         self.unz = zstandard.ZstdDecompressor()
+        self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
+        self.ping_s = PING_S
+        self._inline: Any = None
+        os.set_blocking(wfd, False)  # so that a stalled master cannot block a write forever
 
     # -- I/O ---------------------------------------------------------------------
 
     def send(self, msg: Any) -> None:
+        """Write one frame. OSError (TimeoutError for a stalled master) when the link is gone."""
         data = encode(msg)
         with self.wlock:
             view = memoryview(data)
             while view:
-                view = view[os.write(self.wfd, view):]
+                try:
+                    view = view[os.write(self.wfd, view):]
+                except BlockingIOError:
+                    _, w, _ = select.select([], [self.wfd], [], WRITE_TIMEOUT_S)
+                    if not w:
+                        raise TimeoutError(f"the master read nothing for {WRITE_TIMEOUT_S:g} s") from None
 
     def recv(self) -> Any:
         while not self.inbox:
-            r, _, _ = select.select([self.rfd], [], [], IDLE_S)
+            r, _, _ = select.select([self.rfd], [], [], self.idle_s)
             if not r:
-                raise ProtocolError(f"no input for {IDLE_S:g} s; giving up")
+                raise ProtocolError(f"no input for {self.idle_s:g} s; giving up")
             data = os.read(self.rfd, READ_SIZE)
             if not data:
                 self.decoder.check_eof()
@@ -83,9 +113,12 @@ class Agent:
     def run(self) -> int:
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(stop,), name="agent-ping")
-        self.send(hello(__version__))
         try:
-            check_hello(self.recv())
+            self.send(hello(__version__))
+            peer = check_hello(self.recv())
+            ping_ms = peer.get("ping_ms")
+            if ping_ms is not None:
+                self.ping_s = max(PING_MIN_S, min(PING_S, v_int(ping_ms, 0, 3_600_000) / 1000))
             pinger.start()
             while True:
                 m = self.recv()
@@ -100,13 +133,17 @@ class Agent:
                     self.send(proto.enc_fatal(e))
         except EOFError:
             return 0
+        except OSError as e:  # our stdout is gone or stalled: nobody to tell
+            print(f"dirsync agent: lost the master: {e}", file=sys.stderr)
+            return 0
         except ProtocolError as e:
-            try:
-                self.send(proto.enc_fatal(e))
-            except OSError:
-                pass
+            self._last_word(e)
             print(f"dirsync agent: {e}", file=sys.stderr)
             return 11
+        except Exception as e:  # a bug: tell the master in one line, keep the traceback on stderr
+            traceback.print_exc(file=sys.stderr)
+            self._last_word(_InternalError(f"internal error in the agent: {type(e).__name__}: {e}"[:1000]))
+            return 1
         finally:
             stop.set()
             if pinger.is_alive():
@@ -114,8 +151,14 @@ class Agent:
             if self.replica is not None:
                 self.replica.close(save=False)
 
+    def _last_word(self, e: DirsyncError) -> None:
+        try:
+            self.send(proto.enc_fatal(e))
+        except (OSError, ProtocolError):
+            pass
+
     def _ping(self, stop: threading.Event) -> None:
-        while not stop.wait(PING_S):
+        while not stop.wait(self.ping_s):
             try:
                 self.send({"t": "ping"})
             except OSError:
@@ -130,18 +173,21 @@ class Agent:
             self.apply()
         elif t == "close":
             self.close(v_bool(m.get("save", True)))
+        elif t == "root":
+            self.root(m)
         else:
             raise ProtocolError(f"unexpected message {str(t)[:40]!r}")
 
     def open(self, m: dict) -> None:
         if self.replica is not None:
             raise ProtocolError("open twice")
-        root = os.path.expanduser(os.fsdecode(v_bytes(m.get("root"), 4096) or b"."))
+        root = os.path.expanduser(os.fsdecode(proto.v_path(m.get("root")) or b"."))
         backup = None
         bdir = m.get("backup_dir")
         if bdir is not None:
             keep = m.get("backup_keep")
-            backup = BackupOptions(os.fsdecode(v_bytes(bdir, 4096)), None if keep is None else v_int(keep, 1, 1 << 30))
+            backup = BackupOptions(os.fsdecode(proto.v_path(bdir) or b"."),
+                                   None if keep is None else v_int(keep, 1, 1 << 30))
         replica = Replica(root, readonly=v_bool(m.get("readonly", False)), backup=backup)
         try:
             info = replica.open(init=v_bool(m.get("init", False)))
@@ -156,7 +202,7 @@ class Agent:
         patterns = [v_str(p, 4096) for p in v_list(m.get("patterns", []), 10000)]
         fresh = v_bool(m.get("fresh", False))
         base = v_str(m.get("base", ""), 64)
-        res = r.manifest(Excluder(patterns), fresh=fresh)
+        res = r.manifest(_excluder(patterns), fresh=fresh)
         entries = res.manifest.entries
         cache = r.cache
         if base and cache is not None and cache.generation == base:
@@ -168,16 +214,17 @@ class Agent:
             changed, removed, full = list(entries.values()), [], True
         self._send_rows(changed, removed)
         self.send({"t": "scan_end", "full": full, "base": base if not full else "",
-                   "errors": [proto.enc_item_error(e) for e in res.errors], "warnings": res.warnings,
-                   "cached_root": self._cached_root(patterns)})
+                   "errors": [proto.enc_item_error(e) for e in res.errors], "warnings": res.warnings})
 
-    def _cached_root(self, patterns: list[str]) -> bytes:
+    def root(self, m: dict) -> None:
+        """Merkle root of the saved manifest, filtered like a scan with these patterns (verify --quick)."""
         from dirsync.verify import cached_root
 
         r = self._need()
-        if r.cache is None:
-            return b""
-        return cached_root(r.cache, patterns, (r.backup_rel,) if r.backup_rel else ())
+        patterns = [v_str(p, 4096) for p in v_list(m.get("patterns", []), 10000)]
+        _excluder(patterns)  # a bad pattern is the master's error, reported like in scan
+        root = b"" if r.cache is None else cached_root(r.cache, patterns, r.reserved)
+        self.send({"t": "root", "root": root})
 
     def _send_rows(self, entries: list, removed: list[bytes]) -> None:
         for i in range(0, len(entries), proto.ROWS_PER_FRAME):
@@ -293,6 +340,15 @@ class _ResultSender:
 
     def warn(self, msg: str) -> None:
         self.agent.send({"t": "warn", "msg": msg})
+
+
+def _excluder(patterns: list[str]) -> Excluder:
+    try:
+        return Excluder(patterns)
+    except DirsyncError:
+        raise
+    except Exception as e:  # pathspec's own errors for a malformed pattern
+        raise ProtocolError(f"bad exclude pattern: {e}"[:300]) from None
 
 
 def main() -> int:

@@ -23,7 +23,8 @@ from dirsync.errors import (
 from dirsync.manifest import Entry, FileEntry, decode_rows, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.replica import OpenInfo
-from dirsync.transport.wire import v_bool, v_bytes, v_int, v_list, v_map, v_relpath, v_str
+from dirsync.scan import STATE_DIR
+from dirsync.transport.wire import v_bool, v_bytes, v_int, v_list, v_map, v_relpath as _v_relpath, v_str
 
 MAX_OPS = 1 << 22
 MAX_ROWS = 1 << 16  # rows per frame
@@ -32,6 +33,24 @@ I64 = 2**63 - 1
 ROWS_PER_FRAME = 4096
 
 _enc = os.fsencode
+_STATE = STATE_DIR.encode()
+
+
+def v_relpath(b: Any) -> str:
+    """wire.v_relpath, and never inside the replica's own state folder (`.dirsync/...`)."""
+    path = _v_relpath(b)
+    if b == _STATE or b.startswith(_STATE + b"/"):
+        raise ProtocolError(f"path inside the replica state folder {STATE_DIR}: {path[:80]!r}")
+    return path
+
+
+def v_path(b: Any) -> bytes:
+    """A replica root or backup dir as the master names it (absolute, or relative to the agent's
+    home): bytes, at most 4096, no NUL. b"" means the home directory."""
+    b = v_bytes(b, 4096)
+    if b"\0" in b:
+        raise ProtocolError("path contains NUL")
+    return b
 
 
 def _path(b: Any, *, root_ok: bool = False) -> str:
@@ -88,6 +107,9 @@ def dec_action(m: dict) -> Action:
         f = next(iter(target.values())) if len(target) == 1 else None
         if not isinstance(f, FileEntry) or not f.path:
             raise ProtocolError("write: target is not a file row")
+        v_relpath(_enc(f.path))
+        v_int(f.mtime_ns, -I64, I64)
+        v_int(f.size, 0, I64)
         ops: list = []
         pos = 0
         for o in v_list(m.get("ops"), MAX_OPS):
@@ -136,6 +158,11 @@ def dec_rows(rows: Any) -> dict[str, Entry]:
         raise
     except Exception as e:  # any shape problem in peer data is a protocol error
         raise ProtocolError(f"bad manifest rows from the peer: {e}") from None
+
+
+def dec_paths(x: Any) -> list[str]:
+    """A `removed` frame's paths (relpaths, validated like any path from the peer)."""
+    return [v_relpath(p) for p in v_list(x, MAX_ROWS)]
 
 
 def enc_item_error(e: ItemError) -> list:

@@ -3,8 +3,11 @@
 Written once against a Channel (a byte pipe): ParamikoChannel over SSH in production,
 SubprocessChannel in tests. One reader thread, owned by this object (started in open, joined
 in close), turns incoming frames into messages on a queue, so the main thread can stream
-actions and data without ever blocking the agent on a full pipe. Only manifests, actions and
-the bytes of send ops cross the link; the replica's file contents never do.
+actions and data without ever blocking the agent on a full pipe. A watchdog thread enforces
+the one liveness rule: no byte from the agent (it pings every few seconds) for the I/O timeout
+means the link is dead; the connection is then torn down, which also frees a main thread
+blocked in a send. Only manifests, actions and the bytes of send ops cross the link; the
+replica's file contents never do. The protocol is described in PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 from dirsync import __version__, chunking
 from dirsync.apply import MasterReader, Sink
-from dirsync.errors import ConnectError, ItemError, ProtocolError
+from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import Manifest
 from dirsync.plan import Action, Commit, Delete, MakeDir, MakeLink, SetMeta, WriteFile
 from dirsync.replica import OpenInfo
@@ -28,8 +32,25 @@ from dirsync.transport.wire import FrameDecoder, check_hello, encode, hello, v_b
 
 INLINE_MAX = 64 << 10  # send-op data up to this size travels inside the write message
 FLUSH_AT = 256 << 10  # coalesce small frames into writes of about this size
-IO_TIMEOUT_S = 60.0  # the agent pings every 5 s; this long without a frame means the link is dead
+IO_TIMEOUT_S = 60.0  # the agent pings every 5 s; this long without a byte means the link is dead
+IO_TIMEOUT_ENV = "DIRSYNC_IO_TIMEOUT"  # seconds; overrides IO_TIMEOUT_S (tests, very slow links)
+PING_S = 5.0  # the ping interval asked of the agent (at most a quarter of the I/O timeout)
+START_GRACE_S = 3.0  # the agent ended before its hello: wait this long for its exit status
 _DONE_KINDS = {"mkdir": MakeDir, "link": MakeLink, "meta": SetMeta, "del": Delete}
+
+
+def io_timeout() -> float:
+    """The dead-link timeout: $DIRSYNC_IO_TIMEOUT seconds when set and sane, else IO_TIMEOUT_S."""
+    try:
+        v = float(os.environ.get(IO_TIMEOUT_ENV, ""))
+    except ValueError:
+        return IO_TIMEOUT_S
+    return v if 0.5 <= v <= 86400 else IO_TIMEOUT_S
+
+
+_MISSING_HINT = ("install dirsync on the remote host (pip install dirsync-mirror), or point --remote-cmd at it, "
+                 "e.g. --remote-cmd /opt/venv/bin/dirsync")
+_MISSING_MARKS = ("command not found", "No such file or directory", "No module named", "not found")
 
 
 class RemoteTransport:
@@ -51,10 +72,17 @@ class RemoteTransport:
         self.client: Any = None
         self.inbox: queue.Queue = queue.Queue()
         self.reader: threading.Thread | None = None
+        self.watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
         self.out = bytearray()
+        self.timeout = io_timeout()
+        self._last_rx = time.monotonic()
+        self._broken: DirsyncError | None = None  # why the link is unusable (the first cause wins)
+        self._busy = False  # inside apply: the agent expects actions/data, not `close`
+        self._readonly = False
+        self._hello_seen = False
         self.base: Manifest | None = None  # our copy of the replica's last saved manifest
         self.scanned: Manifest | None = None
-        self._cached_root: bytes | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc = None
         if opts.compress:
@@ -68,7 +96,7 @@ class RemoteTransport:
         if self._factory is not None:
             self.chan = self._factory()
             return
-        from dirsync.transport.ssh import ParamikoChannel, connect, remote_command
+        from dirsync.transport.ssh import ParamikoChannel, connect
 
         self.client = connect(self.ep, port=self.opts.port, identity=self.opts.identity,
                               ssh_config_file=self.opts.ssh_config,
@@ -82,6 +110,7 @@ class RemoteTransport:
         try:
             while True:
                 data = self.chan.recv(1 << 20)
+                self._last_rx = time.monotonic()
                 if not data:
                     dec.check_eof()
                     self.inbox.put(EOFError())
@@ -93,59 +122,125 @@ class RemoteTransport:
         except Exception as e:  # handed to the owner thread, which raises it
             self.inbox.put(e)
 
+    def _watch(self) -> None:
+        """Tear the link down when the agent has been silent for the I/O timeout."""
+        step = min(1.0, self.timeout / 8)
+        while not self._stop.wait(step):
+            silent = time.monotonic() - self._last_rx
+            if silent > self.timeout:
+                self._fail(ConnectError(f"connection lost to {self.ep}: no data for {self.timeout:g} s "
+                                        "(the link is dead or stalled)"))
+                self._abort_link()
+                return
+
+    def _fail(self, err: DirsyncError) -> DirsyncError:
+        """Remember the first fatal error of this session; return the one to raise."""
+        if self._broken is None:
+            self._broken = err
+        return self._broken
+
+    def _abort_link(self) -> None:
+        """Close the connection from under any blocked send/recv (thread-safe in paramiko)."""
+        try:
+            if self.client is not None:
+                self.client.close()
+            elif self.chan is not None:
+                self.chan.close()
+        except Exception:
+            pass
+
     def _send(self, msg: Any, flush: bool = False) -> None:
         self.out += encode(msg)
         if flush or len(self.out) >= FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:
-        if self.out:
-            data, self.out = bytes(self.out), bytearray()
+        if not self.out:
+            return
+        if self._broken is not None:
+            raise self._broken
+        data, self.out = bytes(self.out), bytearray()
+        try:
             self.chan.send(data)
+        except Exception as e:
+            raise self._as_lost(e) from None
 
-    def _recv(self, timeout: float = IO_TIMEOUT_S) -> dict:
+    def _as_lost(self, e: BaseException) -> DirsyncError:
+        """The error to raise for a failure of the link (an earlier cause, e.g. the watchdog's, first)."""
+        if isinstance(e, (ConnectError, ProtocolError)):
+            return self._fail(e)
+        return self._fail(self._lost(str(e) or type(e).__name__))
+
+    def _recv(self, timeout: float | None = None) -> dict:
         self._flush()
         try:
-            m = self.inbox.get(timeout=timeout)
+            m = self.inbox.get(timeout=(self.timeout + 5) if timeout is None else timeout)
         except queue.Empty:
-            raise ConnectError(f"connection lost to {self.ep}: no answer for {timeout:g} s") from None
+            raise self._fail(ConnectError(f"connection lost to {self.ep}: no answer for {self.timeout:g} s")) from None
         if isinstance(m, EOFError):
-            raise self._lost("the agent closed the connection")
+            if self._broken is None and not self._hello_seen:
+                raise self._fail(self._agent_gone_early())
+            raise self._fail(self._lost("the agent closed the connection"))
         if isinstance(m, BaseException):
-            if isinstance(m, (ConnectError, ProtocolError)):
-                raise m
-            raise self._lost(str(m) or type(m).__name__)
-        m = v_map(m)
-        if m.get("t") == "fatal":
-            raise proto.dec_fatal(m, str(self.ep))
+            raise self._as_lost(m)
+        return self._check(m)
+
+    def _check(self, m: Any) -> dict:
+        try:
+            m = v_map(m)
+            if m.get("t") == "fatal":
+                raise proto.dec_fatal(m, str(self.ep))
+        except DirsyncError as e:
+            raise self._fail(e) from None
         return m
 
     def _lost(self, why: str) -> ConnectError:
         err = self.chan.stderr_text().strip() if self.chan is not None else ""
         status = self.chan.exit_status() if self.chan is not None else None
-        if status == 127 or "not found" in err:
-            return ConnectError(f"{self.ep}: the remote side could not start dirsync ({err.splitlines()[-1] if err else 'exit 127'})",
-                                hint="install dirsync on the remote host (pip install dirsync-mirror), "
-                                     "or point --remote-cmd at it, e.g. --remote-cmd '/opt/venv/bin/dirsync'")
-        tail = f" (remote said: {err.splitlines()[-1][:300]})" if err else ""
+        last = err.splitlines()[-1][:300] if err else ""
+        if not self._hello_seen and (status == 127 or any(k in err for k in _MISSING_MARKS)):
+            return ConnectError(f"{self.ep}: the remote side could not start dirsync "
+                                f"({last or f'exit status {status}'})", hint=_MISSING_HINT)
+        tail = f" (remote said: {last})" if last else ""
         return ConnectError(f"connection lost to {self.ep}: {why}{tail}")
+
+    def _agent_gone_early(self) -> ConnectError:
+        """The agent ended before its hello: wait a moment for its exit status and stderr, then explain."""
+        deadline = time.monotonic() + START_GRACE_S
+        while time.monotonic() < deadline and self.chan.exit_status() is None:
+            time.sleep(0.02)
+        return self._lost("the agent closed the connection")
 
     # -- contract ----------------------------------------------------------------------
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
-        self._connect()
-        self.reader = threading.Thread(target=self._read_loop, name=f"dirsync-reader {self.name}")
-        self.reader.start()
+        self._readonly = readonly
         try:
-            self._send(hello(__version__), flush=True)
-            check_hello(self._recv(timeout=max(IO_TIMEOUT_S, self.opts.connect_timeout)))
+            self._connect()
+            self._last_rx = time.monotonic()
+            self.reader = threading.Thread(target=self._read_loop, name=f"dirsync-reader {self.name}", daemon=True)
+            self.reader.start()
+            self.watchdog = threading.Thread(target=self._watch, name=f"dirsync-watchdog {self.name}", daemon=True)
+            self.watchdog.start()
+            ping_ms = int(min(PING_S, self.timeout / 4) * 1000)
+            self._send(hello(__version__, ping_ms=ping_ms), flush=True)
+            first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
+            try:
+                check_hello(first)
+            except ProtocolError as e:
+                raise self._fail(ProtocolError(f"{self.ep}: {e}", hint=e.hint)) from None
+            self._hello_seen = True
             msg: dict[str, Any] = {"t": "open", "root": os.fsencode(self.path), "init": init, "readonly": readonly}
             if self.opts.backup_dir:
                 msg["backup_dir"] = os.fsencode(self.opts.backup_dir)
-                msg["backup_keep"] = self.opts.backup_keep
+                if self.opts.backup_keep is not None:
+                    msg["backup_keep"] = self.opts.backup_keep
             self._send(msg, flush=True)
             m = self._expect("opened")
             return proto.dec_open_info(m.get("info"))
+        except (ConnectError, ProtocolError) as e:
+            self._shutdown()
+            raise self._fail(e) from None
         except BaseException:
             self._shutdown()
             raise
@@ -153,53 +248,73 @@ class RemoteTransport:
     def _expect(self, t: str) -> dict:
         m = self._recv()
         if m.get("t") != t:
-            raise ProtocolError(f"{self.ep}: expected {t!r}, got {str(m.get('t'))[:40]!r}")
+            raise self._fail(ProtocolError(f"{self.ep}: expected {t!r}, got {str(m.get('t'))[:40]!r}"))
         return m
 
-    def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
-        load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID)
-        self.base = load.manifest
-        base_gen = self.base.generation if self.base is not None else ""
-        self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
-        changed: dict = {}
-        removed: list[str] = []
+    def _rows_until(self, end: str, changed: dict, removed: list[str]) -> dict:
+        """Collect `rows`/`removed` frames until the `end` message, which is returned."""
         while True:
             m = self._recv()
             t = m.get("t")
             if t == "rows":
                 changed.update(proto.dec_rows(m.get("rows")))
             elif t == "removed":
-                removed.extend(os.fsdecode(v_bytes(p, 4096)) for p in v_list(m.get("paths"), proto.MAX_ROWS))
-            elif t == "scan_end":
-                break
+                removed.extend(proto.dec_paths(m.get("paths")))
+            elif t == end:
+                return m
             else:
-                raise ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} during scan")
+                raise self._fail(ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} while waiting for {end!r}"))
+
+    def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
+        try:
+            return self._scan(patterns, fresh)
+        except (ConnectError, ProtocolError) as e:
+            raise self._fail(e) from None
+
+    def _scan(self, patterns: list[str], fresh: bool) -> ScanResult:
+        load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID)
+        self.base = load.manifest
+        base_gen = self.base.generation if self.base is not None else ""
+        self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
+        changed: dict = {}
+        removed: list[str] = []
+        m = self._rows_until("scan_end", changed, removed)
         if m.get("full", True):
             entries = changed
         else:
             if self.base is None or m.get("base") != base_gen:
-                raise ProtocolError(f"{self.ep}: agent sent a delta against a manifest we do not have")
+                raise self._fail(ProtocolError(f"{self.ep}: agent sent a delta against a manifest we do not have"))
             entries = dict(self.base.entries)
             for p in removed:
                 entries.pop(p, None)
             entries.update(changed)
         self.scanned = Manifest(entries)
-        root = m.get("cached_root") or b""
-        self._cached_root = v_bytes(root, 64) or None
         res = ScanResult(self.scanned)
         res.errors = [proto.dec_item_error(e) for e in v_list(m.get("errors", []), 1 << 20)]
         res.warnings = [v_str(w, 4096) for w in v_list(m.get("warnings", []), 1 << 20)]
         return res
 
     def cached_root(self, patterns: list[str]) -> bytes | None:
-        if self.scanned is None:
-            self.scan(patterns)
-        return self._cached_root
+        """Merkle root of the replica's saved manifest (verify --quick); the agent walks nothing."""
+        try:
+            self._send({"t": "root", "patterns": list(patterns)}, flush=True)
+            m = self._expect("root")
+            return v_bytes(m.get("root", b""), 64) or None
+        except (ConnectError, ProtocolError) as e:
+            raise self._fail(e) from None
 
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
               should_stop: Callable[[], bool] = lambda: False) -> None:
+        try:
+            self._apply(actions, master, sink, should_stop)
+        except (ConnectError, ProtocolError) as e:
+            raise self._fail(e) from None
+
+    def _apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
+               should_stop: Callable[[], bool]) -> None:
         writes: dict[str, WriteFile] = {}
         others: dict[tuple[str, str], Action] = {}
+        self._busy = True
         self._send({"t": "apply"})
         for a in actions:
             if should_stop():
@@ -215,6 +330,7 @@ class RemoteTransport:
         self._send({"t": "apply_end"}, flush=True)
         while not self._dispatch(sink, writes, others, block=True):
             pass
+        self._busy = False
 
     def _send_write(self, w: WriteFile, master: MasterReader, sink: Sink) -> None:
         msg = proto.enc_action(w)
@@ -226,7 +342,6 @@ class RemoteTransport:
                 self._send(msg)
                 return
             self._send(msg)
-            started = True
             for piece in master.sends(w):
                 self._send(self._data(piece))
             self._send({"t": "end"})
@@ -256,54 +371,57 @@ class RemoteTransport:
                     self.inbox.put(item)
                     m = self._recv()
                 else:
-                    m = v_map(item)
-                    if m.get("t") == "fatal":
-                        raise proto.dec_fatal(m, str(self.ep))
-            t = m.get("t")
-            if t == "applied":
-                return True
-            path = os.fsdecode(v_bytes(m.get("p", b""), 4096))
-            if t == "staged":
-                w = writes.get(path)
-                if w is not None:
-                    sink.staged(w)
-            elif t == "done":
-                k = v_str(m.get("k"), 8)
-                if k == "write":
-                    w = writes.get(path)
-                    if w is not None:
-                        sink.done(w, path)
-                else:
-                    a = others.get((k, path))
-                    if a is not None:
-                        sink.done(a, path)
-            elif t == "failed":
-                e = proto.dec_item_error(m.get("e"))
-                sink.failed(e.path, e)
-            elif t == "warn":
-                sink.warn(v_str(m.get("msg"), 4096))
-            else:
-                raise ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} during apply")
+                    m = self._check(item)
+            try:
+                if self._outcome(m, sink, writes, others):
+                    return True
+            except ProtocolError as e:
+                raise self._fail(e) from None
             if block:
                 return False
 
+    def _outcome(self, m: dict, sink: Sink, writes: dict[str, WriteFile], others: dict) -> bool:
+        t = m.get("t")
+        if t == "applied":
+            return True
+        if t == "warn":
+            sink.warn(v_str(m.get("msg"), 4096))
+            return False
+        if t == "failed":
+            e = proto.dec_item_error(m.get("e"))
+            sink.failed(e.path, e)
+            return False
+        path = os.fsdecode(v_bytes(m.get("p", b""), 4096))
+        if t == "staged":
+            w = writes.get(path)
+            if w is not None:
+                sink.staged(w)
+        elif t == "done":
+            k = v_str(m.get("k"), 8)
+            if k == "write":
+                w = writes.get(path)
+                if w is not None:
+                    sink.done(w, path)
+            else:
+                a = others.get((k, path))
+                if a is not None:
+                    sink.done(a, path)
+        else:
+            raise ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} during apply")
+        return False
+
     def close(self, *, save: bool = True) -> None:
+        """End the session. After a link failure, or when interrupted inside apply, the
+        connection is just dropped: the agent sees EOF, discards its temps and unlocks."""
         try:
-            if self.chan is not None and self.reader is not None and self.reader.is_alive():
+            if self.chan is not None and self._broken is None and not self._busy and self._hello_seen:
                 self._send({"t": "close", "save": save}, flush=True)
                 changed: dict = {}
                 removed: list[str] = []
-                while True:
-                    m = self._recv()
-                    t = m.get("t")
-                    if t == "rows":
-                        changed.update(proto.dec_rows(m.get("rows")))
-                    elif t == "removed":
-                        removed.extend(os.fsdecode(v_bytes(p, 4096)) for p in v_list(m.get("paths"), proto.MAX_ROWS))
-                    elif t == "closed":
-                        break
+                m = self._rows_until("closed", changed, removed)
                 gen = v_str(m.get("gen", ""), 64)
-                self._remember(gen, changed, removed)
+                if not self._readonly:  # a read-only session saved nothing: our copy still matches
+                    self._remember(gen, changed, removed)
                 self._send({"t": "bye"}, flush=True)
         except (ConnectError, ProtocolError, OSError):
             pass
@@ -326,6 +444,7 @@ class RemoteTransport:
             pass
 
     def _shutdown(self) -> None:
+        self._stop.set()
         if self.chan is not None:
             try:
                 self.chan.send_eof()
@@ -335,10 +454,16 @@ class RemoteTransport:
                 self.chan.close()
             except Exception:
                 pass
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+            self.client = None
         if self.reader is not None:
             self.reader.join(timeout=10)
             self.reader = None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        if self.watchdog is not None and self.watchdog is not threading.current_thread():
+            self.watchdog.join(timeout=5)
+            self.watchdog = None
         self.chan = None
