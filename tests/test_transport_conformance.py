@@ -1,0 +1,389 @@
+"""One conformance suite for the transport contract (dirsync/transport/__init__.py), run against
+every implementation: `local` (LocalTransport, in-process), `pipe` (RemoteTransport talking to
+`python -m dirsync agent` over a subprocess pipe) and `ssh` (RemoteTransport through a real
+OpenSSH sshd on 127.0.0.1, tests/sshd.py). Real files, real processes, no mocks.
+
+Each case drives the contract the way sync.py does: open, scan, plan.diff, apply, close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from dirsync.apply import MasterReader, ReplicaSummary
+from dirsync.errors import ConfigError, ItemError, LockedError, ProtocolError, RefusedError
+from dirsync.manifest import FileEntry, encode_rows
+from dirsync.plan import Commit, CopyOp, MakeDir, PlanOptions, WriteFile, diff
+from dirsync.replica import Replica
+from dirsync.scan import scan_tree
+from dirsync.transport import TransportOptions
+from dirsync.transport.local import LocalTransport
+
+try:  # plain `pytest` puts tests/ on sys.path; `python -m pytest` also has the repo root
+    import sshd as _sshd_plugin
+    import treecmp
+    from helpers import Link, build_tree, random_bytes, read, stray_temps, text_lines, tmp_entries, write
+    from remote_helpers import pipe_transport, ssh_transport
+except ImportError:
+    from tests import sshd as _sshd_plugin
+    from tests import treecmp
+    from tests.helpers import Link, build_tree, random_bytes, read, stray_temps, text_lines, tmp_entries, write
+    from tests.remote_helpers import pipe_transport, ssh_transport
+
+pytest_plugins = [_sshd_plugin.__name__]
+
+KiB, MiB = 1 << 10, 1 << 20
+KINDS = ["local", "pipe", pytest.param("ssh", marks=pytest.mark.ssh)]
+
+
+@pytest.fixture(params=KINDS)
+def make(request):
+    """make(root, **TransportOptions fields) -> a fresh, unopened transport of this kind."""
+    kind = request.param
+    if kind == "local":
+        return lambda root, **kw: LocalTransport(str(root), TransportOptions(**kw))
+    if kind == "pipe":
+        return lambda root, **kw: pipe_transport(root, TransportOptions(**kw))
+    sshd = request.getfixturevalue("sshd")
+    return lambda root, **kw: ssh_transport(sshd, root, **kw)
+
+
+@contextlib.contextmanager
+def opened(t, *, init=False, readonly=False, save=True):
+    info = t.open(init=init, readonly=readonly)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        t.close(save=save and ok)
+
+
+def wire(m) -> list:
+    """A manifest as comparable wire rows (no cache-only fields)."""
+    return sorted(encode_rows(list(m.entries.values()), cache_fields=False), key=lambda r: r[1])
+
+
+def sync_with(t, master, *, init=False, tamper=None) -> ReplicaSummary:
+    """What sync.py does with one replica. `tamper()` runs between the plan and apply."""
+    mman = scan_tree(str(master)).manifest
+    summary = ReplicaSummary(replica=t.name)
+    with opened(t, init=init):
+        rscan = t.scan([])
+        plan = diff(mman, rscan.manifest, PlanOptions())
+        if tamper:
+            tamper()
+        t.apply(plan.actions, MasterReader(os.path.realpath(master)), summary)
+    return summary
+
+
+def codes(summary: ReplicaSummary) -> list[tuple[str, str]]:
+    return sorted((e.path, e.code) for e in summary.errors)
+
+
+def initial(m):
+    build_tree(m, {
+        "a.txt": text_lines(4 * KiB, seed=1),
+        "big.bin": random_bytes(3 * MiB, 2),
+        "sub": {"deep": {"x": b"x\n"}, "empty": {}},
+        "link": Link("a.txt"),
+        "dangling": Link("nowhere"),
+        b"raw\xffname": b"non-utf8\n",
+    })
+
+
+# -- open -----------------------------------------------------------------------------------------
+
+
+def test_open_creates_a_missing_root_and_marks_it(make, tmp_path):
+    r = tmp_path / "new-replica"
+    t = make(r)
+    with opened(t) as info:
+        assert info.created and info.initialised
+    assert (r / ".dirsync" / "replica.json").is_file()
+    with opened(make(r)) as info:  # second time: an ordinary, known replica
+        assert not info.created and not info.initialised
+
+
+def test_open_refuses_an_unmarked_non_empty_dir_unless_init(make, tmp_path):
+    r = tmp_path / "stranger"
+    build_tree(r, {"precious.txt": b"mine\n"})
+    before = treecmp.snapshot(r, ignore=())
+    with pytest.raises(RefusedError) as ei:
+        make(r).open()
+    assert "never synced by dirsync" in str(ei.value) and "--init" in (ei.value.hint or "")
+    assert treecmp.snapshot(r, ignore=()) == before, "a refused open must not write anything"
+    with opened(make(r), init=True) as info:
+        assert info.initialised
+    assert read(r / "precious.txt") == b"mine\n"
+
+
+def test_open_refuses_a_root_that_is_a_file(make, tmp_path):
+    f = tmp_path / "file"
+    write(f, b"not a dir\n")
+    with pytest.raises(RefusedError):
+        make(f).open()
+    assert read(f) == b"not a dir\n"
+
+
+def test_open_with_a_missing_parent_is_a_config_error(make, tmp_path):
+    with pytest.raises(ConfigError):
+        make(tmp_path / "no" / "such" / "parent").open()
+
+
+def test_lock_held_gives_locked_error(make, tmp_path):
+    r = tmp_path / "r"
+    with opened(make(r)):
+        pass
+    holder = Replica(str(r))
+    holder.open()
+    try:
+        with pytest.raises(LockedError) as ei:
+            make(r).open()
+        assert "locked" in str(ei.value)
+    finally:
+        holder.close(save=False)
+    with opened(make(r)):  # released: usable again
+        pass
+
+
+def test_readonly_open_writes_nothing(make, tmp_path):
+    r = tmp_path / "absent"
+    with opened(make(r), readonly=True) as info:
+        assert info.cache_status == "missing"
+    assert not r.exists()
+
+
+# -- scan -----------------------------------------------------------------------------------------
+
+
+def test_scan_matches_an_independent_local_scan(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(make(r), m)
+    expect = wire(scan_tree(str(r)).manifest)
+    t = make(r)
+    with opened(t):
+        assert wire(t.scan([]).manifest) == expect
+    # Changes made behind dirsync's back show up (for remotes: through a delta against the saved
+    # generation), and so do removals.
+    write(r / "a.txt", b"changed behind our back\n")
+    os.unlink(r / "sub/deep/x")
+    write(r / "new.txt", b"new\n")
+    os.symlink("a.txt", r / "newlink")
+    expect = wire(scan_tree(str(r)).manifest)
+    for _ in range(2):  # twice: the second scan is a delta against what the first one saved
+        t = make(r)
+        with opened(t):
+            assert wire(t.scan([]).manifest) == expect
+            assert wire(t.scan([], fresh=True).manifest) == expect
+
+
+def test_scan_honours_exclude_patterns(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(make(r), m)
+    t = make(r)
+    with opened(t):
+        paths = set(t.scan(["*.bin", "sub/deep/"]).manifest.entries)
+    assert "big.bin" not in paths and "sub/deep" not in paths and "sub/deep/x" not in paths
+    assert {"a.txt", "sub", "sub/empty", "link"} <= paths
+
+
+def test_cached_root_matches_local(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(make(r), m)
+    local = LocalTransport(str(r))
+    with opened(local, readonly=True):
+        want = local.cached_root([])
+        want_ex = local.cached_root(["*.bin"])
+    assert want and want != want_ex
+    t = make(r)
+    with opened(t, readonly=True):
+        assert t.cached_root([]) == want
+        assert t.cached_root(["*.bin"]) == want_ex
+
+
+# -- apply: every action kind -----------------------------------------------------------------------
+
+
+def test_initial_copy_then_patch_reuses_chunks(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    s = sync_with(make(r), m)
+    assert s.errors == [] and s.files_written == 4 and s.links_made == 2 and s.dirs_created == 3
+    treecmp.assert_trees_equal(m, r)
+    assert tmp_entries(r) == [] and stray_temps(r) == []
+
+    data = read(m / "big.bin")
+    write(m / "big.bin", data[:MiB] + b"<inserted in the middle>" + data[MiB:])
+    s = sync_with(make(r), m)
+    assert s.errors == [] and s.files_written == 1
+    assert 0 < s.bytes_sent < 256 * KiB, s.bytes_sent
+    assert s.bytes_reused > 2 * MiB
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_small_and_large_writes_inline_and_streamed(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"tiny": b"t", "empty": b"", "inline": random_bytes(60 * KiB, 3),
+                   "streamed": random_bytes(9 * MiB, 4)})
+    s = sync_with(make(r), m)
+    assert s.errors == [] and s.files_written == 4
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_delete_mkdir_symlink_and_metadata(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(make(r), m)
+    os.unlink(m / "a.txt")
+    shutil.rmtree(m / "sub/deep")
+    os.makedirs(m / "newdir/inner")
+    os.unlink(m / "link")
+    os.symlink("sub/empty", m / "link")
+    os.symlink("/etc/hostname", m / "abs-link")
+    os.chmod(m / "big.bin", 0o600)
+    os.utime(m / "big.bin", ns=(1_500_000_000_000_000_000,) * 2)
+    os.chmod(m / "sub", 0o750)
+    s = sync_with(make(r), m)
+    assert s.errors == [], s.errors
+    assert s.files_deleted >= 3 and s.dirs_created == 2 and s.links_made == 2 and s.meta_set >= 2
+    assert s.bytes_sent == 0
+    treecmp.assert_trees_equal(m, r)
+    assert os.readlink(r / "abs-link") == "/etc/hostname"
+
+
+def test_type_changes(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(make(r), m)
+    os.unlink(m / "a.txt")
+    os.makedirs(m / "a.txt/inside")
+    shutil.rmtree(m / "sub")
+    write(m / "sub", b"now a file\n")
+    os.unlink(m / "link")
+    write(m / "link", b"was a link\n")
+    s = sync_with(make(r), m)
+    assert s.errors == [], s.errors
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_conflict_replica_changed_between_scan_and_commit(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(make(r), m)
+    write(m / "a.txt", b"master's new content\n")
+    write(m / "other.txt", b"unrelated new file\n")
+
+    def tamper():
+        write(r / "a.txt", b"someone edited the replica meanwhile, longer than before" * 3)
+
+    s = sync_with(make(r), m, tamper=tamper)
+    assert codes(s) == [("a.txt", "CONFLICT")], s.errors
+    assert read(r / "a.txt") == b"someone edited the replica meanwhile, longer than before" * 3
+    assert read(r / "other.txt") == b"unrelated new file\n", "the other items of the run still apply"
+    assert tmp_entries(r) == []
+    # The next run converges.
+    s = sync_with(make(r), m)
+    assert s.errors == []
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_source_vanishing_on_the_master_is_an_item_error(make, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"going.bin": random_bytes(2 * MiB, 5), "staying.txt": b"stay\n", "small": b"s" * 100})
+
+    def tamper():
+        os.unlink(m / "going.bin")
+        os.unlink(m / "small")
+
+    s = sync_with(make(r), m, tamper=tamper)
+    assert codes(s) == [("going.bin", "CHANGED"), ("small", "CHANGED")], s.errors
+    assert not (r / "going.bin").exists() and read(r / "staying.txt") == b"stay\n"
+    assert tmp_entries(r) == []
+
+
+# -- hostile actions --------------------------------------------------------------------------------
+
+
+def _file_target(master, name: str, path: str) -> FileEntry:
+    e = scan_tree(str(master)).manifest.entries[name]
+    assert isinstance(e, FileEntry)
+    return dataclasses.replace(e, path=path)
+
+
+def test_actions_that_escape_the_root_are_rejected(make, tmp_path):
+    m, r, outside = tmp_path / "m", tmp_path / "r", tmp_path / "outside"
+    build_tree(m, {"f.txt": b"payload\n"})
+    build_tree(outside, {"keep.txt": b"keep\n"})
+    sync_with(make(r), m)
+    os.symlink(str(outside), r / "evil")  # a symlinked directory inside the replica
+    before_out = treecmp.snapshot(outside, ignore=())
+    target = _file_target(m, "f.txt", "f.txt")
+    hostile = [
+        [MakeDir("../escaped", 0o755)],
+        [MakeDir("/tmp/escaped-" + uuid.uuid4().hex, 0o755)],
+        [WriteFile(dataclasses.replace(target, path="../escaped.txt"), target_ops(target), None),
+         Commit(("../escaped.txt",))],
+        [MakeDir("evil/sub", 0o755)],
+        [WriteFile(dataclasses.replace(target, path="evil/pwned.txt"), target_ops(target), None),
+         Commit(("evil/pwned.txt",))],
+    ]
+    for actions in hostile:
+        t = make(r)
+        summary = ReplicaSummary(replica=t.name)
+        with opened(t, save=False):
+            t.scan([])
+            try:
+                t.apply(actions, MasterReader(str(m)), summary)
+            except ProtocolError:
+                assert t.is_remote, "only a remote transport turns a bad path into a protocol error"
+            else:
+                assert summary.errors and all(e.code == "INVALID_PATH" for e in summary.errors), summary.errors
+    assert treecmp.snapshot(outside, ignore=()) == before_out
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "escaped.txt").exists()
+    assert tmp_entries(r) == []
+
+
+def target_ops(target: FileEntry):
+    """Build the file from the replica's own copy (no master data is read for it)."""
+    return (CopyOp("f.txt", 0, target.size),)
+
+
+# -- resources ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if cp.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {cp.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_is_an_item_error_and_leaves_no_temps(make, tmp_path, tiny_fs):
+    m = tmp_path / "m"
+    build_tree(m, {"fits.txt": b"small\n", "huge.bin": random_bytes(2 * MiB, 6)})
+    r = tiny_fs / "r"
+    s = sync_with(make(r), m)
+    assert codes(s) == [("huge.bin", "NO_SPACE")], s.errors
+    assert read(r / "fits.txt") == b"small\n"
+    assert not (r / "huge.bin").exists()
+    assert tmp_entries(r) == []
