@@ -40,6 +40,9 @@ class Excluder:
             return True
         if self._spec is None:
             return False
+        # pathspec's regexes use '.', which never matches a newline: a parent named "a\nb" would
+        # defeat every pattern. NUL cannot occur in a name and '.'/'[^/]' match it like any char.
+        relpath = relpath.replace("\n", "\0")
         return self._spec.match_file(relpath + "/" if is_dir else relpath)
 
 
