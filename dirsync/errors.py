@@ -113,9 +113,14 @@ def describe(cause: BaseException | str) -> str:
     return str(cause) or type(cause).__name__
 
 
+# Control characters in names would break "one line per action/error" (and ESC could drive the terminal).
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}
+
+
 def display_path(path: str) -> str:
-    """Render a relpath for people; undecodable bytes are shown as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """Render a relpath for people on one line: undecodable bytes and control characters are
+    shown as \\xNN (\\n, \\t, \\r) escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(_CONTROL_ESCAPES)
 
 
 @contextmanager
