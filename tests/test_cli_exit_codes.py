@@ -261,3 +261,27 @@ def test_non_utf8_paths_are_escaped_in_messages(tmp_path):
     cp, out = sync_json(m, r, args=("--exclude", "*.keep"), expect=int(ExitCode.PARTIAL))
     assert any(e["path"] == "caf\\xe9" for e in out["replicas"][0]["errors"]), out
     json.dumps(out, ensure_ascii=True)  # all of it is plain, printable JSON
+
+
+def test_control_characters_in_names_never_break_a_line(tmp_path):
+    """`plan` is one line per action and errors are one line: a newline or an ESC in a file
+    name is shown escaped, never raw (a raw ESC could also rewrite the user's terminal)."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"two\nlines.txt": b"x", "esc\x1b[31mred.txt": b"y", "tab\there": b"z",
+                   "dir\nname": {"f": b"f"}})
+    cp = run_cli("plan", m, r)
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stdout.splitlines()
+    assert all(ACTION_RE.match(ln) for ln in lines[:-1]) and lines[-1].startswith("total: 4 to write"), lines
+    assert "\x1b" not in cp.stdout and "\t" not in cp.stdout
+    assert "write   two\\nlines.txt  1 B  send 1 B" in lines, lines
+    sync_json(m, r)
+    treecmp.assert_trees_equal(m, r)
+    # An item error about such a name is one line too.
+    remove(m / "dir\nname")
+    write(m / "dir\nname", b"a file now")
+    write(r / "dir\nname" / "local.keep", b"excluded: blocks the type change")
+    cp = run_cli("sync", "--exclude", "*.keep", m, r)
+    assert cp.returncode == int(ExitCode.PARTIAL), cp.stderr
+    assert cp.stderr and all(ln.startswith(("error:", "warning:", "hint:")) for ln in cp.stderr.splitlines()), cp.stderr
+    assert "dir\\nname" in cp.stderr

@@ -448,6 +448,20 @@ def test_excluded_paths_are_neither_sent_nor_deleted(tmp_path):
     assert os.path.isfile(r / "local.log") and os.path.isfile(r / "build/x")
 
 
+def test_excludes_hold_under_directories_with_a_newline_in_their_name(tmp_path):
+    """gitignore regexes use '.', which does not match a newline: a parent directory named
+    'a\\nb' made '*.keep' miss, so an excluded replica file there was deleted."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"odd\nname": {"x.keep": b"master-side, excluded\n", "f": b"f\n", "build": {"o": b"o\n"}}})
+    sync_json(m, r, args=("--exclude", "*.keep", "--exclude", "build/"))
+    assert not os.path.exists(r / "odd\nname" / "x.keep"), "an excluded master file was sent"
+    assert not os.path.exists(r / "odd\nname" / "build"), "an excluded master directory was sent"
+    write(r / "odd\nname" / "mine.keep", b"replica-side, excluded\n")
+    _, out = sync_json(m, r, args=("--exclude", "*.keep", "--exclude", "build/"))
+    assert read(r / "odd\nname" / "mine.keep") == b"replica-side, excluded\n", "an excluded replica file was deleted"
+    assert out["replicas"][0]["files_deleted"] == 0
+
+
 def test_special_files_are_skipped_with_a_warning_and_never_opened(tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, TREE)
