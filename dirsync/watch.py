@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
 from dirsync import chunking
-from dirsync.errors import ExitCode, describe
+from dirsync.errors import ExitCode, SourceChangedError, describe
 from dirsync.manifest import DirEntry, Manifest, is_under, parent_of
 from dirsync.progress import Reporter
 from dirsync.replica import MARKER
@@ -460,6 +460,7 @@ class _WatchLoop:
         self.next_health_s = clock() + HEALTH_CHECK_S
         self.degraded: str | None = None  # events cannot be trusted: rescan every FALLBACK_RESCAN_S
         self.watcher: Watcher | None = None
+        self.changing: set[str] = set()  # master files seen changing while read (reported once)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -492,6 +493,7 @@ class _WatchLoop:
             if now >= self.next_health_s:
                 self.check_watcher(now)
             if now >= self.next_full_s:
+                self.next_full_s = now + self.full_rescan_every()  # once, or it would keep the batch from settling
                 self.debouncer.add_all(now)
             batch = self.debouncer.due(now)
             if batch is not None:
@@ -539,11 +541,15 @@ class _WatchLoop:
             self.set_degraded(problem)
             self.next_health_s = now + FALLBACK_RESCAN_S
 
+    def full_rescan_every(self) -> float:
+        return min(self.rescan_interval_s, FALLBACK_RESCAN_S) if self.degraded else self.rescan_interval_s
+
     def set_degraded(self, why: str) -> None:
         if self.degraded != why:
-            self.reporter.warn(f"{why}: changes may be missed; rescanning everything every {FALLBACK_RESCAN_S:g}s")
-        self.degraded = why
-        self.next_full_s = min(self.next_full_s, self.clock() + FALLBACK_RESCAN_S)
+            self.degraded = why
+            self.reporter.warn(f"{why}: changes may be missed; rescanning everything every "
+                               f"{self.full_rescan_every():g}s")
+        self.next_full_s = min(self.next_full_s, self.clock() + self.full_rescan_every())
 
     def check_watch_count(self) -> None:
         watcher = self.watcher
@@ -589,7 +595,7 @@ class _WatchLoop:
         if full:
             res = scan_tree(self.master_real, excluder=self.excluder, cache=self.manifest)
             protect = set(res.protect)
-            self.next_full_s = self.clock() + (FALLBACK_RESCAN_S if self.degraded else self.rescan_interval_s)
+            self.next_full_s = self.clock() + self.full_rescan_every()
         else:
             only = anchor(batch.paths, self.manifest)
             res = scan_tree(self.master_real, excluder=self.excluder, cache=self.manifest, only=only)
@@ -604,7 +610,13 @@ class _WatchLoop:
         for w in res.warnings:
             self.reporter.warn(w)
         for e in res.errors:
-            self.reporter.error(str(e))
+            if isinstance(e, SourceChangedError):  # still being written: the next event retries it
+                if e.path not in self.changing:
+                    self.reporter.warn(f"{e}")
+                self.changing.add(e.path)
+            else:
+                self.reporter.error(str(e))
+        self.changing -= {p for p in self.changing if p in res.manifest.entries}
         res = dataclasses.replace(res, errors=[], warnings=[])  # reported once, here
         targets = [s for s, st in self.replicas.items() if st.retry_at is None and (full or changed or not st.in_sync)]
         label = "full rescan" if full else f"{len(batch.paths)} path(s)"

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -573,7 +574,7 @@ def test_sigterm_mid_transfer_leaves_no_temp(tmp_path, daemons):
     d = daemons(tmp_path, master, replica).wait_ready()
     wait_equal(master, replica)
     tmpdir = replica / ".dirsync" / "tmp"
-    size = 256 << 20  # staging takes long enough to catch it
+    size = 64 << 20  # staging takes long enough to catch it
     with open(tmp_path / "huge.part", "wb") as f:
         for _ in range(size >> 24):
             f.write(os.urandom(16 << 20))
@@ -648,8 +649,10 @@ def test_ssh_replica_survives_sshd_stop_and_restart(tmp_path, daemons):
     master.mkdir()
     make_tree(master, 10)
     try:
+        repo = str(Path(__file__).resolve().parent.parent)  # the agent runs this checkout
+        remote_cmd = f"env PYTHONPATH={shlex.quote(repo)} {shlex.quote(sys.executable)} -m dirsync"
         d = daemons(tmp_path, master, local, f"{ALIAS}:{remote}",
-                    args=("--ssh-config", info.ssh_config_path, "--remote-cmd", f"{sys.executable} -m dirsync agent"))
+                    args=("--ssh-config", info.ssh_config_path, "--remote-cmd", remote_cmd))
         d.wait_ready()
         wait_equal(master, remote)
         os.kill(info.pid, signal.SIGTERM)
