@@ -26,6 +26,7 @@ import xxhash
 from dirsync import chunking
 from dirsync.errors import (
     ConflictError,
+    display_path,
     ConfigError,
     InvalidPathError,
     ItemError,
@@ -547,7 +548,7 @@ class Replica:
         except OSError as e:
             if a.kind == "d" and e.errno == errno.ENOTEMPTY and not a.obstruction:
                 self.current.pop(a.path, None)
-                return f"kept directory {a.path}/ on the replica: it holds excluded entries"
+                return f"kept directory {display_path(a.path)}/ on the replica: it holds excluded entries"
             raise ItemIOError(a.path, "delete", e) from None
         self.current.pop(a.path, None)
         return None

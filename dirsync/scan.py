@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from dirsync import chunking
-from dirsync.errors import ItemError, ItemIOError, SourceChangedError
+from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_path
 from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
@@ -168,7 +168,7 @@ class _Scanner:
                 self.changed = True
         else:
             kind = "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"
-            self.result.warnings.append(f"skipping special file {rel} ({kind})")
+            self.result.warnings.append(f"skipping special file {display_path(rel)} ({kind})")
         return False
 
     def file_entry(self, rel: str, st: os.stat_result) -> FileEntry | None:

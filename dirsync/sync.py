@@ -14,7 +14,7 @@ from typing import Callable
 
 from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
-from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError
+from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, display_path
 from dirsync.manifest import Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
@@ -261,7 +261,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         plan = diff(mman, rscan.manifest, opts)
         plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:
-            summary.warn(f"skipped {path}: {why}")
+            summary.warn(f"skipped {display_path(path)}: {why}")
         if cfg.dry_run:
             run.plans.append((t.name, plan))
             summary.status = "dry-run"
