@@ -574,3 +574,12 @@ def test_replica_root_through_a_symlink_is_fine(tmp_path):
     sync_json(m, tmp_path / "backup")
     treecmp.assert_trees_equal(m, tmp_path / "disk")
     assert os.path.islink(tmp_path / "backup")
+
+
+def test_warnings_about_odd_names_stay_on_one_line(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    os.mkfifo(m / "pipe\nwith newline")
+    cp = run_cli("sync", m, r, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert "warning: skipping special file pipe\\nwith newline (fifo)" in cp.stderr.splitlines(), cp.stderr
