@@ -61,8 +61,8 @@ def chunk_ids_of(m: Manifest) -> set[int]:
 
 
 @st.composite
-def manifests(draw, pool: tuple[int, ...] | None = None, root: bool = True) -> Manifest:
-    """A consistent tree (every entry's parent is a directory in it) over names {a,b,c}.
+def manifests(draw, pool: tuple[int, ...] | None = None, root: bool = True, names=NAMES) -> Manifest:
+    """A consistent tree (every entry's parent is a directory in it) over `names` ({a,b,c}).
 
     `pool`: chunk indices files may use (default: all of CHUNK_POOL)."""
     ids = tuple(range(len(CHUNK_POOL))) if pool is None else tuple(pool)
@@ -71,7 +71,7 @@ def manifests(draw, pool: tuple[int, ...] | None = None, root: bool = True) -> M
         entries[""] = DirEntry("", draw(st.sampled_from(DIR_MODES)), draw(st.sampled_from(MTIMES)))
 
     def fill(prefix: str, depth: int) -> None:
-        for name in NAMES:
+        for name in names:
             if not draw(st.booleans()):
                 continue
             path = prefix + name

@@ -27,9 +27,9 @@ from dirsync.manifest import (
 )
 
 try:
-    from strategies import any_manifests, file_entry
+    from strategies import any_manifests, file_entry, manifests
 except ImportError:  # tests/ imported as a package
-    from tests.strategies import any_manifests, file_entry
+    from tests.strategies import any_manifests, file_entry, manifests
 
 CHUNKER = "test-chunker/v1"
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -261,3 +261,13 @@ def test_keys_differ_exactly_when_entry_facts_differ(m, data):
     assert cache_only.keys() == m.keys()
     touched = Manifest({**m.entries, f.path: replace(f, mtime_ns=f.mtime_ns + 1)})
     assert touched.keys() != m.keys()
+
+
+@settings(max_examples=300, deadline=None)
+@given(manifests(), manifests())
+def test_root_digest_equal_exactly_when_trees_equal(m1, m2):
+    # verify compares trees by their root digest: it must see every difference entry_key sees.
+    same = m1.keys() == m2.keys()
+    assert (tree_digests(m1)[""] == tree_digests(m2)[""]) == same
+    if same:
+        assert tree_digests(m1) == tree_digests(m2)

@@ -46,6 +46,21 @@ def test_plan_converges(master, replica):
     assert final_keys(state) == master.keys()
 
 
+# Names that sort between a directory and its children ("a" < "a-" < "a.b" < "a/x") and a
+# non-UTF-8 one: ordering must come from the tree, not from string order by accident.
+ODD_NAMES = ("a", "a-", "a.b", "\udcff")
+
+
+@SETTINGS
+@given(manifests(names=ODD_NAMES), manifests(names=ODD_NAMES), st.booleans())
+def test_plan_converges_with_odd_names(master, replica, delete):
+    plan = diff(master, replica, PlanOptions(delete=delete))
+    state = simulate(plan, master, replica)
+    if delete:
+        assert final_keys(state) == master.keys()
+        assert plan.apply_to(replica).keys() == master.keys()
+
+
 @SETTINGS
 @given(manifests(), manifests())
 def test_second_plan_is_empty(master, replica):
