@@ -15,7 +15,7 @@ BENCH_ARGS  ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: all venv demo test test-fast bench clean
+.PHONY: all venv demo test test-fast bench golden clean
 
 all: test
 
@@ -49,6 +49,10 @@ test: venv
 
 test-fast: venv
 	$(VPY) -m pytest -q -m "not ssh and not slow and not watch" $(PYTEST_ARGS)
+
+golden: venv
+	DIRSYNC_REGEN_GOLDEN=1 $(VPY) -m pytest -q tests/test_golden_plans.py
+	git diff --stat tests/golden
 
 bench: venv
 	$(VPY) bench/run.py $(BENCH_ARGS)

@@ -233,6 +233,8 @@ def decode_rows(rows) -> dict[str, Entry]:
         if path and _bad_path(path):
             check_relpath(path)  # raises with the precise reason
             raise ValueError(f"bad path {path!r}")
+        if not path and t != 1:
+            raise ValueError("the root must be a directory")
         if t == 0:
             if len(r) == 9:  # wire row: no cache-only fields
                 r = tuple(r) + (0, 0, False)
