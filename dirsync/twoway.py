@@ -856,6 +856,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         pid = pair_id(ida, idb) if ida and idb else None
         base = Manifest()
         earlier: list[Conflict] = []  # conflicts an interrupted run made (its copies may be all that is left)
+        clean = False  # both sides hold the same base record and no run was interrupted
         if pid is not None:
             recs: list[BaseRecord] = []
             for s in (sa, sb):
@@ -879,6 +880,8 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 reporter.warn(msg)
                 for d in pend:
                     earlier += [c for c in _decode_pending(d) if c not in earlier]
+            clean = (len(recs) == 2 and recs[0].gen == recs[1].gen and not pend
+                     and recs[0].specs == {ida: sa.key, idb: sb.key})
 
         patterns = list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
         scans = [s.scan(patterns) for s in (sa, sb)]
@@ -908,6 +911,11 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             for s in summ.sides:
                 s.status = "dry-run"
             ok = True
+            return summ
+
+        if (clean and all(p.empty for p in intended) and not summ.carried
+                and settled_base(base, dec, ()).keys() == base.keys()):
+            ok = True  # nothing to do and nothing new to record: a no-op run writes no state
             return summ
 
         # Apply: a first (reading b's untouched files), then b (reading a's files where they are now).

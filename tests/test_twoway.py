@@ -395,6 +395,15 @@ def test_base_is_identical_on_both_sides_and_no_pending(pair):
     assert read(a / ".dirsync" / ba[0]) == read(b / ".dirsync" / ba[0])
 
 
+def test_noop_run_writes_no_state(pair):
+    a, b = pair
+    (name,) = [n for n in os.listdir(a / ".dirsync") if n.endswith(".base")]
+    before = [os.stat(side / ".dirsync" / name).st_mtime_ns for side in (a, b)]
+    s = tw(a, b)
+    assert s.exit_code == 0 and s.decisions.decisions == [] and all(p.empty for p in s.plans)
+    assert [os.stat(side / ".dirsync" / name).st_mtime_ns for side in (a, b)] == before
+
+
 def test_edit_edit_conflict_keeps_both_versions(pair):
     a, b = pair
     put(a / "doc.txt", b"edited on a\n", mtime_s=100)
