@@ -80,7 +80,21 @@ def conflict_name(path: str, mtime_ns: int, label: str, n: int = 0) -> str:
     stem, ext = os.path.splitext(name)  # ".bashrc" has no extension; "a.tar.gz" -> "a.tar" + ".gz"
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(mtime_ns // 1_000_000_000))
     tag = label if n == 0 else f"{label}-{n + 1}"
-    out = f"{stem}{CONFLICT_TAG}{stamp}-{tag}{ext}"
+    if len(os.fsencode(ext)) > 64:
+        stem, ext = stem + ext, ""
+    suffix = f"{CONFLICT_TAG}{stamp}-{tag}{ext}"
+    room = 255 - len(os.fsencode(suffix))  # NAME_MAX: cut a long stem rather than fail every run
+    if len(os.fsencode(stem)) > room:
+        cut = os.fsencode(stem)[:room]
+        for k in range(4):  # do not split a UTF-8 character (names that are not UTF-8 are cut as bytes)
+            try:
+                cut[:len(cut) - k].decode("utf-8")
+                cut = cut[:len(cut) - k]
+                break
+            except UnicodeDecodeError:
+                continue
+        stem = os.fsdecode(cut)
+    out = stem + suffix
     return f"{d}/{out}" if d else out
 
 

@@ -305,6 +305,10 @@ def test_conflict_names():
     for n in ("notes.sync-conflict-20231114-221320-a.txt", "Makefile.sync-conflict-20231114-221320-b-3"):
         assert is_conflict_copy(n)
     assert not is_conflict_copy("notes.txt") and not is_conflict_copy("x.sync-conflict-.txt")
+    for long in ("é" * 127 + ".txt", "n" * 255, "a." + "x" * 250):
+        c = conflict_name("d/" + long, t, "a")
+        assert c.startswith("d/") and len(os.fsencode(c[2:])) <= 255 and is_conflict_copy(c)
+        os.fsencode(c).decode("utf-8")  # not cut inside a character
 
 
 def test_settled_base_keeps_old_entry_where_actions_did_not_complete():
