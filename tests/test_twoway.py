@@ -36,10 +36,12 @@ from dirsync.twoway import (
 
 try:
     import treecmp
-    from helpers import File, Link, build_tree, kill_group, popen_cli, read, run_cli, stray_temps, wait_for, write
+    from helpers import (File, Link, Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, read, run_cli,
+                         stray_temps, wait_for, world_dir, write)
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import File, Link, build_tree, kill_group, popen_cli, read, run_cli, stray_temps, wait_for, write
+    from tests.helpers import (File, Link, Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, read,
+                               run_cli, stray_temps, wait_for, world_dir, write)
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S
@@ -614,6 +616,38 @@ def test_cli_usage_errors(tmp_path):
     assert run_cli("sync", "--prefer", "a", a, b).returncode == 2
     assert run_cli("sync", "--two-way", "--prefer", "z", a, b).returncode == 2
     assert run_cli("sync", "--two-way", a, a / "inner").returncode == 12
+
+
+def test_unreadable_directory_on_one_side_is_left_alone_on_both():
+    reason = can_drop_to("nobody")
+    if reason:
+        pytest.skip(reason)
+    with world_dir() as d:
+        u = Unprivileged(d)
+        a, b = u.path("a"), u.path("b")
+        build_tree(a, {"secret": {"k1": b"1\n", "k2": b"2\n"}, "open.txt": b"o\n", "gone.txt": b"g\n"})
+        u.own(a)
+        assert u.run("sync", "--two-way", a, b).returncode == 0
+        os.unlink(os.path.join(b, "secret", "k1"))  # changes under the directory a cannot read now
+        write(os.path.join(b, "secret", "k2"), b"2, edited on b\n")
+        os.unlink(os.path.join(a, "gone.txt"))  # and ordinary changes elsewhere
+        write(os.path.join(b, "open.txt"), b"o, edited on b\n")
+        u.own(a, b)
+        os.chmod(os.path.join(a, "secret"), 0)
+        try:
+            cp = u.run("sync", "--two-way", a, b)
+        finally:
+            os.chmod(os.path.join(a, "secret"), 0o755)
+        assert cp.returncode == ExitCode.PARTIAL, cp.stderr
+        assert "secret" in cp.stderr and "Permission denied" in cp.stderr
+        assert read(os.path.join(a, "secret", "k1")) == b"1\n"  # nothing under it touched, on either side
+        assert not os.path.exists(os.path.join(b, "secret", "k1"))
+        assert read(os.path.join(a, "open.txt")) == b"o, edited on b\n" and not os.path.exists(os.path.join(b, "gone.txt"))
+        cp = u.run("sync", "--two-way", a, b)  # readable again: b's changes there propagate, no conflict
+        assert cp.returncode == 0, cp.stderr
+        assert not os.path.exists(os.path.join(a, "secret", "k1"))
+        assert read(os.path.join(a, "secret", "k2")) == b"2, edited on b\n"
+        equal_sides(a, b)
 
 
 # -- kill -9 mid-run, then a clean rerun ----------------------------------------------------------------
