@@ -251,6 +251,7 @@ class Watcher:
         self.observer_factory = observer_factory
         self.observer = None
         self.error: str | None = None
+        self.root_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the root being watched
         self._log_handler = _LostEvents(q)
 
     def __enter__(self) -> "Watcher":
@@ -272,6 +273,8 @@ class Watcher:
         self.error = None
         obs = None
         try:
+            st = os.stat(self.root)
+            self.root_id = (st.st_dev, st.st_ino)
             obs = factory()
             obs.schedule(_make_handler(self.root, self.q, self.ignore), self.root, recursive=True,
                          event_filter=_event_types())
@@ -309,6 +312,12 @@ class Watcher:
             threads.append(fd_thread)
         if not all(t.is_alive() for t in threads):
             return "file watcher stopped unexpectedly (watched root removed, or an error in its thread)"
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            return f"cannot stat the watched directory {self.root}: {describe(e)}"
+        if (st.st_dev, st.st_ino) != self.root_id:  # inotify follows the old inode, not the path
+            return f"the watched directory {self.root} was replaced or remounted"
         return None
 
     def watch_count(self) -> int | None:
