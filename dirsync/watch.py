@@ -366,9 +366,9 @@ class _ReplicaState:
 
 
 class _Muted:
-    """Reporter proxy for run_sync inside the loop: keeps its per-replica info lines (the loop
-    prints one line per batch instead) and its fatal lines (the loop decides whether to repeat
-    a failure it already reported)."""
+    """Reporter proxy for run_sync inside the loop: drops its per-replica info lines (the loop
+    prints one line per batch instead) and holds back its fatal lines (the loop decides whether
+    to repeat a failure it already reported)."""
 
     def __init__(self, inner: Reporter) -> None:
         self.inner = inner
@@ -539,16 +539,18 @@ class _WatchLoop:
         self.next_health_s = now + HEALTH_CHECK_S
         problem = watcher.problem()
         if problem is None:
-            if self.degraded and not self.degraded.startswith("only "):
-                self.degraded = None
             return
-        self.reporter.warn(f"{problem}; restarting it and rescanning everything")
+        if problem != self.degraded:  # a watcher that cannot start is retried quietly
+            self.reporter.warn(f"{problem}; restarting the file watcher and rescanning everything")
         watcher.restart()
-        problem = watcher.problem()
-        self.debouncer.add_all(now, problem or "file watcher restarted")
-        if problem:
-            self.set_degraded(problem)
+        after = watcher.problem()
+        self.debouncer.add_all(now, after or "file watcher restarted")
+        if after:
+            self.set_degraded(after)
             self.next_health_s = now + FALLBACK_RESCAN_S
+        elif self.degraded and not self.degraded.startswith("only "):
+            self.reporter.info("file watching works again")
+            self.degraded = None
 
     def full_rescan_every(self) -> float:
         return min(self.rescan_interval_s, FALLBACK_RESCAN_S) if self.degraded else self.rescan_interval_s
