@@ -153,6 +153,13 @@ class Replica:
             raise RefusedError(f"replica {root} is not a directory")
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         state = os.path.join(root, STATE_DIR)
+        try:  # a symlinked state folder would carry the lock, marker, cache and temps elsewhere
+            sst = os.lstat(STATE_DIR, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            sst = None
+        if sst is not None and not stat.S_ISDIR(sst.st_mode):
+            raise RefusedError(f"replica {root}: {STATE_DIR} is not a directory (a symlink or a file); refusing",
+                               hint=f"dirsync keeps its state in {state}/; remove whatever is there if it is not yours")
         marked = os.path.isfile(os.path.join(state, MARKER))
         if not marked:
             others = [n for n in os.listdir(root) if n != STATE_DIR]
@@ -182,6 +189,8 @@ class Replica:
             raise ConfigError(f"replica {root}: cannot set up {STATE_DIR}/: {e.strerror}",
                               hint="the replica root must be writable by the user running dirsync") from None
         for name in os.listdir(self.tmp_fd):  # stale temps of an interrupted run: we hold the lock
+            if not name.startswith(TMP_PREFIX):
+                continue
             try:
                 os.unlink(name, dir_fd=self.tmp_fd)
             except IsADirectoryError:
