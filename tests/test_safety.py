@@ -583,3 +583,30 @@ def test_warnings_about_odd_names_stay_on_one_line(tmp_path):
     cp = run_cli("sync", m, r, timeout=60)
     assert cp.returncode == 0, cp.stderr
     assert "warning: skipping special file pipe\\nwith newline (fifo)" in cp.stderr.splitlines(), cp.stderr
+
+
+@pytest.mark.parametrize("target", ["copied-state", "dir-with-tmp", "fresh-replica"])
+def test_replica_state_folder_swapped_for_a_symlink_is_refused(tmp_path, target):
+    """REPLICA/.dirsync pointing outside must not receive the lock, marker, cache or temps, and
+    the stale-temp cleanup must never empty some other directory's tmp/."""
+    m, r = synced_pair(tmp_path)
+    outside = tmp_path / "outside"
+    if target == "copied-state":
+        os.makedirs(outside)
+        os.rename(r / ".dirsync", outside / "state")
+        link_to = outside / "state"
+    else:
+        build_tree(outside, {"tmp": {"victim.txt": b"not dirsync's\n", ".dirsync-tmp-1-abcd": b"nor this\n"}})
+        link_to = outside
+        remove(r / ".dirsync")
+        if target == "fresh-replica":
+            for n in os.listdir(r):
+                remove(r / n)
+    os.symlink(link_to, r / ".dirsync")
+    write(m / "a.txt", b"changed\n")
+    before_outside, before_r = raw_snapshot(outside), raw_snapshot(r)
+    cp = run_cli("sync", m, r)
+    assert cp.returncode == REFUSED, cp.stderr
+    assert ".dirsync" in cp.stderr
+    assert raw_snapshot(outside) == before_outside, "dirsync wrote through REPLICA/.dirsync"
+    assert raw_snapshot(r) == before_r
