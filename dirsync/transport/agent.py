@@ -48,6 +48,7 @@ WRITE_TIMEOUT_S = 120.0  # the master read nothing of ours for this long: the li
 PING_S = 5.0  # keep-alive frames so the master can tell a slow agent from a dead link (hello may ask less)
 PING_MIN_S = 0.1
 READ_SIZE = 1 << 20
+DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -247,6 +248,11 @@ class Agent:
             a = proto.dec_action(m)
             if isinstance(a, WriteFile):
                 self._inline = m.get("d")
+                if self._inline is not None:
+                    v_bytes(self._inline, DATA_MAX)
+                    if len(self._inline) != a.send_bytes:
+                        raise ProtocolError(f"write {a.path!r}: {len(self._inline)} inline bytes for "
+                                            f"{a.send_bytes} bytes of send ops")
             yield a
 
     def _sends(self, w: WriteFile) -> Iterator[bytes]:
@@ -285,8 +291,15 @@ class _Sends:
         return self
 
     def __next__(self) -> bytes:
+        try:
+            return self._next()
+        except ProtocolError:
+            self.done = True  # the stream is poisoned: close() must not read on
+            raise
+
+    def _next(self) -> bytes:
         if self.inline is not None:
-            data, self.inline = v_bytes(self.inline, 1 << 24), None
+            data, self.inline = self.inline, None
             self.done = True
             if not data:
                 raise StopIteration
@@ -296,12 +309,9 @@ class _Sends:
         m = self.agent.recv()
         t = m.get("t")
         if t == "data":
-            b = v_bytes(m.get("b"), 1 << 24)
-            if m.get("z"):
-                try:
-                    b = self.agent.unz.decompress(b, max_output_size=1 << 24)
-                except zstandard.ZstdError as e:
-                    raise ProtocolError(f"bad compressed data: {e}") from None
+            b = v_bytes(m.get("b"), DATA_MAX)
+            if v_bool(m.get("z", False)):
+                b = _unzstd(self.agent.unz, b)
             return b
         if t == "end":
             self.done = True
@@ -318,6 +328,18 @@ class _Sends:
                 next(self)
             except (StopIteration, _Aborted):
                 self.done = True
+
+
+def _unzstd(unz: zstandard.ZstdDecompressor, b: bytes) -> bytes:
+    """One zstd frame, decompressed to at most DATA_MAX bytes (whatever its header claims)."""
+    try:
+        size = zstandard.frame_content_size(b)
+        if size > DATA_MAX:
+            raise ProtocolError(f"compressed data claims {size} bytes, over the {DATA_MAX}-byte limit")
+        # max_output_size bounds frames that do not state their size (it is ignored for those that do)
+        return unz.decompress(b, max_output_size=DATA_MAX)
+    except zstandard.ZstdError as e:
+        raise ProtocolError(f"bad compressed data: {e}") from None
 
 
 class _ResultSender:
