@@ -1,0 +1,378 @@
+"""`dirsync agent` treats everything it receives as hostile.
+
+Crafted frames go straight to a real `python -m dirsync agent` over pipes; a seeded fuzz loop
+mutates valid sessions (fields replaced by values of the wrong type, escaping paths, huge and
+negative numbers, corrupted and oversize frames) and runs each against the agent in-process
+(the same Agent class on os.pipe()s, so hundreds of cases stay fast). Every case must end in a
+protocol error (a `fatal` frame and exit status 11), or be harmless valid input; never an
+internal error, and nothing may appear outside the replica root (a sibling directory is checked).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+import threading
+import time
+
+import msgpack
+import pytest
+
+from dirsync.manifest import encode_rows
+from dirsync.scan import scan_tree
+from dirsync.transport.agent import Agent
+from dirsync.transport.wire import MAX_FRAME, PROTO_VERSION, FrameDecoder, encode, hello
+
+try:
+    import treecmp
+    from helpers import build_tree, random_bytes
+    from remote_helpers import agent_argv, agent_env
+except ImportError:
+    from tests import treecmp
+    from tests.helpers import build_tree, random_bytes
+    from tests.remote_helpers import agent_argv, agent_env
+
+DEADLINE_S = 30.0
+
+
+# -- a world: master files to describe, a replica root, and a sibling that must stay untouched -------
+
+
+@pytest.fixture
+def world(tmp_path):
+    m, r, outside = tmp_path / "m", tmp_path / "r", tmp_path / "outside"
+    build_tree(m, {"f.txt": b"payload\n", "big.bin": random_bytes(200_000, 1)})
+    build_tree(outside, {"keep.txt": b"keep\n", "sub": {"x": b"x"}})
+    os.mkdir(r)
+    snap = treecmp.snapshot(outside, ignore=())
+    top = sorted(os.listdir(tmp_path))
+    yield World(m, r, outside)
+    assert treecmp.snapshot(outside, ignore=()) == snap, "something was written outside the replica root"
+    assert sorted(os.listdir(tmp_path)) == top, f"new entries beside the replica: {sorted(os.listdir(tmp_path))}"
+
+
+class World:
+    def __init__(self, m, r, outside):
+        self.m, self.r, self.outside = m, r, outside
+        entries = scan_tree(str(m)).manifest.entries
+        self.row_f = list(encode_rows([entries["f.txt"]], cache_fields=False)[0])
+        self.row_big = list(encode_rows([entries["big.bin"]], cache_fields=False)[0])
+        self.data_f = b"payload\n"
+        self.data_big = (m / "big.bin").read_bytes()
+
+    def open(self) -> dict:
+        return {"t": "open", "root": os.fsencode(str(self.r)), "init": True, "readonly": False}
+
+    def write_inline(self, path: bytes = b"f.txt") -> dict:
+        row = list(self.row_f)
+        row[1] = path
+        return {"t": "write", "f": row, "ops": [[0, len(self.data_f)]], "x": None, "d": self.data_f}
+
+    def write_streamed(self) -> list[dict]:
+        n = len(self.data_big)
+        return [{"t": "write", "f": list(self.row_big), "ops": [[0, n]], "x": None},
+                {"t": "data", "b": self.data_big[: n // 2]}, {"t": "data", "b": self.data_big[n // 2:]},
+                {"t": "end"}]
+
+    def sessions(self) -> list[list[dict]]:
+        """Valid sessions (after hello) that the fuzzer mutates."""
+        return [
+            [self.open(), {"t": "scan", "patterns": ["*.tmp"], "fresh": False, "base": ""}],
+            [self.open(), {"t": "apply"}, {"t": "mkdir", "p": b"d", "mode": 0o755}, {"t": "apply_end"}],
+            [self.open(), {"t": "apply"}, self.write_inline(), {"t": "commit", "ps": [b"f.txt"]},
+             {"t": "link", "p": b"l", "to": b"f.txt", "mt": 0, "x": None},
+             {"t": "meta", "p": b"", "k": "d", "mode": 0o755, "mt": 0}, {"t": "apply_end"}],
+            [self.open(), {"t": "apply"}, *self.write_streamed(), {"t": "commit", "ps": [b"big.bin"]},
+             {"t": "apply_end"}],
+            [self.open(), {"t": "scan", "patterns": [], "fresh": True, "base": ""}, {"t": "apply"},
+             {"t": "del", "p": b"gone", "k": "f", "x": ["f", 1, 2], "ob": False}, {"t": "apply_end"},
+             {"t": "close", "save": True}],
+            [self.open(), {"t": "root", "patterns": []}, {"t": "close", "save": False}],
+        ]
+
+
+# -- the agent as a real process ----------------------------------------------------------------------
+
+
+def frame(msg) -> bytes:
+    return encode(msg)
+
+
+def raw_frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def run_agent_process(chunks: list[bytes], *, timeout: float = DEADLINE_S) -> tuple[int, list, str]:
+    """Feed `chunks` (after our hello) to `python -m dirsync agent`, then EOF; (status, frames, stderr)."""
+    p = subprocess.Popen(agent_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=agent_env())
+    try:
+        out, err = p.communicate(frame(hello("test")) + b"".join(chunks), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise AssertionError("the agent did not finish in time")
+    msgs = [m for m in FrameDecoder().feed(out)] if out else []
+    return p.returncode, [m for m in msgs if not (isinstance(m, dict) and m.get("t") == "ping")], err.decode()
+
+
+def assert_protocol_error(status: int, msgs: list, stderr: str, what: str = "") -> dict:
+    assert "Traceback" not in stderr, f"{what}: agent crashed:\n{stderr}"
+    assert status == 11, f"{what}: exit status {status}, frames {msgs!r:.500}, stderr {stderr!r}"
+    fatal = msgs[-1]
+    assert fatal.get("t") == "fatal" and fatal.get("code") == 11, f"{what}: last frame {fatal!r}"
+    assert msgs[0].get("type") == "hello"
+    return fatal
+
+
+def test_a_valid_session_works(world):
+    """The baseline the hostile cases are variations of."""
+    chunks = [frame(m) for s in world.sessions()[2:4] for m in s[1:]]
+    status, msgs, err = run_agent_process([frame(world.open()), *chunks, frame({"t": "close", "save": True}),
+                                           frame({"t": "bye"})])
+    assert status == 0, err
+    kinds = [m.get("t") or m.get("type") for m in msgs]
+    assert kinds[0] == "hello" and "fatal" not in kinds and kinds[-1] == "closed", kinds
+    assert (world.r / "f.txt").read_bytes() == world.data_f and (world.r / "big.bin").read_bytes() == world.data_big
+
+
+CRAFTED = {
+    "mkdir ../": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"../escaped", "mode": 0o755}],
+    "mkdir a/../../": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"a/../../escaped", "mode": 0o755}],
+    "mkdir absolute": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": os.fsencode(str(w.outside / "new")), "mode": 0o755}],
+    "mkdir NUL": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"a\0b", "mode": 0o755}],
+    "mkdir path as str": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": "d", "mode": 0o755}],
+    "mkdir mode as str": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"d", "mode": "755"}],
+    "mkdir mode negative": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"d", "mode": -1}],
+    "mkdir mode huge": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"d", "mode": 2**64 - 1}],
+    "mkdir in state dir": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b".dirsync/evil", "mode": 0o755}],
+    "write ../": lambda w: [{"t": "apply"}, w.write_inline(b"../escaped.txt")],
+    "write absolute": lambda w: [{"t": "apply"}, w.write_inline(os.fsencode(str(w.outside / "keep.txt")))],
+    "write over the lock": lambda w: [{"t": "apply"}, w.write_inline(b".dirsync/lock")],
+    "write negative offset": lambda w: [{"t": "apply"}, {**w.write_inline(), "ops": [[-8, 8]]}],
+    "write zero-size op": lambda w: [{"t": "apply"}, {**w.write_inline(), "ops": [[0, 0], [0, 8]]}],
+    "write ops overrun": lambda w: [{"t": "apply"}, {**w.write_inline(), "ops": [[0, 2**62]]}],
+    "write ops short": lambda w: [{"t": "apply"}, {**w.write_inline(), "ops": [[0, 4]]}],
+    "write copy from ../": lambda w: [{"t": "apply"}, {**w.write_inline(), "ops": [[b"../outside/keep.txt", 0, 8]]}],
+    "write copy from absolute": lambda w: [{"t": "apply"}, {**w.write_inline(),
+                                                             "ops": [[os.fsencode(str(w.outside / "keep.txt")), 0, 8]]}],
+    "write copy negative offset": lambda w: [{"t": "apply"}, {**w.write_inline(), "ops": [[b"x", -1, 8]]}],
+    "write huge inline": lambda w: [{"t": "apply"}, {**w.write_inline(), "d": b"x" * (MAX_FRAME - 200)}],
+    "write row with huge mtime": lambda w: [{"t": "apply"}, {**w.write_inline(),
+                                                              "f": w.row_f[:4] + [2**64 - 1] + w.row_f[5:]}],
+    "write row wrong types": lambda w: [{"t": "apply"}, {**w.write_inline(), "f": [0, b"f.txt", "8", 0o644, 0]}],
+    "write row not a list": lambda w: [{"t": "apply"}, {**w.write_inline(), "f": {"path": b"f.txt"}}],
+    "data out of place": lambda w: [{"t": "apply"}, {"t": "data", "b": b"x"}],
+    "data of wrong type": lambda w: [{"t": "apply"}, w.write_streamed()[0], {"t": "data", "b": "text"}],
+    "data not zstd": lambda w: [{"t": "apply"}, w.write_streamed()[0], {"t": "data", "b": b"garbage" * 100, "z": True}],
+    "zstd bomb": lambda w: [{"t": "apply"}, w.write_streamed()[0],
+                            {"t": "data", "b": __import__("zstandard").ZstdCompressor().compress(b"\0" * (40 << 20)),
+                             "z": True}],
+    "commit ../": lambda w: [{"t": "apply"}, {"t": "commit", "ps": [b"../x"]}],
+    "commit not a list": lambda w: [{"t": "apply"}, {"t": "commit", "ps": b"f.txt"}],
+    "link ../": lambda w: [{"t": "apply"}, {"t": "link", "p": b"../l", "to": b"x", "mt": 0, "x": None}],
+    "link empty target": lambda w: [{"t": "apply"}, {"t": "link", "p": b"l", "to": b"", "mt": 0, "x": None}],
+    "link mtime huge": lambda w: [{"t": "apply"}, {"t": "link", "p": b"l", "to": b"x", "mt": 2**64 - 1, "x": None}],
+    "meta bad kind": lambda w: [{"t": "apply"}, {"t": "meta", "p": b"a", "k": "x", "mode": 0, "mt": 0}],
+    "meta root as file": lambda w: [{"t": "apply"}, {"t": "meta", "p": b"", "k": "f", "mode": 0, "mt": 0}],
+    "del ../": lambda w: [{"t": "apply"}, {"t": "del", "p": b"../outside/keep.txt", "k": "f", "x": None, "ob": False}],
+    "del the state dir": lambda w: [{"t": "apply"}, {"t": "del", "p": b".dirsync", "k": "d", "x": ["d"], "ob": False}],
+    "del bad expectation": lambda w: [{"t": "apply"}, {"t": "del", "p": b"a", "k": "f", "x": ["f", -1], "ob": False}],
+    "unknown action": lambda w: [{"t": "apply"}, {"t": "chmod", "p": b"a"}],
+    "unknown message": lambda w: [{"t": "format-disk"}],
+    "open twice": lambda w: [w.open()],
+    "scan with bad patterns": lambda w: [{"t": "scan", "patterns": [1, 2], "fresh": False, "base": ""}],
+    "scan fresh as int": lambda w: [{"t": "scan", "patterns": [], "fresh": 1, "base": ""}],
+    "close save as str": lambda w: [{"t": "close", "save": "yes"}],
+    "message is a list": lambda w: [[1, 2, 3]],
+    "message without type": lambda w: [{"p": b"x"}],
+}
+
+RAW = {
+    "oversize frame": lambda w: struct.pack(">I", MAX_FRAME + 1) + b"x" * 64,
+    "4 GiB frame": lambda w: struct.pack(">I", 0xFFFFFFFF),
+    "empty frame": lambda w: struct.pack(">I", 0),
+    "not msgpack": lambda w: raw_frame(b"\xc1\xc1\xc1"),
+    "trailing bytes in body": lambda w: raw_frame(msgpack.packb({"t": "scan"}) + b"\x00"),
+    "body is an int": lambda w: raw_frame(msgpack.packb(42)),
+    "non-str map keys": lambda w: raw_frame(msgpack.packb({1: 2})),
+    "msgpack ext type": lambda w: raw_frame(msgpack.packb({"t": msgpack.ExtType(5, b"x")})),
+    "deep nesting": lambda w: raw_frame(b"\x91" * 100_000 + b"\xc0"),
+    "cut in a frame": lambda w: struct.pack(">I", 100) + b"\x80" * 10,
+    "text instead of frames": lambda w: b"SSH-2.0-hello there\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_message_is_a_protocol_error(world, case):
+    msgs = CRAFTED[case](world)
+    status, out, err = run_agent_process([frame(world.open())] + [frame(m) for m in msgs])
+    assert_protocol_error(status, out, err, case)
+    assert not (world.r / "escaped").exists() and not (world.r.parent / "escaped").exists()
+    assert sorted(os.listdir(world.r)) in ([".dirsync"], []), os.listdir(world.r)
+
+
+@pytest.mark.parametrize("case", sorted(RAW))
+def test_malformed_frame_is_a_protocol_error(world, case):
+    status, out, err = run_agent_process([frame(world.open()), RAW[case](world)])
+    assert_protocol_error(status, out, err, case)
+
+
+def test_wrong_hello_is_refused_naming_both_versions(world):
+    p = subprocess.Popen(agent_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=agent_env())
+    out, err = p.communicate(frame({"type": "hello", "proto": PROTO_VERSION + 1, "version": "9.9"}), timeout=DEADLINE_S)
+    msgs = FrameDecoder().feed(out)
+    assert p.returncode == 11
+    assert msgs[-1]["t"] == "fatal" and f"speaks {PROTO_VERSION}" in msgs[-1]["msg"] and "9.9" in msgs[-1]["msg"]
+    assert not os.listdir(world.r)
+
+
+def test_request_before_open_is_refused(world):
+    status, out, err = run_agent_process([frame({"t": "scan", "patterns": [], "fresh": False, "base": ""})])
+    assert_protocol_error(status, out, err)
+    assert "no replica open" in out[-1]["msg"]
+
+
+def test_refused_open_is_a_fatal_frame_not_a_crash(world):
+    (world.r / "stranger.txt").write_bytes(b"not a replica\n")
+    status, out, err = run_agent_process([frame({**world.open(), "init": False})])
+    assert status == 0 and "Traceback" not in err
+    assert out[-1]["t"] == "fatal" and out[-1]["code"] == 12 and "never synced" in out[-1]["msg"]
+    assert sorted(os.listdir(world.r)) == ["stranger.txt"]
+
+
+# -- seeded fuzz, in-process -----------------------------------------------------------------------------
+
+
+POOL = [
+    None, True, False, 0, 1, -1, 7, 2**31, -(2**63), 2**63 - 1, 2**64 - 1, 1.5, float("nan"),
+    "", "x", "..", "/etc/passwd", "a\0b", "é" * 3000, "f",
+    b"", b".", b"..", b"../x", b"../../outside/keep.txt", b"/", b"/tmp", b"/etc/passwd", b"a/../b", b"a//b",
+    b"a/", b"\0", b"a\0b", b".dirsync", b".dirsync/manifest", b"x" * 5000, b"\xff\xfe", b"f.txt",
+    [], [None], [1, 2], [b"../x", 0, 8], [[0, 8]], [[-1, 8]], [[b"..", 0, 1]], list(range(70)),
+    {}, {"t": "open"}, {"a": 1},
+]
+PROTECTED = {("open", "root"), ("open", "backup_dir")}  # the master's own choice of root, not data
+
+
+def mutate(rng: random.Random, session: list[dict]) -> tuple[list[bytes], str]:
+    """One random corruption of a valid session; returns the frames and a description."""
+    msgs = [dict(m) for m in session]
+    i = rng.randrange(len(msgs))
+    m = msgs[i]
+    how = rng.random()
+    if how < 0.6:
+        keys = [k for k in m if (m.get("t"), k) not in PROTECTED] or ["t"]
+        k = rng.choice(keys)
+        v = m[k]
+        if isinstance(v, list) and v and rng.random() < 0.5:  # reach into a list (rows, ops)
+            v = list(v)
+            j = rng.randrange(len(v))
+            if isinstance(v[j], list) and v[j] and rng.random() < 0.5:
+                inner = list(v[j])
+                inner[rng.randrange(len(inner))] = rng.choice(POOL)
+                v[j] = inner
+            else:
+                v[j] = rng.choice(POOL)
+            m[k] = v
+            desc = f"msg {i} {m.get('t')}.{k}[{j}] changed"
+        else:
+            m[k] = rng.choice(POOL)
+            desc = f"msg {i} {m.get('t')}.{k} = {m[k]!r:.40}"
+    elif how < 0.7:
+        k = rng.choice(list(m))
+        del m[k]
+        desc = f"msg {i} lost {k}"
+    elif how < 0.8:
+        msgs.insert(i, rng.choice(msgs))
+        desc = f"msg {i} duplicated"
+    else:
+        frames = [encode(x) for x in msgs]
+        b = bytearray(frames[i])
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            b = b[: rng.randrange(len(b))]
+        frames[i] = bytes(b)
+        return frames, f"msg {i} bytes corrupted"
+    try:
+        return [encode(x) for x in msgs], desc
+    except Exception:  # e.g. a value msgpack cannot pack: corrupt the bytes instead
+        return [encode(x) for x in session], desc + " (unpackable, sent as is)"
+
+
+def run_agent_inprocess(frames: list[bytes], timeout: float = 20.0) -> tuple[int, list]:
+    """The real Agent on pipes, in a thread: send hello + frames + EOF, collect what it says."""
+    to_agent_r, to_agent_w = os.pipe()
+    from_agent_r, from_agent_w = os.pipe()
+    result: dict = {}
+
+    def serve():
+        try:
+            result["status"] = Agent(to_agent_r, from_agent_w).run()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            result["crash"] = e
+        finally:
+            os.close(from_agent_w)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    out = bytearray()
+    writer = threading.Thread(target=_write_all_then_close, args=(to_agent_w, encode(hello("fuzz")) + b"".join(frames)),
+                              daemon=True)
+    writer.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        b = os.read(from_agent_r, 1 << 20)
+        if not b:
+            break
+        out += b
+        assert time.monotonic() < deadline, "agent did not finish"
+    os.close(from_agent_r)
+    th.join(timeout)
+    os.close(to_agent_r)  # a writer still blocked on a full pipe gets EPIPE now
+    writer.join(timeout)
+    assert "crash" not in result, f"agent raised {result.get('crash')!r}"
+    return result["status"], [m for m in FrameDecoder().feed(bytes(out)) if m.get("t") != "ping"]
+
+
+def _write_all_then_close(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass  # the agent stopped reading (it gave up on the stream): fine
+    finally:
+        os.close(fd)
+
+
+FUZZ_CASES = 500
+FUZZ_SEED = 20240531
+
+
+def test_fuzzed_sessions_never_crash_the_agent_or_escape(world, capsys):
+    rng = random.Random(FUZZ_SEED)
+    sessions = world.sessions()
+    outcomes = {"protocol error": 0, "accepted": 0, "other fatal": 0}
+    for n in range(FUZZ_CASES):
+        frames, desc = mutate(rng, rng.choice(sessions))
+        status, out = run_agent_inprocess(frames)
+        fatal = [m for m in out if m.get("t") == "fatal"]
+        assert status in (0, 11), f"case {n} ({desc}): exit status {status}, frames {out!r:.300}"
+        assert not [f for f in fatal if f.get("code") == 1], f"case {n} ({desc}): internal error {fatal}"
+        if status == 11:
+            assert fatal and fatal[-1]["code"] == 11, f"case {n} ({desc}): no fatal frame before exit 11"
+            outcomes["protocol error"] += 1
+        elif fatal:
+            outcomes["other fatal"] += 1  # e.g. a refused or locked open: a clean, reported refusal
+        else:
+            outcomes["accepted"] += 1
+        for name in os.listdir(world.r):  # only what a session may create, inside the root
+            assert name in (".dirsync", "d", "f.txt", "l", "big.bin"), f"case {n} ({desc}): {name!r} in the replica"
+    with capsys.disabled():
+        print(f"\nfuzz: {FUZZ_CASES} cases, {outcomes}")
+    assert outcomes["protocol error"] > FUZZ_CASES // 3
