@@ -36,7 +36,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 # Bump when a generator changes the bytes it produces (invalidates kept data).
-GEN_VERSION = 1
+GEN_VERSION = 2
 BASE_MTIME = 1_700_000_000  # 2023-11-14: every generated file gets a fixed, seeded mtime
 
 try:  # fast path
@@ -59,7 +59,7 @@ PROFILES: dict[str, dict] = {
         mixed_branching=(6, 5, 4, 3),  # 4-level tree: 6 + 30 + 120 + 360 dirs
         many_files=100_000, many_dirs=(40, 50), many_max=4 * KiB,
         big_size=1 * GiB, big_edits=16, big_edit_size=64 * KiB, insert_size=100,
-        move_files=100, move_file_size=2 * MiB,  # 200 MiB directory
+        move_files=100, move_file_size=2 * MiB, move_others=600,  # 200 MiB directory in a 700-file tree
         source_files=2_500, source_branching=(10, 7, 7), source_range=(1 * KiB, 50 * KiB),
     ),
     "quick": dict(
@@ -69,7 +69,7 @@ PROFILES: dict[str, dict] = {
         mixed_branching=(4, 3, 3, 2),
         many_files=10_000, many_dirs=(10, 20), many_max=4 * KiB,
         big_size=128 * MiB, big_edits=16, big_edit_size=64 * KiB, insert_size=100,
-        move_files=16, move_file_size=2 * MiB,
+        move_files=16, move_file_size=2 * MiB, move_others=100,
         source_files=500, source_branching=(5, 4, 5), source_range=(1 * KiB, 50 * KiB),
     ),
 }
@@ -345,9 +345,17 @@ def gen_move(root: str, seed: int, p: dict) -> GenInfo:
         _write_random(os.path.join(root, subdirs[i % 4], f"asset{i:03d}.bin"), stream, size,
                       BASE_MTIME + r.randrange(86400))
         info.add(size)
-    for i in range(20):
-        size = r.randint(100, 20000)
-        _write(os.path.join(root, f"small{i:02d}.txt"), text.make(stream, size), BASE_MTIME + i)
+    # the rest of the tree: the moved directory is a minority of it, as in real use
+    # (dirsync's default mass-delete guard refuses to delete more than half of a replica)
+    others = [f"docs/s{i}" for i in range(8)]
+    os.mkdir(os.path.join(root, "docs"))
+    for d in others:
+        os.mkdir(os.path.join(root, d))
+    info.dirs += 1 + len(others)
+    for i in range(p["move_others"]):
+        size = r.randint(100, 16000)
+        _write(os.path.join(root, others[i % len(others)], f"note{i:03d}.txt"), text.make(stream, size),
+               BASE_MTIME + i)
         info.add(size)
     return info
 

@@ -280,6 +280,7 @@ class Meas:
     received: int | None = None  # bytes replica side -> master
     remote_rss_kb: int | None = None
     commands: int = 1
+    detail: dict = field(default_factory=dict)  # dirsync: totals from its --json summary
 
 
 @dataclass
@@ -542,6 +543,15 @@ class Bench:
                         return None, why
                     if not ssh:
                         m.sent = (m.sent or 0) + sum(int(x.get("bytes_sent") or 0) for x in summary["replicas"])
+                    for x in summary["replicas"]:
+                        for k in ("files_written", "bytes_sent", "bytes_reused", "files_deleted"):
+                            if isinstance(x.get(k), int):
+                                m.detail[k] = m.detail.get(k, 0) + x[k]
+                    scan = summary.get("master_scan")
+                    if isinstance(scan, dict):
+                        for k in ("files_hashed", "bytes_hashed"):
+                            if isinstance(scan.get(k), int):
+                                m.detail["master_" + k] = m.detail.get("master_" + k, 0) + scan[k]
                 else:
                     if r.rc != 0:
                         return None, f"exit {r.rc}: {first_error_line(r.stderr)}"
@@ -865,9 +875,16 @@ class Bench:
             total_need = sum(self.need_bytes(c, [t for t in transports if t in c.transports]) for c in selected)
             self.log(f"disk: about {human_bytes(total_need)} of replicas will be written; "
                      f"{human_bytes(free_bytes(self.run_dir))} free")
+            budget = self.args.budget * 60
             for case in selected:
                 for transport in transports:
                     if transport not in case.transports:
+                        continue
+                    if now() - self.t_start > budget:
+                        row = Row(case, transport, {t: ToolResult(t) for t in self.tools_for(case, transport)})
+                        for res in row.tools.values():
+                            res.fail(f"not run: time budget of {self.args.budget:g} min used up", "skipped")
+                        self.rows.append(row)
                         continue
                     row = self.run_case(case, transport)
                     self.rows.append(row)
@@ -1100,7 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small data set (1-2 minutes)")
     ap.add_argument("--cases", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                     help="comma-separated subset of: " + ",".join(CASE_NAMES))
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per tool and case (default 3)")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per tool and case (default 3; quick 2)")
     ap.add_argument("--no-ssh", action="store_true", help="local replicas only")
     ap.add_argument("--no-local", action="store_true", help="SSH replicas only")
     ap.add_argument("--keep", action="store_true", help="keep generated data and replicas (data is reused next time)")
@@ -1108,7 +1125,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=os.environ.get("BENCH_DIR") or "/var/tmp/dirsync-bench",
                     help="work directory (default $BENCH_DIR or /var/tmp/dirsync-bench); never inside the repo")
     ap.add_argument("--out", default=None, help="results directory (default WORK/results)")
-    ap.add_argument("--timeout", type=float, default=None, help="per-command timeout in seconds")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="per-command timeout in seconds (default 300 quick, 1200 full)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="minutes after which remaining cases are skipped (default 15 quick, 60 full)")
     ap.add_argument("--fs", choices=("auto", "loop", "direct"), default="auto",
                     help="auto (default): the bench's own ext4 in WORK/fs.img when root, else direct; "
                          "direct: write in the work dir itself (see bench/fs.py)")
@@ -1121,6 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.cases or ()) - set(CASE_NAMES)
     if unknown:
         ap.error(f"unknown case(s): {', '.join(sorted(unknown))}; choose from {', '.join(CASE_NAMES)}")
+    if args.runs is None:
+        args.runs = 2 if args.quick else 3
+    if args.budget is None:
+        args.budget = 15 if args.quick else 60
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     args.transports = [t for t, off in (("local", args.no_local), ("ssh", args.no_ssh)) if not off]
