@@ -1006,18 +1006,27 @@ class Bench:
                 cell += f" (far {max(rem) / 1024:.0f})"
             return cell
 
-        ratio_t = ratio_b = "–"
-        if d and r and d.runs and r.runs:
-            ratio_t = f"{d.median() / r.median():.2f}"
-            ds = [((m.sent or 0) + ((m.received or 0) if ssh else 0)) for m in d.runs if m.sent is not None]
-            rs = [((m.sent or 0) + ((m.received or 0) if ssh else 0)) for m in r.runs if m.sent is not None]
-            if ds and rs and statistics.median(rs) > 0:
-                ratio_b = f"{statistics.median(ds) / statistics.median(rs):.2f}"
+        rt, rb = self.ratios(row)
+        ratio_t = f"{rt:.2f}" if rt is not None else "–"
+        ratio_b = f"{rb:.2f}" if rb is not None else "–"
         fl = "–"
         if floor and floor.runs:
             fl = f"cp -a {fmt_s(floor.median())}"
         return [row.case.name, row.transport, time_cell(d), time_cell(r), ratio_t, bytes_cell(d), bytes_cell(r),
                 ratio_b, f"{rss_cell(d)} / {rss_cell(r)}", fl]
+
+    @staticmethod
+    def ratios(row: Row) -> tuple[float | None, float | None]:
+        """(dirsync/rsync median wall time, dirsync/rsync median bytes) or None where not measurable."""
+        d, r = row.tools.get("dirsync"), row.tools.get("rsync")
+        if not (d and r and d.runs and r.runs):
+            return None, None
+        ssh = row.transport == "ssh"
+        rt = d.median() / r.median()
+        ds = [(m.sent or 0) + ((m.received or 0) if ssh else 0) for m in d.runs if m.sent is not None]
+        rs = [(m.sent or 0) + ((m.received or 0) if ssh else 0) for m in r.runs if m.sent is not None]
+        rb = statistics.median(ds) / statistics.median(rs) if ds and rs and statistics.median(rs) > 0 else None
+        return rt, rb
 
     HEADER = ["case", "where", "dirsync s", "rsync s", "time d/r", "dirsync bytes", "rsync bytes", "bytes d/r",
               "peak RSS MB d / r", "floor"]
@@ -1072,9 +1081,9 @@ class Bench:
             "rows": [],
         }
         for row in self.rows:
-            cells = self.table_cells(row)
+            rt, rb = self.ratios(row)
             out["rows"].append({"case": row.case.name, "transport": row.transport, "description": row.case.desc,
-                                "replicas": row.case.replicas, "time_ratio": cells[4], "bytes_ratio": cells[7],
+                                "replicas": row.case.replicas, "time_ratio": rt, "bytes_ratio": rb,
                                 "tools": {k: v.summary() for k, v in row.tools.items()}})
         tmp = self.json_path + ".tmp"
         with open(tmp, "w") as f:
