@@ -15,7 +15,7 @@ from typing import Callable
 from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
 from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, display_path
-from dirsync.manifest import Manifest
+from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
 from dirsync.scan import Excluder, ScanResult, read_ignore_file, scan_tree
@@ -302,8 +302,14 @@ def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: P
         tripped = len(deletes) > cfg.max_delete
         limit = f"--max-delete {cfg.max_delete}"
     else:
-        tripped = (not cfg.allow_mass_delete and len(deletes) >= MASS_DELETE_MIN and 2 * len(deletes) > n_replica)
-        limit = "the default guard (more than half of the replica)"
+        # Count only deletes whose content the master no longer has anywhere: a renamed or moved
+        # directory deletes many paths but loses nothing, and must not trip the guard.
+        kept = {(f.size, f.digest) for f in master.files()}
+        lost = [d for d in deletes if d.kind != "d" and not (
+            isinstance(e := replica.entries.get(d.path), FileEntry) and (e.size, e.digest) in kept)]
+        n_files = sum(1 for e in replica.entries.values() if e.kind != "d")
+        tripped = (not cfg.allow_mass_delete and len(lost) >= MASS_DELETE_MIN and 2 * len(lost) > n_files)
+        limit = f"the default guard ({len(lost)} of {n_files} replica files would be gone from both sides)"
     if not tripped:
         return plan
     msg = (f"{name}: {len(deletes)} deletions planned, over {limit}; nothing was deleted "
