@@ -75,7 +75,7 @@ class Agent:
         self.inbox: list[Any] = []
         self.wlock = threading.Lock()
         self.replica: Replica | None = None
-        self.unz = zstandard.ZstdDecompressor()
+        self.inflater = _Inflater()
         self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
         self.ping_s = PING_S
         self._inline: Any = None
@@ -250,6 +250,8 @@ class Agent:
                 self._inline = m.get("d")
                 if self._inline is not None:
                     v_bytes(self._inline, DATA_MAX)
+                    if v_bool(m.get("z", False)):
+                        self._inline = self.inflater.inflate(self._inline, a.send_bytes)
                     if len(self._inline) != a.send_bytes:
                         raise ProtocolError(f"write {a.path!r}: {len(self._inline)} inline bytes for "
                                             f"{a.send_bytes} bytes of send ops")
@@ -311,7 +313,7 @@ class _Sends:
         if t == "data":
             b = v_bytes(m.get("b"), DATA_MAX)
             if v_bool(m.get("z", False)):
-                b = _unzstd(self.agent.unz, b)
+                b = self.agent.inflater.inflate(b, DATA_MAX)
             return b
         if t == "end":
             self.done = True
@@ -330,16 +332,32 @@ class _Sends:
                 self.done = True
 
 
-def _unzstd(unz: zstandard.ZstdDecompressor, b: bytes) -> bytes:
-    """One zstd frame, decompressed to at most DATA_MAX bytes (whatever its header claims)."""
-    try:
-        size = zstandard.frame_content_size(b)
-        if size > DATA_MAX:
-            raise ProtocolError(f"compressed data claims {size} bytes, over the {DATA_MAX}-byte limit")
-        # max_output_size bounds frames that do not state their size (it is ignored for those that do)
-        return unz.decompress(b, max_output_size=DATA_MAX)
-    except zstandard.ZstdError as e:
-        raise ProtocolError(f"bad compressed data: {e}") from None
+class _Inflater:
+    """The receiving end of the session's zstd stream (--compress): each compressed payload
+    continues it, in message order. Output is produced in 128 KiB steps and refused past the
+    payload's limit, so a decompression bomb costs at most `limit` bytes of memory."""
+
+    def __init__(self) -> None:
+        self._w: Any = None
+        self._out = bytearray()
+        self._limit = 0
+
+    def write(self, b: bytes) -> int:  # called by zstandard's stream_writer with decompressed output
+        self._out += b
+        if len(self._out) > self._limit:
+            raise ProtocolError(f"compressed data inflates past the {self._limit}-byte limit")
+        return len(b)
+
+    def inflate(self, z: bytes, limit: int) -> bytes:
+        if self._w is None:
+            self._w = zstandard.ZstdDecompressor().stream_writer(self, write_size=1 << 17)
+        self._out, self._limit = bytearray(), limit
+        try:
+            self._w.write(z)
+        except zstandard.ZstdError as e:
+            raise ProtocolError(f"bad compressed data: {e}") from None
+        out, self._out = bytes(self._out), bytearray()
+        return out
 
 
 class _ResultSender:

@@ -84,11 +84,13 @@ class RemoteTransport:
         self.base: Manifest | None = None  # our copy of the replica's last saved manifest
         self.scanned: Manifest | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
-        self._zc = None
+        self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
         if opts.compress:
             import zstandard
 
-            self._zc = zstandard.ZstdCompressor(level=3)
+            self._zc = zstandard.ZstdCompressor(level=3).compressobj()
+            self._zflush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            self._zprobe = zstandard.ZstdCompressor(level=1)
 
     # -- connection ------------------------------------------------------------------
 
@@ -338,7 +340,9 @@ class RemoteTransport:
         try:
             if n <= INLINE_MAX:
                 if n:
-                    msg["d"] = b"".join(master.sends(w))
+                    msg["d"], z = self._pack(b"".join(master.sends(w)))
+                    if z:
+                        msg["z"] = True
                 self._send(msg)
                 return
             self._send(msg)
@@ -351,11 +355,25 @@ class RemoteTransport:
             sink.failed(w.path, e)
 
     def _data(self, piece: bytes) -> dict:
-        if self._zc is not None and len(piece) >= 512:
-            z = self._zc.compress(piece)
-            if len(z) < len(piece) * 0.9:  # skip data that does not compress
-                return {"t": "data", "b": z, "z": True}
-        return {"t": "data", "b": bytes(piece)}
+        b, z = self._pack(piece)
+        return {"t": "data", "b": b, "z": True} if z else {"t": "data", "b": b}
+
+    def _pack(self, piece: bytes) -> tuple[bytes, bool]:
+        """(bytes to send, compressed?). Compressed data continues the session's zstd stream
+        (flushed to a block boundary, so the agent can decode it at once), so small files
+        compress against everything sent before them, as with rsync -z. Data that does not
+        compress (judged on samples) goes raw and stays out of the stream."""
+        if self._zc is None or len(piece) < 64 or not self._compressible(piece):
+            return bytes(piece), False
+        return self._zc.compress(piece) + self._zc.flush(self._zflush), True
+
+    def _compressible(self, piece: bytes) -> bool:
+        n = len(piece)
+        if n <= 16 << 10:
+            sample = bytes(piece)
+        else:
+            sample = b"".join(bytes(piece[i:i + 4096]) for i in (0, n // 2, n - 4096))
+        return len(self._zprobe.compress(sample)) < 0.9 * len(sample)
 
     def _dispatch(self, sink: Sink, writes: dict[str, WriteFile], others: dict, *, block: bool) -> bool:
         """Hand agent outcomes to the sink; True once the agent reported the apply finished."""
