@@ -1,0 +1,278 @@
+"""End to end over a real sshd, through the real CLI (`python -m dirsync sync/plan/verify`).
+
+The replicas are reached through the test sshd (tests/sshd.py) with this checkout's dirsync
+as the remote command (tests/remote_helpers.py). Each round checks with the independent
+tree comparison (tests/treecmp.py) that the replica equals the master. Bytes on the wire are
+measured with a counting TCP proxy in front of sshd, next to the --json figures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+try:
+    import sshd as _sshd_plugin
+    import treecmp
+    from helpers import (
+        File, J, Link, append, build_tree, insert, random_bytes, raw_snapshot, read, remove, replace_with_dir,
+        replace_with_file, replace_with_link, run_cli, stray_temps, swap, sync_json, text_lines, tmp_entries,
+        touch, truncate, write,
+    )
+    from remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
+except ImportError:
+    from tests import sshd as _sshd_plugin
+    from tests import treecmp
+    from tests.helpers import (
+        File, J, Link, append, build_tree, insert, random_bytes, raw_snapshot, read, remove, replace_with_dir,
+        replace_with_file, replace_with_link, run_cli, stray_temps, swap, sync_json, text_lines, tmp_entries,
+        touch, truncate, write,
+    )
+    from tests.remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
+
+pytest_plugins = [_sshd_plugin.__name__]
+pytestmark = pytest.mark.ssh
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def ssh_synced(sshd, master, replica_spec, replica_path, *, args=(), expect=0) -> dict:
+    """Sync over SSH through the CLI; check exit 0, replica == master, master untouched, no temps."""
+    before = treecmp.snapshot(master)
+    _, out = sync_json(master, replica_spec, args=(*ssh_cli_args(sshd), *args), expect=expect)
+    assert treecmp.snapshot(master) == before, "sync modified the master"
+    treecmp.assert_trees_equal(master, replica_path)
+    assert tmp_entries(replica_path) == [] and stray_temps(replica_path) == []
+    r = out["replicas"][0]
+    assert r["errors"] == [] and r["status"] == "ok", r
+    return r
+
+
+def tree() -> dict:
+    return {
+        "README.md": text_lines(3 * KiB, seed=1),
+        "empty.txt": b"",
+        "emptydir": {},
+        "src": {"main.py": text_lines(20 * KiB, seed=2), "util.py": text_lines(2 * KiB, seed=3),
+                "pkg": {"__init__.py": b"", "deep": {"deeper": {"x.txt": b"deep\n", "y.bin": random_bytes(5000, 4)}}}},
+        "data": {"big.bin": random_bytes(400 * KiB, 5), "small.bin": random_bytes(3000, 6)},
+        "docs": {"guide.md": text_lines(6 * KiB, seed=7), "café-menü.txt": "crème brûlée\n".encode()},
+        b"bad\xffname.txt": b"latin-1 name\n",
+        b"dir\xfe": {b"inner\xfd": b"x"},
+        "ro.txt": File(b"read only\n", mode=0o444),
+        "exec.sh": File(b"#!/bin/sh\necho hi\n", mode=0o755),
+        "private": {"secret.txt": File(b"s\n", mode=0o600)},
+        "link-rel": Link("docs/guide.md"),
+        "link-abs": Link("/etc/passwd"),
+        "link-dangling": Link("does/not/exist"),
+        "spaces and\nnewline.txt": b"odd name\n",
+    }
+
+
+def test_mutation_rounds_over_ssh(sshd, tmp_path):
+    m, r = tmp_path / "master", tmp_path / "replica"
+    spec = ssh_spec(sshd, r)
+    build_tree(m, tree())
+    first = ssh_synced(sshd, m, spec, r)
+    assert first["files_written"] >= 14 and first["links_made"] == 3 and first["bytes_sent"] > 400 * KiB, first
+
+    # Round 1: content edits, metadata, new names of every flavour.
+    guide = read(m / "docs/guide.md")
+    write(m / "docs/guide.md", guide.replace(b"\n", b"\nEDITED LINE\n", 1))
+    append(m / "README.md", b"appended line\n")
+    insert(m / "data/big.bin", 200 * KiB, b"<inserted>" * 10)
+    truncate(m / "data/small.bin", 1000)
+    os.chmod(m / "exec.sh", 0o700)
+    touch(m / "src/util.py", 1_500_000_000_123_456_789)
+    build_tree(m, {"a/b/c/new-empty.txt": b"", "newdir/empty-sub": {}, "ünïcödé/名前.txt": "u\n".encode(),
+                   b"new\x80\xffraw": {b"f\xc3\x28": b"invalid utf-8 name\n"}})
+    os.chmod(m / "src", 0o750)
+    rep = ssh_synced(sshd, m, spec, r)
+    assert rep["bytes_sent"] < 64 * KiB, rep
+
+    # Round 2: renames of files and directories, deletes.
+    os.makedirs(m / "moved")
+    os.rename(m / "data/big.bin", m / "moved/big2.bin")
+    os.rename(m / "src/pkg", m / "src/pkg2")
+    os.rename(J(m, b"bad\xffname.txt"), J(m, b"renamed\xfe.txt"))
+    os.rename(m / "link-rel", m / "link-renamed")
+    remove(m / "docs/café-menü.txt")
+    remove(m / "emptydir")
+    remove(J(m, b"dir\xfe"))
+    rep = ssh_synced(sshd, m, spec, r)
+    assert rep["bytes_sent"] < 4 * KiB, f"renames should be copied on the replica, sent {rep['bytes_sent']}"
+
+    # Round 3: type changes in every direction.
+    replace_with_dir(m / "README.md", {"inside.txt": b"README is a directory now\n", "sub": {}})
+    replace_with_file(m / "data", b"data is a file now\n")
+    replace_with_link(m / "exec.sh", "src/util.py")
+    replace_with_file(m / "link-renamed", b"was a link\n")
+    replace_with_link(m / "docs", "src")
+    replace_with_link(m / "empty.txt", "dangling-target")
+    ssh_synced(sshd, m, spec, r)
+
+    # Round 4: swap, truncate to zero, copy, directory metadata, deeper deletes.
+    build_tree(m, {"swap-a": random_bytes(70 * KiB, 11), "swap-b": random_bytes(90 * KiB, 12)})
+    ssh_synced(sshd, m, spec, r)
+    swap(m / "swap-a", m / "swap-b")
+    truncate(m / "src/util.py", 0)
+    write(m / "copy-of-main.py", read(m / "src/main.py"))
+    touch(m / "newdir", 1_400_000_000_000_000_000)
+    os.chmod(m / "a/b", 0o711)
+    remove(m / "src/pkg2/deep/deeper")
+    replace_with_file(m / "README.md", b"README is a file again\n")
+    rep = ssh_synced(sshd, m, spec, r)
+    assert rep["bytes_sent"] < 4 * KiB, f"swap and copy should reuse replica bytes, sent {rep['bytes_sent']}"
+
+    # Round 5: a change made on the replica behind dirsync's back is found (delta scan) and undone.
+    write(r / "src/main.py", b"tampered on the replica\n")
+    os.unlink(r / "swap-a")
+    ssh_synced(sshd, m, spec, r)
+
+    # Round 6: nothing changed: nothing to do.
+    rep = ssh_synced(sshd, m, spec, r)
+    assert (rep["files_written"], rep["bytes_sent"], rep["files_deleted"], rep["metadata_set"]) == (0, 0, 0, 0), rep
+
+
+def test_fan_out_to_two_ssh_replicas_and_a_local_one(sshd, tmp_path):
+    """One CLI run: an ssh_config alias, a user@host:path with -p/-i and known_hosts from $HOME, a local dir."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    shutil.copy(sshd.known_hosts_path, home / ".ssh" / "known_hosts")
+    m, r1, r2, r3 = tmp_path / "m", tmp_path / "r1", tmp_path / "r2", tmp_path / "r3"
+    build_tree(m, tree())
+    specs = [ssh_spec(sshd, r1), f"{sshd.user}@127.0.0.1:{r2}", str(r3)]
+    args = ("--ssh-config", sshd.ssh_config_path, "-p", str(sshd.port), "-i", sshd.client_key_path,
+            "--remote-cmd", remote_cmd())
+    env = {"HOME": str(home)}
+    for round_ in range(2):
+        _, out = sync_json(m, *specs, args=args, env=env)
+        assert [x["status"] for x in out["replicas"]] == ["ok"] * 3, out
+        for r in (r1, r2, r3):
+            treecmp.assert_trees_equal(m, r)
+        if round_ == 0:
+            write(m / "docs/guide.md", b"changed for round two\n")
+            os.rename(m / "data/big.bin", m / "big-moved.bin")
+    sent = [x["bytes_sent"] for x in out["replicas"]]
+    assert sent[0] == sent[1] == sent[2] < 1 * KiB, sent  # the edited file; the move reuses bytes
+
+
+def test_compress_sends_less_and_converges(sshd, tmp_path):
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        m = tmp_path / "m"
+        build_tree(m, {"src": {f"mod{i}.py": text_lines(40 * KiB, seed=i) for i in range(12)},
+                       "noise.bin": random_bytes(300 * KiB, 99)})
+        ups = {}
+        for flag in ("", "--compress"):
+            r = tmp_path / f"r{flag}"
+            before = proxy.counts()[0]
+            _, out = sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", remote_cmd(),
+                                                          *([flag] if flag else [])))
+            ups[flag] = proxy.counts()[0] - before
+            treecmp.assert_trees_equal(m, r)
+            assert out["replicas"][0]["bytes_sent"] > 780 * KiB  # the plan's figure: before compression
+        print(f"\nwire bytes up: plain {ups['']}, --compress {ups['--compress']}")
+        assert ups["--compress"] < 0.6 * ups[""], ups
+    finally:
+        proxy.close()
+
+
+def test_moving_a_20mib_file_sends_nothing_over_ssh(sshd, tmp_path, capsys):
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        args = ("--ssh-config", cfg, "--remote-cmd", remote_cmd())
+        m, r = tmp_path / "m", tmp_path / "r"
+        build_tree(m, {"in": {"big.bin": random_bytes(20 * MiB, 21)}, "elsewhere": {"deeper": {}}})
+        _, out = sync_json(m, f"via-proxy:{r}", args=args)
+        assert out["replicas"][0]["bytes_sent"] == 20 * MiB
+        os.rename(m / "in/big.bin", m / "elsewhere/deeper/big-moved.bin")
+        up0, down0 = proxy.counts()
+        t0 = time.monotonic()
+        _, out = sync_json(m, f"via-proxy:{r}", args=args)
+        moved_s = time.monotonic() - t0
+        up, down = proxy.counts()[0] - up0, proxy.counts()[1] - down0
+        treecmp.assert_trees_equal(m, r)
+        assert out["replicas"][0]["bytes_sent"] == 0, out
+        assert up < 64 * KiB, f"{up} bytes went up the wire for a moved file"
+
+        up0, down0 = proxy.counts()
+        t0 = time.monotonic()
+        _, out = sync_json(m, f"via-proxy:{r}", args=args)
+        noop_s = time.monotonic() - t0
+        noop_up, noop_down = proxy.counts()[0] - up0, proxy.counts()[1] - down0
+        assert out["replicas"][0]["files_written"] == 0
+        with capsys.disabled():
+            print(f"\nmoved 20 MiB file over ssh: bytes_sent 0, wire up {up} B / down {down} B, {moved_s:.2f} s; "
+                  f"no-op: wire up {noop_up} B / down {noop_down} B, {noop_s:.2f} s")
+    finally:
+        proxy.close()
+
+
+def test_noop_scan_is_a_delta_on_the_wire(sshd, tmp_path, _private_state_home):
+    """After a sync both sides keep the replica manifest under one generation id, so the next
+    scan sends only the rows that changed: a no-op over a 3,000-file tree moves a few KiB (mostly
+    the SSH handshake), not the whole manifest, and a change made on the replica is still found."""
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        args = ("--ssh-config", cfg, "--remote-cmd", remote_cmd())
+        m, r = tmp_path / "m", tmp_path / "r"
+        build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(100)} for i in range(30)})
+        sync_json(m, f"via-proxy:{r}", args=args)
+
+        def down_bytes_of_a_sync() -> tuple[int, dict]:
+            d0 = proxy.counts()[1]
+            _, out = sync_json(m, f"via-proxy:{r}", args=args)
+            return proxy.counts()[1] - d0, out["replicas"][0]
+
+        delta, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 0
+        write(r / "d3/f7.txt", b"changed on the replica\n")
+        delta_with_change, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 1
+        treecmp.assert_trees_equal(m, r)
+        shutil.rmtree(_private_state_home / "dirsync" / "replicas")  # forget our copy: a full scan
+        full, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 0
+        print(f"\nmanifest down: full {full} B, delta no-op {delta} B, delta with one change {delta_with_change} B")
+        assert delta < 16 * KiB and delta * 10 < full, (full, delta)
+        assert delta_with_change < 16 * KiB
+    finally:
+        proxy.close()
+
+
+def test_plan_and_verify_against_an_ssh_replica(sshd, tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    spec = ssh_spec(sshd, r)
+    build_tree(m, tree())
+    ssh_synced(sshd, m, spec, r)
+    ssh = ssh_cli_args(sshd)
+
+    cp = run_cli("verify", *ssh, m, spec)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    cp = run_cli("verify", "--quick", *ssh, m, spec)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+    write(r / "src/util.py", b"edited on the replica\n")
+    os.unlink(r / "README.md")
+    write(m / "new-on-master.txt", b"new\n")
+    before = raw_snapshot(r)
+    cp = run_cli("plan", *ssh, m, spec)
+    assert cp.returncode == 0, cp.stderr
+    assert "new-on-master.txt" in cp.stdout and "README.md" in cp.stdout and "src/util.py" in cp.stdout, cp.stdout
+    assert raw_snapshot(r) == before, "plan changed the replica"
+
+    cp = run_cli("verify", *ssh, m, spec)
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    assert "src/util.py" in cp.stdout and "README.md" in cp.stdout and "new-on-master.txt" in cp.stdout, cp.stdout
+    assert raw_snapshot(r) == before, "verify changed the replica"
+
+    ssh_synced(sshd, m, spec, r)
+    cp = run_cli("verify", *ssh, m, spec)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
