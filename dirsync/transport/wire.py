@@ -109,7 +109,12 @@ def _decode_body(body: bytes) -> Any:
 
 
 def _looks_like_text(data: bytes) -> bool:
-    return bool(data) and all(32 <= b < 127 or b in (9, 10, 13) for b in data)
+    """All printable, or a printable first line (a banner followed by whatever came next)."""
+    def printable(d: bytes) -> bool:
+        return bool(d) and all(32 <= b < 127 or b in (9, 10, 13) for b in d)
+
+    line, nl, _ = data.partition(b"\n")
+    return printable(data) or (bool(nl) and len(line) >= 2 and printable(line))
 
 
 class FrameDecoder:
