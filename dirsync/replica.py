@@ -349,10 +349,13 @@ class Replica:
                     sfd = srcs.get(op.src)
                     if sfd is None:
                         sdfd, sname = self._at(op.src, "read")
-                        try:
-                            sfd = srcs[op.src] = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdfd)
+                        try:  # O_NONBLOCK: a FIFO swapped in since the scan must not block the open
+                            sfd = srcs[op.src] = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                                                         | os.O_CLOEXEC, dir_fd=sdfd)
                         except OSError as e:
                             raise ConflictError(path, "write", f"reuse source {op.src} unreadable: {e.strerror}") from None
+                        if not stat.S_ISREG(os.fstat(sfd).st_mode):
+                            raise ConflictError(path, "write", f"reuse source {op.src} is no longer a regular file")
                     off, left = op.offset, op.size
                     while left:
                         buf = os.pread(sfd, min(left, COPY_BLOCK), off)
