@@ -407,3 +407,47 @@ def test_replica_file_changed_after_the_scan_is_left_alone(tmp_path):
     assert read(r / "b.txt") == b"b2\n"
     assert tmp_entries(r) == []
     converges(m, r)
+
+
+def test_reuse_source_swapped_for_a_fifo_does_not_hang(tmp_path):
+    """A replica file the plan copies from is replaced by a FIFO after the scan: opening it for
+    reading must not block forever (the write fails as an item error and the run goes on)."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    data = random_bytes(200_000, 9)
+    build_tree(m, {"old-name.bin": data, "other.txt": b"o1\n"})
+    sync_json(m, r)
+    os.rename(m / "old-name.bin", m / "new-name.bin")  # planned as a local copy from old-name.bin
+    write(m / "other.txt", b"o2\n")
+    mscan = scan_tree(str(m))
+    t = LocalTransport(str(r))
+    t.open()
+    summary = ReplicaSummary(str(r))
+    done = threading.Event()
+    try:
+        plan = diff(mscan.manifest, t.scan([]).manifest, PlanOptions())
+        os.unlink(r / "old-name.bin")
+        os.mkfifo(r / "old-name.bin")
+
+        def apply():
+            try:
+                t.apply(plan.actions, MasterReader(str(m)), summary)
+            finally:
+                done.set()
+
+        th = threading.Thread(target=apply, daemon=True)
+        th.start()
+        finished = done.wait(15)
+        if not finished:  # unblock the reader so the thread can end, then fail
+            fd = os.open(r / "old-name.bin", os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+            th.join(15)
+        assert finished, "the replica writer blocked opening a FIFO"
+    finally:
+        t.close()
+    # The write that needed it fails, and the FIFO itself is left alone (not what was scanned).
+    assert sorted(e.path for e in summary.errors) == ["new-name.bin", "old-name.bin"], summary.errors
+    assert all(e.code == "CONFLICT" for e in summary.errors)
+    assert read(r / "other.txt") == b"o2\n"
+    assert tmp_entries(r) == []
+    remove(r / "old-name.bin")
+    converges(m, r)
