@@ -60,7 +60,7 @@ def wait_equal(master, replica, timeout: float = DEADLINE_S) -> float:
         try:
             assert_trees_equal(master, replica)
             return time.monotonic() - t0
-        except (AssertionError, FileNotFoundError) as e:  # FileNotFoundError: a file vanished mid-walk
+        except (AssertionError, OSError) as e:  # OSError: the replica changed under the walk (mid-sync)
             if time.monotonic() >= deadline:
                 raise AssertionError(f"replica did not converge within {timeout}s:\n{e}") from None
         time.sleep(0.02)
@@ -286,7 +286,7 @@ def test_watcher_queues_relpaths_drops_own_files_and_joins_its_threads(tmp_path)
     assert "sub/new.txt" in got
     assert not [p for p in got if isinstance(p, str) and (p.startswith(".dirsync") or "dirsync-tmp" in p
                                                           or p.startswith("logs"))], got
-    assert set(threading.enumerate()) == before  # the observer and everything it owns were joined
+    assert not set(threading.enumerate()) - before  # the observer and everything it owns were joined
 
 
 def test_watcher_start_failure_is_a_problem_not_an_exception(tmp_path):
@@ -300,7 +300,7 @@ def test_watcher_start_failure_is_a_problem_not_an_exception(tmp_path):
     q: queue.SimpleQueue = queue.SimpleQueue()
     with Watcher(str(tmp_path), q, observer_factory=LimitObserver) as w:
         assert "inotify watch limit reached" in w.problem()
-    assert set(threading.enumerate()) == before
+    assert not set(threading.enumerate()) - before
 
 
 def test_watcher_turns_overflow_log_into_rescan_marker(tmp_path):
@@ -365,7 +365,7 @@ def test_watch_limit_falls_back_to_periodic_full_rescans(trees, tmp_path):
         assert run.join() == 0
     log = (tmp_path / "w.log").read_text()
     assert "inotify watch limit reached" in log and "changes may be missed" in log
-    assert set(threading.enumerate()) == before
+    assert not set(threading.enumerate()) - before
 
 
 # -- the daemon: scenarios ------------------------------------------------------------------------
