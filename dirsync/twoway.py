@@ -24,14 +24,17 @@ Semantics (per path; "changed" = differs from the base):
     copies (the loser is overwritten, including a losing directory's new contents).
   * first run (no base): every path is "new" on the side that has it: union, identical files are
     simply in sync (and so enter the base), differing ones are conflicts, nothing is deleted.
+    Two non-empty directories that dirsync never synced need --init (as a one-way replica does);
+    seeding an empty or new directory does not.
   * a path either side could not read (scan error) is left alone on both sides, with its subtree.
 
 Where the state lives (see `TwoWaySide`): SIDE/.dirsync/twoway-<pairid>.base on both sides,
 identical bytes, written only after both sides applied; <pairid> hashes the two sides' marker ids
 (SIDE/.dirsync/replica.json), so moving or copying a side keeps its pair. A path whose actions did
 not all succeed on both sides keeps its old base entry, so the next run redoes that decision.
-A twoway-<pairid>.pending file on both sides marks a run in progress; finding it means the last
-run was interrupted (nothing special is needed: identical paths are in sync, the rest is redone).
+A twoway-<pairid>.pending file on both sides marks a run in progress and lists the conflicts it is
+resolving; finding it means the last run was interrupted: nothing special is needed (identical
+paths are in sync, the rest is redone) except reporting those conflicts again.
 
 Remote sides: everything a side does goes through `TwoWaySide` (marker peek, state files, open,
 scan, apply, close) and `ContentSource` (read the bytes of a file the other side needs). Only the
@@ -51,6 +54,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
+from dirsync.apply import ReplicaSummary
 from dirsync.errors import (
     ConfigError,
     DirsyncError,
@@ -741,18 +745,19 @@ class TwoWayConfig:
                    dry_run=cfg.dry_run, transport=cfg.transport, bwlimit=cfg.bwlimit)
 
 
-def _new_summary(spec: str):
-    from dirsync.apply import ReplicaSummary
+@dataclass
+class SideSummary(ReplicaSummary):
+    """A side's outcomes, also counting completed actions per path (what may enter the base)."""
 
-    @dataclass
-    class _Tracked(ReplicaSummary):
-        done_paths: Counter = field(default_factory=Counter)
+    done_paths: Counter = field(default_factory=Counter)
 
-        def done(self, a, path):  # type: ignore[override]
-            super().done(a, path)
-            self.done_paths[path] += 1
+    def done(self, a, path: str) -> None:
+        super().done(a, path)
+        self.done_paths[path] += 1
 
-    return _Tracked(replica=spec)
+
+def _new_summary(spec: str) -> SideSummary:
+    return SideSummary(replica=spec)
 
 
 @dataclass
