@@ -334,30 +334,29 @@ class _Sends:
 
 class _Inflater:
     """The receiving end of the session's zstd stream (--compress): each compressed payload
-    continues it, in message order. Output is produced in 128 KiB steps and refused past the
-    payload's limit, so a decompression bomb costs at most `limit` bytes of memory."""
+    continues it, in message order. Input is fed in small steps and output past the payload's
+    limit is refused, so a decompression bomb costs at most limit + 8 MiB of memory (one zstd
+    block inflates to at most 128 KiB and takes at least 4 bytes, so a 256-byte step makes at
+    most 8 MiB)."""
+
+    STEP = 256
 
     def __init__(self) -> None:
-        self._w: Any = None
-        self._out = bytearray()
-        self._limit = 0
-
-    def write(self, b: bytes) -> int:  # called by zstandard's stream_writer with decompressed output
-        self._out += b
-        if len(self._out) > self._limit:
-            raise ProtocolError(f"compressed data inflates past the {self._limit}-byte limit")
-        return len(b)
+        self._d: Any = None
 
     def inflate(self, z: bytes, limit: int) -> bytes:
-        if self._w is None:
-            self._w = zstandard.ZstdDecompressor().stream_writer(self, write_size=1 << 17)
-        self._out, self._limit = bytearray(), limit
+        if self._d is None:
+            self._d = zstandard.ZstdDecompressor().decompressobj(write_size=1 << 17)
+        out = bytearray()
+        view = memoryview(z)
         try:
-            self._w.write(z)
+            for i in range(0, len(view), self.STEP):
+                out += self._d.decompress(view[i:i + self.STEP])
+                if len(out) > limit:
+                    raise ProtocolError(f"compressed data inflates past the {limit}-byte limit")
         except zstandard.ZstdError as e:
             raise ProtocolError(f"bad compressed data: {e}") from None
-        out, self._out = bytes(self._out), bytearray()
-        return out
+        return bytes(out)
 
 
 class _ResultSender:
