@@ -376,3 +376,41 @@ def test_fuzzed_sessions_never_crash_the_agent_or_escape(world, capsys):
     with capsys.disabled():
         print(f"\nfuzz: {FUZZ_CASES} cases, {outcomes}")
     assert outcomes["protocol error"] > FUZZ_CASES // 3
+
+
+# -- the compressed data stream (--compress) -------------------------------------------------------------
+
+
+def test_compressed_stream_round_trips_and_bounds_its_output():
+    """The client's _pack and the agent's _Inflater: one zstd stream across payloads (sizes around
+    zstd's 128 KiB block), incompressible data sent raw, and a bomb refused at the limit."""
+    import zstandard
+
+    from dirsync.errors import ProtocolError as PE
+    from dirsync.transport import TransportOptions
+    from dirsync.transport.agent import _Inflater
+    from dirsync.transport.remote import RemoteTransport
+
+    try:
+        from helpers import text_lines
+    except ImportError:
+        from tests.helpers import text_lines
+    t = RemoteTransport("localhost:/nowhere", TransportOptions(compress=True), channel_factory=lambda: None)
+    inf = _Inflater()
+    rng = random.Random(7)
+    sizes = [1, 63, 64, 5000, 131071, 131072, 131073, 262144, 3 << 20, 8 << 20] + [rng.randrange(1, 1 << 21)
+                                                                                 for _ in range(20)]
+    sent = raw = 0
+    for i, n in enumerate(sizes):
+        piece = text_lines(n, seed=i)[:n] if i % 3 else random_bytes(n, i)
+        b, z = t._pack(piece)
+        assert inf.inflate(b, len(piece)) == piece if z else b == piece, (i, n)
+        if i % 3 == 0 and n >= 4096:
+            assert not z, "random data goes raw"
+        sent += len(b)
+        raw += n
+    assert sent < raw
+    bomb = zstandard.ZstdCompressor().compressobj()
+    z = bomb.compress(b"\0" * (64 << 20)) + bomb.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    with pytest.raises(PE, match="inflates past"):
+        _Inflater().inflate(z, 16 << 20)

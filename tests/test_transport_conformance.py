@@ -241,6 +241,24 @@ def test_small_and_large_writes_inline_and_streamed(make, tmp_path):
     treecmp.assert_trees_equal(m, r)
 
 
+def test_compressed_session_round_trips(make, tmp_path):
+    """compress=True (--compress): text and random data, inline and streamed, patched; a
+    transport without compression simply ignores the option."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"src": {f"f{i}.py": text_lines(3 * KiB + i * 700, seed=i) for i in range(20)},
+                   "big.txt": text_lines(3 * MiB, seed=30), "random.bin": random_bytes(2 * MiB, 31),
+                   "mixed": text_lines(40 * KiB, seed=32) + random_bytes(40 * KiB, 33)})
+    s = sync_with(make(r, compress=True), m)
+    assert s.errors == [] and s.files_written == 23
+    treecmp.assert_trees_equal(m, r)
+    data = read(m / "big.txt")
+    write(m / "big.txt", data[: MiB] + b"an edit in the middle\n" + data[MiB:])
+    write(m / "src/f3.py", read(m / "src/f3.py") + b"# appended\n")
+    s = sync_with(make(r, compress=True), m)
+    assert s.errors == [] and s.files_written == 2
+    treecmp.assert_trees_equal(m, r)
+
+
 def test_delete_mkdir_symlink_and_metadata(make, tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     initial(m)
