@@ -59,6 +59,10 @@ def _env_seconds(name: str, default: float) -> float:
     return v if 0.1 <= v <= 86400 else default
 
 
+class _ReplicaError(DirsyncError):
+    """The replica's file system failed outside any one item (e.g. its root became unreadable)."""
+
+
 class _InternalError(DirsyncError):
     """A bug in the agent (an unexpected exception); reported to the master, exit status 1."""
 
@@ -166,6 +170,13 @@ class Agent:
                 return
 
     def handle(self, t: Any, m: dict) -> None:
+        try:
+            self._handle(t, m)
+        except OSError as e:  # the replica's own file system failed us (not one item): tell the master
+            where = f" {e.filename}" if e.filename else ""
+            raise _ReplicaError(f"replica side: {e.strerror or e}{where}") from None
+
+    def _handle(self, t: Any, m: dict) -> None:
         if t == "open":
             self.open(m)
         elif t == "scan":
@@ -235,6 +246,8 @@ class Agent:
 
     def apply(self) -> None:
         r = self._need()
+        if r.readonly:
+            raise ProtocolError("apply in a read-only session")
         sink = _ResultSender(self)
         apply_actions(r, self._actions(), self._sends, sink)
         self.send({"t": "applied"})
@@ -266,8 +279,12 @@ class Agent:
         r = self._need()
         scanned = r.scanned.entries if r.scanned is not None else {}
         current = dict(r.current)
-        gen = r.close(save=save)
         self.replica = None
+        try:
+            gen = r.close(save=save)
+        except OSError as e:  # the cache could not be saved (the lock is released all the same)
+            print(f"dirsync agent: could not save the replica cache: {e}", file=sys.stderr)
+            gen = ""
         if gen:
             changed = [e for p, e in current.items() if scanned.get(p) != e]
             removed = [os.fsencode(p) for p in scanned if p not in current]
