@@ -35,6 +35,11 @@ class Excluder:
 
             self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns)
 
+    @property
+    def trivial(self) -> bool:
+        """True when only the state folder is excluded (lets the scanner skip per-path calls)."""
+        return self._spec is None
+
     def excluded(self, relpath: str, is_dir: bool) -> bool:
         if relpath == STATE_DIR:
             return True
@@ -119,6 +124,9 @@ class _Scanner:
         self.result.protect.add(err.path)
 
     def walk(self, top: str) -> None:
+        fast = getattr(self.excluder, "trivial", False)
+        cache_get = self.cache.get
+        entries = self.entries
         stack = [top]
         while stack:
             d = stack.pop()
@@ -138,6 +146,14 @@ class _Scanner:
                 except OSError as e:
                     self.fail(ItemIOError(rel, "stat", e))
                     continue
+                if fast and st.st_mode & 0o170000 == 0o100000 and rel != STATE_DIR:
+                    # Hot path of a no-op run: an unchanged regular file whose cache entry holds.
+                    c = cache_get(rel)
+                    if (c is not None and c.__class__ is FileEntry and c.trusted and c.size == st.st_size
+                            and c.mtime_ns == st.st_mtime_ns and c.ino == st.st_ino
+                            and c.ctime_ns == st.st_ctime_ns and c.mode == st.st_mode & 0o7777):
+                        entries[rel] = c
+                        continue
                 if self.add(rel, st):
                     stack.append(rel)
 
