@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from dirsync import chunking
@@ -110,6 +110,7 @@ class _Scanner:
         self.entries: dict[str, Entry] = {}
         self.result = ScanResult(Manifest())
         self.changed = False  # anything differs from the cache
+        self._by_ino: dict[int, FileEntry] | None = None  # built on the first path the cache misses
         self.start_ns = time.time_ns()
 
     def abspath(self, rel: str) -> str:
@@ -189,6 +190,8 @@ class _Scanner:
 
     def file_entry(self, rel: str, st: os.stat_result) -> FileEntry | None:
         c = self.cache.get(rel)
+        if c is None:
+            c = self._moved(rel, st)
         prev_avg = None
         if isinstance(c, FileEntry):
             if (c.trusted and c.size == st.st_size and c.mtime_ns == st.st_mtime_ns
@@ -208,6 +211,17 @@ class _Scanner:
         except OSError as err:
             self.fail(ItemIOError(rel, "read", err))
         return None
+
+    def _moved(self, rel: str, st: os.stat_result) -> FileEntry | None:
+        """The cache entry of this very inode under its old path, when its directory was renamed
+        (renaming a directory leaves the files' own inodes, mtimes and ctimes untouched)."""
+        if self._by_ino is None:
+            self._by_ino = {e.ino: e for e in self.cache.values() if e.__class__ is FileEntry and e.ino}
+        c = self._by_ino.get(st.st_ino)
+        if c is None or c.path == rel or c.ctime_ns != st.st_ctime_ns:
+            return None
+        self.changed = True
+        return replace(c, path=rel)
 
     def hash_file(self, rel: str, st: os.stat_result, prev_avg: int | None) -> FileEntry:
         fd = os.open(self.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
