@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import zstandard
 
-from dirsync import __version__
+from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
 from dirsync.errors import DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import encode_rows
@@ -119,7 +119,7 @@ class Agent:
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(stop,), name="agent-ping")
         try:
-            self.send(hello(__version__))
+            self.send(hello(__version__, chunker=chunking.CHUNKER_ID))
             peer = check_hello(self.recv())
             ping_ms = peer.get("ping_ms")
             if ping_ms is not None:

@@ -24,7 +24,7 @@ from dirsync.manifest import Entry, FileEntry, decode_rows, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import STATE_DIR
-from dirsync.transport.wire import v_bool, v_bytes, v_int, v_list, v_map, v_relpath as _v_relpath, v_str
+from dirsync.transport.wire import v_bool, v_bytes, v_code, v_int, v_list, v_map, v_relpath as _v_relpath, v_str
 
 MAX_OPS = 1 << 22
 MAX_ROWS = 1 << 16  # rows per frame
@@ -186,7 +186,7 @@ def dec_item_error(x: Any) -> ItemError:
     if len(x) != 4:
         raise ProtocolError("bad item error")
     path = os.fsdecode(v_bytes(x[0], 4096))
-    return RemoteItemError(path, v_str(x[1], 100), v_str(x[2], 40), v_str(x[3], 4096))
+    return RemoteItemError(path, v_str(x[1], 100), v_code(x[2]).value, v_str(x[3], 4096))
 
 
 _FATAL = {int(ExitCode.USAGE): ConfigError, int(ExitCode.LOCKED): LockedError, int(ExitCode.REFUSED): RefusedError,

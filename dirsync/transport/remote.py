@@ -229,6 +229,12 @@ class RemoteTransport:
             first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
             try:
                 check_hello(first)
+                theirs = v_str(first.get("chunker", ""), 200)
+                if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
+                    raise ProtocolError(f"the remote dirsync ({v_str(first.get('version', '?'), 200)}) cuts "
+                                        f"files into chunks with {theirs or 'an unknown chunker'!r}, this one "
+                                        f"with {chunking.CHUNKER_ID!r}",
+                                        hint="install the same dirsync version on both machines")
             except ProtocolError as e:
                 raise self._fail(ProtocolError(f"{self.ep}: {e}", hint=e.hint)) from None
             self._hello_seen = True
