@@ -309,16 +309,28 @@ def test_remote_that_prints_text_is_a_protocol_error_with_a_hint(sshd, tmp_path)
         assert not r.exists()
 
 
-def test_protocol_version_mismatch_names_both_versions(tmp_path):
+def _fake_agent_open(tmp_path, hello_msg: dict) -> ProtocolError:
+    """Open a RemoteTransport whose agent says `hello_msg` and then waits for EOF."""
     fake_agent = (
         "import sys, msgpack, struct; "
-        f"b = msgpack.packb({{'type': 'hello', 'proto': {PROTO_VERSION + 1}, 'version': '99.0'}}); "
+        f"b = msgpack.packb({hello_msg!r}); "
         "sys.stdout.buffer.write(struct.pack('>I', len(b)) + b); sys.stdout.flush(); sys.stdin.buffer.read()"
     )
     t = RemoteTransport(f"localhost:{tmp_path / 'r'}", TransportOptions(),
                         channel_factory=lambda: SubprocessChannel([sys.executable, "-c", fake_agent]))
     with pytest.raises(ProtocolError) as ei:
         t.open()
-    msg = str(ei.value)
-    assert f"speaks {PROTO_VERSION}" in msg and f"speaks {PROTO_VERSION + 1}" in msg and "99.0" in msg, msg
     assert not (tmp_path / "r").exists()
+    return ei.value
+
+
+def test_protocol_version_mismatch_names_both_versions(tmp_path):
+    e = _fake_agent_open(tmp_path, {"type": "hello", "proto": PROTO_VERSION + 1, "version": "99.0"})
+    msg = str(e)
+    assert f"speaks {PROTO_VERSION}" in msg and f"speaks {PROTO_VERSION + 1}" in msg and "99.0" in msg, msg
+
+
+def test_chunker_mismatch_is_refused(tmp_path):
+    e = _fake_agent_open(tmp_path, {"type": "hello", "proto": PROTO_VERSION, "version": "0.9",
+                                    "chunker": "gear/v0"})
+    assert "gear/v0" in str(e) and "same dirsync version" in (e.hint or ""), str(e)
