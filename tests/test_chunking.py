@@ -301,7 +301,7 @@ def test_stream_with_short_reads_agrees(tmp_path):
     ((1 << 16) - 1, 512), (1 << 16, 1024),  # 4*sqrt(64 KiB) = 1024 exactly
     ((1 << 18) - 1, 1024), (1 << 18, 2048),
     (1 << 20, 4096),
-    ((1 << 28) - 1, 32768), (1 << 28, MAX_AVG),
+    ((1 << 22) - 1, 4096), (1 << 22, MAX_AVG),
     (1 << 40, MAX_AVG),
 ])
 def test_natural_avg_table(size, avg):
@@ -338,7 +338,7 @@ def test_choose_avg_without_history_is_natural():
     (300_000, 1024, 1024),  # natural 2048: one step, kept
     (300_000, 512, 2048),  # natural 2048: two steps away, switches
     (60_000, 4096, 512),  # natural 512 vs 4096: switches
-    (1 << 30, 32768, 32768),  # natural capped at MAX_AVG; 32768 within one step
+    (1 << 30, 4096, 4096),  # natural capped at MAX_AVG; 4096 within one step
     (1000, 512, 0),  # small enough for one chunk: always one chunk
     (5000, 100, 512),  # a bogus recorded class is ignored
     (5000, 1 << 20, 512),
