@@ -38,7 +38,6 @@ except ImportError:
     from tests.remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 
 pytest_plugins = [_sshd_plugin.__name__]
-pytestmark = pytest.mark.ssh
 
 MiB = 1 << 20
 BIG = 24 * MiB
@@ -120,6 +119,7 @@ def converges(m, r, spec, args, env=None):
 # -- the link breaks in the middle of a large file ------------------------------------------------------
 
 
+@pytest.mark.ssh
 def test_agent_killed_mid_file_keeps_the_old_file_and_a_rerun_converges(sshd, tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     spec, args = ssh_spec(sshd, r), tuple(ssh_cli_args(sshd))
@@ -133,6 +133,7 @@ def test_agent_killed_mid_file_keeps_the_old_file_and_a_rerun_converges(sshd, tm
     converges(m, r, spec, args)
 
 
+@pytest.mark.ssh
 def test_tcp_stream_cut_mid_file_keeps_the_old_file_and_the_agent_exits(sshd, tmp_path):
     proxy = TcpProxy(sshd.port)
     try:
@@ -152,6 +153,7 @@ def test_tcp_stream_cut_mid_file_keeps_the_old_file_and_the_agent_exits(sshd, tm
         proxy.close()
 
 
+@pytest.mark.ssh
 def test_client_killed_mid_file_leaves_no_agent_behind(sshd, tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     spec, args = ssh_spec(sshd, r), tuple(ssh_cli_args(sshd))
@@ -164,6 +166,7 @@ def test_client_killed_mid_file_leaves_no_agent_behind(sshd, tmp_path):
     converges(m, r, spec, args)  # no LockedError: the agent took the replica lock with it
 
 
+@pytest.mark.ssh
 def test_stalled_link_fails_in_bounded_time_and_the_stranded_agent_gives_up(sshd, tmp_path):
     """A link that stays open but carries nothing: the client gives up after DIRSYNC_IO_TIMEOUT
     (the agent pings meanwhile, so only a dead link is silent that long); the agent, whose master
@@ -245,6 +248,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.ssh
 def test_connection_failures_are_distinct_and_write_nothing(sshd, tmp_path):
     good_kh = open(sshd.known_hosts_path).read()
     wrong_key = tmp_path / "wrong_key"
@@ -273,6 +277,7 @@ def test_connection_failures_are_distinct_and_write_nothing(sshd, tmp_path):
     assert "unknown host key" in lines["unknown"]
 
 
+@pytest.mark.ssh
 def test_accept_new_host_key_records_it_in_dirsyncs_own_file(sshd, tmp_path, _private_state_home):
     home = _home(tmp_path, None)
     cp, r = _url_run(sshd, tmp_path, "--accept-new-host-key", home=home)
@@ -284,6 +289,7 @@ def test_accept_new_host_key_records_it_in_dirsyncs_own_file(sshd, tmp_path, _pr
     assert cp.returncode == 0, cp.stderr
 
 
+@pytest.mark.ssh
 def test_missing_remote_dirsync_gives_a_one_line_hint(sshd, tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"f.txt": b"x\n"})
@@ -297,6 +303,7 @@ def test_missing_remote_dirsync_gives_a_one_line_hint(sshd, tmp_path):
         assert not r.exists()
 
 
+@pytest.mark.ssh
 def test_remote_that_prints_text_is_a_protocol_error_with_a_hint(sshd, tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"f.txt": b"x\n"})
