@@ -42,6 +42,8 @@ MARKER = "replica.json"
 RESERVED = "reserved.json"  # backup dirs inside the root: left out of later scans while they exist
 CACHE = "manifest"
 COPY_BLOCK = 4 << 20
+BESIDE_MAX = 1 << 20  # files up to this size are staged beside their target (see _stage_dir)
+Tmp = tuple  # (directory relpath beside the target, or None for .dirsync/tmp; temp name)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -114,7 +116,7 @@ class Replica:
         self.current: dict[str, Entry] = {}  # what the replica holds now (scan, then our changes)
         self.scanned: Manifest | None = None  # the last scan result
         self.scan_unchanged = False
-        self.staged: dict[str, tuple[str, WriteFile]] = {}
+        self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
         self._dirfds: dict[str, int] = {}
         self._tmp_seq = 0
         self.write_start_ns = time.time_ns()
@@ -213,6 +215,13 @@ class Replica:
         if self.reserved:
             excluder = _Reserved(excluder, self.reserved)
         res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
+        if not self.readonly:
+            for rel in res.temps:  # left by an interrupted run; we hold the replica lock
+                try:
+                    dfd, name = self._at(rel, "remove stale temp")
+                    os.unlink(name, dir_fd=dfd)
+                except (OSError, ItemError):
+                    pass
         self.current = dict(res.manifest.entries)
         self.scanned = res.manifest
         self.scan_unchanged = res.unchanged
@@ -260,8 +269,9 @@ class Replica:
         """fd of directory `rel`, reached from the root without following any symlink."""
         if not rel:
             return self.root_fd
-        fd = self._dirfds.get(rel)
+        fd = self._dirfds.pop(rel, None)
         if fd is not None:
+            self._dirfds[rel] = fd  # most recently used last
             return fd
         parent = self._dirfd(parent_of(rel))
         name = rel.rsplit("/", 1)[-1]
@@ -271,8 +281,10 @@ class Replica:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise InvalidPathError(rel, "open directory", "not a directory (or a symlink) on the replica") from None
             raise ItemIOError(rel, "open directory", e) from None
-        if len(self._dirfds) > 256:
-            self._drop_dirfds("")
+        if len(self._dirfds) >= 256:
+            # Close the least recently used quarter; an fd the caller fetched just before stays.
+            for k in list(self._dirfds)[:64]:
+                os.close(self._dirfds.pop(k))
         self._dirfds[rel] = fd
         return fd
 
@@ -332,10 +344,10 @@ class Replica:
         except ValueError as e:
             raise InvalidPathError(path, "write", str(e)) from None
         self._tmp_seq += 1
-        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}"
+        tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=self.tmp_fd)
+            fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._tmp_dirfd(tmp))
         except OSError as e:
             raise ItemIOError(path, "write", e) from None
         ok = False
@@ -415,10 +427,13 @@ class Replica:
         if not todo:
             return []
         if len(todo) > 8:
-            _syncfs(self.tmp_fd)  # one flush for the batch instead of one fsync per small file
+            _syncfs(self.root_fd)  # one flush for the batch instead of one fsync per small file
         else:
             for _, (tmp, _w) in todo:
-                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tmp_fd)
+                try:
+                    fd = os.open(tmp[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._tmp_dirfd(tmp))
+                except (OSError, ItemError):
+                    continue  # reported when its rename fails below
                 try:
                     os.fsync(fd)
                 finally:
@@ -432,11 +447,11 @@ class Replica:
                 self._check_expect(p, dfd, name, w.expect, "commit")
                 self._retire(p, dfd, name, w.expect)
                 try:
-                    os.replace(tmp, name, src_dir_fd=self.tmp_fd, dst_dir_fd=dfd)
+                    os.replace(tmp[1], name, src_dir_fd=self._tmp_dirfd(tmp), dst_dir_fd=dfd)
                 except OSError as e:
-                    if e.errno != errno.EXDEV:
+                    if e.errno != errno.EXDEV or tmp[0] is not None:
                         raise ItemIOError(p, "commit", e) from None
-                    self._commit_across_devices(p, tmp, dfd, name)
+                    self._commit_across_devices(p, tmp[1], dfd, name)
                 st = os.lstat(name, dir_fd=dfd)
                 trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
                 self.current[p] = replace(w.target, ino=st.st_ino, ctime_ns=st.st_ctime_ns, trusted=trusted)
@@ -456,7 +471,7 @@ class Replica:
         """The target directory is another mount inside the replica: copy beside it, then rename."""
         side = f"{TMP_PREFIX}x{self._tmp_seq}-{secrets.token_hex(4)}"
         try:
-            src = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.tmp_fd)
+            src = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.tmp_fd)  # a temp in .dirsync/tmp
             try:
                 st = os.fstat(src)
                 dst = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -481,7 +496,7 @@ class Replica:
             except OSError:
                 pass
             raise ItemIOError(p, "commit", e) from None
-        self._unlink_tmp(tmp)
+        self._unlink_tmp((None, tmp))
 
     def make_link(self, a: MakeLink) -> None:
         dfd, name = self._at(a.path, "link")
@@ -494,10 +509,10 @@ class Replica:
             self._retire(a.path, dfd, name, a.expect)
             os.replace(tmp, name, src_dir_fd=self.tmp_fd, dst_dir_fd=dfd)
         except OSError as e:
-            self._unlink_tmp(tmp)
+            self._unlink_tmp((None, tmp))
             raise ItemIOError(a.path, "link", e) from None
         except ItemError:
-            self._unlink_tmp(tmp)
+            self._unlink_tmp((None, tmp))
             raise
         self.current[a.path] = LinkEntry(a.path, a.target, a.mtime_ns)
 
@@ -668,10 +683,29 @@ class Replica:
                 if isinstance(e, FileEntry):
                     self.current[op.src] = replace(e, trusted=False)
 
-    def _unlink_tmp(self, tmp: str) -> None:
+    def _stage_dir(self, path: str, size: int) -> str | None:
+        """Where to build `path`: a small file beside its target when the directory exists, a
+        large one (or one whose directory is not there yet) in `.dirsync/tmp`.
+
+        Measured here: 20,000 creates took 13 s in one directory and 4 s spread over 200, so
+        thousands of small files must not share one staging folder; for large files the
+        directory entry is noise and one folder keeps a crash's leftovers easy to see."""
+        if size > BESIDE_MAX:
+            return None
+        parent = parent_of(path)
         try:
-            os.unlink(tmp, dir_fd=self.tmp_fd)
-        except OSError:
+            self._dirfd(parent)
+        except ItemError:
+            return None
+        return parent
+
+    def _tmp_dirfd(self, tmp: Tmp) -> int:
+        return self.tmp_fd if tmp[0] is None else self._dirfd(tmp[0])
+
+    def _unlink_tmp(self, tmp: Tmp) -> None:
+        try:
+            os.unlink(tmp[1], dir_fd=self._tmp_dirfd(tmp))
+        except (OSError, ItemError):
             pass
 
 

@@ -68,6 +68,7 @@ class ScanResult:
     protect: set[str] = field(default_factory=set)  # nothing at or under these may be deleted
     files_read: int = 0
     unchanged: bool = False  # the manifest equals the cache it was built from (no need to save it)
+    temps: list[str] = field(default_factory=list)  # dirsync temp files found (stale after a crash)
     bytes_read: int = 0
 
 
@@ -140,6 +141,9 @@ class _Scanner:
                 continue
             for de in items:
                 rel = prefix + de.name
+                if de.name.startswith(TMP_PREFIX):
+                    self.result.temps.append(rel)  # dirsync's own temp: never part of a tree
+                    continue
                 try:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
