@@ -209,12 +209,22 @@ def from_bytes(data: bytes, chunker: str) -> Manifest:
     if xxhash.xxh3_64_digest(body) != data[n + 1 : n + 9]:
         raise ManifestFormatError("manifest checksum mismatch")
     try:
-        parts = msgpack.unpackb(body, raw=False, use_list=False)
-        got_chunker, rows = parts[0], parts[1]
-        generation = parts[2] if len(parts) > 2 else ""
+        # Stream the rows: holding all of them decoded at once doubled the peak memory of a
+        # 100,000-file run.
+        up = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=len(body) + 1)
+        up.feed(body)
+        nparts = up.read_array_header()
+        if nparts not in (2, 3):
+            raise ManifestFormatError(f"manifest body has {nparts} parts")
+        got_chunker = up.unpack()
         if got_chunker != chunker:
             raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
-        return Manifest(entries=decode_rows(rows), generation=str(generation))
+        nrows = up.read_array_header()
+        entries = decode_rows(up.unpack() for _ in range(nrows))
+        generation = up.unpack() if nparts == 3 else ""
+        if up.tell() != len(body):
+            raise ManifestFormatError("trailing bytes after the manifest body")
+        return Manifest(entries=entries, generation=str(generation))
     except ManifestFormatError:
         raise
     except Exception as e:  # malformed body: any decoding failure means "rebuild"
