@@ -690,10 +690,14 @@ def test_kill_9_mid_run_then_rerun_converges_like_an_uninterrupted_run(tmp_path,
 
     p = popen_cli("sync", "--two-way", "--bwlimit", "1M", a, b)
     try:
-        tmp = big_to / ".dirsync" / "tmp"
-        # A temp in the victim's staging area: with b as the victim, a is done and b is mid-way.
-        wait_for(lambda: any(n.startswith(".dirsync-tmp-") for n in os.listdir(tmp)),
-                 timeout=60, interval=0.005, what="a staged temp on the victim")
+        # A temp being staged on the victim: with b as the victim, a is done and b is mid-way.
+        def staging() -> bool:
+            if p.poll() is not None:
+                raise AssertionError(f"the run ended (exit {p.returncode}) before it could be killed:\n"
+                                     + p.stderr.read().decode(errors="replace"))
+            return bool(stray_temps(big_to))  # in .dirsync/tmp, or beside the target for small files
+
+        wait_for(staging, timeout=60, interval=0.005, what="a staged temp on the victim")
         kill_group(p, signal.SIGKILL)
     finally:
         kill_group(p, signal.SIGKILL)
