@@ -105,6 +105,16 @@ def is_under(path: str, top: str) -> bool:
     return top == "" or path == top or path.startswith(top + "/")
 
 
+def covered(path: str, tops: "set[str] | frozenset[str]") -> bool:
+    """True when `path` or one of its ancestors ("" included) is in `tops` (set lookups only)."""
+    while True:
+        if path in tops:
+            return True
+        if not path:
+            return False
+        path = parent_of(path)
+
+
 def check_relpath(path: str) -> str:
     """Return `path` if it is a safe replica-relative path, else raise ValueError.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Union
 
 from dirsync.errors import display_path
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,15 +306,7 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
     protect = opts.protect
 
     def protected(p: str) -> bool:
-        if not protect:
-            return False
-        q = p
-        while True:
-            if q in protect:
-                return True
-            if not q:
-                return False
-            q = parent_of(q)
+        return bool(protect) and covered(p, protect)
 
     acc = _Acc()
     r_children: dict[str, list[str]] = {}

@@ -473,17 +473,10 @@ class Replica:
         try:
             src = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.tmp_fd)  # a temp in .dirsync/tmp
             try:
-                st = os.fstat(src)
                 dst = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                               dir_fd=dfd)
                 try:
-                    while True:
-                        buf = os.read(src, COPY_BLOCK)
-                        if not buf:
-                            break
-                        _write_all(dst, buf)
-                    os.fchmod(dst, stat.S_IMODE(st.st_mode))
-                    os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+                    _copy_fd(src, dst, os.fstat(src))
                     os.fsync(dst)
                 finally:
                     os.close(dst)
@@ -731,17 +724,22 @@ def _copy_entry(dfd: int, name: str, target: str) -> None:
     try:
         dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            while True:
-                buf = os.read(src, COPY_BLOCK)
-                if not buf:
-                    break
-                _write_all(dst, buf)
-            os.fchmod(dst, stat.S_IMODE(st.st_mode))
-            os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+            _copy_fd(src, dst, st)
         finally:
             os.close(dst)
     finally:
         os.close(src)
+
+
+def _copy_fd(src: int, dst: int, st: os.stat_result) -> None:
+    """Copy all of src into dst, then give dst the mode and mtime of `st`."""
+    while True:
+        buf = os.read(src, COPY_BLOCK)
+        if not buf:
+            break
+        _write_all(dst, buf)
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_path
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
@@ -261,13 +261,13 @@ class _Scanner:
         tops = set(only)
         # Drop nested duplicates: rescanning "a" covers "a/b". Ancestor lookups in a set, not
         # pairwise is_under: watch mode passes up to ~1,000 paths and caches hold 100k+ entries.
-        kept = sorted(p for p in tops if not p or not _covered(parent_of(p), tops))
+        kept = sorted(p for p in tops if not p or not covered(parent_of(p), tops))
         if "" in kept:
             self.entries[""] = self.dir_entry("", os.lstat(self.root))
             self.walk("")
             return
         kept_set = set(kept)
-        self.entries = {p: e for p, e in self.cache.items() if not _covered(p, kept_set)}
+        self.entries = {p: e for p, e in self.cache.items() if not covered(p, kept_set)}
         parents = set()
         for p in kept:
             q = parent_of(p)
@@ -293,16 +293,6 @@ class _Scanner:
                 continue
             if stat.S_ISDIR(st.st_mode) and isinstance(self.entries.get(q), DirEntry):
                 self.entries[q] = self.dir_entry(q, st)
-
-
-def _covered(p: str, tops: set[str]) -> bool:
-    """True when p or one of its ancestors ("" included) is in tops."""
-    while True:
-        if p in tops:
-            return True
-        if not p:
-            return False
-        p = parent_of(p)
 
 
 def _ancestors(p: str) -> list[str]:

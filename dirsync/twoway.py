@@ -64,7 +64,7 @@ from dirsync.errors import (
     SourceChangedError,
     display_path,
 )
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, is_under, parent_of
+from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, is_under, parent_of
 from dirsync.plan import Commit, Plan, PlanOptions, SendOp, WriteFile, diff
 
 CONFLICT_TAG = ".sync-conflict-"
@@ -254,15 +254,7 @@ def reconcile(base: Manifest, a: Manifest, b: Manifest, opts: ReconcileOptions =
     protect = opts.protect
 
     def protected(p: str) -> bool:
-        if not protect:
-            return False
-        q = p
-        while True:
-            if q in protect:
-                return True
-            if not q:
-                return False
-            q = parent_of(q)
+        return bool(protect) and covered(p, protect)
 
     T: dict[str, Entry] = {}
     origin: dict[str, tuple[int, str]] = {}
