@@ -58,6 +58,15 @@ def _rate_option(value: Optional[str]) -> Optional[int]:
 
 # Options shared by sync and plan.
 O_EXCLUDE = typer.Option(None, "--exclude", "-x", help="gitignore-style pattern to leave out (repeatable).")
+O_INIT = typer.Option(False, "--init", help="Accept a non-empty directory never synced before.")
+O_MAX_DELETE = typer.Option(None, "--max-delete", help="Delete nothing if more than N deletions.")
+O_DRY_RUN = typer.Option(False, "--dry-run", "-n", help="Print the plan, change nothing.")
+O_QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
+O_VERBOSE = typer.Option(False, "--verbose", "-v", help="Print a summary line even when not on a terminal.")
+O_JSON = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
+O_LOG_FILE = typer.Option(None, "--log-file", help="Append timestamped lines to this file.")
+O_ALLOW_MASS_DELETE = typer.Option(False, "--allow-mass-delete",
+                                   help="Allow emptying a replica / deleting over half of it.")
 O_PORT = typer.Option(None, "--port", "-p", help="SSH port for remote replicas.")
 O_IDENTITY = typer.Option(None, "--identity", "-i", help="SSH private key file.")
 O_SSH_CONFIG = typer.Option(None, "--ssh-config", help="SSH config file (default ~/.ssh/config).")
@@ -85,15 +94,14 @@ def sync(
     replicas: List[str] = typer.Argument(..., help="Replica directories: PATH, [user@]host:PATH or ssh://..."),
     delete: bool = typer.Option(True, "--delete/--no-delete", help="Delete replica files the master lacks."),
     exclude: Optional[List[str]] = O_EXCLUDE,
-    init: bool = typer.Option(False, "--init", help="Accept a non-empty directory never synced before."),
-    max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Delete nothing if more than N deletions."),
-    allow_mass_delete: bool = typer.Option(False, "--allow-mass-delete",
-                                           help="Allow emptying a replica / deleting over half of it."),
-    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Print the plan, change nothing."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a summary line even when not on a terminal."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    log_file: Optional[str] = typer.Option(None, "--log-file", help="Append timestamped lines to this file."),
+    init: bool = O_INIT,
+    max_delete: Optional[int] = O_MAX_DELETE,
+    allow_mass_delete: bool = O_ALLOW_MASS_DELETE,
+    dry_run: bool = O_DRY_RUN,
+    quiet: bool = O_QUIET,
+    verbose: bool = O_VERBOSE,
+    as_json: bool = O_JSON,
+    log_file: Optional[str] = O_LOG_FILE,
     wait: float = typer.Option(0.0, "--wait", help="Wait up to SECONDS for a lock held by another run."),
     port: Optional[int] = O_PORT,
     identity: Optional[str] = O_IDENTITY,
@@ -272,15 +280,14 @@ def run(
     delete: Optional[bool] = typer.Option(None, "--delete/--no-delete", help="Override the profile's delete."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x",
                                                 help="Another pattern to leave out (added to the profile's)."),
-    init: bool = typer.Option(False, "--init", help="Accept a non-empty directory never synced before."),
-    max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Delete nothing if more than N deletions."),
-    allow_mass_delete: bool = typer.Option(False, "--allow-mass-delete",
-                                           help="Allow emptying a replica / deleting over half of it."),
-    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Print the plan, change nothing."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a summary line even when not on a terminal."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    log_file: Optional[str] = typer.Option(None, "--log-file", help="Append timestamped lines to this file."),
+    init: bool = O_INIT,
+    max_delete: Optional[int] = O_MAX_DELETE,
+    allow_mass_delete: bool = O_ALLOW_MASS_DELETE,
+    dry_run: bool = O_DRY_RUN,
+    quiet: bool = O_QUIET,
+    verbose: bool = O_VERBOSE,
+    as_json: bool = O_JSON,
+    log_file: Optional[str] = O_LOG_FILE,
     wait: Optional[float] = typer.Option(None, "--wait", help="Wait up to SECONDS for a lock held by another run."),
     backup_dir: Optional[str] = O_BACKUP_DIR,
     backup_keep: Optional[int] = O_BACKUP_KEEP,
@@ -449,12 +456,11 @@ def watch(
                                           help="Seconds between full rescans (catch what events missed)."),
     delete: bool = typer.Option(True, "--delete/--no-delete", help="Delete replica files the master lacks."),
     exclude: Optional[List[str]] = O_EXCLUDE,
-    init: bool = typer.Option(False, "--init", help="Accept a non-empty directory never synced before."),
-    max_delete: Optional[int] = typer.Option(None, "--max-delete", help="Delete nothing if more than N deletions."),
-    allow_mass_delete: bool = typer.Option(False, "--allow-mass-delete",
-                                           help="Allow emptying a replica / deleting over half of it."),
+    init: bool = O_INIT,
+    max_delete: Optional[int] = O_MAX_DELETE,
+    allow_mass_delete: bool = O_ALLOW_MASS_DELETE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors."),
-    log_file: Optional[str] = typer.Option(None, "--log-file", help="Append timestamped lines to this file."),
+    log_file: Optional[str] = O_LOG_FILE,
     port: Optional[int] = O_PORT,
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
