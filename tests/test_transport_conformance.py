@@ -405,3 +405,29 @@ def test_disk_full_is_an_item_error_and_leaves_no_temps(make, tmp_path, tiny_fs)
     assert read(r / "fits.txt") == b"small\n"
     assert not (r / "huge.bin").exists()
     assert tmp_entries(r) == []
+
+
+def test_cache_that_cannot_be_saved_is_an_item_error_at_close(make, tmp_path, tiny_fs):
+    """The run's files are in place, but the replica's manifest cache did not fit: close() raises
+    the item error (exit 23 for the run), the lock is released, and a later run converges."""
+    m = tmp_path / "m"
+    r = tiny_fs / "r"
+    for pages_left in (2, 3, 4):  # tmpfs accounting: find the size that leaves no page for the cache
+        if r.exists():
+            shutil.rmtree(r)
+        build_tree(m, {"f": random_bytes((256 - pages_left) * 4096, pages_left)})
+        try:
+            s = sync_with(make(r), m)
+        except ItemError as e:
+            assert "save replica cache" in str(e) and e.code == "NO_SPACE", e
+            break
+        os.unlink(m / "f")
+    else:
+        pytest.skip("could not size a file to fill the tmpfs exactly here")
+    assert read(r / "f") == read(m / "f")
+    os.unlink(m / "f")
+    os.unlink(r / "f")  # make room
+    write(m / "g", b"small\n")
+    s = sync_with(make(r), m)  # not locked, and the stale cache is rescanned
+    assert s.errors == []
+    treecmp.assert_trees_equal(m, r)

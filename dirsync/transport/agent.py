@@ -23,7 +23,7 @@ import zstandard
 
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
-from dirsync.errors import DirsyncError, ItemError, ProtocolError
+from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import encode_rows
 from dirsync.plan import Action, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
@@ -280,16 +280,21 @@ class Agent:
         scanned = r.scanned.entries if r.scanned is not None else {}
         current = dict(r.current)
         self.replica = None
+        error: ItemError | None = None
         try:
             gen = r.close(save=save)
-        except OSError as e:  # the cache could not be saved (the lock is released all the same)
-            print(f"dirsync agent: could not save the replica cache: {e}", file=sys.stderr)
-            gen = ""
+        except ItemError as e:  # e.g. the cache could not be saved: the lock is released all the same
+            gen, error = "", e
+        except OSError as e:
+            gen, error = "", ItemIOError("", "close replica", e)
         if gen:
             changed = [e for p, e in current.items() if scanned.get(p) != e]
             removed = [os.fsencode(p) for p in scanned if p not in current]
             self._send_rows(changed, removed)
-        self.send({"t": "closed", "gen": gen})
+        msg: dict[str, Any] = {"t": "closed", "gen": gen}
+        if error is not None:
+            msg["error"] = proto.enc_item_error(error)
+        self.send(msg)
 
     def _need(self) -> Replica:
         if self.replica is None:

@@ -436,7 +436,10 @@ class RemoteTransport:
 
     def close(self, *, save: bool = True) -> None:
         """End the session. After a link failure, or when interrupted inside apply, the
-        connection is just dropped: the agent sees EOF, discards its temps and unlocks."""
+        connection is just dropped: the agent sees EOF, discards its temps and unlocks.
+        Raises the item error the agent met while closing (e.g. its cache could not be saved),
+        as Replica.close does for a local replica."""
+        error: ItemError | None = None
         try:
             if self.chan is not None and self._broken is None and not self._busy and self._hello_seen:
                 self._send({"t": "close", "save": save}, flush=True)
@@ -444,6 +447,8 @@ class RemoteTransport:
                 removed: list[str] = []
                 m = self._rows_until("closed", changed, removed)
                 gen = v_str(m.get("gen", ""), 64)
+                if m.get("error") is not None:
+                    error = proto.dec_item_error(m.get("error"))
                 if not self._readonly:  # a read-only session saved nothing: our copy still matches
                     self._remember(gen, changed, removed)
                 self._send({"t": "bye"}, flush=True)
@@ -451,6 +456,8 @@ class RemoteTransport:
             pass
         finally:
             self._shutdown()
+        if error is not None:
+            raise error
 
     def _remember(self, gen: str, changed: dict, removed: list[str]) -> None:
         """Keep our copy of the replica's saved manifest, so the next scan can be a delta."""
