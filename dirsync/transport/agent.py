@@ -154,7 +154,10 @@ class Agent:
             if pinger.is_alive():
                 pinger.join()
             if self.replica is not None:
-                self.replica.close(save=False)
+                try:
+                    self.replica.close(save=False)
+                except Exception as e:  # the session is over anyway: never replace its outcome
+                    print(f"dirsync agent: closing the replica: {e}", file=sys.stderr)
 
     def _last_word(self, e: DirsyncError) -> None:
         try:

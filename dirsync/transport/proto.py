@@ -198,10 +198,14 @@ def enc_fatal(e: DirsyncError) -> dict:
 
 
 def dec_fatal(m: dict, where: str) -> DirsyncError:
+    """The agent's `fatal` frame as the error to raise; it keeps the agent's exit code."""
     code = v_int(m.get("code"), 0, 255)
     cls = _FATAL.get(code, DirsyncError)
     hint = v_str(m.get("hint", ""), 4096) or None
-    return cls(f"{where}: {v_str(m.get('msg'), 4096)}", hint=hint)
+    err = cls(f"{where}: {v_str(m.get('msg'), 4096)}", hint=hint)
+    if cls is DirsyncError and code in ExitCode._value2member_map_:
+        err.exit_code = ExitCode(code)  # e.g. 23 for an item error outside apply
+    return err
 
 
 def enc_open_info(info: OpenInfo) -> dict:
