@@ -422,3 +422,19 @@ def test_apply_in_a_read_only_session_is_refused(world):
                                           frame({"t": "mkdir", "p": b"d", "mode": 0o755})])
     assert_protocol_error(status, out, err)
     assert not os.listdir(world.r)
+
+
+def test_fuzzed_sessions_against_the_real_agent_process(world):
+    """A few fuzz cases through `python -m dirsync agent` itself (stdin/stdout as in production)."""
+    rng = random.Random(FUZZ_SEED + 1)
+    sessions = world.sessions()
+    rejected = 0
+    for n in range(12):
+        frames, desc = mutate(rng, rng.choice(sessions))
+        status, out, err = run_agent_process(frames)
+        assert "Traceback" not in err, f"case {n} ({desc}): {err}"
+        assert status in (0, 11), f"case {n} ({desc}): exit status {status}: {err}"
+        if status == 11:
+            assert out[-1].get("t") == "fatal" and out[-1].get("code") == 11, f"case {n} ({desc}): {out[-1]}"
+            rejected += 1
+    assert rejected >= 4
