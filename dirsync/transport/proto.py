@@ -222,5 +222,5 @@ def dec_open_info(x: Any) -> OpenInfo:
         cache_status=v_str(m.get("cache_status", "ok"), 20),
         cache_reason=v_str(m.get("cache_reason", ""), 4096),
         warnings=[v_str(w, 4096) for w in v_list(m.get("warnings", []), 1000)],
-        reserved=tuple(v_relpath(p) for p in v_list(m.get("reserved", []), 16)),
+        reserved=tuple(_v_relpath(p) for p in v_list(m.get("reserved", []), 16)),  # may be under .dirsync/
     )
