@@ -431,3 +431,27 @@ def test_cache_that_cannot_be_saved_is_an_item_error_at_close(make, tmp_path, ti
     s = sync_with(make(r), m)  # not locked, and the stale cache is rescanned
     assert s.errors == []
     treecmp.assert_trees_equal(m, r)
+
+
+@pytest.mark.parametrize("backup_dir", ["bak", ".dirsync/bak"])
+def test_backup_dir_keeps_replaced_and_deleted_files(make, tmp_path, backup_dir):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"keep.txt": b"v1\n", "gone.txt": b"bye\n", "sub": {"x": b"x1\n"}})
+    sync_with(make(r, backup_dir=backup_dir, backup_keep=2), m)
+    write(m / "keep.txt", b"v2, longer\n")
+    write(m / "sub/x", b"x2, longer\n")
+    os.unlink(m / "gone.txt")
+    t = make(r, backup_dir=backup_dir, backup_keep=2)
+    mman = scan_tree(str(m)).manifest
+    summary = ReplicaSummary(replica=t.name)
+    with opened(t) as info:
+        assert info.reserved == (backup_dir,)
+        rscan = t.scan([])
+        assert not any(p == backup_dir or p.startswith(backup_dir + "/") for p in rscan.manifest.entries)
+        t.apply(diff(mman, rscan.manifest, PlanOptions()).actions, MasterReader(str(m)), summary)
+    assert summary.errors == []
+    runs = os.listdir(r / backup_dir)
+    assert len(runs) == 1
+    kept = r / backup_dir / runs[0]
+    assert read(kept / "keep.txt") == b"v1\n" and read(kept / "gone.txt") == b"bye\n" and read(kept / "sub/x") == b"x1\n"
+    treecmp.assert_trees_equal(m, r, ignore=(".dirsync", "bak"))
