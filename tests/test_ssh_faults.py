@@ -10,7 +10,6 @@ behind holding the replica lock, and a rerun converges. Waits are on conditions 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import sys

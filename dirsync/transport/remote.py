@@ -22,7 +22,7 @@ from dirsync import __version__, chunking
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import Manifest
-from dirsync.plan import Action, Commit, Delete, MakeDir, MakeLink, SetMeta, WriteFile
+from dirsync.plan import Action, Commit, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
@@ -36,7 +36,6 @@ IO_TIMEOUT_S = 60.0  # the agent pings every 5 s; this long without a byte means
 IO_TIMEOUT_ENV = "DIRSYNC_IO_TIMEOUT"  # seconds; overrides IO_TIMEOUT_S (tests, very slow links)
 PING_S = 5.0  # the ping interval asked of the agent (at most a quarter of the I/O timeout)
 START_GRACE_S = 3.0  # the agent ended before its hello: wait this long for its exit status
-_DONE_KINDS = {"mkdir": MakeDir, "link": MakeLink, "meta": SetMeta, "del": Delete}
 
 
 def io_timeout() -> float:
