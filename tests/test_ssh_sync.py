@@ -276,3 +276,18 @@ def test_plan_and_verify_against_an_ssh_replica(sshd, tmp_path):
     ssh_synced(sshd, m, spec, r)
     cp = run_cli("verify", *ssh, m, spec)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_replica_path_is_never_seen_by_the_remote_shell(sshd, tmp_path):
+    """The root travels inside the open message, not on the remote command line: spaces, quotes,
+    `$(...)` and non-UTF-8 bytes are just bytes of a path."""
+    m = tmp_path / "m"
+    build_tree(m, {"f.txt": b"x\n", "d": {"g": b"y\n"}})
+    parent = os.path.join(os.fsencode(str(tmp_path)), b"odd dir 'q' $(touch PWNED) \xff")
+    os.makedirs(parent)
+    r = os.path.join(parent, b"replica")
+    spec = os.fsencode(sshd.alias) + b":" + r
+    _, out = sync_json(m, spec, args=tuple(ssh_cli_args(sshd)))
+    assert out["replicas"][0]["status"] == "ok", out
+    treecmp.assert_trees_equal(m, r)
+    assert not os.path.exists(os.path.join(os.path.expanduser("~"), "PWNED")) and not (tmp_path / "PWNED").exists()
