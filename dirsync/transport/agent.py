@@ -24,7 +24,7 @@ import zstandard
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
-from dirsync.manifest import encode_rows
+from dirsync.manifest import FileEntry, encode_rows
 from dirsync.plan import Action, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
 from dirsync.scan import Excluder
@@ -79,6 +79,7 @@ class Agent:
         self.inbox: list[Any] = []
         self.wlock = threading.Lock()
         self.replica: Replica | None = None
+        self.written: dict[str, FileEntry] = {}  # write targets received this session
         self.inflater = _Inflater()
         self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
         self.ping_s = PING_S
@@ -263,6 +264,7 @@ class Agent:
                 return
             a = proto.dec_action(m)
             if isinstance(a, WriteFile):
+                self.written[a.path] = a.target
                 self._inline = m.get("d")
                 if self._inline is not None:
                     v_bytes(self._inline, DATA_MAX)
@@ -293,7 +295,14 @@ class Agent:
         if gen:
             changed = [e for p, e in current.items() if scanned.get(p) != e]
             removed = [os.fsencode(p) for p in scanned if p not in current]
+            # A file now exactly as the master sent it goes back as its path only: the master
+            # still has the row (for a large file, thousands of chunk digests).
+            written = self.written
+            as_sent = [os.fsencode(e.path) for e in changed if written.get(e.path) == e]
+            changed = [e for e in changed if written.get(e.path) != e]
             self._send_rows(changed, removed)
+            for i in range(0, len(as_sent), proto.ROWS_PER_FRAME):
+                self.send({"t": "written", "paths": as_sent[i:i + proto.ROWS_PER_FRAME]})
         msg: dict[str, Any] = {"t": "closed", "gen": gen}
         if error is not None:
             msg["error"] = proto.enc_item_error(error)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from dirsync import __version__, chunking
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
-from dirsync.manifest import Manifest
+from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Action, Commit, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import ScanResult
@@ -81,6 +81,7 @@ class RemoteTransport:
         self._readonly = False
         self._hello_seen = False
         self.base: Manifest | None = None  # our copy of the replica's last saved manifest
+        self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
         self.scanned: Manifest | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
@@ -267,6 +268,12 @@ class RemoteTransport:
                 changed.update(proto.dec_rows(m.get("rows")))
             elif t == "removed":
                 removed.extend(proto.dec_paths(m.get("paths")))
+            elif t == "written" and end == "closed":
+                for p in proto.dec_paths(m.get("paths")):
+                    w = self._written.get(p)
+                    if w is None:
+                        raise self._fail(ProtocolError(f"{self.ep}: agent reports {p!r} as written, but it was not sent"))
+                    changed[p] = w
             elif t == end:
                 return m
             else:
@@ -328,6 +335,7 @@ class RemoteTransport:
                 break
             if isinstance(a, WriteFile):
                 writes[a.path] = a
+                self._written[a.path] = a.target
                 self._send_write(a, master, sink)
             else:
                 if not isinstance(a, Commit):
