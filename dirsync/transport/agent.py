@@ -80,6 +80,7 @@ class Agent:
         self.wlock = threading.Lock()
         self.replica: Replica | None = None
         self.written: dict[str, FileEntry] = {}  # write targets received this session
+        self._chunk_tables: dict[str, dict[int, tuple[int, bytes]]] = {}  # for compacted write rows
         self.inflater = _Inflater()
         self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
         self.ping_s = PING_S
@@ -262,7 +263,7 @@ class Agent:
             t = m.get("t")
             if t == "apply_end":
                 return
-            a = proto.dec_action(m)
+            a = proto.dec_action(m, self._chunk_at)
             if isinstance(a, WriteFile):
                 self.written[a.path] = a.target
                 self._inline = m.get("d")
@@ -307,6 +308,17 @@ class Agent:
         if error is not None:
             msg["error"] = proto.enc_item_error(error)
         self.send(msg)
+
+    def _chunk_at(self, src: str, offset: int) -> tuple[int, bytes] | None:
+        """(size, digest) of the chunk at `offset` of replica file `src`, as scanned this session."""
+        table = self._chunk_tables.get(src)
+        if table is None:
+            r = self._need()
+            e = r.scanned.entries.get(src) if r.scanned is not None else None
+            if not isinstance(e, FileEntry):
+                return None
+            table = self._chunk_tables[src] = {off: (n, d) for off, n, d in e.chunks()}
+        return table.get(offset)
 
     def _need(self) -> Replica:
         if self.replica is None:

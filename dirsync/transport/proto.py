@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 from dirsync.errors import (
     ConfigError,
@@ -99,17 +99,46 @@ def enc_action(a: Action) -> dict:
     raise TypeError(f"unknown action {a!r}")
 
 
-def dec_action(m: dict) -> Action:
-    """Decode and validate one action from the client (everything is hostile until checked)."""
+def compact_digests(w: WriteFile, replica: dict) -> tuple[bytes, bytes] | None:
+    """(mask, digests left) for a write whose chunk digests the agent can mostly look up itself.
+
+    Bit i of mask is set when target chunk i lies inside a copy op and the replica (as
+    scanned) has a chunk of the same size and digest at the matching source offset; those
+    digests are left out. None when no chunk qualifies (send the full row)."""
+    chunks = list(w.target.chunks())
+    mask = bytearray((len(chunks) + 7) // 8)
+    left = []
+    tables: dict[str, dict[int, tuple[int, bytes]]] = {}
+    pos, k, any_bit = 0, 0, False
+    for op in w.ops:
+        end = pos + op.size
+        table = None
+        if isinstance(op, CopyOp):
+            src = replica.get(op.src)
+            if isinstance(src, FileEntry):
+                table = tables.get(op.src)
+                if table is None:
+                    table = tables[op.src] = {off: (n, d) for off, n, d in src.chunks()}
+        while k < len(chunks) and chunks[k][0] < end:
+            off, n, d = chunks[k]
+            hit = table.get(op.offset + off - pos) if table is not None and off + n <= end else None
+            if hit == (n, d):
+                mask[k >> 3] |= 1 << (k & 7)
+                any_bit = True
+            else:
+                left.append(d)
+            k += 1
+        pos = end
+    return (bytes(mask), b"".join(left)) if any_bit else None
+
+
+def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None] | None = None) -> Action:
+    """Decode and validate one action from the client (everything is hostile until checked).
+
+    `chunk_at(src, offset)` gives the (size, digest) of the replica chunk at that offset; it
+    fills in the digests a compacted write row left out (see compact_digests)."""
     t = m.get("t")
     if t == "write":
-        target = dec_rows([m.get("f")])
-        f = next(iter(target.values())) if len(target) == 1 else None
-        if not isinstance(f, FileEntry) or not f.path:
-            raise ProtocolError("write: target is not a file row")
-        v_relpath(_enc(f.path))
-        v_int(f.mtime_ns, -I64, I64)
-        v_int(f.size, 0, I64)
         ops: list = []
         pos = 0
         for o in v_list(m.get("ops"), MAX_OPS):
@@ -119,11 +148,21 @@ def dec_action(m: dict) -> Action:
             elif len(o) == 2:
                 op = SendOp(v_int(o[0], 0, I64), v_int(o[1], 1, I64))
                 if op.offset != pos:
-                    raise ProtocolError(f"write {f.path!r}: send op at {op.offset}, expected {pos}")
+                    raise ProtocolError(f"write: send op at {op.offset}, expected {pos}")
             else:
                 raise ProtocolError("write: malformed op")
             pos += op.size
             ops.append(op)
+        row = m.get("f")
+        if m.get("dm") is not None:
+            row = _expand_digests(row, v_bytes(m.get("dm"), MAX_OPS), ops, chunk_at)
+        target = dec_rows([row])
+        f = next(iter(target.values())) if len(target) == 1 else None
+        if not isinstance(f, FileEntry) or not f.path:
+            raise ProtocolError("write: target is not a file row")
+        v_relpath(_enc(f.path))
+        v_int(f.mtime_ns, -I64, I64)
+        v_int(f.size, 0, I64)
         if pos != f.size:
             raise ProtocolError(f"write {f.path!r}: ops cover {pos} bytes of {f.size}")
         return WriteFile(f, tuple(ops), dec_expect(m.get("x")))
@@ -149,6 +188,42 @@ def dec_action(m: dict) -> Action:
             raise ProtocolError(f"del: bad kind {kind!r}")
         return Delete(v_relpath(m.get("p")), kind, dec_expect(m.get("x")), v_bool(m.get("ob", False)))
     raise ProtocolError(f"unknown action type {str(t)[:40]!r}")
+
+
+def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at) -> list:
+    """Put back the chunk digests a compacted write row left out (hostile input: check all)."""
+    row = v_list(row, 9)
+    if len(row) != 9 or chunk_at is None:
+        raise ProtocolError("write: compacted row without a replica to complete it")
+    sizes = v_list(row[7], MAX_OPS)
+    left = v_bytes(row[8], 16 * len(sizes))
+    if len(mask) != (len(sizes) + 7) // 8:
+        raise ProtocolError("write: digest mask of the wrong length")
+    out = []
+    off = i_left = 0
+    pos, k = 0, 0
+    for i, n in enumerate(sizes):
+        n = v_int(n, 1, I64)
+        if mask[i >> 3] >> (i & 7) & 1:
+            while k < len(ops) and pos + ops[k].size <= off:
+                pos += ops[k].size
+                k += 1
+            op = ops[k] if k < len(ops) else None
+            if not isinstance(op, CopyOp) or off + n > pos + op.size:
+                raise ProtocolError("write: a looked-up chunk is not inside a copy op")
+            hit = chunk_at(op.src, op.offset + off - pos)
+            if hit is None or hit[0] != n:
+                raise ProtocolError(f"write: the replica has no chunk of {n} bytes at {op.src!r}+{op.offset + off - pos}")
+            out.append(hit[1])
+        else:
+            if i_left + 16 > len(left):
+                raise ProtocolError("write: too few chunk digests")
+            out.append(left[i_left:i_left + 16])
+            i_left += 16
+        off += n
+    if i_left != len(left):
+        raise ProtocolError("write: too many chunk digests")
+    return [*row[:8], b"".join(out)]
 
 
 def dec_rows(rows: Any) -> dict[str, Entry]:

@@ -22,7 +22,7 @@ from dirsync import __version__, chunking
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import FileEntry, Manifest
-from dirsync.plan import Action, Commit, WriteFile
+from dirsync.plan import Action, Commit, CopyOp, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
@@ -349,6 +349,12 @@ class RemoteTransport:
 
     def _send_write(self, w: WriteFile, master: MasterReader, sink: Sink) -> None:
         msg = proto.enc_action(w)
+        if self.scanned is not None and any(isinstance(o, CopyOp) for o in w.ops):
+            compact = proto.compact_digests(w, self.scanned.entries)
+            if compact is not None:  # the agent looks up the digests of chunks it already holds
+                row = list(msg["f"])
+                msg["dm"], row[8] = compact
+                msg["f"] = row
         n = w.send_bytes
         try:
             if n <= INLINE_MAX:
