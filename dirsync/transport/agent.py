@@ -405,6 +405,9 @@ class _Inflater:
         return bytes(out)
 
 
+STAGED_REPORT_MIN = 1 << 20
+
+
 class _ResultSender:
     """The action loop's sink on the agent: forwards every outcome to the master."""
 
@@ -412,7 +415,10 @@ class _ResultSender:
         self.agent = agent
 
     def staged(self, w: WriteFile) -> None:
-        self.agent.send({"t": "staged", "p": os.fsencode(w.path)})
+        # Only large files report staging (it drives the master's progress bar); for a small
+        # file its `done` implies it, which halves the outcome traffic of a many-file run.
+        if w.target.size >= STAGED_REPORT_MIN:
+            self.agent.send({"t": "staged", "p": os.fsencode(w.path)})
 
     def done(self, a: Action, path: str) -> None:
         self.agent.send({"t": "done", "k": proto.enc_action(a)["t"] if not isinstance(a, WriteFile) else "write",

@@ -82,6 +82,7 @@ class RemoteTransport:
         self._hello_seen = False
         self.base: Manifest | None = None  # our copy of the replica's last saved manifest
         self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
+        self._staged_seen: set[str] = set()  # writes whose bytes the sink has counted
         self.scanned: Manifest | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
@@ -431,13 +432,17 @@ class RemoteTransport:
         path = os.fsdecode(v_bytes(m.get("p", b""), 4096))
         if t == "staged":
             w = writes.get(path)
-            if w is not None:
+            if w is not None and path not in self._staged_seen:
+                self._staged_seen.add(path)
                 sink.staged(w)
         elif t == "done":
             k = v_str(m.get("k"), 8)
             if k == "write":
                 w = writes.get(path)
                 if w is not None:
+                    if path not in self._staged_seen:  # small files report only `done`
+                        self._staged_seen.add(path)
+                        sink.staged(w)
                     sink.done(w, path)
             else:
                 a = others.get((k, path))
