@@ -698,12 +698,79 @@ class TwoWaySide:
         return ContentSource(self.root, throttle)
 
 
+class RemoteContentSource(ContentSource):
+    """Reads a remote side's file bytes through its agent (every chunk verified there and here)."""
+
+    def __init__(self, transport, throttle: Callable[[int], None] | None = None) -> None:
+        self.transport = transport
+        self.throttle = throttle
+
+    def holds(self, e: FileEntry) -> bool:
+        return True  # checked while reading: a file changed since the scan fails its digests
+
+    def sends(self, w: WriteFile) -> Iterator[bytes]:
+        for piece in self.transport.pull(w):
+            if self.throttle:
+                self.throttle(len(piece))
+            yield piece
+
+
+class RemoteTwoWaySide(TwoWaySide):
+    """A side on another machine: the replica contract through RemoteTransport, the two-way
+    state files and file reads through requests to the same agent (confined to its root)."""
+
+    is_remote = True
+
+    def __init__(self, spec: str, label: str, topts=None) -> None:
+        from dirsync.transport import TransportOptions
+        from dirsync.transport.remote import RemoteTransport
+
+        self.spec = spec
+        self.label = label
+        self.transport = RemoteTransport(spec, topts or TransportOptions())
+        self.root = self.transport.path
+        self.key = str(self.transport.ep)  # how base records name this side
+        self.info = None
+
+    def _tw(self, op: str, **kw):
+        return self.transport.twoway_request(op, **kw)
+
+    def peek_marker(self) -> str | None:
+        return self._tw("peek")
+
+    def list_bases(self) -> list[str]:
+        return [n for n in self._tw("list") if _STATE_NAME.fullmatch(n) and n.endswith(".base")]
+
+    def read_state(self, name: str) -> bytes | None:
+        if not _STATE_NAME.fullmatch(name):
+            raise ValueError(f"bad two-way state file name {name!r}")
+        return self._tw("read", name=name)
+
+    def write_state(self, name: str, data: bytes) -> None:
+        if not _STATE_NAME.fullmatch(name):
+            raise ValueError(f"bad two-way state file name {name!r}")
+        self._tw("write", name=name, data=data)
+
+    def remove_state(self, name: str) -> None:
+        if not _STATE_NAME.fullmatch(name):
+            raise ValueError(f"bad two-way state file name {name!r}")
+        self._tw("remove", name=name)
+
+    def looks_empty(self) -> bool:
+        return bool(self._tw("empty"))
+
+    def ignore_patterns(self) -> list[str]:
+        return list(self._tw("ignore"))
+
+    def source(self, throttle=None) -> ContentSource:
+        return RemoteContentSource(self.transport, throttle)
+
+
 def make_side(spec: str, label: str, topts=None) -> TwoWaySide:
     from dirsync.transport import is_remote_spec
 
     if is_remote_spec(spec):
-        raise ConfigError(f"two-way sync with a remote side ({spec}) is not supported yet",
-                          hint="both sides must be local directories for now")
+        return RemoteTwoWaySide(spec, label, topts)
     return TwoWaySide(spec, label, topts)
 
 
@@ -803,6 +870,10 @@ class TwoWaySummary:
 
 
 def _check_sides(a: TwoWaySide, b: TwoWaySide) -> None:
+    if a.is_remote or b.is_remote:
+        if a.key == b.key:
+            raise RefusedError(f"{a.spec} and {b.spec} are the same directory")
+        return
     ra, rb = a.key, b.key
     if ra == rb or ra.startswith(rb.rstrip("/") + "/") or rb.startswith(ra.rstrip("/") + "/"):
         raise RefusedError(f"{a.spec} and {b.spec} overlap; two-way sync needs two separate trees")

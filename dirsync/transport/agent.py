@@ -12,6 +12,8 @@ possible), 1 after an internal error (also reported in a `fatal` frame).
 
 from __future__ import annotations
 
+import json
+import re
 import os
 import select
 import sys
@@ -188,6 +190,10 @@ class Agent:
             self.scan(m)
         elif t == "apply":
             self.apply()
+        elif t == "tw":
+            self.twoway(m)
+        elif t == "tw_read":
+            self.twoway_read(m)
         elif t == "close":
             self.close(v_bool(m.get("save", True)))
         elif t == "root":
@@ -320,6 +326,97 @@ class Agent:
             table = self._chunk_tables[src] = {off: (n, d) for off, n, d in e.chunks()}
         return table.get(offset)
 
+    # -- two-way sides: state files and reads, confined to ROOT/.dirsync and the tree --------
+
+    def _tw_root(self, m: dict) -> str:
+        root = os.path.expanduser(os.fsdecode(v_bytes(m.get("root"), 4096) or b"."))
+        if "\0" in root:
+            raise ProtocolError("NUL in root")
+        if self.replica is not None and os.path.abspath(root) != self.replica.root:
+            raise ProtocolError("two-way request for another root than the open one")
+        return os.path.abspath(root)
+
+    def twoway(self, m: dict) -> None:
+        from dirsync.replica import MARKER
+        from dirsync.scan import STATE_DIR, read_ignore_file
+        from dirsync.state import write_atomic
+
+        root = self._tw_root(m)
+        op = v_str(m.get("op"), 10)
+        state = os.path.join(root, STATE_DIR)
+        if os.path.islink(state):
+            raise ProtocolError(f"{state} is a symlink")
+        name = None
+        if op in ("read", "write", "remove"):
+            name = v_str(m.get("name"), 100)
+            if not _TW_NAME.fullmatch(name):
+                raise ProtocolError(f"bad two-way state name {name!r}")
+        v: Any = None
+        if op == "peek":
+            try:
+                with open(os.path.join(state, MARKER), "rb") as f:
+                    v = str(json.loads(f.read())["id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                v = None
+        elif op == "list":
+            try:
+                v = sorted(n for n in os.listdir(state) if _TW_NAME.fullmatch(n))
+            except OSError:
+                v = []
+        elif op == "read":
+            try:
+                with open(os.path.join(state, name), "rb") as f:
+                    v = f.read()
+            except FileNotFoundError:
+                v = None
+        elif op == "write":
+            if self.replica is None or self.replica.readonly:
+                raise ProtocolError("two-way state written without an open, writable side")
+            write_atomic(os.path.join(state, name), v_bytes(m.get("data"), DATA_MAX))
+        elif op == "remove":
+            if self.replica is None or self.replica.readonly:
+                raise ProtocolError("two-way state removed without an open, writable side")
+            try:
+                os.unlink(os.path.join(state, name))
+            except FileNotFoundError:
+                pass
+        elif op == "empty":
+            try:
+                v = all(n == STATE_DIR for n in os.listdir(root))
+            except FileNotFoundError:
+                v = True
+            except OSError:
+                v = False
+        elif op == "ignore":
+            v = read_ignore_file(root)
+        else:
+            raise ProtocolError(f"unknown two-way request {op!r}")
+        self.send({"t": "tw_ok", "v": v})
+
+    def twoway_read(self, m: dict) -> None:
+        """Stream the bytes of a range of one of this side's files, each chunk checked against
+        the digests the master sent (the row of the file as this side's scan reported it)."""
+        from dirsync.apply import MasterReader
+
+        r = self._need()
+        rows = proto.dec_rows([m.get("f")])
+        f = next(iter(rows.values())) if len(rows) == 1 else None
+        if not isinstance(f, FileEntry) or not f.path or f.path.split("/")[0] == ".dirsync":
+            raise ProtocolError("tw_read: not a file row")
+        ops = []
+        for o in v_list(m.get("ops"), 16):
+            o = v_list(o, 2)
+            if len(o) != 2:
+                raise ProtocolError("tw_read: bad range")
+            ops.append(SendOp(v_int(o[0], 0, proto.I64), v_int(o[1], 1, proto.I64)))
+        try:
+            for piece in MasterReader(r.root).sends(WriteFile(f, tuple(ops), None)):
+                self.send({"t": "data", "b": bytes(piece)})
+        except ItemError as e:
+            self.send({"t": "failed", "e": proto.enc_item_error(e)})
+            return
+        self.send({"t": "end"})
+
     def _need(self) -> Replica:
         if self.replica is None:
             raise ProtocolError("no replica open")
@@ -406,6 +503,7 @@ class _Inflater:
 
 
 STAGED_REPORT_MIN = 1 << 20
+_TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending)")
 
 
 class _ResultSender:

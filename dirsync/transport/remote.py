@@ -12,24 +12,26 @@ replica's file contents never do. The protocol is described in PROTOCOL.md.
 
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dirsync import __version__, chunking
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
-from dirsync.manifest import FileEntry, Manifest
-from dirsync.plan import Action, Commit, CopyOp, WriteFile
+from dirsync.manifest import FileEntry, Manifest, encode_rows
+from dirsync.plan import Action, Commit, CopyOp, SendOp, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
 from dirsync.transport import proto
-from dirsync.transport.wire import FrameDecoder, check_hello, encode, hello, v_bytes, v_list, v_map, v_str
+from dirsync.transport.wire import FrameDecoder, check_hello, encode, hello, v_bool, v_bytes, v_list, v_map, v_str
 
+PULL_WINDOW = 8 << 20  # two-way: bytes requested from a remote side at a time
 INLINE_MAX = 64 << 10  # send-op data up to this size travels inside the write message
 FLUSH_AT = 256 << 10  # coalesce small frames into writes of about this size
 IO_TIMEOUT_S = 60.0  # the agent pings every 5 s; this long without a byte means the link is dead
@@ -219,26 +221,7 @@ class RemoteTransport:
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
         self._readonly = readonly
         try:
-            self._connect()
-            self._last_rx = time.monotonic()
-            self.reader = threading.Thread(target=self._read_loop, name=f"dirsync-reader {self.name}", daemon=True)
-            self.reader.start()
-            self.watchdog = threading.Thread(target=self._watch, name=f"dirsync-watchdog {self.name}", daemon=True)
-            self.watchdog.start()
-            ping_ms = int(min(PING_S, self.timeout / 4) * 1000)
-            self._send(hello(__version__, ping_ms=ping_ms), flush=True)
-            first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
-            try:
-                check_hello(first)
-                theirs = v_str(first.get("chunker", ""), 200)
-                if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
-                    raise ProtocolError(f"the remote dirsync ({v_str(first.get('version', '?'), 200)}) cuts "
-                                        f"files into chunks with {theirs or 'an unknown chunker'!r}, this one "
-                                        f"with {chunking.CHUNKER_ID!r}",
-                                        hint="install the same dirsync version on both machines")
-            except ProtocolError as e:
-                raise self._fail(ProtocolError(f"{self.ep}: {e}", hint=e.hint)) from None
-            self._hello_seen = True
+            self._start()
             msg: dict[str, Any] = {"t": "open", "root": os.fsencode(self.path), "init": init, "readonly": readonly}
             if self.opts.backup_dir:
                 msg["backup_dir"] = os.fsencode(self.opts.backup_dir)
@@ -253,6 +236,89 @@ class RemoteTransport:
         except BaseException:
             self._shutdown()
             raise
+
+    def _start(self) -> None:
+        """Connect, start the reader and watchdog threads and exchange hellos (once a session)."""
+        if self._hello_seen:
+            return
+        self._connect()
+        self._last_rx = time.monotonic()
+        self.reader = threading.Thread(target=self._read_loop, name=f"dirsync-reader {self.name}", daemon=True)
+        self.reader.start()
+        self.watchdog = threading.Thread(target=self._watch, name=f"dirsync-watchdog {self.name}", daemon=True)
+        self.watchdog.start()
+        ping_ms = int(min(PING_S, self.timeout / 4) * 1000)
+        self._send(hello(__version__, ping_ms=ping_ms), flush=True)
+        first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
+        try:
+            check_hello(first)
+            theirs = v_str(first.get("chunker", ""), 200)
+            if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
+                raise ProtocolError(f"the remote dirsync ({v_str(first.get('version', '?'), 200)}) cuts "
+                                    f"files into chunks with {theirs or 'an unknown chunker'!r}, this one "
+                                    f"with {chunking.CHUNKER_ID!r}",
+                                    hint="install the same dirsync version on both machines")
+        except ProtocolError as e:
+            raise self._fail(ProtocolError(f"{self.ep}: {e}", hint=e.hint)) from None
+        self._hello_seen = True
+
+    # -- two-way sides (see twoway.RemoteTwoWaySide) --------------------------------------
+
+    def twoway_request(self, op: str, **kw: Any) -> Any:
+        """A two-way state request on this side's root; works before open() too."""
+        try:
+            if not self._hello_seen:
+                self._start()
+            msg: dict[str, Any] = {"t": "tw", "op": op, "root": os.fsencode(self.path)}
+            if "name" in kw:
+                msg["name"] = kw["name"]
+            if "data" in kw:
+                msg["data"] = kw["data"]
+            self._send(msg, flush=True)
+            m = self._expect("tw_ok")
+            v = m.get("v")
+            if op == "peek":
+                return None if v is None else v_str(v, 200)
+            if op == "list":
+                return [v_str(n, 100) for n in v_list(v, 1000)]
+            if op == "read":
+                return None if v is None else v_bytes(v, 1 << 26)
+            if op == "ignore":
+                return [v_str(p, 4096) for p in v_list(v, 10000)]
+            if op == "empty":
+                return v_bool(v)
+            return None
+        except (ConnectError, ProtocolError) as e:
+            self._shutdown()
+            raise self._fail(e) from None
+
+    def pull(self, w: WriteFile) -> Iterator[bytes]:
+        """The bytes of w's send ops, read on this (remote) side from its file w.target (chunks
+        verified there against w.target's digests, and again by the writer here). Requested in
+        windows of about PULL_WINDOW bytes so memory stays bounded."""
+        ops = [o for o in w.ops if isinstance(o, SendOp)]
+        row = encode_rows([w.target], cache_fields=False)[0]
+        bounds = [off for off, _n, _d in w.target.chunks()] + [w.target.size]
+        for op in ops:
+            pos, end = op.offset, op.offset + op.size
+            while pos < end:
+                # the largest chunk-aligned window from pos, at least one chunk
+                i = bisect.bisect_left(bounds, pos)
+                j = bisect.bisect_right(bounds, min(end, pos + PULL_WINDOW)) - 1
+                stop = bounds[max(j, i + 1)]
+                self._send({"t": "tw_read", "f": row, "ops": [[pos, stop - pos]]}, flush=True)
+                while True:
+                    m = self._recv()
+                    t = m.get("t")
+                    if t == "data":
+                        yield v_bytes(m.get("b"), 1 << 24)
+                    elif t == "end":
+                        break
+                    elif t == "failed":
+                        raise proto.dec_item_error(m.get("e"))
+                    else:
+                        raise self._fail(ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} while reading"))
+                pos = stop
 
     def _expect(self, t: str) -> dict:
         m = self._recv()

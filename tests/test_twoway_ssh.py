@@ -1,0 +1,89 @@
+"""Two-way sync with one side, and with both sides, on the other end of a real sshd.
+
+The remote side runs this checkout's `dirsync agent` (tests/remote_helpers.py); the two-way
+state files and the reads of that side's bytes go through the same agent. Each scenario ends
+with both trees compared by the independent tree comparison (tests/treecmp.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+try:
+    import sshd as _sshd_plugin
+    import treecmp
+    from helpers import build_tree, random_bytes, read, run_cli, text_lines, write
+    from remote_helpers import ssh_cli_args, ssh_spec
+except ImportError:
+    from tests import sshd as _sshd_plugin
+    from tests import treecmp
+    from tests.helpers import build_tree, random_bytes, read, run_cli, text_lines, write
+    from tests.remote_helpers import ssh_cli_args, ssh_spec
+
+pytest_plugins = [_sshd_plugin.__name__]
+pytestmark = pytest.mark.ssh
+
+
+def tw(sshd, a, b, *extra, expect=0):
+    cp = run_cli("sync", "--two-way", "--json", *ssh_cli_args(sshd), *extra, a, b)
+    assert cp.returncode == expect, cp.stdout + cp.stderr
+    assert "Traceback" not in cp.stderr
+    return json.loads(cp.stdout) if cp.stdout.strip() else {}
+
+
+def same(a, b):
+    treecmp.assert_trees_equal(a, b)
+
+
+@pytest.mark.parametrize("remote", ["b", "both"])
+def test_two_way_with_ssh_sides(sshd, tmp_path, remote):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_tree(a, {"both.txt": b"same\n", "only-a.txt": b"from a\n",
+                   "big.bin": random_bytes(3 << 20, 1), "d": {"x.txt": text_lines(20_000, seed=2)}})
+    build_tree(b, {"both.txt": b"same\n", "only-b.txt": b"from b\n"})
+    spec_a = ssh_spec(sshd, a) if remote == "both" else str(a)
+    spec_b = ssh_spec(sshd, b)
+
+    # First run: the union, nothing deleted, no conflict.
+    tw(sshd, spec_a, spec_b, "--init")
+    same(a, b)
+    assert read(b / "only-a.txt") == b"from a\n" and read(a / "only-b.txt") == b"from b\n"
+
+    # One-sided changes propagate both ways; a one-sided delete propagates.
+    write(a / "d" / "x.txt", text_lines(20_000, seed=3))
+    write(b / "new-on-b.bin", random_bytes(2 << 20, 4))
+    os.unlink(b / "only-a.txt")
+    tw(sshd, spec_a, spec_b)
+    same(a, b)
+    assert not (a / "only-a.txt").exists() and (a / "new-on-b.bin").exists()
+
+    # A rename on the remote side costs no data; an edit/edit conflict keeps both versions.
+    os.rename(b / "big.bin", b / "moved.bin")
+    write(a / "both.txt", b"changed on a\n")
+    write(b / "both.txt", b"changed on b, later\n")
+    os.utime(b / "both.txt", (2_000_000_000, 2_000_000_000))
+    out = tw(sshd, spec_a, spec_b, expect=4)
+    same(a, b)
+    assert read(a / "both.txt") == b"changed on b, later\n"
+    copies = [n for n in os.listdir(a) if n.startswith("both.sync-conflict-")]
+    assert len(copies) == 1 and read(a / copies[0]) == b"changed on a\n"
+    assert (a / "moved.bin").exists() and not (a / "big.bin").exists()
+    assert sum(s["bytes_sent"] for s in out["sides"]) < 64 << 10, out  # the rename re-sent nothing
+
+    # A rerun does nothing.
+    tw(sshd, spec_a, spec_b)
+    same(a, b)
+
+
+def test_two_way_plan_over_ssh_changes_nothing(sshd, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_tree(a, {"f.txt": b"a\n"})
+    build_tree(b, {"g.txt": b"b\n"})
+    before_a, before_b = treecmp.snapshot(a), treecmp.snapshot(b)
+    cp = run_cli("plan", "--two-way", "--init", *ssh_cli_args(sshd), a, ssh_spec(sshd, b))
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "f.txt" in cp.stdout and "g.txt" in cp.stdout
+    assert treecmp.snapshot(a) == before_a and treecmp.snapshot(b) == before_b
