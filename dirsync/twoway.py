@@ -603,7 +603,7 @@ def _content_key(f: FileEntry) -> tuple:
 
 
 class TwoWaySide:
-    """One side of a two-way pair (local directory). A remote implementation needs the same methods."""
+    """One side of a two-way pair: a local directory (RemoteTwoWaySide: one behind an agent)."""
 
     is_remote = False
 
@@ -1123,20 +1123,3 @@ def cli_main(cfg: TwoWayConfig, reporter, *, as_json: bool = False, show_plan: b
             if cf.copy:
                 reporter.warn(f"conflict: {display_path(cf.path)}: {cf.reason}")
     return summ.exit_code
-
-
-# -- what a remote side needs (not implemented yet) --------------------------------------------------
-#
-# A RemoteTwoWaySide would wrap transport.remote.RemoteTransport (open/scan/apply/close as for a
-# replica) and add agent requests, all confined to the side's root:
-#   * peek marker: the id in ROOT/.dirsync/replica.json without opening (no lock, no writes);
-#   * state files: list / read / write_atomic / remove of ROOT/.dirsync/twoway-<32 hex>.(base|pending)
-#     (names checked against _STATE_NAME on the agent too);
-#   * ignore patterns: the content of ROOT/.dirsyncignore;
-#   * read chunks: given (path, size, mtime_ns, chunk table) and a list of SendOp ranges, stream the
-#     bytes, verifying every chunk against its digest (MasterReader.sends run on the agent), and a
-#     "holds" check (lstat size+mtime) for ContentSource.holds.
-# With those, a remote side's ContentSource pulls bytes through its agent, and PairReader works as
-# is: local<->remote streams remote bytes into the local writer (or local bytes to the agent's
-# writer); remote<->remote relays through this process. The reconciler, plans, guards and base
-# logic above do not change.
