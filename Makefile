@@ -57,6 +57,9 @@ golden: venv
 bench: venv
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
+bench-twoway: venv
+	$(VPY) bench/twoway.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(DEMO) build dist *.egg-info .pytest_cache .hypothesis
 	rm -rf $(MASTER)/data/cache $(MASTER)/.dirsync
