@@ -39,7 +39,7 @@ demo: venv
 	@echo "== dirsync plan (stale replica) =="
 	$(DIRSYNC) plan --init $(MASTER) $(DEMO)/replica
 	@echo "== dirsync sync =="
-	$(DIRSYNC) sync --init $(MASTER) $(DEMO)/replica
+	$(DIRSYNC) sync -v --init $(MASTER) $(DEMO)/replica
 	@echo "== dirsync verify =="
 	$(DIRSYNC) verify $(MASTER) $(DEMO)/replica
 	@echo "demo done: $(MASTER) -> $(DEMO)/replica synced and verified"

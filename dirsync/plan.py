@@ -220,12 +220,23 @@ def render_action(a: Action) -> str:
     if isinstance(a, SetMeta):
         suffix = "/" if a.kind == "d" else ""
         shown = display_path(a.path) + suffix if a.path else "./"
+        when = _utc(a.mtime_ns)
         if a.kind == "l":
-            return f"meta    {shown}  mtime"
-        return f"meta    {shown}  mode {a.mode:04o}"
+            return f"meta    {shown}  mtime {when}"
+        return f"meta    {shown}  mode {a.mode:04o}  mtime {when}"
     if isinstance(a, Delete):
         return f"delete  {display_path(a.path)}{'/' if a.kind == 'd' else ''}"
     return ""  # Commit: an ordering barrier, not a change a person needs to read
+
+
+def _utc(mtime_ns: int) -> str:
+    """An mtime as people read it (UTC, seconds), for plan lines."""
+    import time
+
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime_ns // 1_000_000_000))
+    except (OverflowError, OSError, ValueError):
+        return f"{mtime_ns}ns"
 
 
 def human_size(n: int) -> str:

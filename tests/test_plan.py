@@ -290,9 +290,9 @@ def test_render_exact():
         "link    latest -> docs/new.md",
         "delete  stale",
         "delete  docs/old.md",
-        "meta    docs/  mode 0755",
-        "meta    empty/  mode 0700",
-        "meta    ./  mode 0755",
+        "meta    docs/  mode 0755  mtime 1970-01-01T00:00:01Z",
+        "meta    empty/  mode 0700  mtime 1970-01-01T00:00:01Z",
+        "meta    ./  mode 0755  mtime 1970-01-01T00:00:00Z",
         "total: 4 to write (send 13 B, reuse 79 B), 2 to delete, 1 dirs, 1 links, 3 metadata",
     ]
 
