@@ -941,12 +941,17 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         clean = False  # both sides hold the same base record and no run was interrupted
         if pid is not None:
             recs: list[BaseRecord] = []
+            seen: dict[bytes, BaseRecord] = {}
             for s in (sa, sb):
                 data = s.read_state(f"twoway-{pid}.base")
                 if data is None:
                     continue
+                if data in seen:  # both sides hold the same record (the usual case): decode it once
+                    recs.append(seen[data])
+                    continue
                 try:
                     recs.append(decode_base(data, chunker))
+                    seen[data] = recs[-1]
                 except ValueError as e:
                     summ.warnings.append(f"{s.spec}: two-way base unusable ({e})")
                     reporter.warn(f"{s.spec}: two-way base unusable ({e}); using the other side's")
