@@ -277,7 +277,10 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             reporter.end()
         for e in summary.errors:
             if e not in rscan.errors:
-                reporter.error(f"{t.name}: {e}")
+                # A master file that changed while it was sent is picked up by the next run: say
+                # so as a warning (still exit 23), so a watcher under churn does not cry error.
+                say = reporter.warn if e.code == "CHANGED" else reporter.error
+                say(f"{t.name}: {e}")
         for w in summary.warnings:
             if w not in info.warnings:
                 reporter.warn(f"{t.name}: {w}")
