@@ -14,3 +14,17 @@ def _private_state_home(tmp_path_factory, monkeypatch):
     d = tmp_path_factory.mktemp("xdg-state")
     monkeypatch.setenv("XDG_STATE_HOME", str(d))
     return d
+
+
+@pytest.fixture
+def unpriv():
+    """A world-reachable work dir and a way to run the CLI as `nobody` (root cannot be denied)."""
+    try:
+        from helpers import Unprivileged, can_drop_to, world_dir
+    except ImportError:
+        from tests.helpers import Unprivileged, can_drop_to, world_dir
+    reason = can_drop_to("nobody")
+    if reason:
+        pytest.skip(reason)
+    with world_dir() as d:
+        yield Unprivileged(d)

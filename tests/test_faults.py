@@ -24,14 +24,14 @@ import pytest
 try:
     import treecmp
     from helpers import (
-        Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, random_bytes, read, remove, run_cli,
-        stray_temps, sync_json, tmp_entries, wait_for, world_dir, write,
+        build_tree, kill_group, popen_cli, random_bytes, read, remove, run_cli,
+        stray_temps, sync_json, tmp_entries, wait_for, write,
     )
 except ImportError:
     from tests import treecmp
     from tests.helpers import (
-        Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, random_bytes, read, remove, run_cli,
-        stray_temps, sync_json, tmp_entries, wait_for, world_dir, write,
+        build_tree, kill_group, popen_cli, random_bytes, read, remove, run_cli,
+        stray_temps, sync_json, tmp_entries, wait_for, write,
     )
 
 from dirsync.apply import MasterReader, ReplicaSummary
@@ -331,15 +331,6 @@ def test_completely_full_replica_fails_cleanly(tmp_path):
 
 
 # -- permissions on the replica ------------------------------------------------------------------
-
-
-@pytest.fixture
-def unpriv():
-    reason = can_drop_to("nobody")
-    if reason:
-        pytest.skip(reason)
-    with world_dir() as d:
-        yield Unprivileged(d)
 
 
 def test_permission_denied_on_a_replica_directory_is_an_item_error(unpriv):

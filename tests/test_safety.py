@@ -18,14 +18,14 @@ import pytest
 try:
     import treecmp
     from helpers import (
-        J, Link, Unprivileged, build_tree, can_drop_to, raw_snapshot, read, remove, run_cli, sync_json,
-        tmp_entries, world_dir, write,
+        J, Link, build_tree, raw_snapshot, read, remove, run_cli, sync_json,
+        tmp_entries, write,
     )
 except ImportError:
     from tests import treecmp
     from tests.helpers import (
-        J, Link, Unprivileged, build_tree, can_drop_to, raw_snapshot, read, remove, run_cli, sync_json,
-        tmp_entries, world_dir, write,
+        J, Link, build_tree, raw_snapshot, read, remove, run_cli, sync_json,
+        tmp_entries, write,
     )
 
 from dirsync.apply import MasterReader, ReplicaSummary
@@ -44,15 +44,6 @@ TREE = {
     "src": {"main.py": b"print('hi')\n", "lib": {"util.py": b"x = 1\n"}},
     "link": Link("a.txt"),
 }
-
-
-@pytest.fixture
-def unpriv():
-    reason = can_drop_to("nobody")
-    if reason:
-        pytest.skip(reason)
-    with world_dir() as d:
-        yield Unprivileged(d)
 
 
 def synced_pair(tmp_path, tree=TREE):

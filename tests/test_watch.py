@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 
 try:  # pytest "prepend" import mode puts tests/ on sys.path
+    from helpers import wait_for as helpers_wait_for
     from treecmp import assert_trees_equal
 except ImportError:  # pragma: no cover
+    from tests.helpers import wait_for as helpers_wait_for
     from tests.treecmp import assert_trees_equal
 
 from dirsync.manifest import DirEntry, FileEntry, Manifest
@@ -42,14 +44,7 @@ DEADLINE_S = 30.0
 
 
 def wait_for(cond, timeout: float = DEADLINE_S, what: str = "condition", interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return helpers_wait_for(cond, timeout, interval, what)
 
 
 def wait_equal(master, replica, timeout: float = DEADLINE_S) -> float:
