@@ -206,6 +206,8 @@ class ReplicaSummary:
     fatal: str | None = None
     seconds: float = 0.0
     on_progress: Callable[[int], None] | None = None
+    in_step: dict | None = None  # set when master and replica were found in step (status record)
+    planned: bool = True  # False: both trees were as a run last found them in step; no plan was made
 
     def staged(self, w: WriteFile) -> None:
         s = w.send_bytes
@@ -249,6 +251,7 @@ class ReplicaSummary:
             "warnings": self.warnings,
             "fatal": self.fatal,
             "seconds": round(self.seconds, 3),
+            "planned": self.planned,
         }
 
 

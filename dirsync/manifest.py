@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 from functools import reduce
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Union
@@ -15,7 +16,7 @@ from typing import ClassVar, Iterator, Union
 import msgpack
 import xxhash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a header before the rows; 1 (rows only) is still read
 DIGEST_SIZE = 16
 MAGIC = b"DSYNCMF"
 
@@ -202,22 +203,75 @@ def encode_rows(entries, *, cache_fields: bool = True) -> list[tuple]:
     return rows
 
 
-def to_bytes(m: Manifest, chunker: str) -> bytes:
-    """Versioned, checksummed encoding: MAGIC, version byte, xxh3-64 of body, msgpack body."""
+def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"") -> bytes:
+    """Versioned, checksummed encoding: MAGIC, version byte, xxh3-64 of the rest, then a small
+    header (chunker, generation, fingerprint; readable without decoding any row) and the body."""
     body = msgpack.packb((chunker, encode_rows(m.entries.values()), m.generation), use_bin_type=True)
-    return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(body) + body
+    header = msgpack.packb((chunker, m.generation, fingerprint, len(m.entries)), use_bin_type=True)
+    rest = len(header).to_bytes(4, "little") + header + body
+    return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(rest) + rest
+
+
+class SavedManifest:
+    """A manifest read from a cache file: the header is checked at once, the rows are decoded
+    on first use of `manifest` (a no-op run whose tree matches the fingerprint never needs them).
+    `manifest` raises ManifestFormatError for a body that does not decode."""
+
+    __slots__ = ("chunker", "generation", "fingerprint", "count", "_body", "_m")
+
+    def __init__(self, chunker: str, generation: str, fingerprint: bytes, count: int, body: bytes | None,
+                 m: Manifest | None = None) -> None:
+        self.chunker, self.generation, self.fingerprint, self.count = chunker, generation, fingerprint, count
+        self._body, self._m = body, m
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._m is None:
+            self._m = _decode_body(self._body or b"", self.chunker)
+            self._body = None
+        return self._m
+
+    @property
+    def decoded(self) -> bool:
+        return self._m is not None
+
+
+def load(data: bytes, chunker: str) -> SavedManifest:
+    """Check a saved manifest's framing, checksum and chunker; rows stay undecoded. Raises
+    ManifestFormatError when the bytes cannot be this chunker's manifest."""
+    n = len(MAGIC)
+    if len(data) < n + 9 or data[:n] != MAGIC:
+        raise ManifestFormatError("not a dirsync manifest")
+    version = data[n]
+    if version not in (1, FORMAT_VERSION):
+        raise ManifestFormatError(f"manifest format version {version}, this dirsync reads {FORMAT_VERSION}")
+    rest = data[n + 9 :]
+    if xxhash.xxh3_64_digest(rest) != data[n + 1 : n + 9]:
+        raise ManifestFormatError("manifest checksum mismatch")
+    if version == 1:  # no header: decode now (the fingerprint is unknown)
+        m = _decode_body(rest, chunker)
+        return SavedManifest(chunker, m.generation, b"", len(m.entries), None, m)
+    try:
+        hlen = int.from_bytes(rest[:4], "little")
+        got, generation, fp, count = msgpack.unpackb(rest[4 : 4 + hlen], raw=False, use_list=False)
+        if not isinstance(got, str) or not isinstance(generation, str) or not isinstance(fp, bytes) \
+                or type(count) is not int:
+            raise ManifestFormatError("manifest header is malformed")
+    except ManifestFormatError:
+        raise
+    except Exception as e:
+        raise ManifestFormatError(f"manifest header unreadable: {e}") from e
+    if got != chunker:
+        raise ManifestFormatError(f"manifest made with chunker {got!r}, this dirsync uses {chunker!r}")
+    return SavedManifest(chunker, generation, fp, count, rest[4 + hlen :])
 
 
 def from_bytes(data: bytes, chunker: str) -> Manifest:
     """Inverse of to_bytes. Raises ManifestFormatError on any inconsistency."""
-    n = len(MAGIC)
-    if len(data) < n + 9 or data[:n] != MAGIC:
-        raise ManifestFormatError("not a dirsync manifest")
-    if data[n] != FORMAT_VERSION:
-        raise ManifestFormatError(f"manifest format version {data[n]}, this dirsync reads {FORMAT_VERSION}")
-    body = data[n + 9 :]
-    if xxhash.xxh3_64_digest(body) != data[n + 1 : n + 9]:
-        raise ManifestFormatError("manifest checksum mismatch")
+    return load(data, chunker).manifest
+
+
+def _decode_body(body: bytes, chunker: str) -> Manifest:
     try:
         # Stream the rows: holding all of them decoded at once doubled the peak memory of a
         # 100,000-file run.
@@ -239,6 +293,53 @@ def from_bytes(data: bytes, chunker: str) -> Manifest:
         raise
     except Exception as e:  # malformed body: any decoding failure means "rebuild"
         raise ManifestFormatError(f"manifest body unreadable: {e}") from e
+
+
+# -- tree fingerprints ------------------------------------------------------------------
+# A fingerprint sums one 128-bit hash per entry over what a scan sees without reading any file
+# (path, type, mode, size, mtime, inode, ctime; a link's target). Order does not matter, so the
+# scanner computes it while walking and a writer from the entries it holds. Two equal
+# fingerprints mean equal stat facts; a cache is given one only when every file entry in it is
+# trusted (racy-clean), so a walk matching it may take the whole cache as the tree, exactly as
+# the per-file check would have.
+
+_FSENC = sys.getfilesystemencoding()
+_MASK128 = (1 << 128) - 1
+
+
+def fp_file(rel: str, mode: int, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> int:
+    return xxhash.xxh3_128_intdigest(b"f%b\0%d %d %d %d %d" % (rel.encode(_FSENC, "surrogateescape"), mode, size,
+                                                               mtime_ns, ino, ctime_ns))
+
+
+def fp_dir(rel: str, mode: int, mtime_ns: int) -> int:
+    return xxhash.xxh3_128_intdigest(b"d%b\0%d %d" % (rel.encode(_FSENC, "surrogateescape"), mode, mtime_ns))
+
+
+def fp_link(rel: str, target: str, mtime_ns: int) -> int:
+    return xxhash.xxh3_128_intdigest(b"l%b\0%d\0%b" % (rel.encode(_FSENC, "surrogateescape"), mtime_ns,
+                                                        target.encode(_FSENC, "surrogateescape")))
+
+
+def fp_final(acc: int, count: int) -> bytes:
+    return xxhash.xxh3_128_digest((acc & _MASK128).to_bytes(16, "little") + count.to_bytes(8, "little"))
+
+
+def fingerprint(entries: dict[str, "Entry"]) -> bytes:
+    """The fingerprint a scan of the tree these entries describe would compute, or b"" when an
+    entry lacks what makes it trustworthy (an untrusted file, an unknown inode)."""
+    acc = 0
+    for e in entries.values():
+        c = e.__class__
+        if c is FileEntry:
+            if not e.trusted or not e.ino:
+                return b""
+            acc += fp_file(e.path, e.mode, e.size, e.mtime_ns, e.ino, e.ctime_ns)
+        elif c is DirEntry:
+            acc += fp_dir(e.path, e.mode, e.mtime_ns)
+        else:
+            acc += fp_link(e.path, e.target, e.mtime_ns)
+    return fp_final(acc, len(entries))
 
 
 def _or_all(xs: tuple) -> int:

@@ -33,7 +33,8 @@ from dirsync.errors import (
     ItemIOError,
     RefusedError,
 )
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, check_relpath, is_under, parent_of
+from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath, is_under,
+                              parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
 from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, ScanResult, scan_tree
 from dirsync.state import FileLock, fsync_dir, load_manifest_file, save_manifest_file, write_atomic
@@ -112,9 +113,9 @@ class Replica:
         self.root_fd = -1
         self.tmp_fd = -1
         self.lock: FileLock | None = None
-        self.cache: Manifest | None = None
-        self.current: dict[str, Entry] = {}  # what the replica holds now (scan, then our changes)
-        self.scanned: Manifest | None = None  # the last scan result
+        self.cache: SavedManifest | None = None  # the saved cache (rows decoded only when needed)
+        self._scan: ScanResult | None = None  # the last scan
+        self._current: dict[str, Entry] | None = None  # made from the scan on first use
         self.scan_unchanged = False
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
         self._dirfds: dict[str, int] = {}
@@ -173,8 +174,8 @@ class Replica:
         if self.readonly:
             info.initialised = not marked  # what a real run would do
             if marked:
-                load = load_manifest_file(os.path.join(state, CACHE), chunker)
-                self.cache, info.cache_status, info.cache_reason = load.manifest, load.status, load.reason
+                load = load_manifest_file(os.path.join(state, CACHE), chunker, lazy=True)
+                self.cache, info.cache_status, info.cache_reason = load.saved, load.status, load.reason
                 self._reserve(info, state, persist=False)
             else:
                 info.cache_status = "missing"
@@ -199,8 +200,8 @@ class Replica:
                 pass
             except FileNotFoundError:
                 pass
-        load = load_manifest_file(os.path.join(state, CACHE), chunker)
-        self.cache, info.cache_status, info.cache_reason = load.manifest, load.status, load.reason
+        load = load_manifest_file(os.path.join(state, CACHE), chunker, lazy=True)
+        self.cache, info.cache_status, info.cache_reason = load.saved, load.status, load.reason
         if load.status == "unusable":
             info.warnings.append(f"replica cache unusable ({load.reason}): rescanning everything, no deletions this run")
         elif load.status == "missing" and marked:
@@ -222,10 +223,27 @@ class Replica:
                     os.unlink(name, dir_fd=dfd)
                 except (OSError, ItemError):
                     pass
-        self.current = dict(res.manifest.entries)
-        self.scanned = res.manifest
+        self._scan = res
+        self._current = None
         self.scan_unchanged = res.unchanged
         return res
+
+    @property
+    def scanned(self) -> Manifest | None:
+        """The last scan's manifest (decoding the saved cache if the scan took it whole)."""
+        return self._scan.manifest if self._scan is not None else None
+
+    @property
+    def current(self) -> dict[str, Entry]:
+        """What the replica holds now: the scan, then our changes."""
+        if self._current is None:
+            self._current = dict(self._scan.manifest.entries) if self._scan is not None else {}
+        return self._current
+
+    @property
+    def touched(self) -> bool:
+        """False while nothing has looked at or changed `current` since the scan."""
+        return self._current is not None
 
     def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> str:
         """Drop unfinished temps, save the cache of what the replica now holds, release the lock.
@@ -236,11 +254,13 @@ class Replica:
             for tmp, _ in self.staged.values():
                 self._unlink_tmp(tmp)
             self.staged.clear()
-            untouched = (self.scanned is not None and self.scan_unchanged and self.cache is not None
-                         and self.cache.generation and self.current == self.scanned.entries)
+            untouched = (self._scan is not None and self.scan_unchanged and self.cache is not None
+                         and self.cache.generation
+                         and (not self._scan.fingerprint or self._scan.fingerprint == self.cache.fingerprint)
+                         and (self._current is None or self._current == self._scan.manifest.entries))
             if untouched:
                 generation = self.cache.generation  # nothing changed: the saved cache is still exact
-            elif save and not self.readonly and self.root_fd >= 0 and self.current:
+            elif save and not self.readonly and self.root_fd >= 0 and self._scan is not None and self.current:
                 generation = uuid.uuid4().hex
                 try:
                     save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_path
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
+from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, ManifestFormatError, SavedManifest,
+                              covered, fp_dir, fp_file, fp_final, fp_link, parent_of)
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
@@ -60,59 +61,114 @@ def read_ignore_file(root: str) -> list[str]:
         return []
 
 
-@dataclass
 class ScanResult:
-    manifest: Manifest
-    errors: list[ItemError] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    protect: set[str] = field(default_factory=set)  # nothing at or under these may be deleted
-    files_read: int = 0
-    unchanged: bool = False  # the manifest equals the cache it was built from (no need to save it)
-    temps: list[str] = field(default_factory=list)  # dirsync temp files found (stale after a crash)
-    bytes_read: int = 0
+    """What a scan found. `manifest` may come straight from a saved cache whose fingerprint the
+    walk matched: its rows are then decoded only if somebody reads `manifest`."""
+
+    def __init__(self, manifest: Manifest | None = None, *, saved: SavedManifest | None = None,
+                 protect: set[str] | None = None) -> None:
+        self._manifest = manifest
+        self._saved = saved
+        self.errors: list[ItemError] = []
+        self.warnings: list[str] = []
+        self.protect: set[str] = set(protect or ())  # nothing at or under these may be deleted
+        self.files_read = 0
+        self.bytes_read = 0
+        self.unchanged = False  # the manifest equals the cache it was built from (no need to save it)
+        self.temps: list[str] = []  # dirsync temp files found (stale after a crash)
+        self.fingerprint = b""  # of the tree as scanned, when every file entry in it is trusted
+        self.cache_failed = False  # the saved cache's rows did not decode (treated as no cache)
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = self._saved.manifest if self._saved is not None else Manifest()
+        return self._manifest
+
+    @manifest.setter
+    def manifest(self, m: Manifest) -> None:
+        self._manifest = m
+
+    @property
+    def decoded(self) -> bool:
+        """False while the manifest is still the undecoded saved cache."""
+        return self._manifest is not None
 
 
 def scan_tree(
     root: str,
     *,
     excluder: Excluder | None = None,
-    cache: Manifest | None = None,
+    cache: Manifest | SavedManifest | None = None,
     only: Iterable[str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> ScanResult:
     """Scan `root` (an existing directory) into a ScanResult.
 
-    `cache`: a previous manifest whose trusted file entries may be reused. With `only`, the
-    entries of `cache` outside those relpaths are taken as they are and only the named paths
-    (and the metadata of their parent directories) are looked at again.
+    `cache`: a previous manifest whose trusted file entries may be reused; a SavedManifest whose
+    fingerprint equals the walk's is taken whole without decoding it. With `only`, the entries
+    of `cache` outside those relpaths are taken as they are and only the named paths (and the
+    metadata of their parent directories) are looked at again.
     Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
     paths in `protect`; the root itself must be readable (checked by the caller).
     """
-    s = _Scanner(root, excluder or Excluder(), cache, on_bytes)
-    if only is None:
-        s.entries[""] = s.dir_entry("", os.lstat(root))
-        s.changed = s.cache.get("") != s.entries[""]
-        s.walk("")
-    else:
-        s.rescan(only)
+    s = _Scanner(root, excluder or Excluder(), on_bytes)
     res = s.result
-    res.unchanged = (cache is not None and not s.changed and only is None
-                     and len(s.entries) == len(cache.entries))
-    res.manifest = Manifest(s.entries)
+    if only is not None:
+        s.set_cache(_decoded(cache, res))
+        s.rescan(only)
+        res.manifest = Manifest(s.entries)
+        return res
+    st = os.lstat(root)
+    items: list[tuple[str, os.stat_result]] = [("", st)]
+    acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + s.gather("", items)
+    fp = fp_final(acc, len(items)) if s.fp_ok and not res.errors else b""
+    if fp and isinstance(cache, SavedManifest) and cache.fingerprint == fp:
+        res._saved = cache  # the whole tree is as the cache saw it: no file to look at
+        res.unchanged = True
+        res.fingerprint = fp
+        return res
+    cm = _decoded(cache, res)
+    s.set_cache(cm)
+    s.classify(items)
+    entries = s.entries
+    res.unchanged = cm is not None and not s.changed and len(entries) == len(cm.entries)
+    res.manifest = Manifest(entries)
+    if fp and s.fp_exact and len(entries) == len(items) and not res.errors and all(
+            e.trusted for e in entries.values() if e.__class__ is FileEntry):
+        res.fingerprint = fp
     return res
 
 
+def _decoded(cache: Manifest | SavedManifest | None, res: ScanResult) -> Manifest | None:
+    if not isinstance(cache, SavedManifest):
+        return cache
+    try:
+        return cache.manifest
+    except ManifestFormatError as e:  # checksum fine, rows not: only by tampering; rebuild it
+        res.warnings.append(f"scan cache unusable ({e}): reading every file")
+        res.cache_failed = True
+        return None
+
+
 class _Scanner:
-    def __init__(self, root: str, excluder: Excluder, cache: Manifest | None, on_bytes) -> None:
+    def __init__(self, root: str, excluder: Excluder, on_bytes) -> None:
         self.root = root
         self.excluder = excluder
-        self.cache = cache.entries if cache is not None else {}
+        self.cache: dict[str, Entry] = {}
         self.on_bytes = on_bytes
         self.entries: dict[str, Entry] = {}
-        self.result = ScanResult(Manifest())
+        self.result = ScanResult()
         self.changed = False  # anything differs from the cache
         self._by_ino: dict[int, FileEntry] | None = None  # built on the first path the cache misses
         self.start_ns = time.time_ns()
+        self.links: dict[str, str] = {}  # link targets read while walking
+        self.fp_ok = True  # False: the walk met something the fingerprint cannot stand for
+        self.fp_exact = True  # False: an entry's stat facts differ from what the walk saw
+
+    def set_cache(self, cache: Manifest | None) -> None:
+        self.cache = cache.entries if cache is not None else {}
+        self.changed = cache is None
 
     def abspath(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else self.root
@@ -125,24 +181,30 @@ class _Scanner:
         self.result.errors.append(err)
         self.result.protect.add(err.path)
 
-    def walk(self, top: str) -> None:
+    def gather(self, top: str, items: list) -> int:
+        """List everything below directory `top` (stat only, no file is read), appending
+        (relpath, stat) in walk order (a directory before its contents); returns the sum of the
+        entries' fingerprint hashes. Excluded paths, the state folder and temps are left out."""
         fast = getattr(self.excluder, "trivial", False)
-        cache_get = self.cache.get
-        entries = self.entries
+        excluded = self.excluder.excluded
+        append = items.append
+        temps = self.result.temps
+        acc = 0
         stack = [top]
         while stack:
             d = stack.pop()
             prefix = d + "/" if d else ""
             try:
                 with os.scandir(self.abspath(d)) as it:
-                    items = list(it)
+                    listing = list(it)
             except OSError as e:
                 self.fail(ItemIOError(d, "read directory", e))
                 continue
-            for de in items:
-                rel = prefix + de.name
-                if de.name.startswith(TMP_PREFIX):
-                    self.result.temps.append(rel)  # dirsync's own temp: never part of a tree
+            for de in listing:
+                name = de.name
+                rel = prefix + name
+                if name.startswith(TMP_PREFIX):
+                    temps.append(rel)  # dirsync's own temp: never part of a tree
                     continue
                 try:
                     st = de.stat(follow_symlinks=False)
@@ -151,39 +213,80 @@ class _Scanner:
                 except OSError as e:
                     self.fail(ItemIOError(rel, "stat", e))
                     continue
-                if fast and st.st_mode & 0o170000 == 0o100000 and rel != STATE_DIR:
-                    # Hot path of a no-op run: an unchanged regular file whose cache entry holds.
-                    c = cache_get(rel)
-                    if (c is not None and c.__class__ is FileEntry and c.trusted and c.size == st.st_size
-                            and c.mtime_ns == st.st_mtime_ns and c.ino == st.st_ino
-                            and c.ctime_ns == st.st_ctime_ns and c.mode == st.st_mode & 0o7777):
-                        entries[rel] = c
+                m = st.st_mode
+                fmt = m & 0o170000
+                if fmt == 0o100000:
+                    if (not fast or rel == STATE_DIR) and excluded(rel, False):
                         continue
-                if self.add(rel, st):
+                    acc += fp_file(rel, m & 0o7777, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+                elif fmt == 0o040000:
+                    if (not fast or rel == STATE_DIR) and excluded(rel, True):
+                        continue
+                    acc += fp_dir(rel, m & 0o7777, st.st_mtime_ns)
                     stack.append(rel)
+                else:
+                    if (not fast or rel == STATE_DIR) and excluded(rel, False):
+                        continue
+                    if fmt == 0o120000:
+                        try:
+                            target = self.links[rel] = os.readlink(self.abspath(rel))
+                        except FileNotFoundError:
+                            continue
+                        except OSError as err:
+                            self.fail(ItemIOError(rel, "read link", err))
+                            continue
+                        acc += fp_link(rel, target, st.st_mtime_ns)
+                    else:
+                        self.fp_ok = False  # a special file: skipped with a warning on every scan
+                append((rel, st))
+        return acc
+
+    def classify(self, items: list) -> None:
+        """Turn gathered (relpath, stat) pairs into entries, reusing cache entries that hold."""
+        cache_get = self.cache.get
+        entries = self.entries
+        for rel, st in items:
+            if st.st_mode & 0o170000 == 0o100000:
+                # Hot path of a run with few changes: an unchanged regular file whose cache entry holds.
+                c = cache_get(rel)
+                if (c is not None and c.__class__ is FileEntry and c.trusted and c.size == st.st_size
+                        and c.mtime_ns == st.st_mtime_ns and c.ino == st.st_ino
+                        and c.ctime_ns == st.st_ctime_ns and c.mode == st.st_mode & 0o7777):
+                    entries[rel] = c
+                    continue
+            self.add(rel, st)
+
+    def walk(self, top: str) -> None:
+        items: list = []
+        self.gather(top, items)
+        self.classify(items)
+
+    def excluded(self, rel: str, st: os.stat_result) -> bool:
+        return self.excluder.excluded(rel, stat.S_ISDIR(st.st_mode))
 
     def add(self, rel: str, st: os.stat_result) -> bool:
-        """Record one path; True when it is a directory to descend into."""
+        """Record one path (not excluded); True when it is a directory."""
         m = st.st_mode
         if stat.S_ISDIR(m):
-            if self.excluder.excluded(rel, True):
-                return False
             e = self.entries[rel] = self.dir_entry(rel, st)
             if not self.changed and self.cache.get(rel) != e:
                 self.changed = True
             return True
-        if self.excluder.excluded(rel, False):
-            return False
         if stat.S_ISREG(m):
             e = self.file_entry(rel, st)
             if e is not None:
                 self.entries[rel] = e
+                if (e.mtime_ns != st.st_mtime_ns or e.ctime_ns != st.st_ctime_ns or e.size != st.st_size
+                        or e.ino != st.st_ino):
+                    self.fp_exact = False  # changed between the walk and the read
         elif stat.S_ISLNK(m):
-            try:
-                target = os.readlink(self.abspath(rel))
-            except OSError as err:
-                self.fail(ItemIOError(rel, "read link", err))
-                return False
+            target = self.links.pop(rel, None)
+            if target is None:
+                try:
+                    target = os.readlink(self.abspath(rel))
+                except OSError as err:
+                    self.fail(ItemIOError(rel, "read link", err))
+                    return False
             e = self.entries[rel] = LinkEntry(rel, target, st.st_mtime_ns)
             if not self.changed and self.cache.get(rel) != e:
                 self.changed = True
@@ -264,6 +367,7 @@ class _Scanner:
         kept = sorted(p for p in tops if not p or not covered(parent_of(p), tops))
         if "" in kept:
             self.entries[""] = self.dir_entry("", os.lstat(self.root))
+            self.changed = True
             self.walk("")
             return
         kept_set = set(kept)
@@ -283,6 +387,8 @@ class _Scanner:
                 continue
             except OSError as e:
                 self.fail(ItemIOError(p, "stat", e))
+                continue
+            if self.excluded(p, st):
                 continue
             if self.add(p, st):
                 self.walk(p)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from dirsync.errors import LockedError
-from dirsync.manifest import Manifest, ManifestFormatError, from_bytes, to_bytes
+from dirsync.manifest import Manifest, ManifestFormatError, SavedManifest, fingerprint, load, to_bytes
 
 
 def state_home() -> str:
@@ -38,13 +38,18 @@ def pair_lock_path(master_root: str, replica_spec: str) -> str:
 
 @dataclass
 class CacheLoad:
-    manifest: Manifest | None
+    saved: SavedManifest | None
     status: str  # "ok" | "missing" | "unusable"
     reason: str = ""
 
+    @property
+    def manifest(self) -> Manifest | None:
+        return None if self.saved is None else self.saved.manifest
 
-def load_manifest_file(path: str, chunker: str) -> CacheLoad:
-    """Read a manifest cache; a missing file is "missing", anything unreadable is "unusable"."""
+
+def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheLoad:
+    """Read a manifest cache; a missing file is "missing", anything unreadable is "unusable".
+    `lazy`: check only framing, checksum and header now; the rows decode on first use."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -53,13 +58,17 @@ def load_manifest_file(path: str, chunker: str) -> CacheLoad:
     except OSError as e:
         return CacheLoad(None, "unusable", e.strerror or str(e))
     try:
-        return CacheLoad(from_bytes(data, chunker), "ok")
+        saved = load(data, chunker)
+        if not lazy:
+            saved.manifest
+        return CacheLoad(saved, "ok")
     except (ManifestFormatError, ValueError) as e:
         return CacheLoad(None, "unusable", str(e))
 
 
-def save_manifest_file(path: str, m: Manifest, chunker: str) -> None:
-    write_atomic(path, to_bytes(m, chunker))
+def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> None:
+    """Save `m`; `fp` is its tree fingerprint when the caller knows it (else it is computed)."""
+    write_atomic(path, to_bytes(m, chunker, fingerprint(m.entries) if fp is None else fp))
 
 
 def write_atomic(path: str, data: bytes) -> None:

@@ -10,6 +10,8 @@ pair lock, sync.py writes one small JSON record per pair:
     "replica": "/backup/site",            the replica as given (absolute for local paths)
     "last_run":     RUN,                  the latest run, whatever its outcome
     "last_success": RUN | null            the latest run that exited 0 for this replica
+    "in_step": {"master": FP, "replica": FP, "opts": "..."}   (only when this run found the two
+                                          in step; lets the next run skip planning, see sync.py)
   }
   RUN = {"run_id": "20261126T101500Z-3f9a1c", "profile": "backup" | null,
          "started": "2026-11-26T10:15:00Z", "finished": "2026-11-26T10:15:02Z",
@@ -81,6 +83,8 @@ def record_run(master_real: str, replica_key: str, summary, *, run_id: str, star
         "last_run": run,
         "last_success": run if summary.exit_code == 0 else old.get("last_success"),
     }
+    if summary.in_step:
+        rec["in_step"] = summary.in_step
     write_atomic(status_path(master_real, replica_key), (json.dumps(rec, indent=1) + "\n").encode())
 
 

@@ -136,14 +136,18 @@ def check_replicas_apart(replicas: tuple[str, ...] | list[str]) -> None:
 def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tuple[ScanResult, bool]:
     """Scan the master with its cache; returns (result, cache trustworthy for deletes)."""
     cache_file = master_cache_path(master_real)
-    load = load_manifest_file(cache_file, chunking.CHUNKER_ID)
+    load = load_manifest_file(cache_file, chunking.CHUNKER_ID, lazy=True)
     cache_ok = load.status != "unusable"
     if not cache_ok:
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
-    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.manifest)
+    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved)
+    cache_ok = cache_ok and not res.cache_failed
     try:
-        if not res.unchanged:
-            save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID)
+        # Save a changed tree, and an unchanged one whose cache lacks the fingerprint it now has
+        # (an older cache, or files that were racy-clean last time): the next run can skip decoding.
+        if not res.unchanged or (res.fingerprint and load.saved is not None
+                                 and load.saved.fingerprint != res.fingerprint):
+            save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID, res.fingerprint or None)
     except OSError as e:
         reporter.warn(f"could not save the master cache {cache_file}: {e.strerror}")
     return res, cache_ok
@@ -249,6 +253,17 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             summary.failed(e.path, e)
             reporter.error(f"{t.name}: {e}")
         deletes_ok = cfg.delete and cache_ok and info.deletes_allowed and not rscan.errors
+        step = _in_step_key(cfg, mscan, rscan, deletes_ok, info)
+        if step is not None and step == _last_in_step(cfg, t.name):
+            # Both trees are exactly as when a run last found them in step (fingerprints of every
+            # path's stat facts, caches all racy-clean): the plan would be empty; skip making it.
+            summary.in_step = step
+            summary.planned = False
+            if cfg.dry_run:
+                run.plans.append((t.name, Plan(())))
+                summary.status = "dry-run"
+            ok = True
+            return
         opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect))
         mman = mscan.manifest
         if info.reserved:  # the replica's own backup dir: nothing of the master goes there
@@ -262,6 +277,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:
             summary.warn(f"skipped {display_path(path)}: {why}")
+        if step is not None and not plan.actions and not plan.skipped and summary.fatal is None:
+            summary.in_step = step
         if cfg.dry_run:
             run.plans.append((t.name, plan))
             summary.status = "dry-run"
@@ -287,6 +304,23 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         ok = True
     finally:
         t.close(save=ok)
+
+
+def _in_step_key(cfg: SyncConfig, mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info) -> dict | None:
+    """What must hold again for an earlier "in step" finding to stand, or None when this run
+    cannot take or give one (a tree without a fingerprint, anything reported while scanning)."""
+    if not (mscan.fingerprint and rscan.fingerprint) or mscan.errors or mscan.warnings or rscan.errors \
+            or rscan.warnings or info.warnings:
+        return None
+    return {"master": mscan.fingerprint.hex(), "replica": rscan.fingerprint.hex(),
+            "opts": f"delete={int(deletes_ok)} reserved={'/'.join(info.reserved)}"}
+
+
+def _last_in_step(cfg: SyncConfig, name: str) -> dict | None:
+    from dirsync.status import load_record
+
+    rec = load_record(os.path.realpath(cfg.master), _replica_key(name))
+    return rec.get("in_step") if rec else None
 
 
 def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: Plan, opts: PlanOptions,

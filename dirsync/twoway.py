@@ -551,7 +551,7 @@ def _decode_pending(data: bytes) -> list[Conflict]:
 
 # -- sides ---------------------------------------------------------------------------------------
 
-_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending)")
+_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step)")
 
 
 class ContentSource:
@@ -939,25 +939,23 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         base = Manifest()
         earlier: list[Conflict] = []  # conflicts an interrupted run made (its copies may be all that is left)
         clean = False  # both sides hold the same base record and no run was interrupted
+        best_data: bytes | None = None
+        datas: list[bytes] = []
         if pid is not None:
-            recs: list[BaseRecord] = []
-            seen: dict[bytes, BaseRecord] = {}
+            recs: list[BaseRecord] = []  # headers only: the manifest is decoded once, when needed
             for s in (sa, sb):
                 data = s.read_state(f"twoway-{pid}.base")
                 if data is None:
                     continue
-                if data in seen:  # both sides hold the same record (the usual case): decode it once
-                    recs.append(seen[data])
-                    continue
                 try:
-                    recs.append(decode_base(data, chunker))
-                    seen[data] = recs[-1]
+                    recs.append(decode_base(data, chunker, header_only=True))
+                    datas.append(data)
                 except ValueError as e:
                     summ.warnings.append(f"{s.spec}: two-way base unusable ({e})")
                     reporter.warn(f"{s.spec}: two-way base unusable ({e}); using the other side's")
             if recs:
-                best = max(recs, key=lambda r: r.seq)
-                base, summ.base_seq = best.manifest, best.seq
+                i_best = max(range(len(recs)), key=lambda i: recs[i].seq)
+                best_data, summ.base_seq = datas[i_best], recs[i_best].seq
                 if len(recs) == 2 and recs[0].gen != recs[1].gen:
                     reporter.warn("the last two-way run stopped while saving its state; using the newer record")
             pend = [d for d in (s.read_state(f"twoway-{pid}.pending") for s in (sa, sb)) if d is not None]
@@ -980,6 +978,28 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 summ.scan_errors.append(e)
                 reporter.error(f"{s.spec}: {e}")
             protect |= r.protect
+        step = _step_key(cfg, recs[0].gen if clean else "", (ida, idb), scans, opened) if clean else None
+        if step is not None and step == _read_step(sa, pid):
+            # Both trees are exactly as when a clean run last found nothing to do (fingerprints
+            # of every path's stat facts, caches racy-clean), and the base is still that run's.
+            summ.decisions = Decisions(Manifest(), [], [], {}, frozenset(), (cfg.a, cfg.b))
+            summ.plans = (Plan(()), Plan(()))
+            for sm in summ.sides:
+                sm.planned = False
+                if cfg.dry_run:
+                    sm.status = "dry-run"
+            ok = True
+            return summ
+        if best_data is not None:
+            # The newer record first; if its rows do not decode, the other side's (a base-less
+            # run is a union that deletes nothing, so even losing both loses no data).
+            for data in sorted(set(datas), key=lambda d: d != best_data):
+                try:
+                    base = decode_base(data, chunker).manifest
+                    break
+                except ValueError as e:
+                    summ.warnings.append(f"two-way base unusable ({e})")
+                    reporter.warn(f"two-way base unusable ({e})")
         ma, mb = scans[0].manifest, scans[1].manifest
         reserved = tuple(sorted({r for s in (sa, sb) for r in (s.info.reserved if s.info else ())}))
         if reserved:
@@ -1002,7 +1022,13 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
 
         if (clean and all(p.empty for p in intended) and not summ.carried
                 and settled_base(base, dec, ()).keys() == base.keys()):
-            ok = True  # nothing to do and nothing new to record: a no-op run writes no state
+            # Nothing to do and nothing new to record: the base stays. Note the finding, so the
+            # next run over unchanged trees can skip decoding and reconciling.
+            if step is not None and not dec.decisions and not dec.conflicts and not summ.warnings:
+                data = _encode_step(step)
+                for s in (sa, sb):
+                    s.write_state(f"twoway-{pid}.step", data)
+            ok = True
             return summ
 
         # Apply: a first (reading b's untouched files), then b (reading a's files where they are now).
@@ -1057,6 +1083,29 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             s.close(save=ok)
         summ.seconds = watch.elapsed()
     return summ
+
+
+def _step_key(cfg: TwoWayConfig, base_gen: str, ids: tuple, scans: list, sides: list) -> dict | None:
+    """What must hold again for a "nothing to do" finding to stand, or None when this run cannot
+    take or give one (a tree without a fingerprint, anything reported while scanning)."""
+    if any(not r.fingerprint or r.errors or r.warnings for r in scans) or \
+            any(s.info is None or s.info.warnings for s in sides):
+        return None
+    reserved = sorted({r for s in sides for r in s.info.reserved})
+    return {"base": base_gen, "fp": {ids[0]: scans[0].fingerprint.hex(), ids[1]: scans[1].fingerprint.hex()},
+            "opts": f"prefer={cfg.prefer} delete={int(cfg.delete)} reserved={'/'.join(reserved)}"}
+
+
+def _encode_step(step: dict) -> bytes:
+    return json.dumps(step, sort_keys=True).encode()
+
+
+def _read_step(side: "TwoWaySide", pid: str) -> dict | None:
+    data = side.read_state(f"twoway-{pid}.step")
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
 
 
 def _guards(cfg: TwoWayConfig, base: Manifest, sides: tuple[Manifest, Manifest], plans: tuple[Plan, Plan],

@@ -282,7 +282,7 @@ TOP = {"master": str, "run_id": str, "exit_code": int, "seconds": NUM, "master_s
 SCAN = {"files_hashed": int, "bytes_hashed": int, "errors": list, "warnings": list}
 REPLICA = {"replica": str, "status": str, "exit_code": int, "files_written": int, "bytes_sent": int,
            "bytes_reused": int, "files_deleted": int, "dirs_created": int, "links_made": int, "metadata_set": int,
-           "errors": list, "warnings": list, "fatal": (str, type(None)), "seconds": NUM}
+           "errors": list, "warnings": list, "fatal": (str, type(None)), "seconds": NUM, "planned": bool}
 ERROR = {"path": str, "op": str, "code": str, "message": str}
 
 

@@ -118,11 +118,16 @@ def test_trailing_garbage_rejected():
         from_bytes(data + b"\0", CHUNKER)
 
 
-def forge(rows, chunker: str = CHUNKER) -> bytes:
+def forge(rows, chunker: str = CHUNKER, version: int = FORMAT_VERSION) -> bytes:
     """Bytes with a valid header and checksum around an arbitrary body (what a buggy writer or a
-    hostile peer could produce): only the body validation stands in the way."""
+    hostile peer could produce): only the body validation stands in the way. Version 1 (no
+    header, still read) or the current one (a header the rows are not checked against)."""
     body = msgpack.packb((chunker, rows), use_bin_type=True)
-    return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(body) + body
+    if version == 1:
+        return MAGIC + b"\x01" + xxhash.xxh3_64_digest(body) + body
+    header = msgpack.packb((chunker, "", b"", 0), use_bin_type=True)
+    rest = len(header).to_bytes(4, "little") + header + body
+    return MAGIC + bytes([version]) + xxhash.xxh3_64_digest(rest) + rest
 
 
 def good_file_row(path=b"f"):
@@ -130,9 +135,10 @@ def good_file_row(path=b"f"):
     return list(row)
 
 
-def test_forged_valid_body_accepted():
+@pytest.mark.parametrize("version", [1, FORMAT_VERSION])
+def test_forged_valid_body_accepted(version):
     # The control for the cases below: forge() itself makes readable manifests.
-    m = from_bytes(forge([good_file_row(), (1, b"d", 0o755, 1), (2, b"l", b"t", 1)]), CHUNKER)
+    m = from_bytes(forge([good_file_row(), (1, b"d", 0o755, 1), (2, b"l", b"t", 1)], version=version), CHUNKER)
     assert set(m.entries) == {"f", "d", "l"}
 
 
@@ -160,9 +166,10 @@ def _with(row, i, value):
     "not a list of rows",
     [None],
 ])
-def test_forged_bad_body_rejected(rows):
+@pytest.mark.parametrize("version", [1, FORMAT_VERSION])
+def test_forged_bad_body_rejected(rows, version):
     with pytest.raises(ManifestFormatError):
-        from_bytes(forge(rows), CHUNKER)
+        from_bytes(forge(rows, version=version), CHUNKER)
 
 
 # -- tree_digests -----------------------------------------------------------------------

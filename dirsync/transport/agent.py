@@ -226,18 +226,22 @@ class Agent:
         fresh = v_bool(m.get("fresh", False))
         base = v_str(m.get("base", ""), 64)
         res = r.manifest(_excluder(patterns), fresh=fresh)
-        entries = res.manifest.entries
         cache = r.cache
         if base and cache is not None and cache.generation == base:
-            old = cache.entries
-            changed = [e for p, e in entries.items() if old.get(p) != e]
-            removed = [os.fsencode(p) for p in old if p not in entries]
+            if res.unchanged and not res.decoded:  # the tree is the saved cache: nothing to send
+                changed, removed = [], []
+            else:
+                old = cache.manifest.entries
+                entries = res.manifest.entries
+                changed = [e for p, e in entries.items() if old.get(p) != e]
+                removed = [os.fsencode(p) for p in old if p not in entries]
             full = False
         else:
-            changed, removed, full = list(entries.values()), [], True
+            changed, removed, full = list(res.manifest.entries.values()), [], True
         self._send_rows(changed, removed)
         self.send({"t": "scan_end", "full": full, "base": base if not full else "",
-                   "errors": [proto.enc_item_error(e) for e in res.errors], "warnings": res.warnings})
+                   "errors": [proto.enc_item_error(e) for e in res.errors], "warnings": res.warnings,
+                   "fp": res.fingerprint})
 
     def root(self, m: dict) -> None:
         """Merkle root of the saved manifest, filtered like a scan with these patterns (verify --quick)."""
@@ -246,7 +250,7 @@ class Agent:
         r = self._need()
         patterns = [v_str(p, 4096) for p in v_list(m.get("patterns", []), 10000)]
         _excluder(patterns)  # a bad pattern is the master's error, reported like in scan
-        root = b"" if r.cache is None else cached_root(r.cache, patterns, r.reserved)
+        root = b"" if r.cache is None else cached_root(r.cache.manifest, patterns, r.reserved)
         self.send({"t": "root", "root": root})
 
     def _send_rows(self, entries: list, removed: list[bytes]) -> None:
@@ -289,8 +293,9 @@ class Agent:
 
     def close(self, save: bool) -> None:
         r = self._need()
-        scanned = r.scanned.entries if r.scanned is not None else {}
-        current = dict(r.current)
+        touched = r.touched  # False: no action ran, the replica is as scanned
+        scanned = r.scanned.entries if touched and r.scanned is not None else {}
+        current = dict(r.current) if touched else {}
         self.replica = None
         error: ItemError | None = None
         try:
@@ -299,7 +304,7 @@ class Agent:
             gen, error = "", e
         except OSError as e:
             gen, error = "", ItemIOError("", "close replica", e)
-        if gen:
+        if gen and touched:
             changed = [e for p, e in current.items() if scanned.get(p) != e]
             removed = [os.fsencode(p) for p in scanned if p not in current]
             # A file now exactly as the master sent it goes back as its path only: the master
@@ -503,7 +508,7 @@ class _Inflater:
 
 
 STAGED_REPORT_MIN = 1 << 20
-_TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending)")
+_TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step)")
 
 
 class _ResultSender:

@@ -38,7 +38,7 @@ class LocalTransport:
         assert self.replica is not None
         if self.replica.cache is None:
             return None
-        return cached_root(self.replica.cache, patterns, self.replica.reserved)
+        return cached_root(self.replica.cache.manifest, patterns, self.replica.reserved)
 
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
               should_stop: Callable[[], bool] = lambda: False) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 from dirsync import __version__, chunking
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
-from dirsync.manifest import FileEntry, Manifest, encode_rows
+from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, SavedManifest, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, SendOp, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import ScanResult
@@ -82,10 +82,10 @@ class RemoteTransport:
         self._busy = False  # inside apply: the agent expects actions/data, not `close`
         self._readonly = False
         self._hello_seen = False
-        self.base: Manifest | None = None  # our copy of the replica's last saved manifest
+        self.base: SavedManifest | None = None  # our copy of the replica's last saved manifest
         self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
         self._staged_seen: set[str] = set()  # writes whose bytes the sink has counted
-        self.scanned: Manifest | None = None
+        self._scan_res: ScanResult | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
         if opts.compress:
@@ -353,27 +353,48 @@ class RemoteTransport:
             raise self._fail(e) from None
 
     def _scan(self, patterns: list[str], fresh: bool) -> ScanResult:
-        load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID)
-        self.base = load.manifest
+        load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
+        self.base = load.saved
         base_gen = self.base.generation if self.base is not None else ""
         self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
         changed: dict = {}
         removed: list[str] = []
         m = self._rows_until("scan_end", changed, removed)
         if m.get("full", True):
-            entries = changed
+            res = ScanResult(Manifest(changed))
         else:
             if self.base is None or m.get("base") != base_gen:
                 raise self._fail(ProtocolError(f"{self.ep}: agent sent a delta against a manifest we do not have"))
-            entries = dict(self.base.entries)
-            for p in removed:
-                entries.pop(p, None)
-            entries.update(changed)
-        self.scanned = Manifest(entries)
-        res = ScanResult(self.scanned)
+            if changed or removed:
+                entries = dict(self._base_manifest().entries)
+                for p in removed:
+                    entries.pop(p, None)
+                entries.update(changed)
+                res = ScanResult(Manifest(entries))
+            else:  # nothing changed there: our copy is the replica (decoded only if needed)
+                res = ScanResult(saved=self.base)
+                res.unchanged = True
+        self._scan_res = res
         res.errors = [proto.dec_item_error(e) for e in v_list(m.get("errors", []), 1 << 20)]
         res.warnings = [v_str(w, 4096) for w in v_list(m.get("warnings", []), 1 << 20)]
+        res.fingerprint = v_bytes(m.get("fp", b""), 64)
         return res
+
+    def _base_manifest(self) -> Manifest:
+        assert self.base is not None
+        try:
+            return self.base.manifest
+        except ManifestFormatError as e:  # checksum fine, rows not (tampering): drop it, start over
+            try:
+                os.unlink(self._cache_file)
+            except OSError:
+                pass
+            raise self._fail(ProtocolError(f"{self.ep}: our copy of the replica manifest is unreadable ({e}); "
+                                           "it was removed, run again")) from None
+
+    @property
+    def scanned(self) -> Manifest | None:
+        return self._scan_res.manifest if self._scan_res is not None else None
 
     def cached_root(self, patterns: list[str]) -> bytes | None:
         """Merkle root of the replica's saved manifest (verify --quick); the agent walks nothing."""
@@ -546,15 +567,18 @@ class RemoteTransport:
     def _remember(self, gen: str, changed: dict, removed: list[str]) -> None:
         """Keep our copy of the replica's saved manifest, so the next scan can be a delta."""
         try:
-            if not gen or self.scanned is None:
+            if not gen or self._scan_res is None:
                 if os.path.exists(self._cache_file):
                     os.unlink(self._cache_file)
                 return
-            entries = dict(self.scanned.entries)
+            if (not changed and not removed and self.base is not None and gen == self.base.generation
+                    and self._scan_res.unchanged):
+                return  # the replica kept the cache our copy matches: nothing to write
+            entries = dict(self._scan_res.manifest.entries)
             for p in removed:
                 entries.pop(p, None)
             entries.update(changed)
-            save_manifest_file(self._cache_file, Manifest(entries, generation=gen), chunking.CHUNKER_ID)
+            save_manifest_file(self._cache_file, Manifest(entries, generation=gen), chunking.CHUNKER_ID, b"")
         except OSError:
             pass
 

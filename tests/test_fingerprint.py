@@ -1,0 +1,313 @@
+"""Tree fingerprints and the no-op shortcuts built on them (real files in tmp dirs).
+
+A scan sums one hash per entry over its stat facts; a saved cache carries the fingerprint of
+the tree it describes when every file in it is racy-clean. A walk that matches it takes the
+cache whole without decoding it, and a sync whose master and replica both match what the last
+run found "in step" skips planning. Every change a per-file check would notice must also break
+the fingerprint, or the shortcut would hide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+try:
+    import treecmp
+    from helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, sync_json, touch,
+                         write)
+except ImportError:  # tests/ imported as a package
+    from tests import treecmp
+    from tests.helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, sync_json, touch,
+                               write)
+
+from dirsync import chunking
+from dirsync.manifest import fingerprint, load, to_bytes
+from dirsync.scan import RACY_NS, Excluder, scan_tree
+
+CHUNKER = chunking.CHUNKER_ID
+
+
+def settle(root) -> None:
+    """Wait (with a deadline) until every ctime/mtime under root is older than the racy window,
+    so a scan trusts the files it reads: a fixed rule of the scanner, not a guess."""
+    newest = 0
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files + ["."]:
+            st = os.lstat(os.path.join(d, n))
+            newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+    deadline = time.monotonic() + 5
+    while time.time_ns() <= newest + RACY_NS + 1_000_000:
+        assert time.monotonic() < deadline, "clock does not advance"
+        time.sleep(0.01)
+
+
+TREE = {
+    "a.txt": "alpha\n",
+    "big.bin": os.urandom(300_000),
+    "sub/b.txt": "beta\n",
+    "sub/deeper/c.txt": "gamma\n",
+    "sub/link": Link("b.txt"),
+    "empty": {},
+}
+
+
+def saved_scan(root):
+    """Scan root fresh (after it settles) and return (result, SavedManifest of its cache)."""
+    settle(root)
+    res = scan_tree(str(root))
+    assert res.fingerprint, "a settled tree must get a fingerprint"
+    saved = load(to_bytes(res.manifest, CHUNKER, res.fingerprint), CHUNKER)
+    return res, saved
+
+
+def test_fingerprint_from_walk_equals_fingerprint_from_entries(tmp_path):
+    build_tree(tmp_path / "t", TREE)
+    res, _ = saved_scan(tmp_path / "t")
+    assert fingerprint(res.manifest.entries) == res.fingerprint
+
+
+def test_unchanged_tree_is_taken_from_the_cache_without_decoding(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    first, saved = saved_scan(root)
+    again = scan_tree(str(root), cache=saved)
+    assert again.unchanged and not again.decoded and not saved.decoded
+    assert again.files_read == 0 and again.fingerprint == first.fingerprint
+    assert again.manifest == first.manifest  # reading it decodes the cache, equal to a fresh scan
+
+
+def test_racy_files_get_no_fingerprint(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    settle(root)
+    write(root / "a.txt", "just now\n")  # written inside the racy window of the next scan
+    res = scan_tree(str(root))
+    assert res.fingerprint == b""
+    assert fingerprint(res.manifest.entries) == b""
+
+
+def _chmod(root):
+    os.chmod(root / "a.txt", 0o600)
+
+
+def _touch_mtime(root):
+    st = os.stat(root / "a.txt")
+    touch(root / "a.txt", st.st_mtime_ns + 1)
+
+
+def _same_size_same_mtime(root):
+    overwrite_same_size_and_mtime(root / "sub/b.txt", b"BETA\n")
+
+
+def _append(root):
+    with open(root / "big.bin", "ab") as f:
+        f.write(b"x")
+
+
+def _add(root):
+    write(root / "sub/new.txt", "new\n")
+
+
+def _remove(root):
+    os.unlink(root / "sub/deeper/c.txt")
+
+
+def _rename_file(root):
+    os.rename(root / "a.txt", root / "sub/a.txt")
+
+
+def _rename_dir(root):
+    os.rename(root / "sub/deeper", root / "deeper")
+
+
+def _retarget_link(root):
+    os.unlink(root / "sub/link")
+    os.symlink("deeper/c.txt", root / "sub/link")
+    st = os.lstat(root / "sub")  # keep the parent's mtime: only the link itself differs
+    os.utime(root / "sub", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _dir_mode(root):
+    os.chmod(root / "empty", 0o700)
+
+
+def _fifo(root):
+    os.mkfifo(root / "sub/pipe")
+
+
+MUTATIONS = [_chmod, _touch_mtime, _same_size_same_mtime, _append, _add, _remove, _rename_file, _rename_dir,
+             _retarget_link, _dir_mode, _fifo]
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS, ids=[m.__name__.strip("_") for m in MUTATIONS])
+def test_any_change_defeats_the_shortcut(tmp_path, mutate):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    first, saved = saved_scan(root)
+    mutate(root)
+    res = scan_tree(str(root), cache=saved)
+    assert res.decoded and not res.unchanged
+    assert res.fingerprint != first.fingerprint
+    fresh = scan_tree(str(root))  # no cache at all: what the tree really is
+    assert res.manifest == fresh.manifest
+    if mutate is _same_size_same_mtime:
+        assert res.files_read >= 1  # the cache entry was not trusted: the content was read
+
+
+def test_excludes_apply_before_the_fingerprint(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    settle(root)
+    ex = Excluder(["*.bin"])
+    res = scan_tree(str(root), excluder=ex)
+    saved = load(to_bytes(res.manifest, CHUNKER, res.fingerprint), CHUNKER)
+    with open(root / "other.bin", "wb") as f:  # excluded: changes nothing the scan sees
+        f.write(b"ignored")
+    os.utime(root, ns=(os.stat(root).st_atime_ns, res.manifest.entries[""].mtime_ns))
+    again = scan_tree(str(root), excluder=ex, cache=saved)
+    assert again.unchanged and not again.decoded
+    assert "big.bin" not in again.manifest.entries
+
+
+# -- the "in step" shortcut of sync, end to end through the CLI -------------------------------
+
+
+def _status_record(env_home) -> dict:
+    d = os.path.join(env_home, "dirsync", "status")
+    (name,) = os.listdir(d)
+    with open(os.path.join(d, name)) as f:
+        return json.load(f)
+
+
+def _in_step_pair(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    sync_json(m, r)
+    settle(m)
+    settle(r)
+    _, out = sync_json(m, r)  # re-reads the files that were racy, finds the two in step, records it
+    assert out["replicas"][0]["planned"] is True
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["planned"] is False, "the in-step shortcut was not taken"
+    return m, r
+
+
+def test_noop_run_skips_planning_once_in_step(tmp_path):
+    m, r = _in_step_pair(tmp_path)
+    rec = _status_record(os.environ["XDG_STATE_HOME"])
+    assert set(rec["in_step"]) == {"master", "replica", "opts"}
+    cp = run_cli("plan", m, r)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, r)
+
+
+@pytest.mark.parametrize("side", ["master", "replica"])
+def test_in_step_shortcut_does_not_hide_a_silent_edit(tmp_path, side):
+    """Same size, mtime put back: only the ctime tells. Either side must be noticed."""
+    m, r = _in_step_pair(tmp_path)
+    target = (m if side == "master" else r) / "sub/b.txt"
+    overwrite_same_size_and_mtime(target, b"BETA\n")
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["planned"] is True
+    treecmp.assert_trees_equal(m, r)
+    assert read(r / "sub/b.txt") == read(m / "sub/b.txt")
+
+
+def test_in_step_shortcut_does_not_hide_a_replica_delete(tmp_path):
+    m, r = _in_step_pair(tmp_path)
+    os.unlink(r / "sub/deeper/c.txt")
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == 1
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_in_step_is_not_taken_with_other_options(tmp_path):
+    m, r = _in_step_pair(tmp_path)
+    write(r / "extra.txt", "only on the replica\n")
+    settle(r)
+    _, out = sync_json(m, r, args=("--no-delete",))  # the replica keeps extra.txt: in step without deletes
+    _, out = sync_json(m, r, args=("--no-delete",))
+    assert (r / "extra.txt").exists()
+    _, out = sync_json(m, r)  # with deletes the old finding does not hold
+    assert out["replicas"][0]["planned"] is True and out["replicas"][0]["files_deleted"] == 1
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_cache_of_format_1_is_still_read_and_upgraded(tmp_path):
+    import msgpack
+    import xxhash
+
+    from dirsync.manifest import MAGIC, encode_rows
+    from dirsync.state import master_cache_path
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    sync_json(m, r)
+    settle(m)
+    res = scan_tree(str(m))
+    body = msgpack.packb((CHUNKER, encode_rows(res.manifest.entries.values()), ""), use_bin_type=True)
+    path = master_cache_path(os.path.realpath(m))
+    with open(path, "wb") as f:
+        f.write(MAGIC + b"\x01" + xxhash.xxh3_64_digest(body) + body)
+    _, out = sync_json(m, r)
+    assert out["master_scan"]["files_hashed"] == 0  # the old cache was used
+    with open(path, "rb") as f:
+        saved = load(f.read(), CHUNKER)
+    assert saved.fingerprint == res.fingerprint  # rewritten with the fingerprint it lacked
+
+
+# -- the two-way "nothing to do" shortcut -------------------------------------------------------
+
+
+def _tw(a, b, *args):
+    cp = run_cli("sync", "--two-way", "--json", *args, a, b)
+    assert cp.returncode in (0, 4), cp.stderr
+    return json.loads(cp.stdout)
+
+
+def _two_way_in_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_tree(a, TREE)
+    _tw(a, b)
+    settle(a)
+    settle(b)
+    out = _tw(a, b)  # re-reads what was racy, finds nothing to do, notes it
+    assert out["sides"][0]["planned"] is True
+    out = _tw(a, b)
+    assert [s["planned"] for s in out["sides"]] == [False, False], "the two-way shortcut was not taken"
+    return a, b
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_two_way_shortcut_does_not_hide_a_silent_edit(tmp_path, side):
+    a, b = _two_way_in_step(tmp_path)
+    where = a if side == "a" else b
+    overwrite_same_size_and_mtime(where / "sub/b.txt", b"BETA\n")
+    out = _tw(a, b)
+    assert out["sides"][0]["planned"] is True
+    assert read(a / "sub/b.txt") == read(b / "sub/b.txt") == b"BETA\n"
+    treecmp.assert_trees_equal(a, b)
+
+
+@pytest.mark.parametrize("field", ["base", "opts", "fp"])
+def test_two_way_shortcut_needs_every_fact_of_its_note(tmp_path, field):
+    """The note (.dirsync/twoway-*.step) holds only while its base, options and fingerprints all
+    still hold: alter any one and the run reconciles in full."""
+    a, b = _two_way_in_step(tmp_path)
+    (note,) = [p for p in (a / ".dirsync").iterdir() if p.name.endswith(".step")]
+    step = json.loads(note.read_text())
+    if field == "fp":
+        k = sorted(step["fp"])[0]
+        step["fp"][k] = "0" * 32
+    else:
+        step[field] = "something else"
+    note.write_text(json.dumps(step))
+    out = _tw(a, b)
+    assert [s["planned"] for s in out["sides"]] == [True, True]
+    treecmp.assert_trees_equal(a, b)
+    out = _tw(a, b, "--prefer", "a")  # other options: no shortcut either
+    assert out["sides"][0]["planned"] is True
