@@ -31,7 +31,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import data  # noqa: E402
-from fs import FsError, LoopFs, loop_possible  # noqa: E402
+from fs import FsError, LoopFs, loop_possible, python_env  # noqa: E402
 from proxy import CountingProxy  # noqa: E402
 from sshd import Sshd, SshdError, descendants  # noqa: E402
 
@@ -481,6 +481,7 @@ class Bench:
             env.update(HOME=home, XDG_STATE_HOME=os.path.join(home, "state"),
                        XDG_CONFIG_HOME=os.path.join(home, "config"), XDG_CACHE_HOME=os.path.join(home, "cache"))
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env = python_env(env, REPO)
         return env
 
     def target(self, path: str, transport: str) -> str:

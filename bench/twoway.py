@@ -42,7 +42,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import data  # noqa: E402
-from fs import FsError, LoopFs, loop_possible  # noqa: E402
+from fs import FsError, LoopFs, loop_possible, python_env  # noqa: E402
 
 KiB = 1024
 TOOLS = ("dirsync", "unison")
@@ -287,7 +287,7 @@ class Bench:
             st = self.state(tool)
             env.update(PYTHONPATH=REPO, HOME=os.path.join(st, "home"), XDG_STATE_HOME=os.path.join(st, "state"),
                        XDG_CONFIG_HOME=os.path.join(st, "config"), XDG_CACHE_HOME=os.path.join(st, "cache"))
-            return [sys.executable, "-m", "dirsync", "sync", "--two-way", "--json", a, b], env
+            return [sys.executable, "-m", "dirsync", "sync", "--two-way", "--json", a, b], python_env(env, REPO)
         env["UNISON"] = self.state(tool)
         return [self.unison, a, b, *UNISON_FLAGS], env
 

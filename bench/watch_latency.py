@@ -34,7 +34,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import data  # noqa: E402
-from fs import FsError, LoopFs, loop_possible  # noqa: E402
+from fs import FsError, LoopFs, loop_possible, python_env  # noqa: E402
 
 MiB = data.MiB
 
@@ -140,7 +140,7 @@ def main() -> int:
             with open(os.path.join(master, "dirA", f"f{i:04d}.txt"), "wb") as f:
                 f.write(stream.read(1000 + i))
         os.sync()
-        env = dict(os.environ, XDG_STATE_HOME=state, PYTHONPATH=REPO)
+        env = python_env(dict(os.environ, XDG_STATE_HOME=state, PYTHONPATH=REPO), REPO)
         cmd = [sys.executable, "-m", "dirsync", "watch", master, replica, "--log-file", os.path.join(work, "watch.log")]
         if args.delay is not None:
             cmd += ["--delay", str(args.delay)]

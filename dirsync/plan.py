@@ -14,11 +14,13 @@ Order (what the replica writer relies on):
 from __future__ import annotations
 
 from collections import Counter
+from bisect import bisect_right
+from itertools import accumulate
 from dataclasses import dataclass, field, replace
 from typing import Union
 
 from dirsync.errors import display_path
-from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
+from dirsync.manifest import DIGEST_SIZE, DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,16 +256,39 @@ class ChunkIndex:
     """Where the replica already has each chunk digest (first location wins) and each whole file."""
 
     def __init__(self, replica: Manifest) -> None:
-        self.chunks: dict[bytes, tuple[str, int, int]] = {}
+        self.files = [f for f in replica.files() if f.size]
         self.wholes: dict[tuple[int, bytes], str] = {}
-        chunks = self.chunks
-        for f in replica.files():
-            if f.size == 0:
-                continue
-            self.wholes.setdefault((f.size, f.digest), f.path)
-            for off, n, d in f.chunks():
-                if d not in chunks:
-                    chunks[d] = (f.path, off, n)
+        for f in reversed(self.files):  # reversed + overwrite: the first file wins
+            self.wholes[(f.size, f.digest)] = f.path
+        self._by_digest: dict[bytes, int] | None = None  # digest -> chunk number over all files
+        self._starts: list[int] = []  # first chunk number of each file
+        self._offs: dict[int, list[int]] = {}
+
+    def find(self, digest: bytes) -> tuple[str, int, int] | None:
+        """(path, offset, size) of the first chunk in the replica with this digest, or None."""
+        if self._by_digest is None:
+            self._build()
+        k = self._by_digest.get(digest)  # type: ignore[union-attr]
+        if k is None:
+            return None
+        j = bisect_right(self._starts, k) - 1
+        f = self.files[j]
+        offs = self._offs.get(j)
+        if offs is None:
+            offs = self._offs[j] = list(accumulate(f.sizes, initial=0))
+        i = k - self._starts[j]
+        return f.path, offs[i], f.sizes[i]
+
+    def _build(self) -> None:
+        # One dict over every chunk of the replica, made by one comprehension over the joined
+        # digests (a 10,000-file side has ~300,000 chunks); chunk numbers map back to files by
+        # bisect, offsets are summed per file only when a chunk is used. Built reversed so that
+        # the first location of a digest wins.
+        n = DIGEST_SIZE
+        alld = b"".join(f.digests for f in self.files)
+        self._starts = list(accumulate((len(f.sizes) for f in self.files), initial=0))
+        self._by_digest = {alld[i:i + n]: i // n for i in range(len(alld) - n, -1, -n)}
+        self._offs = {}
 
 
 def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
@@ -275,7 +300,7 @@ def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
         return (CopyOp(whole, 0, target.size),)
     ops: list[Op] = []
     for off, n, d in target.chunks():
-        loc = have.chunks.get(d)
+        loc = have.find(d)
         if loc is not None and loc[2] == n:
             src, soff, _ = loc
             last = ops[-1] if ops else None

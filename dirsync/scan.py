@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import stat
 import time
+
+from xxhash import xxh3_128_intdigest as _intdigest
 from dataclasses import replace
 from typing import Callable, Iterable
 
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_path
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, ManifestFormatError, SavedManifest,
-                              covered, fp_dir, fp_file, fp_final, fp_link, parent_of)
+                              covered, fp_dir, fp_final, fp_link, parent_of)
+from dirsync.manifest import _FSENC, FP_FILE
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
@@ -189,6 +192,7 @@ class _Scanner:
         excluded = self.excluder.excluded
         append = items.append
         temps = self.result.temps
+        h, fenc, fmt_f = _intdigest, _FSENC, FP_FILE  # the hot loop inlines fp_file
         acc = 0
         stack = [top]
         while stack:
@@ -218,7 +222,8 @@ class _Scanner:
                 if fmt == 0o100000:
                     if (not fast or rel == STATE_DIR) and excluded(rel, False):
                         continue
-                    acc += fp_file(rel, m & 0o7777, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+                    acc += h(fmt_f % (rel.encode(fenc, "surrogateescape"), m & 0o7777, st.st_size, st.st_mtime_ns,
+                                      st.st_ino, st.st_ctime_ns))
                 elif fmt == 0o040000:
                     if (not fast or rel == STATE_DIR) and excluded(rel, True):
                         continue

@@ -58,7 +58,7 @@ def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheL
     except OSError as e:
         return CacheLoad(None, "unusable", e.strerror or str(e))
     try:
-        saved = load(data, chunker)
+        saved = load(data, chunker, own=True)
         if not lazy:
             saved.manifest
         return CacheLoad(saved, "ok")

@@ -212,6 +212,8 @@ def _merge_meta(ea: Entry, eb: Entry, eo: Entry | None) -> Entry:
         newer_mode = max(ea.mode, eb.mode)
     mode = _pick3(ea.mode, eb.mode, o.mode if isinstance(o, (FileEntry, DirEntry)) else None,
                   lambda x, y: newer_mode)
+    if mode == ea.mode and t == ea.mtime_ns:
+        return ea  # the usual case (both sides agree): no copy
     return replace(ea, mode=mode, mtime_ns=t)
 
 
@@ -234,8 +236,9 @@ def _newer(ea: Entry, eb: Entry) -> int:
 
 def _strip(e: Entry) -> Entry:
     """An entry without cache-only facts (inode, ctime, trusted): the form kept in targets and bases."""
-    if isinstance(e, FileEntry) and (e.ino or e.ctime_ns or e.trusted):
-        return replace(e, ino=0, ctime_ns=0, trusted=False)
+    if e.__class__ is FileEntry and (e.ino or e.ctime_ns or e.trusted):
+        # the constructor, not dataclasses.replace: this runs for every file of a scanned side
+        return FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.sizes, e.digests)
     return e
 
 
@@ -511,11 +514,12 @@ def encode_base(rec: BaseRecord, chunker: str) -> bytes:
                           "manifest": to_bytes(rec.manifest, chunker)}, use_bin_type=True)
 
 
-def decode_base(data: bytes, chunker: str, *, header_only: bool = False) -> BaseRecord:
-    """Raises ValueError (ManifestFormatError included) for anything unreadable."""
+def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bool = False) -> BaseRecord:
+    """Raises ValueError (ManifestFormatError included) for anything unreadable. `own`: read
+    from a local side (our own file), not sent by a remote agent: cheaper row checks."""
     import msgpack
 
-    from dirsync.manifest import from_bytes
+    from dirsync.manifest import load
 
     try:
         d = msgpack.unpackb(data, raw=False)
@@ -526,7 +530,7 @@ def decode_base(data: bytes, chunker: str, *, header_only: bool = False) -> Base
     seq, gen, specs = d.get("seq"), d.get("gen"), d.get("specs")
     if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict):
         raise ValueError("two-way base record header is malformed")
-    m = Manifest() if header_only else from_bytes(d.get("manifest", b""), chunker)
+    m = Manifest() if header_only else load(d.get("manifest", b""), chunker, own=own).manifest
     return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m)
 
 
@@ -581,11 +585,19 @@ class PairReader:
     chunk is checked against its digest, so a file changed underneath fails that one file)."""
 
     def __init__(self, candidates: Sequence[tuple[ContentSource, Manifest]]) -> None:
-        self.index: dict[tuple, list[tuple[ContentSource, FileEntry]]] = {}
-        for src, m in candidates:
-            for f in m.files():
-                if f.size:
-                    self.index.setdefault(_content_key(f), []).append((src, f))
+        self.candidates = candidates
+        self._index: dict[tuple, list[tuple[ContentSource, FileEntry]]] | None = None
+
+    @property
+    def index(self) -> dict[tuple, list[tuple[ContentSource, FileEntry]]]:
+        """Built on the first file with bytes to send (a plan of renames and metadata needs none)."""
+        if self._index is None:
+            self._index = {}
+            for src, m in self.candidates:
+                for f in m.files():
+                    if f.size:
+                        self._index.setdefault(_content_key(f), []).append((src, f))
+        return self._index
 
     def sends(self, w: WriteFile) -> Iterator[bytes]:
         if not any(isinstance(o, SendOp) for o in w.ops):
@@ -941,12 +953,15 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         clean = False  # both sides hold the same base record and no run was interrupted
         best_data: bytes | None = None
         datas: list[bytes] = []
+        local_bases: set[bytes] = set()  # base records read from a local side
         if pid is not None:
             recs: list[BaseRecord] = []  # headers only: the manifest is decoded once, when needed
             for s in (sa, sb):
                 data = s.read_state(f"twoway-{pid}.base")
                 if data is None:
                     continue
+                if not s.is_remote:
+                    local_bases.add(data)
                 try:
                     recs.append(decode_base(data, chunker, header_only=True))
                     datas.append(data)
@@ -995,7 +1010,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             # run is a union that deletes nothing, so even losing both loses no data).
             for data in sorted(set(datas), key=lambda d: d != best_data):
                 try:
-                    base = decode_base(data, chunker).manifest
+                    base = decode_base(data, chunker, own=data in local_bases).manifest
                     break
                 except ValueError as e:
                     summ.warnings.append(f"two-way base unusable ({e})")

@@ -20,6 +20,7 @@ from dirsync.manifest import (
     Manifest,
     ManifestFormatError,
     encode_rows,
+    load,
     parent_of,
     from_bytes,
     to_bytes,
@@ -40,9 +41,10 @@ def cache_facts(m: Manifest) -> dict:
 
 
 @SETTINGS
-@given(any_manifests())
-def test_round_trip(m):
-    back = from_bytes(to_bytes(m, CHUNKER), CHUNKER)
+@given(any_manifests(), st.booleans())
+def test_round_trip(m, own):
+    """Both decoders (peer rows fully checked; our own cache files, cheaper) give back the same."""
+    back = load(to_bytes(m, CHUNKER), CHUNKER, own=own).manifest
     assert back == m
     assert back.keys() == m.keys()
     # Fields left out of equality (the cache facts) must survive too: the scanner relies on them.
@@ -140,6 +142,12 @@ def test_forged_valid_body_accepted(version):
     # The control for the cases below: forge() itself makes readable manifests.
     m = from_bytes(forge([good_file_row(), (1, b"d", 0o755, 1), (2, b"l", b"t", 1)], version=version), CHUNKER)
     assert set(m.entries) == {"f", "d", "l"}
+
+
+def test_own_cache_rows_still_have_their_paths_checked():
+    for bad in (b"../escape", b"/abs", b"a//b", b"a\0b"):
+        with pytest.raises(ManifestFormatError):
+            load(forge([_with(good_file_row(), 1, bad)]), CHUNKER, own=True).manifest
 
 
 def _with(row, i, value):
