@@ -165,7 +165,13 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     check_replicas_apart(cfg.replicas)
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
-    mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
+    early = _open_early(cfg, master_real, patterns) if master_scan is None else None
+    try:
+        mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
+    except BaseException:
+        if early is not None:
+            early.abandon()
+        raise
     run.scan_errors = list(mscan.errors)
     run.warnings = list(mscan.warnings)
     run.files_hashed, run.bytes_hashed = mscan.files_read, mscan.bytes_read
@@ -180,11 +186,18 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
         lock = None
         try:
             try:
-                if not cfg.dry_run:
-                    lock = FileLock(pair_lock_path(master_real, _replica_key(spec)),
-                                    f"master/replica pair {cfg.master} -> {spec}").acquire(cfg.lock_wait_s)
-                transport = open_transport(spec, cfg.transport)
-                _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop)
+                info = None
+                if early is not None and early.spec == spec:
+                    lock, transport = early.lock, early.transport
+                    err, early = early.error, None
+                    if err is not None:
+                        raise err
+                    info = transport.open_finish()  # type: ignore[union-attr]
+                else:
+                    if not cfg.dry_run:
+                        lock = _pair_lock(cfg, master_real, spec)
+                    transport = open_transport(spec, cfg.transport)
+                _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop, info)
             except DirsyncError as e:
                 summary.fatal = str(e)
                 summary.exit_code = int(e.exit_code)
@@ -206,6 +219,54 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
                           f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
     run.seconds = watch.elapsed()
     return run
+
+
+def _pair_lock(cfg: SyncConfig, master_real: str, spec: str) -> FileLock:
+    return FileLock(pair_lock_path(master_real, _replica_key(spec)),
+                    f"master/replica pair {cfg.master} -> {spec}").acquire(cfg.lock_wait_s)
+
+
+class _EarlyReplica:
+    """The first remote replica, locked, connected and sent open and scan before the master
+    scan starts (answers read later), so that the far side starts up and walks its tree while
+    this side walks the master. A failure is kept and raised when the replica's turn comes
+    (reported like any other)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.lock: FileLock | None = None
+        self.transport = None
+        self.error: DirsyncError | None = None
+
+    def abandon(self) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.open_finish()
+            except DirsyncError:
+                pass
+            else:
+                self.transport.close(save=False)
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _open_early(cfg: SyncConfig, master_real: str, patterns: list[str]) -> _EarlyReplica | None:
+    spec = next((r for r in cfg.replicas if is_remote_spec(r)), None)
+    if spec is None:
+        return None
+    e = _EarlyReplica(spec)
+    try:
+        if not cfg.dry_run:
+            e.lock = _pair_lock(cfg, master_real, spec)
+        t = open_transport(spec, cfg.transport)
+        t.open_start(patterns, init=cfg.init, readonly=cfg.dry_run)  # type: ignore[attr-defined]
+        e.transport = t
+    except DirsyncError as err:
+        e.error = err
+        if e.transport is not None:
+            e.transport.close(save=False)
+            e.transport = None
+    return e
 
 
 def _record_status(master_real: str, spec: str, summary: ReplicaSummary, run: RunSummary, started: float,
@@ -241,8 +302,11 @@ def _replica_key(spec: str) -> str:
 
 
 def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list[str], t: Transport,
-              summary: ReplicaSummary, run: RunSummary, reporter: Reporter, should_stop: Callable[[], bool]) -> None:
-    info = t.open(init=cfg.init, readonly=cfg.dry_run)
+              summary: ReplicaSummary, run: RunSummary, reporter: Reporter, should_stop: Callable[[], bool],
+              info=None) -> None:
+    """`info`: the transport was opened already (and may have a scan under way)."""
+    if info is None:
+        info = t.open(init=cfg.init, readonly=cfg.dry_run)
     ok = False
     try:
         for w in info.warnings:

@@ -984,6 +984,9 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                      and recs[0].specs == {ida: sa.key, idb: sb.key})
 
         patterns = list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
+        for s in (sa, sb):  # a remote side walks its tree while the local one is scanned
+            if s.is_remote:
+                s.transport.scan_start(patterns)
         scans = [s.scan(patterns) for s in (sa, sb)]
         protect: set[str] = set()
         for s, r in zip((sa, sb), scans):

@@ -580,3 +580,26 @@ def _alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+
+
+def test_match_exec_in_ssh_config_still_runs(tmp_path: Path) -> None:
+    """dirsync keeps paramiko from importing `invoke` at start-up (it costs 0.15 s); a config
+    with "Match exec" must still be evaluated, with the command really run. (In a child
+    process: invoke reads stdin, which pytest captures.)"""
+    import subprocess
+
+    flag = tmp_path / "ran"
+    cfg = tmp_path / "config"
+    code = ("import sys; from dirsync.transport.ssh import load_ssh_config; "
+            "print(load_ssh_config(sys.argv[1]).lookup('example.org').get('port'))")
+
+    def port_for(text: str) -> str:
+        cfg.write_text(text)
+        cp = subprocess.run([sys.executable, "-c", code, str(cfg)], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        return cp.stdout.strip()
+
+    assert port_for(f"Match exec \"touch {flag} && true\"\n  Port 2222\n") == "2222"
+    assert flag.exists()
+    assert port_for("Match exec false\n  Port 2222\n") == "None"

@@ -86,6 +86,10 @@ class RemoteTransport:
         self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
         self._staged_seen: set[str] = set()  # writes whose bytes the sink has counted
         self._scan_res: ScanResult | None = None
+        self._scan_pending: tuple[list[str], bool] | None = None  # (patterns, fresh) asked by scan_start
+        self._hello_sent = False
+        self._opener: threading.Thread | None = None  # see open_start
+        self._opened: OpenInfo | BaseException | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
         if opts.compress:
@@ -222,12 +226,7 @@ class RemoteTransport:
         self._readonly = readonly
         try:
             self._start()
-            msg: dict[str, Any] = {"t": "open", "root": os.fsencode(self.path), "init": init, "readonly": readonly}
-            if self.opts.backup_dir:
-                msg["backup_dir"] = os.fsencode(self.opts.backup_dir)
-                if self.opts.backup_keep is not None:
-                    msg["backup_keep"] = self.opts.backup_keep
-            self._send(msg, flush=True)
+            self._send(self._open_msg(init, readonly), flush=True)
             m = self._expect("opened")
             return proto.dec_open_info(m.get("info"))
         except (ConnectError, ProtocolError) as e:
@@ -237,9 +236,63 @@ class RemoteTransport:
             self._shutdown()
             raise
 
-    def _start(self) -> None:
-        """Connect, start the reader and watchdog threads and exchange hellos (once a session)."""
-        if self._hello_seen:
+    def _open_msg(self, init: bool, readonly: bool) -> dict[str, Any]:
+        msg: dict[str, Any] = {"t": "open", "root": os.fsencode(self.path), "init": init, "readonly": readonly}
+        if self.opts.backup_dir:
+            msg["backup_dir"] = os.fsencode(self.opts.backup_dir)
+            if self.opts.backup_keep is not None:
+                msg["backup_keep"] = self.opts.backup_keep
+        return msg
+
+    def open_start(self, patterns: list[str], *, init: bool = False, readonly: bool = False) -> None:
+        """open() and scan_start(patterns) without waiting: connect and send hello here, then a
+        short-lived thread (joined by open_finish) waits for the agent's hello, checks it and
+        only then sends open and scan. The caller scans the master meanwhile, so the far side
+        starts up and walks its tree at the same time; nothing reaches the far side's tree
+        before its hello has been checked."""
+        self._readonly = readonly
+        try:
+            self._start(wait=False)
+        except (ConnectError, ProtocolError) as e:
+            self._shutdown()
+            raise self._fail(e) from None
+        except BaseException:
+            self._shutdown()
+            raise
+        self._opener = threading.Thread(target=self._open_and_scan, args=(list(patterns), init, readonly),
+                                        name=f"dirsync-open {self.name}", daemon=True)
+        self._opener.start()
+
+    def _open_and_scan(self, patterns: list[str], init: bool, readonly: bool) -> None:
+        try:
+            self._hello_wait()
+            self._send(self._open_msg(init, readonly), flush=True)
+            m = self._expect("opened")
+            self._opened = proto.dec_open_info(m.get("info"))
+            self.scan_start(patterns)
+        except BaseException as e:  # handed to open_finish, in the owner's thread
+            self._opened = e
+
+    def open_finish(self) -> OpenInfo:
+        """The OpenInfo of open_start (raising what went wrong there); the scan is under way."""
+        assert self._opener is not None
+        self._opener.join()
+        self._opener = None
+        got, self._opened = self._opened, None
+        if isinstance(got, BaseException):
+            self._scan_pending = None
+            self._shutdown()
+            if isinstance(got, (ConnectError, ProtocolError)):
+                raise self._fail(got) from None
+            raise got
+        return got  # type: ignore[return-value]
+
+    def _start(self, wait: bool = True) -> None:
+        """Connect, start the reader and watchdog threads and send hello (once a session);
+        `wait`: also read and check the agent's hello."""
+        if self._hello_sent:
+            if wait:
+                self._hello_wait()
             return
         self._connect()
         self._last_rx = time.monotonic()
@@ -249,6 +302,13 @@ class RemoteTransport:
         self.watchdog.start()
         ping_ms = int(min(PING_S, self.timeout / 4) * 1000)
         self._send(hello(__version__, ping_ms=ping_ms), flush=True)
+        self._hello_sent = True
+        if wait:
+            self._hello_wait()
+
+    def _hello_wait(self) -> None:
+        if self._hello_seen:
+            return
         first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
         try:
             check_hello(first)
@@ -346,17 +406,31 @@ class RemoteTransport:
             else:
                 raise self._fail(ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} while waiting for {end!r}"))
 
-    def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
+    def scan_start(self, patterns: list[str], *, fresh: bool = False) -> None:
+        """Ask the agent to scan now and collect the answer in scan(): the far side walks its
+        tree while this side does other work (the master scan, the other two-way side)."""
         try:
-            return self._scan(patterns, fresh)
+            load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
+            self.base = load.saved
+            base_gen = self.base.generation if self.base is not None else ""
+            self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
+            self._scan_pending = (list(patterns), fresh)
         except (ConnectError, ProtocolError) as e:
             raise self._fail(e) from None
 
-    def _scan(self, patterns: list[str], fresh: bool) -> ScanResult:
-        load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
-        self.base = load.saved
+    def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
+        try:
+            if self._scan_pending != (list(patterns), fresh):
+                if self._scan_pending is not None:
+                    self._scan_finish()  # asked with other patterns: drain that answer first
+                self.scan_start(patterns, fresh=fresh)
+            return self._scan_finish()
+        except (ConnectError, ProtocolError) as e:
+            raise self._fail(e) from None
+
+    def _scan_finish(self) -> ScanResult:
+        self._scan_pending = None
         base_gen = self.base.generation if self.base is not None else ""
-        self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
         changed: dict = {}
         removed: list[str] = []
         m = self._rows_until("scan_end", changed, removed)

@@ -44,7 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import paramiko
+import sys
+
+if "invoke" not in sys.modules:
+    # paramiko.config imports `invoke` (~0.15 s here) only to run ssh_config's "Match exec";
+    # hide it during the import and fetch it in SshConfig.lookup when a config uses exec.
+    sys.modules["invoke"] = None  # type: ignore[assignment]
+    try:
+        import paramiko
+    finally:
+        del sys.modules["invoke"]
+else:
+    import paramiko
 
 from dirsync.errors import ConfigError, ConnectError
 
@@ -490,9 +501,16 @@ class SshConfig:
             head += f"  User {user}\n"
         text = (f"Host {alias}\n" + head + self.text) if head else self.text
         try:
+            if _MATCH_EXEC.search(text) and paramiko.config.invoke is None:
+                import invoke  # what "Match exec" runs commands with (see the import above)
+
+                paramiko.config.invoke = invoke
             return paramiko.SSHConfig.from_text(text).lookup(alias)
         except paramiko.ssh_exception.ConfigParseError as e:
             raise ConfigError(f"cannot parse ssh config {self.source}: {e}") from e
+
+
+_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
 
 
 def load_ssh_config(path: str | os.PathLike[str] | None) -> SshConfig:
