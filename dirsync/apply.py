@@ -12,12 +12,13 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable, Iterator, Protocol
 
 import xxhash
 
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
-from dirsync.manifest import FileEntry
+from dirsync.manifest import DIGEST_SIZE, FileEntry
 from dirsync.plan import Action, Commit, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 
 READ_BLOCK = 8 << 20
@@ -179,12 +180,23 @@ class TokenBucket:
             self.sleep(delay)
 
 
-def _chunk_table(t: FileEntry) -> tuple[list[int], tuple[int, ...], list[bytes]]:
-    offsets, digests = [], []
-    for off, _n, d in t.chunks():
-        offsets.append(off)
-        digests.append(d)
-    return offsets, t.sizes, digests
+class _Digests:
+    """The i-th chunk digest of a file, sliced on use (a 1 GiB file has ~130,000 chunks and a
+    few changed ranges need a handful of them)."""
+
+    __slots__ = ("d",)
+
+    def __init__(self, d: bytes) -> None:
+        self.d = d
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.d[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+
+
+def _chunk_table(t: FileEntry) -> tuple[list[int], tuple[int, ...], _Digests]:
+    offsets = list(accumulate(t.sizes, initial=0))
+    offsets.pop()
+    return offsets, t.sizes, _Digests(t.digests)
 
 
 @dataclass

@@ -264,20 +264,19 @@ class ChunkIndex:
         self._starts: list[int] = []  # first chunk number of each file
         self._offs: dict[int, list[int]] = {}
 
-    def find(self, digest: bytes) -> tuple[str, int, int] | None:
-        """(path, offset, size) of the first chunk in the replica with this digest, or None."""
+    def find(self, digest: bytes) -> tuple[FileEntry, int, int] | None:
+        """(file, chunk number in it, offset) of the first chunk in the replica with this digest."""
         if self._by_digest is None:
             self._build()
         k = self._by_digest.get(digest)  # type: ignore[union-attr]
         if k is None:
             return None
         j = bisect_right(self._starts, k) - 1
-        f = self.files[j]
         offs = self._offs.get(j)
         if offs is None:
-            offs = self._offs[j] = list(accumulate(f.sizes, initial=0))
+            offs = self._offs[j] = list(accumulate(self.files[j].sizes, initial=0))
         i = k - self._starts[j]
-        return f.path, offs[i], f.sizes[i]
+        return self.files[j], i, offs[i]
 
     def _build(self) -> None:
         # One dict over every chunk of the replica, made by one comprehension over the joined
@@ -299,21 +298,40 @@ def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
     if whole is not None:
         return (CopyOp(whole, 0, target.size),)
     ops: list[Op] = []
-    for off, n, d in target.chunks():
+    N = DIGEST_SIZE
+    td = target.digests
+    src: FileEntry | None = None  # the copy run being built: src's chunks from src_ci on
+    src_ci = src_off = run = 0
+    send_off = send = 0  # the send run being built
+    off = 0
+    for i, n in enumerate(target.sizes):
+        d = td[i * N:(i + 1) * N]
+        if src is not None:
+            # The next chunk of the run's source file, if it is this one, extends the run with
+            # no lookup (a long unchanged stretch of a big file costs a slice compare a chunk).
+            if src_ci < len(src.sizes) and src.sizes[src_ci] == n and src.digests[src_ci * N:(src_ci + 1) * N] == d:
+                src_ci += 1
+                run += n
+                off += n
+                continue
+            ops.append(CopyOp(src.path, src_off, run))
+            src = None
         loc = have.find(d)
-        if loc is not None and loc[2] == n:
-            src, soff, _ = loc
-            last = ops[-1] if ops else None
-            if isinstance(last, CopyOp) and last.src == src and last.offset + last.size == soff:
-                ops[-1] = CopyOp(src, last.offset, last.size + n)
-            else:
-                ops.append(CopyOp(src, soff, n))
+        if loc is not None and loc[0].sizes[loc[1]] == n:
+            if send:
+                ops.append(SendOp(send_off, send))
+                send = 0
+            src, src_ci, src_off = loc[0], loc[1] + 1, loc[2]
+            run = n
         else:
-            last = ops[-1] if ops else None
-            if isinstance(last, SendOp):
-                ops[-1] = SendOp(last.offset, last.size + n)
-            else:
-                ops.append(SendOp(off, n))
+            if not send:
+                send_off = off
+            send += n
+        off += n
+    if src is not None:
+        ops.append(CopyOp(src.path, src_off, run))
+    if send:
+        ops.append(SendOp(send_off, send))
     return tuple(ops)
 
 
