@@ -297,6 +297,8 @@ def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
     whole = have.wholes.get((target.size, target.digest))
     if whole is not None:
         return (CopyOp(whole, 0, target.size),)
+    if not have.files:  # nothing to reuse (an initial copy): no lookups
+        return (SendOp(0, target.size),)
     ops: list[Op] = []
     N = DIGEST_SIZE
     td = target.digests
