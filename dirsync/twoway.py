@@ -286,6 +286,11 @@ def reconcile(base: Manifest, a: Manifest, b: Manifest, opts: ReconcileOptions =
             reason[p] = "replaced by a file or link (--prefer)"
             continue
         ea, eb, eo = EA.get(p), EB.get(p), EO.get(p)
+        if ea is not None and ea == eb and ea == eo:  # untouched since the base (most paths)
+            put(p, ea, A)  # what _merge_meta would give
+            if ea.__class__ is FileEntry:
+                reason[p] = "metadata changed"
+            continue
         sa, sb, so = _sig(ea), _sig(eb), _sig(eo)
         if sa == sb:
             if ea is None:
@@ -602,7 +607,13 @@ class PairReader:
     def sends(self, w: WriteFile) -> Iterator[bytes]:
         if not any(isinstance(o, SendOp) for o in w.ops):
             return
-        for src, e in self.index.get(_content_key(w.target), ()):
+        key = _content_key(w.target)
+        for src, m in self.candidates:  # usually the other side holds it at the same path
+            e = m.entries.get(w.path)
+            if e.__class__ is FileEntry and _content_key(e) == key and src.holds(e):  # type: ignore[arg-type]
+                yield from src.sends(WriteFile(e, w.ops, None))  # type: ignore[arg-type]
+                return
+        for src, e in self.index.get(key, ()):
             if src.holds(e):
                 yield from src.sends(WriteFile(e, w.ops, None))
                 return
