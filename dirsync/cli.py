@@ -143,13 +143,62 @@ def sync(
     raise typer.Exit(_run(job, reporter))
 
 
-def _two_way(cfg, two_way: bool, prefer, reporter, as_json: bool, show_plan: bool) -> int:
+def _two_way_config(cfg, two_way: bool, prefer):
+    """The TwoWayConfig for a command's SyncConfig (MASTER is side a, the one REPLICA side b)."""
     from dirsync.errors import ConfigError
-    from dirsync.twoway import TwoWayConfig, cli_main
+    from dirsync.twoway import TwoWayConfig
 
     if not two_way:
         raise ConfigError("--prefer only applies with --two-way")
-    return cli_main(TwoWayConfig.from_sync(cfg, prefer), reporter, as_json=as_json, show_plan=show_plan)
+    return TwoWayConfig.from_sync(cfg, prefer)
+
+
+def _two_way(cfg, two_way: bool, prefer, reporter, as_json: bool, show_plan: bool) -> int:
+    """Run (show_plan: only plan) a two-way sync and print it. A real run holds the pair lock
+    (waiting cfg.lock_wait_s) and is recorded for `dirsync status` (cfg.profile names it)."""
+    from dirsync.status import run_twoway_recorded
+    from dirsync.twoway import run_twoway
+
+    tcfg = _two_way_config(cfg, two_way, prefer)
+    if tcfg.dry_run:
+        summ, run_id = run_twoway(tcfg, reporter), None
+    else:
+        summ, run_id = run_twoway_recorded(tcfg, reporter, profile=cfg.profile, wait_s=cfg.lock_wait_s)
+    _print_two_way(summ, tcfg, reporter, as_json=as_json, show_plan=show_plan, run_id=run_id, profile=cfg.profile)
+    return summ.exit_code
+
+
+def _print_two_way(summ, tcfg, reporter, *, as_json: bool, show_plan: bool, run_id: str | None,
+                   profile: str | None) -> None:
+    """What twoway.cli_main prints, plus the run id and profile that the status record names."""
+    from dirsync.errors import display_path
+    from dirsync.plan import human_size
+
+    dec = summ.decisions
+    if as_json:
+        out = summ.to_json()
+        if run_id is not None:
+            out["run_id"] = run_id
+        if profile is not None:
+            out["profile"] = profile
+        if show_plan and dec is not None:
+            out["plan"] = dec.render().splitlines()
+        print(json.dumps(out, indent=2))
+    elif show_plan and dec is not None:
+        text = dec.render()
+        if text:
+            print(text)
+        for label, plan in zip(dec.labels, summ.plans or ()):
+            t = plan.totals()
+            print(f"{label}: {t.writes} to write (send {human_size(t.send_bytes)}, reuse {human_size(t.reuse_bytes)}), "
+                  f"{t.deletes} to delete, {t.mkdirs} dirs, {t.links} links, {t.meta} metadata")
+    if dec is not None and not show_plan:
+        c = dec.counts()
+        reporter.info(f"{tcfg.a} ⇄ {tcfg.b}: {c['a>b']} →, {c['b>a']} ←, {c['del-a']} deleted on a, "
+                      f"{c['del-b']} deleted on b, {c['conflict']} conflicts in {summ.seconds:.2f}s")
+        for cf in summ.conflicts:
+            if cf.copy:
+                reporter.warn(f"conflict: {display_path(cf.path)}: {cf.reason}")
 
 
 def _print_plans(run, as_json: bool) -> None:
@@ -299,6 +348,8 @@ def run(
     accept_new_host_key: bool = O_ACCEPT,
     compress: Optional[bool] = typer.Option(None, "--compress/--no-compress", "-z",
                                             help="Compress data sent to remote replicas (zstd)."),
+    prefer: Optional[str] = typer.Option(None, "--prefer", metavar="a|b|newer",
+                                         help="Override a two_way profile's prefer (settle conflicts without copies)."),
 ) -> None:
     """Run the profile NAME from the config file; command-line flags override it.
 
@@ -318,11 +369,13 @@ def run(
       bwlimit     = "10M"
       wait        = 300
     Other keys: delete, init, allow_mass_delete, compress, log_file, quiet, verbose, json,
-    port, identity, ssh_config, remote_cmd, accept_new_host_key, connect_timeout.
+    port, identity, ssh_config, remote_cmd, accept_new_host_key, connect_timeout,
+    two_way (true: sync master and its one replica both ways), prefer ("a", "b" or "newer").
 
     \b
-    Exit codes: 0 ok (or nothing to do), 2 usage/config error, 3 locked, 10 connection,
-    11 protocol, 12 refused by a safety guard, 23 partial, 25 delete limit, 130 interrupted.
+    Exit codes: 0 ok (or nothing to do), 2 usage/config error, 3 locked, 4 two-way conflicts
+    kept as copies, 10 connection, 11 protocol, 12 refused by a safety guard, 23 partial,
+    25 delete limit, 130 interrupted.
     """
     from dirsync import profiles
     from dirsync.progress import make_reporter
@@ -330,6 +383,11 @@ def run(
 
     try:
         prof = profiles.load(config).profile(name)
+        two_way = prof.get("two_way", False)
+        if prefer is not None and not two_way:
+            from dirsync.errors import ConfigError
+
+            raise ConfigError(f"--prefer only applies to a two-way profile; {name!r} has no two_way = true")
     except DirsyncError as e:
         raise _fail_early(e)
     as_json = as_json or prof.get("json", False)
@@ -351,6 +409,8 @@ def run(
                                   _or(backup_keep, prof, "backup_keep"), **more))
 
     def job() -> int:
+        if two_way:
+            return _two_way(cfg, True, _or(prefer, prof, "prefer"), reporter, as_json, show_plan=dry_run)
         result = run_sync(cfg, reporter)
         if dry_run:
             _print_plans(result, as_json)
@@ -376,6 +436,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object on stdout."),
     backup_dir: Optional[str] = typer.Option(None, "--backup-dir", metavar="DIR",
                                              help="The --backup-dir used by sync (MASTER REPLICA form)."),
+    two_way: bool = typer.Option(False, "--two-way", help="MASTER REPLICA form: the pair is synced two-way (the "
+                                                          "default when only a two-way record exists for it)."),
     port: Optional[int] = O_PORT,
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
@@ -383,26 +445,33 @@ def status(
     accept_new_host_key: bool = O_ACCEPT,
 ) -> None:
     """For each replica: when it was last synced successfully, by which run, and whether it is
-    behind the master now (a dry-run plan is not empty).
+    behind the master now (a dry-run plan is not empty). A two-way pair (a two_way profile, or
+    A B synced with --two-way) is shown as "A ⇄ B (two-way)": behind means a dry-run two-way
+    sync would change something on either side.
 
     Exits 0 when every replica is up to date, 1 when one is behind, or the code of the error
     that stopped a check (e.g. 10 for an unreachable host, 12 for a missing master).
 
     Example: dirsync status backup        (or: dirsync status ~/site /backup/site)
     """
+    import os
+
     from dirsync import profiles
     from dirsync.progress import make_reporter
-    from dirsync.status import check_status
-    from dirsync.sync import _SEVERITY, SyncConfig
+    from dirsync.status import check_status, check_twoway_status, load_record, load_twoway_record
+    from dirsync.sync import _SEVERITY, SyncConfig, _replica_key
 
     targets = list(targets or [])
-    groups: list[tuple[Optional[str], SyncConfig]] = []
+    # (profile name, config, two-way prefer or None, two-way?)
+    groups: list[tuple[Optional[str], SyncConfig, Optional[str], bool]] = []
     try:
         if len(targets) >= 2:
-            groups.append((None, SyncConfig(
-                master=targets[0], replicas=tuple(targets[1:]), excludes=tuple(exclude or ()),
-                transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
-                                          backup_dir))))
+            cfg = SyncConfig(master=targets[0], replicas=tuple(targets[1:]), excludes=tuple(exclude or ()),
+                             transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key,
+                                                       False, backup_dir))
+            if not two_way and len(targets) == 2 and load_twoway_record(targets[0], targets[1]) is not None:
+                two_way = load_record(os.path.realpath(targets[0]), _replica_key(targets[1])) is None
+            groups.append((None, cfg, None, two_way))
         else:
             cfgfile = profiles.load(config)
             names = targets or sorted(cfgfile.profiles)
@@ -414,7 +483,9 @@ def status(
                     allow_mass_delete=p.get("allow_mass_delete", False), profile=n,
                     transport=_transport_opts(p.get("port"), p.get("identity"), p.get("ssh_config"),
                                               p.get("remote_cmd"), p.get("accept_new_host_key", False), False,
-                                              p.get("backup_dir"), p.get("backup_keep")))))
+                                              p.get("backup_dir"), p.get("backup_keep"))),
+                               p.get("prefer"), p.get("two_way", False)))
+        twc = {i: _two_way_config(g[1], True, g[2]) for i, g in enumerate(groups) if g[3]}
     except DirsyncError as e:
         raise _fail_early(e)
     reporter = make_reporter(quiet=True)
@@ -423,16 +494,20 @@ def status(
         codes = set()  # of failed checks
         behind = False
         out = []
-        for n, cfg in groups:
-            pairs = check_status(cfg, reporter, check=not no_check)
+        for i, (n, cfg, _, is_two_way) in enumerate(groups):
+            if is_two_way:
+                pairs = [check_twoway_status(twc[i], reporter, check=not no_check)]
+            else:
+                pairs = check_status(cfg, reporter, check=not no_check)
             for ps in pairs:
                 if ps.exit_code:
                     codes.add(ps.exit_code)
                 behind = behind or bool(ps.behind)
-            out.append({"profile": n, "master": cfg.master, "replicas": [ps.to_json() for ps in pairs]})
+            out.append({"profile": n, "master": cfg.master, "two_way": is_two_way,
+                        "replicas": [ps.to_json() for ps in pairs]})
             if not as_json:
                 if n is not None or len(groups) > 1:
-                    print(f"== {n or cfg.master}: {cfg.master}")
+                    print(f"== {n or cfg.master}: {cfg.master}" + (" (two-way)" if is_two_way else ""))
                 for ps in pairs:
                     print(ps.render())
         if as_json:
@@ -470,6 +545,12 @@ def watch(
     backup_dir: Optional[str] = O_BACKUP_DIR,
     backup_keep: Optional[int] = O_BACKUP_KEEP,
     bwlimit: Optional[str] = O_BWLIMIT,
+    two_way: bool = typer.Option(False, "--two-way", help="Keep MASTER and one REPLICA in step both ways (a two-way "
+                                                         "sync per batch of changes on either local side)."),
+    prefer: Optional[str] = O_PREFER,
+    interval: Optional[float] = typer.Option(None, "--interval", min=0.0, metavar="SECONDS",
+                                             help="With --two-way: also sync every SECONDS (a remote side raises no "
+                                                  "events here; default 30 when a side is remote, 0 = off)."),
 ) -> None:
     """Keep each REPLICA in sync with MASTER as files change (one sync at start, then on events).
 
@@ -478,13 +559,17 @@ def watch(
     released, exit 0; a second signal interrupts at once (exit 130). A second watcher of the
     same master/replica pair exits 3. One info line per synced batch unless --quiet.
 
+    With --two-way A B: each batch of changes on a local side runs one two-way sync of the pair
+    (plus one every --interval seconds); conflicts are kept as copies and logged as warnings,
+    the watcher goes on.
+
     Example: dirsync watch ~/site /backup/site deploy@web1:/srv/site --log-file ~/dirsync.log
     """
     import threading
 
     from dirsync.progress import Reporter
     from dirsync.sync import SyncConfig
-    from dirsync.watch import run_watch
+    from dirsync.watch import run_watch, run_watch_twoway
 
     reporter = Reporter(sys.stderr, quiet=quiet, log_file=log_file, verbose=not quiet)
     cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
@@ -503,6 +588,15 @@ def watch(
     signal.signal(signal.SIGTERM, on_signal)
 
     def job() -> int:
+        if two_way or prefer:
+            return run_watch_twoway(_two_way_config(cfg, two_way, prefer), reporter, stop, delay_s=delay,
+                                    max_latency_s=max(max_latency, delay), rescan_interval_s=rescan_interval,
+                                    interval_s=interval, ignore_paths=[log_file] if log_file else [])
+        if interval is not None:
+            from dirsync.errors import ConfigError
+
+            raise ConfigError("--interval only applies with --two-way",
+                              hint="one-way watching rescans the master every --rescan-interval seconds")
         return run_watch(cfg, reporter, stop, delay_s=delay, max_latency_s=max(max_latency, delay),
                          rescan_interval_s=rescan_interval, ignore_paths=[log_file] if log_file else [])
 

@@ -19,6 +19,12 @@ The file is `--config FILE`, else `$XDG_CONFIG_HOME/dirsync/config.toml` (defaul
     port     = 2222            # SSH options: port, identity, ssh_config, remote_cmd,
     identity = "~/.ssh/backup_ed25519"  #   accept_new_host_key, connect_timeout
 
+    [profile.notes]            # two-way: master is side a, the one replica side b
+    master   = "~/notes"
+    replicas = ["/mnt/usb/notes"]
+    two_way  = true
+    prefer   = "newer"         # optional: settle conflicts without copies ("a", "b" or "newer")
+
 Keys (all optional except master and replicas): see KEYS below; they are the long command
 line options with `_` for `-`. Paths (master, local replicas, log_file, identity, ssh_config)
 may use `~`; relative ones are relative to the directory of the config file. `backup_dir`
@@ -26,7 +32,8 @@ keeps its command-line meaning (relative = relative to each replica root).
 
 Command-line flags given to `dirsync run` override the profile; `--exclude` patterns are
 added to the profile's. Unknown keys, wrong types and bad values raise ConfigError (exit 2)
-naming the file and line.
+naming the file and line; so do `prefer` without `two_way = true`, and `two_way = true` with
+other than exactly one replica.
 """
 
 from __future__ import annotations
@@ -91,6 +98,12 @@ def _replicas(v: Any) -> list[str]:
     return v
 
 
+def _prefer(v: Any) -> str:
+    if v not in ("a", "b", "newer"):
+        raise ValueError('expected "a", "b" or "newer"')
+    return v
+
+
 def _rate(v: Any) -> int:
     from dirsync.apply import parse_rate
 
@@ -122,6 +135,8 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "remote_cmd": _str,
     "accept_new_host_key": _bool,
     "connect_timeout": _seconds,
+    "two_way": _bool,
+    "prefer": _prefer,
 }
 REQUIRED = ("master", "replicas")
 _PATH_KEYS = ("master", "log_file", "identity", "ssh_config")
@@ -207,9 +222,21 @@ def parse(doc: dict, path: str, text: str = "") -> Config:
         for k in REQUIRED:
             if k not in values:
                 raise ConfigError(f"{_where(path, text, name, (SECTION,))}: profile {name!r} has no {k!r}")
+        _check_two_way(values, name, path, text)
         _resolve_paths(values, cfg_dir)
         profiles[name] = Profile(name, path, values)
     return Config(path, profiles)
+
+
+def _check_two_way(values: dict[str, Any], name: str, path: str, text: str) -> None:
+    """Keys that only make sense together: a two-way pair is the master and exactly one replica."""
+    if "prefer" in values and not values.get("two_way"):
+        raise ConfigError(f"{_where(path, text, 'prefer', (SECTION, name))}: profile {name!r}: "
+                          "'prefer' only applies with two_way = true")
+    n = len(values["replicas"])
+    if values.get("two_way") and n != 1:
+        raise ConfigError(f"{_where(path, text, 'replicas', (SECTION, name))}: profile {name!r}: "
+                          f"two_way = true takes exactly one replica (the master is the other side), got {n}")
 
 
 def _resolve_paths(values: dict[str, Any], base: str) -> None:

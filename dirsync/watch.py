@@ -6,6 +6,10 @@ Events are hints, the scan is the truth (DESIGN §2.4). Three parts:
               handler only puts relpaths (or a Rescan marker) on a queue.
   run_watch   the main-thread loop: initial sync, then batch -> incremental master scan ->
               run_sync per replica, with per-replica backoff and a periodic full rescan.
+  run_watch_twoway
+              the same loop (_Loop: debouncer, health checks, backoff) over the local sides of a
+              two-way pair (one Watcher each): every batch, and every --interval when a side is
+              remote, is one run_twoway of the pair, recorded for `dirsync status`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
 from dirsync import chunking
-from dirsync.errors import ExitCode, SourceChangedError, describe
+from dirsync.errors import ExitCode, RefusedError, SourceChangedError, describe
 from dirsync.manifest import DirEntry, Manifest, is_under, parent_of
 from dirsync.progress import Reporter
 from dirsync.replica import MARKER
@@ -443,11 +447,18 @@ def _ignored_relpaths(master_real: str, paths: Iterable[str]) -> list[str]:
     return out
 
 
-class _WatchLoop:
-    def __init__(self, cfg: SyncConfig, master_real: str, reporter: Reporter, stop_event, clock, debouncer: Debouncer,
-                 rescan_interval_s: float, backoff_min_s: float, backoff_max_s: float) -> None:
-        self.cfg = cfg
-        self.master_real = master_real
+class _Loop:
+    """The event loop shared by one-way and two-way watching: queued events -> debouncer -> batches,
+    periodic full runs, watcher health checks, capped exponential backoff per target.
+
+    Runs on the main thread only. Subclasses say what the initial run, a batch and a retry do.
+    `watcher` is anything with problem() / restart() / watch_count() (a Watcher, or _Watchers).
+    """
+
+    retry_note = "other replicas continue, "  # said before "retrying in Ns" when a target fails
+
+    def __init__(self, reporter: Reporter, stop_event, clock, debouncer: Debouncer, rescan_interval_s: float,
+                 backoff_min_s: float, backoff_max_s: float, targets: dict[str, _ReplicaState]) -> None:
         self.reporter = reporter
         self.stop = stop_event
         self.clock = clock
@@ -455,30 +466,19 @@ class _WatchLoop:
         self.rescan_interval_s = rescan_interval_s
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
-        self.replicas = {s: _ReplicaState(s, not is_remote_spec(s)) for s in cfg.replicas}
-        for st in self.replicas.values():
-            st.seen = st.local and _marked(st.spec)
-        self.manifest = Manifest()
-        self.protect: set[str] = set()
-        self.patterns: list[str] = []
+        self.replicas = targets
         self.excluder = Excluder()
-        self.cache_ok = True
-        self.cache_dirty = False
-        self.cache_saved_s = clock()
         self.next_full_s = clock() + rescan_interval_s
         self.next_health_s = clock() + HEALTH_CHECK_S
         self.degraded: str | None = None  # events cannot be trusted: rescan every FALLBACK_RESCAN_S
-        self.watcher: Watcher | None = None
-        self.changing: set[str] = set()  # master files seen changing while read (reported once)
+        self.watcher = None
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, q: "queue.SimpleQueue", watcher: Watcher) -> None:
+    def run(self, q: "queue.SimpleQueue", watcher) -> None:
         self.watcher = watcher
         self.initial_sync()
-        self.reporter.info(f"watching {self.cfg.master} -> {', '.join(self.cfg.replicas)} "
-                           f"(delay {self.debouncer.delay_s:g}s, max latency {self.debouncer.max_latency_s:g}s, "
-                           f"full rescan every {self.rescan_interval_s:g}s)")
+        self.reporter.info(self.ready_line())
         while not self.stop.is_set():
             now = self.clock()
             wait = max(0.0, min(self.deadlines(now)) - now)
@@ -508,9 +508,9 @@ class _WatchLoop:
             if batch is not None:
                 self.sync_batch(batch)
             self.retry_replicas()
-            self.maybe_save_cache()
-        self.save_cache()
-        self.reporter.info(f"stopped watching {self.cfg.master}")
+            self.idle()
+        self.finish()
+        self.reporter.info(self.stopped_line())
 
     def deadlines(self, now: float) -> list[float]:
         out = [now + MAX_WAIT_S, self.next_full_s, self.next_health_s]
@@ -518,9 +518,7 @@ class _WatchLoop:
         if d is not None:
             out.append(d)
         out += [st.retry_at for st in self.replicas.values() if st.retry_at is not None]
-        if self.cache_dirty:
-            out.append(self.cache_saved_s + CACHE_SAVE_INTERVAL_S)
-        return out
+        return out + self.more_deadlines()
 
     def excluded(self, rel: str) -> bool:
         """Drop events inside excluded directories (an excluded log file written all day must not
@@ -561,6 +559,79 @@ class _WatchLoop:
             self.reporter.warn(f"{why}: changes may be missed; rescanning everything every "
                                f"{self.full_rescan_every():g}s")
         self.next_full_s = min(self.next_full_s, self.clock() + self.full_rescan_every())
+
+    def failed(self, st: _ReplicaState, msg: str, hint: str | None) -> None:
+        st.failures += 1
+        st.in_sync = False
+        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** (st.failures - 1))
+        st.retry_at = self.clock() + delay
+        if msg != st.last_fatal:
+            self.reporter.fatal(f"{msg}; {self.retry_note}retrying in {delay:g}s (backing off up to "
+                                f"{self.backoff_max_s:g}s)", hint)
+        st.last_fatal = msg
+
+    # -- what a subclass does -------------------------------------------------------------------
+
+    def initial_sync(self) -> None:
+        raise NotImplementedError
+
+    def sync_batch(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def retry_replicas(self) -> None:
+        raise NotImplementedError
+
+    def ready_line(self) -> str:
+        raise NotImplementedError
+
+    def stopped_line(self) -> str:
+        raise NotImplementedError
+
+    def idle(self) -> None:
+        """Called once per loop turn."""
+
+    def finish(self) -> None:
+        """Called once after a requested stop."""
+
+    def more_deadlines(self) -> list[float]:
+        return []
+
+
+class _WatchLoop(_Loop):
+    """One-way: incremental master rescans pushed to every replica."""
+
+    def __init__(self, cfg: SyncConfig, master_real: str, reporter: Reporter, stop_event, clock, debouncer: Debouncer,
+                 rescan_interval_s: float, backoff_min_s: float, backoff_max_s: float) -> None:
+        super().__init__(reporter, stop_event, clock, debouncer, rescan_interval_s, backoff_min_s, backoff_max_s,
+                         {s: _ReplicaState(s, not is_remote_spec(s)) for s in cfg.replicas})
+        self.cfg = cfg
+        self.master_real = master_real
+        for st in self.replicas.values():
+            st.seen = st.local and _marked(st.spec)
+        self.manifest = Manifest()
+        self.protect: set[str] = set()
+        self.patterns: list[str] = []
+        self.cache_ok = True
+        self.cache_dirty = False
+        self.cache_saved_s = clock()
+        self.changing: set[str] = set()  # master files seen changing while read (reported once)
+
+    def ready_line(self) -> str:
+        return (f"watching {self.cfg.master} -> {', '.join(self.cfg.replicas)} "
+                f"(delay {self.debouncer.delay_s:g}s, max latency {self.debouncer.max_latency_s:g}s, "
+                f"full rescan every {self.rescan_interval_s:g}s)")
+
+    def stopped_line(self) -> str:
+        return f"stopped watching {self.cfg.master}"
+
+    def idle(self) -> None:
+        self.maybe_save_cache()
+
+    def finish(self) -> None:
+        self.save_cache()
+
+    def more_deadlines(self) -> list[float]:
+        return [self.cache_saved_s + CACHE_SAVE_INTERVAL_S] if self.cache_dirty else []
 
     def check_watch_count(self) -> None:
         watcher = self.watcher
@@ -628,7 +699,7 @@ class _WatchLoop:
             else:
                 self.reporter.error(str(e))
         self.changing -= {p for p in self.changing if p in res.manifest.entries}
-        res = dataclasses.replace(res, errors=[], warnings=[])  # reported once, here
+        res.errors, res.warnings = [], []  # reported once, here (res is this batch's own scan)
         targets = [s for s, st in self.replicas.items() if st.retry_at is None and (full or changed or not st.in_sync)]
         label = "full rescan" if full else f"{len(batch.paths)} path(s)"
         self.push(res, targets, batch.first_s, label, always=full)
@@ -690,16 +761,6 @@ class _WatchLoop:
         st.in_sync = s.fatal is None and not s.errors and not self.stop.is_set()
         tot.replicas_ok += 1
 
-    def failed(self, st: _ReplicaState, msg: str, hint: str | None) -> None:
-        st.failures += 1
-        st.in_sync = False
-        delay = min(self.backoff_max_s, self.backoff_min_s * 2 ** (st.failures - 1))
-        st.retry_at = self.clock() + delay
-        if msg != st.last_fatal:
-            self.reporter.fatal(f"{msg}; other replicas continue, retrying in {delay:g}s (backing off up to "
-                                f"{self.backoff_max_s:g}s)", hint)
-        st.last_fatal = msg
-
     def retry_replicas(self) -> None:
         now = self.clock()
         due = [s for s, st in self.replicas.items() if st.retry_at is not None and st.retry_at <= now]
@@ -724,6 +785,214 @@ class _WatchLoop:
             self.reporter.warn(f"could not save the master cache {path}: {describe(e)}")
         self.cache_dirty = False
         self.cache_saved_s = self.clock()
+
+
+# -- two-way (run_watch_twoway) -----------------------------------------------------------------
+
+
+REMOTE_INTERVAL_S = 30.0  # default --interval when a side is remote (its changes raise no events here)
+
+
+class _Watchers:
+    """The Watchers of a two-way pair's local sides (none when both are remote), seen by the
+    loop as one watcher. Owns them: start() and stop() start and join their threads."""
+
+    def __init__(self, watchers: list[Watcher]) -> None:
+        self.watchers = watchers
+
+    def __enter__(self) -> "_Watchers":
+        try:
+            for w in self.watchers:
+                w.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for w in self.watchers:
+            w.stop()
+
+    def problem(self) -> str | None:
+        return next((p for p in (w.problem() for w in self.watchers) if p), None)
+
+    def restart(self) -> None:
+        for w in self.watchers:
+            if w.problem():
+                w.restart()
+
+    def watch_count(self) -> int | None:
+        return None
+
+
+class _TwoWayLoop(_Loop):
+    """Two-way: every batch (events from either local side, or the periodic timer) is one full
+    run_twoway of the pair, under the pair lock and recorded in its status record.
+
+    Our own writes do raise events on the side they land on; they only cause one follow-up run,
+    which finds both sides equal, changes nothing outside .dirsync (never watched) and so raises
+    no event: the loop settles. Events during a run are never dropped, so a change someone makes
+    while we sync is always picked up by that follow-up run.
+    """
+
+    retry_note = ""
+
+    def __init__(self, cfg, reporter: Reporter, stop_event, clock, debouncer: Debouncer, periodic_s: float,
+                 backoff_min_s: float, backoff_max_s: float, local_sides: list[str]) -> None:
+        self.label = f"{cfg.a} ⇄ {cfg.b}"
+        super().__init__(reporter, stop_event, clock, debouncer, periodic_s, backoff_min_s, backoff_max_s,
+                         {self.label: _ReplicaState(self.label, local=False)})
+        self.cfg = cfg
+        self.pair = self.replicas[self.label]
+        # local side -> it has been a synced side during this daemon's life: never recreate it when gone
+        self.seen = {s: _marked(s) for s in local_sides}
+        self.load_patterns()
+
+    def load_patterns(self) -> None:
+        """Only to drop events in excluded directories; run_twoway reads every pattern itself."""
+        patterns = list(self.cfg.excludes)
+        for s in self.seen:
+            patterns += read_ignore_file(os.path.realpath(s))
+        if patterns != self.excluder.patterns:
+            self.excluder = Excluder(patterns)
+
+    def ready_line(self) -> str:
+        every = (f"a run every {self.rescan_interval_s:g}s" if self.rescan_interval_s < 3600 else
+                 f"full run every {self.rescan_interval_s:g}s")
+        return (f"watching {self.label} (two-way; delay {self.debouncer.delay_s:g}s, max latency "
+                f"{self.debouncer.max_latency_s:g}s, {every})")
+
+    def stopped_line(self) -> str:
+        return f"stopped watching {self.label}"
+
+    def initial_sync(self) -> None:
+        self.sync_pair(self.clock(), "initial sync", initial=True)
+        watchers = self.watcher
+        if any(w.error for w in watchers.watchers):  # e.g. a side the initial run has just created
+            watchers.restart()
+            self.debouncer.add_all(self.clock())  # what changed before its watch existed
+        if watchers.problem():
+            self.set_degraded(watchers.problem() or "")
+
+    def sync_batch(self, batch: Batch) -> None:
+        if self.pair.retry_at is not None:
+            return  # backing off: the retry is a full run and covers this batch
+        self.load_patterns()
+        self.sync_pair(batch.first_s, "periodic run" if batch.full else f"{len(batch.paths)} changed path(s)")
+
+    def retry_replicas(self) -> None:
+        st = self.pair
+        if st.retry_at is not None and st.retry_at <= self.clock() and not self.stop.is_set():
+            st.retry_at = None
+            self.sync_pair(self.clock(), "retry")
+
+    def sync_pair(self, first_s: float, label: str, *, initial: bool = False) -> None:
+        """One two-way run. At start a refusal or a configuration error ends the daemon (exit 12
+        or 2: nothing will change by waiting); later, any failure is retried with backoff."""
+        from dirsync.errors import ConfigError, DirsyncError, RefusedError
+        from dirsync.status import run_twoway_recorded
+
+        st = self.pair
+        self.next_full_s = self.clock() + self.full_rescan_every()
+        for spec, seen in self.seen.items():
+            if seen and not _marked(spec):
+                self.failed(st, f"{spec}: side is gone (renamed, deleted or unmounted); not recreating it", None)
+                return
+        try:
+            summ, _ = run_twoway_recorded(self.cfg, self.reporter, self.stop.is_set)
+        except (ConfigError, RefusedError) as e:
+            if initial:
+                raise
+            self.failed(st, str(e), e.hint)
+            return
+        except DirsyncError as e:
+            self.failed(st, str(e), e.hint)
+            return
+        except OSError as e:  # e.g. a side vanished under an open
+            self.failed(st, f"{self.label}: {describe(e)}", None)
+            return
+        if st.failures:
+            self.reporter.info(f"{self.label}: back after {st.failures} failed attempt(s); caught up")
+        st.failures, st.retry_at, st.last_fatal = 0, None, ""
+        for spec in self.seen:
+            self.seen[spec] = self.seen[spec] or _marked(spec)
+        self.report(summ, first_s, label, always=initial)
+
+    def report(self, summ, first_s: float, label: str, *, always: bool) -> None:
+        """Conflicts as warnings (the daemon goes on); one info line for a run that did something.
+        run_twoway has reported its own warnings and errors."""
+        from dirsync.errors import display_path
+
+        copies = [c for c in summ.conflicts if c.copy]
+        for c in copies:
+            self.reporter.warn(f"conflict: {display_path(c.path)}: {c.reason}")
+        n = summ.decisions.counts() if summ.decisions else {}
+        sides = summ.sides
+        written = sum(s.files_written for s in sides)
+        deleted = sum(s.files_deleted for s in sides)
+        other = sum(s.dirs_created + s.links_made + s.meta_set for s in sides)
+        errors = sum(len(s.errors) for s in sides) + len(summ.scan_errors)
+        if not (always or written or deleted or other or errors or copies or any(n.values())):
+            return
+        parts = [f"{n.get('a>b', 0)} a → b", f"{n.get('b>a', 0)} a ← b",
+                 f"{n.get('del-a', 0) + n.get('del-b', 0)} deleted", f"{len(copies)} conflict(s)"]
+        if errors:
+            parts.append(f"{errors} failed")
+        self.reporter.info(
+            f"synced {label} two-way: {', '.join(parts)}; sent {_size(sum(s.bytes_sent for s in sides))}, "
+            f"reused {_size(sum(s.bytes_reused for s in sides))}, exit {summ.exit_code}, "
+            f"latency {self.clock() - first_s:.2f}s")
+
+
+def run_watch_twoway(cfg, reporter: Reporter, stop_event, *, delay_s: float = 0.2, max_latency_s: float = 2.0,
+                     rescan_interval_s: float = 3600.0, interval_s: float | None = None,
+                     backoff_min_s: float = BACKOFF_MIN_S, backoff_max_s: float = BACKOFF_MAX_S,
+                     ignore_paths: Iterable[str] = (), observer_factory: Callable[[], object] | None = None,
+                     clock: Callable[[], float] = time.monotonic) -> int:
+    """Keep the two sides of `cfg` (a twoway.TwoWayConfig) in step until `stop_event` is set.
+
+    Local sides are watched; a remote side cannot be, so the pair is also synced every
+    `interval_s` (None: REMOTE_INTERVAL_S when a side is remote, else off; 0: off) and at least
+    every `rescan_interval_s`. Raises RefusedError (overlapping sides; at the first run: a guard),
+    ConfigError (at the first run) and LockedError (another watcher of the pair, two-way or
+    one-way) before the loop starts. Returns 0 after a requested stop.
+    """
+    local = [s for s in (cfg.a, cfg.b) if not is_remote_spec(s)]
+    if len(local) == 2:
+        ra, rb = (os.path.realpath(s) for s in local)
+        if ra == rb or is_under(ra, rb) or is_under(rb, ra):
+            raise RefusedError(f"{cfg.a} and {cfg.b} overlap; two-way sync needs two separate trees")
+    if interval_s is None:
+        interval_s = REMOTE_INTERVAL_S if len(local) < 2 else 0.0
+    periodic_s = min(interval_s, rescan_interval_s) if interval_s else rescan_interval_s
+    from dirsync.status import twoway_pair_id
+
+    what = f"watch of {cfg.a} ⇄ {cfg.b}"
+    paths = [os.path.join(state_home(), "watch", twoway_pair_id(cfg.a, cfg.b) + ".lock")]
+    for x, y in ((cfg.a, cfg.b), (cfg.b, cfg.a)):  # a one-way watcher of the same two would fight this one
+        if not is_remote_spec(x):
+            paths.append(watch_lock_path(os.path.realpath(x), replica_key(y)))
+    locks: list[FileLock] = []
+    try:
+        for lp in paths:
+            locks.append(FileLock(lp, what).acquire())
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        watchers = []
+        for s in local:
+            root = os.path.realpath(s)
+            watchers.append(Watcher(root, q, ignore=_ignored_relpaths(root, [*ignore_paths, state_home()]),
+                                    observer_factory=observer_factory))
+        loop = _TwoWayLoop(cfg, reporter, stop_event, clock, Debouncer(delay_s, max_latency_s), periodic_s,
+                           backoff_min_s, backoff_max_s, local)
+        with _Watchers(watchers) as ws:
+            loop.run(q, ws)
+    finally:
+        for lk in locks:
+            lk.release()
+    return 0
 
 
 def _size(n: int) -> str:
@@ -752,4 +1021,5 @@ def anchor(paths: Iterable[str], cached: Manifest) -> list[str]:
     return sorted(_drop_nested(out))
 
 
-__all__ = ["Batch", "Debouncer", "Rescan", "Watcher", "anchor", "run_watch", "widen", "watch_lock_path"]
+__all__ = ["Batch", "Debouncer", "Rescan", "Watcher", "anchor", "run_watch", "run_watch_twoway", "widen",
+           "watch_lock_path"]
