@@ -17,14 +17,20 @@ import time
 import pytest
 
 try:  # pytest "prepend" import mode puts tests/ on sys.path
+    import sshd as _sshd_plugin
     import treecmp
     from helpers import T0, File, build_tree, cli_argv, cli_env, read, run_cli, wait_for, write
+    from remote_helpers import ssh_cli_args, ssh_spec
 except ImportError:  # pragma: no cover
+    from tests import sshd as _sshd_plugin
     from tests import treecmp
     from tests.helpers import T0, File, build_tree, cli_argv, cli_env, read, run_cli, wait_for, write
+    from tests.remote_helpers import ssh_cli_args, ssh_spec
 
 from dirsync.status import load_twoway_record
 from dirsync.twoway import conflict_name
+
+pytest_plugins = [_sshd_plugin.__name__]  # the session-scoped `sshd` fixture
 
 S = 1_000_000_000
 DEADLINE_S = 30.0
@@ -419,3 +425,26 @@ def test_watch_two_way_interval_runs_periodically_and_is_two_way_only(pair, tmp_
     one_way = daemons(tmp_path, "--interval", "5", a, tmp_path / "c", name="oneway")
     assert one_way.proc.wait(DEADLINE_S) == 2
     assert "--interval only applies with --two-way" in one_way.stderr()
+
+
+@pytest.mark.watch
+@pytest.mark.ssh
+def test_watch_two_way_with_a_remote_side_polls_it_every_interval(pair, tmp_path, daemons, sshd):
+    """A remote side raises no events here: its changes arrive with the --interval runs; the
+    local side's changes still go out on events."""
+    a, b = pair
+    spec_b = ssh_spec(sshd, b)
+    d = daemons(tmp_path, "--two-way", "--interval", "0.5", *ssh_cli_args(sshd), a, spec_b)
+    d.wait_log("watching ")
+    wait_same(a, b)
+    n = runs(a, spec_b)  # let the follow-up of the initial run pass: later runs are periodic ones
+    wait_for(lambda: runs(a, spec_b) >= n + 2, DEADLINE_S, 0.02, "two more runs")
+    write(b / "made-remotely.txt", b"on the far side\n")
+    wait_for(lambda: (a / "made-remotely.txt").exists(), DEADLINE_S, 0.02, "the remote side's file on a")
+    write(a / "made-locally.txt", b"here\n")
+    wait_for(lambda: (b / "made-locally.txt").exists(), DEADLINE_S, 0.02, "the local side's file on b")
+    wait_same(a, b)
+    rec = load_twoway_record(str(a), spec_b)
+    assert rec["b"] == spec_b and rec["last_success"] is not None
+    assert d.stop() == 0
+    assert "stopped watching" in d.text() and "Traceback" not in d.stderr()
