@@ -19,7 +19,7 @@ import xxhash
 
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
 from dirsync.manifest import DIGEST_SIZE, FileEntry
-from dirsync.plan import Action, Commit, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
+from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 
 READ_BLOCK = 8 << 20
 
@@ -35,46 +35,75 @@ class Sink(Protocol):
 
 def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[bytes]], sink: Sink,
                   should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Carry out `actions` in order on `replica` (a replica.Replica)."""
+    """Carry out `actions` in order on `replica` (a replica.Replica).
+
+    A commit's flush may still be running while the next files that copy nothing from the
+    replica are staged (they cannot depend on its renames); any other action first waits for
+    that commit to finish, so every action sees the replica as the plan's order says."""
     staged_ok: dict[str, WriteFile] = {}
-    for a in actions:
-        if should_stop():
-            break
-        try:
-            if isinstance(a, WriteFile):
-                sends = sends_for(a)
+    pending = None  # a started commit (replica.commit_start), not yet finished
+
+    def finish() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        c, pending = pending, None
+        for p, err in replica.commit_finish(c):
+            if err is None:
+                sink.done(staged_ok.pop(p), p)
+            else:
+                staged_ok.pop(p, None)
+                sink.failed(p, err)
+
+    try:
+        for a in actions:
+            if should_stop():
+                break
+            if pending is not None and not (isinstance(a, WriteFile)
+                                            and not any(isinstance(o, CopyOp) for o in a.ops)):
+                finish()
+            if isinstance(a, Commit):
                 try:
-                    replica.stage(a, sends)
-                finally:
-                    close = getattr(sends, "close", None)
-                    if close:
-                        close()
-                staged_ok[a.path] = a
-                sink.staged(a)
-            elif isinstance(a, Commit):
-                for p, err in replica.commit(a.paths):
-                    if err is None:
-                        sink.done(staged_ok.pop(p), p)
-                    else:
-                        staged_ok.pop(p, None)
-                        sink.failed(p, err)
-            elif isinstance(a, MakeDir):
-                replica.make_dir(a)
+                    pending = replica.commit_start(a.paths)
+                except ItemError as e:
+                    sink.failed("", e)
+                continue
+            _apply_one(replica, a, sends_for, sink, staged_ok)
+    finally:
+        finish()
+
+
+def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], sink: Sink,
+               staged_ok: dict[str, WriteFile]) -> None:
+    """One action other than a commit; an item error is recorded and the run goes on."""
+    try:
+        if isinstance(a, WriteFile):
+            sends = sends_for(a)
+            try:
+                replica.stage(a, sends)
+            finally:
+                close = getattr(sends, "close", None)
+                if close:
+                    close()
+            staged_ok[a.path] = a
+            sink.staged(a)
+        elif isinstance(a, MakeDir):
+            replica.make_dir(a)
+            sink.done(a, a.path)
+        elif isinstance(a, MakeLink):
+            replica.make_link(a)
+            sink.done(a, a.path)
+        elif isinstance(a, SetMeta):
+            replica.set_meta(a)
+            sink.done(a, a.path)
+        elif isinstance(a, Delete):
+            warning = replica.delete(a)
+            if warning:
+                sink.warn(warning)
+            else:
                 sink.done(a, a.path)
-            elif isinstance(a, MakeLink):
-                replica.make_link(a)
-                sink.done(a, a.path)
-            elif isinstance(a, SetMeta):
-                replica.set_meta(a)
-                sink.done(a, a.path)
-            elif isinstance(a, Delete):
-                warning = replica.delete(a)
-                if warning:
-                    sink.warn(warning)
-                else:
-                    sink.done(a, a.path)
-        except ItemError as e:
-            sink.failed(getattr(a, "path", ""), e)
+    except ItemError as e:
+        sink.failed(getattr(a, "path", ""), e)
 
 
 class MasterReader:

@@ -157,48 +157,16 @@ def _two_way(cfg, two_way: bool, prefer, reporter, as_json: bool, show_plan: boo
     """Run (show_plan: only plan) a two-way sync and print it. A real run holds the pair lock
     (waiting cfg.lock_wait_s) and is recorded for `dirsync status` (cfg.profile names it)."""
     from dirsync.status import run_twoway_recorded
-    from dirsync.twoway import run_twoway
+    from dirsync.twoway import print_summary, run_twoway
 
     tcfg = _two_way_config(cfg, two_way, prefer)
     if tcfg.dry_run:
         summ, run_id = run_twoway(tcfg, reporter), None
     else:
         summ, run_id = run_twoway_recorded(tcfg, reporter, profile=cfg.profile, wait_s=cfg.lock_wait_s)
-    _print_two_way(summ, tcfg, reporter, as_json=as_json, show_plan=show_plan, run_id=run_id, profile=cfg.profile)
+    extra = {k: v for k, v in (("run_id", run_id), ("profile", cfg.profile)) if v is not None}
+    print_summary(summ, tcfg, reporter, as_json=as_json, show_plan=show_plan, extra=extra)
     return summ.exit_code
-
-
-def _print_two_way(summ, tcfg, reporter, *, as_json: bool, show_plan: bool, run_id: str | None,
-                   profile: str | None) -> None:
-    """What twoway.cli_main prints, plus the run id and profile that the status record names."""
-    from dirsync.errors import display_path
-    from dirsync.plan import human_size
-
-    dec = summ.decisions
-    if as_json:
-        out = summ.to_json()
-        if run_id is not None:
-            out["run_id"] = run_id
-        if profile is not None:
-            out["profile"] = profile
-        if show_plan and dec is not None:
-            out["plan"] = dec.render().splitlines()
-        print(json.dumps(out, indent=2))
-    elif show_plan and dec is not None:
-        text = dec.render()
-        if text:
-            print(text)
-        for label, plan in zip(dec.labels, summ.plans or ()):
-            t = plan.totals()
-            print(f"{label}: {t.writes} to write (send {human_size(t.send_bytes)}, reuse {human_size(t.reuse_bytes)}), "
-                  f"{t.deletes} to delete, {t.mkdirs} dirs, {t.links} links, {t.meta} metadata")
-    if dec is not None and not show_plan:
-        c = dec.counts()
-        reporter.info(f"{tcfg.a} ⇄ {tcfg.b}: {c['a>b']} →, {c['b>a']} ←, {c['del-a']} deleted on a, "
-                      f"{c['del-b']} deleted on b, {c['conflict']} conflicts in {summ.seconds:.2f}s")
-        for cf in summ.conflicts:
-            if cf.copy:
-                reporter.warn(f"conflict: {display_path(cf.path)}: {cf.reason}")
 
 
 def _print_plans(run, as_json: bool) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -64,6 +65,16 @@ class OpenInfo:
 
 
 _libc = None
+
+
+class _Commit:
+    """A started commit: its files, and the thread flushing their data (None: already fsynced)."""
+
+    __slots__ = ("todo", "flush")
+
+    def __init__(self, todo: list) -> None:
+        self.todo = todo
+        self.flush: threading.Thread | None = None
 
 
 def _syncfs(fd: int) -> None:
@@ -118,6 +129,8 @@ class Replica:
         self._current: dict[str, Entry] | None = None  # made from the scan on first use
         self.scan_unchanged = False
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
+        self._flushing: threading.Thread | None = None  # a commit's syncfs in flight (see commit_start)
+        self._renames_unflushed = False  # renames made since the last syncfs (flushed at the latest by close)
         self._dirfds: dict[str, int] = {}
         self._tmp_seq = 0
         self.write_start_ns = time.time_ns()
@@ -251,6 +264,12 @@ class Replica:
         Returns the generation id of the saved cache ("" when nothing was saved)."""
         generation = ""
         try:
+            if self._flushing is not None:  # a commit left unfinished (interrupted): its temps go below
+                self._flushing.join()
+                self._flushing = None
+            if self._renames_unflushed and self.root_fd >= 0:
+                _syncfs(self.root_fd)  # before the cache that records those renames is saved
+                self._renames_unflushed = False
             for tmp, _ in self.staged.values():
                 self._unlink_tmp(tmp)
             self.staged.clear()
@@ -443,24 +462,39 @@ class Replica:
     def commit(self, paths: tuple[str, ...]) -> list[tuple[str, ItemError | None]]:
         """Make staged files durable, then rename each over its final name (after re-checking
         that the replica entry there is still what the plan expected)."""
+        return self.commit_finish(self.commit_start(paths))
+
+    def commit_start(self, paths: tuple[str, ...]) -> "_Commit":
+        """Begin a commit. A batch of more than 8 files is flushed with one syncfs, run on a
+        thread (owned here: joined by commit_finish, or by close) so that the caller can stage
+        the next files meanwhile; nothing is renamed before commit_finish sees the flush done."""
         todo = [(p, self.staged[p]) for p in paths if p in self.staged]
-        if not todo:
-            return []
+        c = _Commit(todo)
         if len(todo) > 8:
-            _syncfs(self.root_fd)  # one flush for the batch instead of one fsync per small file
-        else:
-            for _, (tmp, _w) in todo:
-                try:
-                    fd = os.open(tmp[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._tmp_dirfd(tmp))
-                except (OSError, ItemError):
-                    continue  # reported when its rename fails below
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            c.flush = threading.Thread(target=_syncfs, args=(self.root_fd,), name="dirsync-flush", daemon=True)
+            self._flushing = c.flush
+            c.flush.start()
+            return c
+        for _, (tmp, _w) in todo:
+            try:
+                fd = os.open(tmp[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._tmp_dirfd(tmp))
+            except (OSError, ItemError):
+                continue  # reported when its rename fails below
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return c
+
+    def commit_finish(self, c: "_Commit") -> list[tuple[str, ItemError | None]]:
+        """Rename a started commit's files into place (see commit)."""
+        if c.flush is not None:
+            c.flush.join()
+            self._flushing = None
+            self._renames_unflushed = False  # that syncfs also made the earlier batches' renames durable
         out: list[tuple[str, ItemError | None]] = []
         dirs: set[int] = set()
-        for p, (tmp, w) in todo:
+        for p, (tmp, w) in c.todo:
             del self.staged[p]
             try:
                 dfd, name = self._at(p, "commit")
@@ -474,14 +508,18 @@ class Replica:
                     self._commit_across_devices(p, tmp[1], dfd, name)
                 st = os.lstat(name, dir_fd=dfd)
                 trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
-                self.current[p] = replace(w.target, ino=st.st_ino, ctime_ns=st.st_ctime_ns, trusted=trusted)
+                t = w.target  # the constructor, not dataclasses.replace: this runs once per file written
+                self.current[p] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.sizes, t.digests,
+                                            st.st_ino, st.st_ctime_ns, trusted)
                 dirs.add(dfd)
                 out.append((p, None))
             except ItemError as e:
                 self._unlink_tmp(tmp)
                 out.append((p, e))
         if len(dirs) > 8:
-            _syncfs(self.root_fd)
+            # The renames become durable with the next batch's syncfs, or at close (before the
+            # cache that records them is saved): one flush a batch instead of two.
+            self._renames_unflushed = True
         else:
             for dfd in dirs:
                 os.fsync(dfd)

@@ -1177,13 +1177,14 @@ def _guards(cfg: TwoWayConfig, base: Manifest, sides: tuple[Manifest, Manifest],
 # -- command line glue ---------------------------------------------------------------------------------
 
 
-def cli_main(cfg: TwoWayConfig, reporter, *, as_json: bool = False, show_plan: bool = False,
-             should_stop: Callable[[], bool] = lambda: False) -> int:
-    """Run (or with show_plan, only plan) and print; returns the exit code. Called by cli.py."""
-    summ = run_twoway(cfg, reporter, should_stop)
+def print_summary(summ: TwoWaySummary, cfg: TwoWayConfig, reporter, *, as_json: bool = False,
+                  show_plan: bool = False, extra: dict | None = None) -> None:
+    """Print a run's (or with show_plan, a plan's) outcome: JSON on stdout (with `extra` keys,
+    e.g. the run id the status record names), else the decisions and a summary line."""
     dec = summ.decisions
     if as_json:
         out = summ.to_json()
+        out.update(extra or {})
         if show_plan and dec is not None:
             out["plan"] = dec.render().splitlines()
         print(json.dumps(out, indent=2))
@@ -1191,11 +1192,10 @@ def cli_main(cfg: TwoWayConfig, reporter, *, as_json: bool = False, show_plan: b
         text = dec.render()
         if text:
             print(text)
-        assert summ.plans is not None
-        for label, plan in zip(dec.labels, summ.plans):
-            t = plan.totals()
-            from dirsync.plan import human_size
+        from dirsync.plan import human_size
 
+        for label, plan in zip(dec.labels, summ.plans or ()):
+            t = plan.totals()
             print(f"{label}: {t.writes} to write (send {human_size(t.send_bytes)}, reuse {human_size(t.reuse_bytes)}), "
                   f"{t.deletes} to delete, {t.mkdirs} dirs, {t.links} links, {t.meta} metadata")
     if dec is not None and not show_plan:
@@ -1205,4 +1205,3 @@ def cli_main(cfg: TwoWayConfig, reporter, *, as_json: bool = False, show_plan: b
         for cf in summ.conflicts:
             if cf.copy:
                 reporter.warn(f"conflict: {display_path(cf.path)}: {cf.reason}")
-    return summ.exit_code

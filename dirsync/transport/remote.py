@@ -13,6 +13,7 @@ replica's file contents never do. The protocol is described in PROTOCOL.md.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import queue
 import threading
@@ -224,11 +225,18 @@ class RemoteTransport:
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
         self._readonly = readonly
-        try:
+        with self._shutdown_on_error():
             self._start()
             self._send(self._open_msg(init, readonly), flush=True)
             m = self._expect("opened")
             return proto.dec_open_info(m.get("info"))
+
+    @contextlib.contextmanager
+    def _shutdown_on_error(self) -> Iterator[None]:
+        """Drop the session on any failure while opening (a link error is raised as this
+        session's first fatal error)."""
+        try:
+            yield
         except (ConnectError, ProtocolError) as e:
             self._shutdown()
             raise self._fail(e) from None
@@ -251,14 +259,8 @@ class RemoteTransport:
         starts up and walks its tree at the same time; nothing reaches the far side's tree
         before its hello has been checked."""
         self._readonly = readonly
-        try:
+        with self._shutdown_on_error():
             self._start(wait=False)
-        except (ConnectError, ProtocolError) as e:
-            self._shutdown()
-            raise self._fail(e) from None
-        except BaseException:
-            self._shutdown()
-            raise
         self._opener = threading.Thread(target=self._open_and_scan, args=(list(patterns), init, readonly),
                                         name=f"dirsync-open {self.name}", daemon=True)
         self._opener.start()
