@@ -65,6 +65,9 @@ class WriteFile:
     target: FileEntry  # what the file must become (content, mode, mtime)
     ops: tuple[Op, ...]  # tile [0, target.size) in order
     expect: tuple | None  # what is at the path when it is committed (None: nothing)
+    # True: ops is one whole-file copy from a path this plan deletes, holding the same mode and
+    # mtime (a moved file): the writer may hard-link that file instead of copying its bytes.
+    move: bool = False
 
     @property
     def path(self) -> str:
@@ -213,6 +216,8 @@ def render_action(a: Action) -> str:
         line = f"write   {display_path(a.path)}  {human_size(a.target.size)}"
         copies = [o for o in a.ops if isinstance(o, CopyOp)]
         if len(a.ops) == 1 and copies and copies[0].src != a.path:
+            if a.move:
+                return line + f"  moved from {display_path(copies[0].src)}"
             return line + f"  reuse all from {display_path(copies[0].src)}"
         if reuse:
             line += f"  reuse {human_size(reuse)}"
@@ -446,6 +451,7 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
     for q in cleared:
         acc.touched_dirs.add(parent_of(q))
 
+    _mark_moves(acc, R)
     actions: list[Action] = list(acc.early_dirs)
     actions += _writes_with_commits(acc.writes, opts)
     actions += acc.clears
@@ -468,6 +474,24 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
     actions += acc.deletes
     actions += _deepest_first(acc.dir_meta)  # after deletes: removing an entry changes its parent's mtime
     return Plan(tuple(actions), tuple(acc.skipped))
+
+
+def _mark_moves(acc: "_Acc", R: dict[str, Entry]) -> None:
+    """Mark writes that only take over a file this plan deletes (see WriteFile.move); each
+    deleted file is taken over at most once (two live paths must never share an inode)."""
+    gone = {d.path for d in acc.deletes if d.kind == "f"}
+    if not gone:
+        return
+    taken: set[str] = set()
+    for i, (w, early) in enumerate(acc.writes):
+        if len(w.ops) != 1 or not isinstance(w.ops[0], CopyOp):
+            continue
+        op, t = w.ops[0], w.target
+        src = R.get(op.src)
+        if (op.src in gone and op.src not in taken and op.offset == 0 and op.size == t.size
+                and isinstance(src, FileEntry) and src.mode == t.mode and src.mtime_ns == t.mtime_ns):
+            taken.add(op.src)
+            acc.writes[i] = (WriteFile(t, w.ops, w.expect, move=True), early)
 
 
 def _deepest_first(metas: dict[str, SetMeta]) -> list[SetMeta]:

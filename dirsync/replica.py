@@ -384,6 +384,44 @@ class Replica:
             raise InvalidPathError(path, "write", str(e)) from None
         self._tmp_seq += 1
         tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}")
+        if w.move and self.backup is None and self._link_moved(w, tmp):
+            total = w.target.size
+        else:
+            total = self._build(w, tmp, sends)
+        old = self.staged.pop(path, None)
+        if old:
+            self._unlink_tmp(old[0])
+        self.staged[path] = (tmp, w)
+        return total
+
+    def _link_moved(self, w: WriteFile, tmp: Tmp) -> bool:
+        """Stage a moved file as a hard link to the file it moves from (no byte is copied), when
+        that file is still exactly as scanned (stat facts; racy-clean), so its content is the
+        target's. False: build it by copying instead. The old name goes with the plan's delete."""
+        op, t = w.ops[0], w.target
+        e = self.current.get(op.src)  # type: ignore[union-attr]
+        if not (isinstance(e, FileEntry) and e.trusted and e.ino and e.size == t.size and e.digest == t.digest
+                and e.mode == t.mode and e.mtime_ns == t.mtime_ns):
+            return False
+        try:
+            sdfd, sname = self._at(op.src, "read")  # type: ignore[union-attr]
+            st = os.lstat(sname, dir_fd=sdfd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (
+                    e.size, e.mtime_ns, e.ino, e.ctime_ns):
+                return False
+            tdfd = self._tmp_dirfd(tmp)
+            os.link(sname, tmp[1], src_dir_fd=sdfd, dst_dir_fd=tdfd, follow_symlinks=False)
+            lt = os.lstat(tmp[1], dir_fd=tdfd)
+            if (lt.st_ino, lt.st_size, lt.st_mtime_ns) != (e.ino, e.size, e.mtime_ns):
+                self._unlink_tmp(tmp)  # changed between the check and the link: copy instead
+                return False
+        except (OSError, ItemError):
+            return False
+        return True
+
+    def _build(self, w: WriteFile, tmp: Tmp, sends: Iterator[bytes]) -> int:
+        """Write w.target into temp `tmp` from its copy ops and `sends`, verified (see stage)."""
+        path = w.path
         try:
             fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=self._tmp_dirfd(tmp))
@@ -447,10 +485,6 @@ class Replica:
                 os.close(sfd)
             if not ok:
                 self._unlink_tmp(tmp)
-        old = self.staged.pop(path, None)
-        if old:
-            self._unlink_tmp(old[0])
-        self.staged[path] = (tmp, w)
         return total
 
     def discard(self, path: str) -> None:

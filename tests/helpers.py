@@ -220,6 +220,21 @@ def raw_snapshot(root, skip=(b".dirsync/lock",)) -> dict[bytes, tuple]:
 # -- waiting -------------------------------------------------------------------------
 
 
+def settle(*roots, racy_ns: int = 100_000_000) -> None:
+    """Wait (with a deadline) until every ctime/mtime under `roots` is older than dirsync's racy
+    window (scan.RACY_NS), so scans trust the entries they read: a fixed rule, not a guess."""
+    newest = 0
+    for root in roots:
+        for d, dirs, files in os.walk(B(root)):
+            for n in dirs + files + [b"."]:
+                st = os.lstat(os.path.join(d, n))
+                newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+    deadline = time.monotonic() + 5
+    while time.time_ns() <= newest + racy_ns + 1_000_000:
+        assert time.monotonic() < deadline, "clock does not advance"
+        time.sleep(0.01)
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.002, what: str = "condition"):
     """Poll `cond` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout

@@ -15,14 +15,14 @@ try:
     import treecmp
     from helpers import (
         File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, read,
-        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, stray_temps, swap,
+        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
         sync_json, text_lines, tmp_entries, touch, truncate, write,
     )
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
     from tests.helpers import (
         File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, read,
-        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, stray_temps, swap,
+        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
         sync_json, text_lines, tmp_entries, touch, truncate, write,
     )
 
@@ -192,6 +192,31 @@ def test_moving_a_large_file_sends_nothing(tmp_path):
     assert _sent(m, r) == 20 * MiB
     os.rename(m / "in/big.bin", m / "elsewhere/deeper/big-moved.bin")
     assert _sent(m, r) == 0
+
+
+@pytest.mark.parametrize("backup", [False, True])
+def test_a_moved_directory_is_hard_linked_into_place_not_copied(tmp_path, backup):
+    """A directory rename reaches the replica as links to the old files (same inodes, no byte
+    read or written); with --backup-dir the old names are backed up, so the files are copied."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"in": {f"f{i}.bin": random_bytes(200_000, 30 + i) for i in range(5)}, "keep.txt": "x\n"})
+    args = ("--backup-dir", str(tmp_path / "bak")) if backup else ()
+    sync_json(m, r, args=args)
+    settle(m, r)
+    sync_json(m, r, args=args)  # replica entries written in the racy window are re-read, now trusted
+    settle(r)
+    inodes = {n: os.stat(r / "in" / n).st_ino for n in os.listdir(r / "in")}
+    os.rename(m / "in", m / "out")
+    _, out = sync_json(m, r, args=args)
+    assert out["replicas"][0]["bytes_sent"] == 0
+    treecmp.assert_trees_equal(m, r)
+    moved = {n: os.stat(r / "out" / n).st_ino for n in os.listdir(r / "out")}
+    if backup:
+        assert not set(moved.values()) & set(inodes.values())
+        assert sorted(os.listdir(next((tmp_path / "bak").iterdir()) / "in")) == sorted(inodes)
+    else:
+        assert moved == inodes
+    assert tmp_entries(r) == [] and stray_temps(r) == []
 
 
 def test_mid_file_insertion_sends_about_two_chunks(tmp_path):

@@ -95,7 +95,7 @@ def test_sample_plan(master, tmp_path):
     check_golden("sample.plan", text)
     # What the golden file must keep showing (so a bad regeneration is caught in review and here):
     assert plan.apply_to(r).keys() == m.keys()
-    assert "write   assets/blob.bin" in text and "reuse all from data/blob.bin" in text  # moved file
+    assert "write   assets/blob.bin" in text and "moved from data/blob.bin" in text  # moved file: hard-linked
     assert "delete  src/widget/legacy.py" in text
     assert "link    latest -> docs/guide.md" in text
     assert "meta    scripts/build.sh  mode 0755" in text

@@ -88,9 +88,24 @@ def test_rename_sends_nothing_and_deletes_old_name_last():
     assert kinds(plan) == [("WriteFile", "dir/new"), ("Commit", "dir/new"), ("Delete", "dir/old"),
                            ("SetMeta", "dir")]
     (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
-    assert w.ops == (CopyOp("dir/old", 0, old.size),)
+    assert w.ops == (CopyOp("dir/old", 0, old.size),) and w.move  # the writer may hard-link it
     assert plan.totals().send_bytes == 0
-    assert "write   dir/new  " in plan.render() and "reuse all from dir/old" in plan.render()
+    assert "write   dir/new  " in plan.render() and "moved from dir/old" in plan.render()
+
+
+def test_move_is_marked_only_when_the_old_file_goes_and_metadata_matches():
+    old = f("dir/old", [0, 1, 2, 3])
+    # the old name stays: a copy (two live paths must never share an inode)
+    plan = check(tree(d("dir"), old, f("dir/new", [0, 1, 2, 3])), tree(d("dir"), old))
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.ops == (CopyOp("dir/old", 0, old.size),) and not w.move
+    # two new names for one deleted file: at most one takes it over
+    plan = check(tree(d("dir"), f("dir/a", [0, 1, 2, 3]), f("dir/b", [0, 1, 2, 3])), tree(d("dir"), old))
+    assert sorted(a.move for a in plan.actions if isinstance(a, WriteFile)) == [False, True]
+    # another mode at the new name: copied (linking would change the old file's mode before its delete)
+    plan = check(tree(d("dir"), f("dir/new", [0, 1, 2, 3], mode=0o600)), tree(d("dir"), old))
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert not w.move
 
 
 def test_move_into_new_directory():
@@ -285,7 +300,7 @@ def test_render_exact():
         "mkdir   empty/",
         "write   caf\\xe9  0 B  send 0 B",
         "write   docs/edit.md  31 B  reuse 31 B  send 0 B",
-        "write   docs/new.md  31 B  reuse all from docs/old.md",
+        "write   docs/new.md  31 B  moved from docs/old.md",
         "write   docs/sent.txt  30 B  reuse 17 B  send 13 B",
         "link    latest -> docs/new.md",
         "delete  stale",

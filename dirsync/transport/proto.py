@@ -84,8 +84,11 @@ def dec_expect(x: Any) -> tuple | None:
 def enc_action(a: Action) -> dict:
     if isinstance(a, WriteFile):
         ops = [[_enc(o.src), o.offset, o.size] if isinstance(o, CopyOp) else [o.offset, o.size] for o in a.ops]
-        return {"t": "write", "f": encode_rows([a.target], cache_fields=False)[0], "ops": ops,
-                "x": enc_expect(a.expect)}
+        msg = {"t": "write", "f": encode_rows([a.target], cache_fields=False)[0], "ops": ops,
+               "x": enc_expect(a.expect)}
+        if a.move:
+            msg["mv"] = True
+        return msg
     if isinstance(a, Commit):
         return {"t": "commit", "ps": [_enc(p) for p in a.paths]}
     if isinstance(a, MakeDir):
@@ -165,7 +168,7 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
         v_int(f.size, 0, I64)
         if pos != f.size:
             raise ProtocolError(f"write {f.path!r}: ops cover {pos} bytes of {f.size}")
-        return WriteFile(f, tuple(ops), dec_expect(m.get("x")))
+        return WriteFile(f, tuple(ops), dec_expect(m.get("x")), move=v_bool(m.get("mv", False)))
     if t == "commit":
         return Commit(tuple(v_relpath(p) for p in v_list(m.get("ps"), MAX_OPS)))
     if t == "mkdir":
