@@ -131,6 +131,7 @@ class Replica:
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
         self._flushing: threading.Thread | None = None  # a commit's syncfs in flight (see commit_start)
         self._renames_unflushed = False  # renames made since the last syncfs (flushed at the latest by close)
+        self._linked: dict[str, str] = {}  # old name -> new name of files moved by a hard link
         self._dirfds: dict[str, int] = {}
         self._tmp_seq = 0
         self.write_start_ns = time.time_ns()
@@ -386,6 +387,7 @@ class Replica:
         tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}")
         if w.move and self.backup is None and self._link_moved(w, tmp):
             total = w.target.size
+            self._linked[w.ops[0].src] = path  # type: ignore[union-attr]
         else:
             total = self._build(w, tmp, sends)
         old = self.staged.pop(path, None)
@@ -663,7 +665,24 @@ class Replica:
                 return f"kept directory {display_path(a.path)}/ on the replica: it holds excluded entries"
             raise ItemIOError(a.path, "delete", e) from None
         self.current.pop(a.path, None)
+        dst = self._linked.pop(a.path, None)
+        if dst is not None:
+            self._refresh_ctime(dst)  # unlinking the old name moved the shared inode's ctime
         return None
+
+    def _refresh_ctime(self, rel: str) -> None:
+        """Record a file's current ctime (its content is unchanged), so the next scan trusts it."""
+        e = self.current.get(rel)
+        if not isinstance(e, FileEntry):
+            return
+        try:
+            dfd, name = self._at(rel, "stat")
+            st = os.lstat(name, dir_fd=dfd)
+        except (OSError, ItemError):
+            return
+        if st.st_ino == e.ino and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+            self.current[rel] = FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.sizes, e.digests,
+                                          e.ino, st.st_ctime_ns, e.trusted)
 
     # -- hooks and helpers -----------------------------------------------------------
 

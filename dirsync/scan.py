@@ -14,7 +14,7 @@ import time
 
 from xxhash import xxh3_128_intdigest as _intdigest
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_path
@@ -123,7 +123,7 @@ def scan_tree(
         res.manifest = Manifest(s.entries)
         return res
     st = os.lstat(root)
-    items: list[tuple[str, os.stat_result]] = [("", st)]
+    items: list[tuple[str, os.stat_result]] = [("", st)]  # then _St, which reads alike
     acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + s.gather("", items)
     fp = fp_final(acc, len(items)) if s.fp_ok and not res.errors else b""
     if fp and isinstance(cache, SavedManifest) and cache.fingerprint == fp:
@@ -243,7 +243,8 @@ class _Scanner:
                         acc += fp_link(rel, target, st.st_mtime_ns)
                     else:
                         self.fp_ok = False  # a special file: skipped with a warning on every scan
-                append((rel, st))
+                # A compact stand-in for the stat result: a 100,000-file walk holds one per entry.
+                append((rel, _St(m, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)))
         return acc
 
     def classify(self, items: list) -> None:
@@ -404,6 +405,16 @@ class _Scanner:
                 continue
             if stat.S_ISDIR(st.st_mode) and isinstance(self.entries.get(q), DirEntry):
                 self.entries[q] = self.dir_entry(q, st)
+
+
+class _St(NamedTuple):
+    """The stat fields a scan uses, under os.stat_result's names (a fifth of its memory)."""
+
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_ino: int
+    st_ctime_ns: int
 
 
 def _ancestors(p: str) -> list[str]:
