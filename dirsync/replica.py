@@ -408,9 +408,9 @@ class Replica:
         try:
             sdfd, sname = self._at(op.src, "read")  # type: ignore[union-attr]
             st = os.lstat(sname, dir_fd=sdfd)
-            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (
-                    e.size, e.mtime_ns, e.ino, e.ctime_ns):
-                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (
+                    st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (e.size, e.mtime_ns, e.ino, e.ctime_ns):
+                return False  # changed, or already sharing its inode with another name: copy
             tdfd = self._tmp_dirfd(tmp)
             os.link(sname, tmp[1], src_dir_fd=sdfd, dst_dir_fd=tdfd, follow_symlinks=False)
             lt = os.lstat(tmp[1], dir_fd=tdfd)

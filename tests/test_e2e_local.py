@@ -194,16 +194,20 @@ def test_moving_a_large_file_sends_nothing(tmp_path):
     assert _sent(m, r) == 0
 
 
-@pytest.mark.parametrize("backup", [False, True])
-def test_a_moved_directory_is_hard_linked_into_place_not_copied(tmp_path, backup):
+@pytest.mark.parametrize("case", ["plain", "backup", "shared"])
+def test_a_moved_directory_is_hard_linked_into_place_not_copied(tmp_path, case):
     """A directory rename reaches the replica as links to the old files (same inodes, no byte
-    read or written); with --backup-dir the old names are backed up, so the files are copied."""
+    read or written); with --backup-dir the old names are backed up, so the files are copied;
+    a replica file that already shares its inode with another name is copied too."""
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"in": {f"f{i}.bin": random_bytes(200_000, 30 + i) for i in range(5)}, "keep.txt": "x\n"})
+    backup = case == "backup"
     args = ("--backup-dir", str(tmp_path / "bak")) if backup else ()
     sync_json(m, r, args=args)
     settle(m, r)
     sync_json(m, r, args=args)  # replica entries written in the racy window are re-read, now trusted
+    if case == "shared":
+        os.link(r / "in" / "f0.bin", tmp_path / "outside-link")  # someone else's name for it
     settle(r)
     inodes = {n: os.stat(r / "in" / n).st_ino for n in os.listdir(r / "in")}
     os.rename(m / "in", m / "out")
@@ -214,6 +218,9 @@ def test_a_moved_directory_is_hard_linked_into_place_not_copied(tmp_path, backup
     if backup:
         assert not set(moved.values()) & set(inodes.values())
         assert sorted(os.listdir(next((tmp_path / "bak").iterdir()) / "in")) == sorted(inodes)
+    elif case == "shared":
+        assert moved["f0.bin"] != inodes["f0.bin"]  # copied: the outside name keeps its own file
+        assert {k: v for k, v in moved.items() if k != "f0.bin"} == {k: v for k, v in inodes.items() if k != "f0.bin"}
     else:
         assert moved == inodes
     assert tmp_entries(r) == [] and stray_temps(r) == []
