@@ -58,14 +58,19 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def load_record(master_real: str, replica_key: str) -> dict | None:
-    """The pair's record, or None when there is none (or it is unreadable)."""
+def _read_record(path: str) -> dict | None:
+    """A status record of this format, or None when there is none (or it is unreadable)."""
     try:
-        with open(status_path(master_real, replica_key), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else None
+
+
+def load_record(master_real: str, replica_key: str) -> dict | None:
+    """The pair's record, or None when there is none (or it is unreadable)."""
+    return _read_record(status_path(master_real, replica_key))
 
 
 def record_run(master_real: str, replica_key: str, summary, *, run_id: str, started: float,
@@ -268,12 +273,8 @@ def twoway_lock_path(a: str, b: str) -> str:
 
 
 def load_twoway_record(a: str, b: str) -> dict | None:
-    try:
-        with open(twoway_status_path(a, b), encoding="utf-8") as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) and rec.get("format") == FORMAT and rec.get("two_way") else None
+    rec = _read_record(twoway_status_path(a, b))
+    return rec if rec is not None and rec.get("two_way") else None
 
 
 def _twoway_status(code: int) -> str:

@@ -11,38 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import time
-
 import pytest
 
 try:
     import treecmp
-    from helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, sync_json, touch,
-                         write)
+    from helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, settle, sync_json,
+                         touch, write)
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, sync_json, touch,
-                               write)
+    from tests.helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, settle, sync_json,
+                               touch, write)
 
 from dirsync import chunking
 from dirsync.manifest import fingerprint, load, to_bytes
-from dirsync.scan import RACY_NS, Excluder, scan_tree
+from dirsync.scan import Excluder, scan_tree
 
 CHUNKER = chunking.CHUNKER_ID
-
-
-def settle(root) -> None:
-    """Wait (with a deadline) until every ctime/mtime under root is older than the racy window,
-    so a scan trusts the files it reads: a fixed rule of the scanner, not a guess."""
-    newest = 0
-    for d, dirs, files in os.walk(root):
-        for n in dirs + files + ["."]:
-            st = os.lstat(os.path.join(d, n))
-            newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
-    deadline = time.monotonic() + 5
-    while time.time_ns() <= newest + RACY_NS + 1_000_000:
-        assert time.monotonic() < deadline, "clock does not advance"
-        time.sleep(0.01)
 
 
 TREE = {
