@@ -317,7 +317,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             summary.failed(e.path, e)
             reporter.error(f"{t.name}: {e}")
         deletes_ok = cfg.delete and cache_ok and info.deletes_allowed and not rscan.errors
-        step = _in_step_key(cfg, mscan, rscan, deletes_ok, info)
+        step = _in_step_key(mscan, rscan, deletes_ok, info)
         if step is not None and step == _last_in_step(cfg, t.name):
             # Both trees are exactly as when a run last found them in step (fingerprints of every
             # path's stat facts, caches all racy-clean): the plan would be empty; skip making it.
@@ -370,7 +370,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         t.close(save=ok)
 
 
-def _in_step_key(cfg: SyncConfig, mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info) -> dict | None:
+def _in_step_key(mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info) -> dict | None:
     """What must hold again for an earlier "in step" finding to stand, or None when this run
     cannot take or give one (a tree without a fingerprint, anything reported while scanning)."""
     if not (mscan.fingerprint and rscan.fingerprint) or mscan.errors or mscan.warnings or rscan.errors \

@@ -250,6 +250,63 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0
 # -- running the CLI -------------------------------------------------------------------
 
 
+class WatchDaemon:
+    """`python -m dirsync watch --delay 0.05 --log-file LOG ARGS...` in its own session, stderr
+    to a file; the `daemons` fixture (conftest) kills whatever is left at teardown."""
+
+    def __init__(self, tmp_path, *args, name: str = "watch", deadline: float = 30.0) -> None:
+        self.log = tmp_path / f"{name}.log"
+        self.errpath = tmp_path / f"{name}.stderr"
+        self.deadline = deadline
+        with open(self.errpath, "ab") as err:
+            self.proc = subprocess.Popen(cli_argv("watch", "--delay", "0.05", "--log-file", self.log, *args),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                         env=cli_env(), start_new_session=True)
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stderr(self) -> str:
+        return self.errpath.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float | None = None) -> None:
+        def seen():
+            if needle in self.text():
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} before logging {needle!r}:\n"
+                                     f"{self.stderr()}")
+            return False
+
+        wait_for(seen, self.deadline if timeout is None else timeout, 0.01, f"{needle!r} in the daemon log")
+
+    def wait_ready(self) -> "WatchDaemon":
+        self.wait_log("watching ")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int:
+        timeout = self.deadline if timeout is None else timeout
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"daemon did not exit within {timeout}s after signal {sig}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def assert_clean_log(self) -> None:
+        err = self.stderr()
+        assert "Traceback" not in err, err
+
+
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a CLI subprocess: a private XDG_STATE_HOME is mandatory."""
     env = dict(os.environ)

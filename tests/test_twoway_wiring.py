@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 try:  # pytest "prepend" import mode puts tests/ on sys.path
     import sshd as _sshd_plugin
     import treecmp
-    from helpers import T0, File, build_tree, cli_argv, cli_env, read, run_cli, wait_for, write
+    from helpers import T0, File, WatchDaemon, build_tree, read, run_cli, wait_for, write
     from remote_helpers import ssh_cli_args, ssh_spec
 except ImportError:  # pragma: no cover
     from tests import sshd as _sshd_plugin
@@ -230,44 +229,9 @@ def test_status_records_a_refused_two_way_run_and_one_way_pairs_say_so(tmp_path)
 # -- watch --two-way -----------------------------------------------------------------------------
 
 
-class Daemon:
-    """`dirsync watch --two-way ...` in its own session, stderr to a file; killed at teardown."""
-
-    def __init__(self, tmp_path, *args, name: str = "watch") -> None:
-        self.log = tmp_path / f"{name}.log"
-        self.errpath = tmp_path / f"{name}.stderr"
-        with open(self.errpath, "ab") as err:
-            self.proc = subprocess.Popen(cli_argv("watch", "--delay", "0.05", "--log-file", self.log, *args),
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         env=cli_env(), start_new_session=True)
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stderr(self) -> str:
-        return self.errpath.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = DEADLINE_S) -> None:
-        def seen():
-            if needle in self.text():
-                return True
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.stderr()}"
-            return False
-
-        wait_for(seen, timeout, 0.01, f"{needle!r} in the daemon log")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE_S) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+def Daemon(tmp_path, *args, name: str = "watch") -> WatchDaemon:
+    """`dirsync watch ARGS...` (e.g. --two-way A B; see helpers.WatchDaemon)."""
+    return WatchDaemon(tmp_path, *args, name=name, deadline=DEADLINE_S)
 
 
 @pytest.fixture

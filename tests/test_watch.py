@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 try:  # pytest "prepend" import mode puts tests/ on sys.path
-    from helpers import wait_for as helpers_wait_for
+    from helpers import WatchDaemon, wait_for as helpers_wait_for
     from treecmp import assert_trees_equal
 except ImportError:  # pragma: no cover
-    from tests.helpers import wait_for as helpers_wait_for
+    from tests.helpers import WatchDaemon, wait_for as helpers_wait_for
     from tests.treecmp import assert_trees_equal
 
 from dirsync.manifest import DirEntry, FileEntry, Manifest
@@ -88,59 +88,11 @@ def make_tree(root: Path, n_files: int = 40) -> None:
     os.symlink("top.txt", root / "link")
 
 
-class Daemon:
-    """`python -m dirsync watch ...` in its own session; stopped by its pid at teardown."""
+class Daemon(WatchDaemon):
+    """`dirsync watch [ARGS] MASTER REPLICA...` (see helpers.WatchDaemon)."""
 
     def __init__(self, tmp_path: Path, master, *replicas, args=(), name: str = "watch") -> None:
-        self.log = tmp_path / f"{name}.log"
-        self.errpath = tmp_path / f"{name}.stderr"
-        argv = [sys.executable, "-m", "dirsync", "watch", "--delay", "0.05", "--log-file", str(self.log), *args,
-                str(master), *map(str, replicas)]
-        with open(self.errpath, "ab") as err:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True)
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stderr(self) -> str:
-        return self.errpath.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = DEADLINE_S) -> None:
-        def seen():
-            if needle in self.text():
-                return True
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode} before logging {needle!r}:\n"
-                                     f"{self.stderr()}")
-            return False
-
-        wait_for(seen, timeout, f"{needle!r} in the daemon log")
-
-    def wait_ready(self) -> "Daemon":
-        self.wait_log("watching ")
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE_S) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"daemon did not exit within {timeout}s after signal {sig}") from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def assert_clean_log(self) -> None:
-        err = self.stderr()
-        assert "Traceback" not in err, err
+        super().__init__(tmp_path, *args, master, *replicas, name=name, deadline=DEADLINE_S)
 
 
 @pytest.fixture
