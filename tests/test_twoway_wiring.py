@@ -23,7 +23,7 @@ try:  # pytest "prepend" import mode puts tests/ on sys.path
 except ImportError:  # pragma: no cover
     from tests import sshd as _sshd_plugin
     from tests import treecmp
-    from tests.helpers import T0, File, build_tree, cli_argv, cli_env, read, run_cli, wait_for, write
+    from tests.helpers import T0, File, WatchDaemon, build_tree, read, run_cli, wait_for, write
     from tests.remote_helpers import ssh_cli_args, ssh_spec
 
 from dirsync.status import load_twoway_record
