@@ -13,6 +13,7 @@ Order (what the replica writer relies on):
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from bisect import bisect_right
 from itertools import accumulate
@@ -258,23 +259,39 @@ def human_size(n: int) -> str:
 
 
 class ChunkIndex:
-    """Where the replica already has each chunk digest (first location wins) and each whole file."""
+    """Where the replica already has each chunk digest (first location wins) and each whole file.
+
+    Chunks are keyed by their digest's first 8 bytes (a native int, read straight from the joined
+    digests) and confirmed by the whole digest on use, so a prefix collision only costs reuse.
+    `want(targets)` first narrows the index to the digests those files could use: one C-level
+    intersection over every replica chunk, and a Python pass only when something matched (a
+    1% change of a 600,000-chunk replica was spending 0.6 s building a dict over all of them).
+    """
 
     def __init__(self, replica: Manifest) -> None:
         self.files = [f for f in replica.files() if f.size]
         self.wholes: dict[tuple[int, bytes], str] = {}
         for f in reversed(self.files):  # reversed + overwrite: the first file wins
             self.wholes[(f.size, f.digest)] = f.path
-        self._by_digest: dict[bytes, int] | None = None  # digest -> chunk number over all files
+        self._alld = b""
+        self._by_key: dict[int, int] | None = None  # digest prefix -> chunk number over all files
         self._starts: list[int] = []  # first chunk number of each file
         self._offs: dict[int, list[int]] = {}
 
+    def want(self, targets: "list[FileEntry]") -> None:
+        """Index only the chunks these files could reuse (call before file_delta on them)."""
+        wanted = bytearray()
+        for t in targets:
+            if t.size and (t.size, t.digest) not in self.wholes:
+                wanted += t.digests
+        self._build(_prefixes(bytes(wanted)) if wanted else set())
+
     def find(self, digest: bytes) -> tuple[FileEntry, int, int] | None:
         """(file, chunk number in it, offset) of the first chunk in the replica with this digest."""
-        if self._by_digest is None:
-            self._build()
-        k = self._by_digest.get(digest)  # type: ignore[union-attr]
-        if k is None:
+        if self._by_key is None:
+            self._build(None)
+        k = self._by_key.get(int.from_bytes(digest[:8], _ORDER))  # type: ignore[union-attr]
+        if k is None or self._alld[k * DIGEST_SIZE:(k + 1) * DIGEST_SIZE] != digest:
             return None
         j = bisect_right(self._starts, k) - 1
         offs = self._offs.get(j)
@@ -283,16 +300,34 @@ class ChunkIndex:
         i = k - self._starts[j]
         return self.files[j], i, offs[i]
 
-    def _build(self) -> None:
-        # One dict over every chunk of the replica, made by one comprehension over the joined
-        # digests (a 10,000-file side has ~300,000 chunks); chunk numbers map back to files by
-        # bisect, offsets are summed per file only when a chunk is used. Built reversed so that
-        # the first location of a digest wins.
-        n = DIGEST_SIZE
-        alld = b"".join(f.digests for f in self.files)
+    def _build(self, wanted: "set[int] | None") -> None:
+        # Chunk numbers map back to files by bisect; offsets are summed per file only when a
+        # chunk is used. Reversed so that the first location of a digest wins.
+        self._by_key, self._offs = {}, {}
+        if not self.files or wanted is not None and not wanted:
+            return
+        self._alld = alld = b"".join(f.digests for f in self.files)
         self._starts = list(accumulate((len(f.sizes) for f in self.files), initial=0))
-        self._by_digest = {alld[i:i + n]: i // n for i in range(len(alld) - n, -1, -n)}
-        self._offs = {}
+        keys = _prefix_view(alld)
+        n = len(keys)
+        if wanted is None:
+            self._by_key = dict(zip(keys[::-1], range(n - 1, -1, -1)))
+            return
+        hits = wanted.intersection(keys)
+        if hits:
+            self._by_key = {x: i for i, x in zip(range(n - 1, -1, -1), keys[::-1]) if x in hits}
+
+
+_ORDER = sys.byteorder
+
+
+def _prefix_view(digests: bytes) -> memoryview:
+    """The first 8 bytes of each DIGEST_SIZE-byte digest, as native unsigned ints (no copy)."""
+    return memoryview(digests).cast("Q")[::DIGEST_SIZE // 8]
+
+
+def _prefixes(digests: bytes) -> set[int]:
+    return set(_prefix_view(digests))
 
 
 def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
@@ -386,7 +421,7 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
     late: set[str] = set()  # master paths that must wait for a type-change clear
     blocked: set[str] = set()  # master paths we may not touch this run
     cleared: set[str] = set()  # replica paths removed by type-change clears
-    index: ChunkIndex | None = None
+    deltas: list[tuple[FileEntry, tuple | None, bool]] = []  # writes, made after the walk
 
     for p in sorted(M):
         if not p:
@@ -429,10 +464,7 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
                 if r.mode != m.mode or r.mtime_ns != m.mtime_ns:
                     acc.file_meta.append(SetMeta(p, "f", m.mode, m.mtime_ns))
                 continue
-            if index is None:
-                index = ChunkIndex(replica)
-            w = WriteFile(m, file_delta(m, index), expect_of(r))
-            acc.writes.append((w, not is_late))
+            deltas.append((m, expect_of(r), not is_late))
             acc.touched_dirs.add(par)
         else:
             assert isinstance(m, LinkEntry)
@@ -442,6 +474,11 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
                 continue
             acc.links.append(MakeLink(p, m.target, m.mtime_ns, expect_of(r)))
             acc.touched_dirs.add(par)
+
+    if deltas:
+        index = ChunkIndex(replica)
+        index.want([m for m, _, _ in deltas])
+        acc.writes = [(WriteFile(m, file_delta(m, index), e), early) for m, e, early in deltas]
 
     if opts.delete:
         for p in sorted(R, reverse=True):
