@@ -14,13 +14,11 @@ import ctypes
 import errno
 import json
 import os
-import secrets
 import stat
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Iterator
 
 import xxhash
 
@@ -37,8 +35,8 @@ from dirsync.errors import (
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath, is_under,
                               parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
-from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, ScanResult, scan_tree
-from dirsync.state import FileLock, fsync_dir, load_manifest_file, save_manifest_file, write_atomic
+from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
+from dirsync.state import FileLock, load_manifest_file, save_manifest_file, write_atomic
 
 MARKER = "replica.json"
 RESERVED = "reserved.json"  # backup dirs inside the root: left out of later scans while they exist
@@ -126,6 +124,8 @@ class Replica:
         self.lock: FileLock | None = None
         self.cache: SavedManifest | None = None  # the saved cache (rows decoded only when needed)
         self._scan: ScanResult | None = None  # the last scan
+        self._prewalk: Prewalk | None = None  # a walk started by prewalk(), taken by manifest()
+        self._prewalk_for: Excluder | None = None  # ... only when called with this very excluder
         self._current: dict[str, Entry] | None = None  # made from the scan on first use
         self.scan_unchanged = False
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
@@ -198,6 +198,8 @@ class Replica:
             os.makedirs(os.path.join(state, "tmp"), exist_ok=True)
             self.lock = FileLock(os.path.join(state, "lock"), f"replica {root}").acquire()
             if not marked:
+                import uuid  # only here: importing it costs every run ~6 ms
+
                 write_atomic(os.path.join(state, MARKER),
                              json.dumps({"format": 1, "id": str(uuid.uuid4()), "created_ns": time.time_ns()}).encode())
                 info.initialised = True
@@ -223,13 +225,26 @@ class Replica:
         self._reserve(info, state, persist=True)
         return info
 
+    def prewalk(self, excluder: Excluder) -> None:
+        """Start the next manifest()'s stat walk in a child process (scan.Prewalk), to overlap
+        it with the master's walk; manifest() must then get the same excluder."""
+        if self.root_fd >= 0 and self._prewalk is None:
+            self._prewalk_for = excluder
+            if self.reserved:
+                excluder = _Reserved(excluder, self.reserved)
+            self._prewalk = Prewalk.start(self.root, excluder, self.cache.fingerprint if self.cache else b"")
+
     def manifest(self, excluder: Excluder, *, fresh: bool = False) -> ScanResult:
         """Scan the replica (reusing its cache unless `fresh`) and remember the result."""
+        walked, self._prewalk = self._prewalk, None
+        if walked is not None and (fresh or excluder is not self._prewalk_for):
+            walked.cancel()
+            walked = None
         if self.root_fd < 0:
             return ScanResult(Manifest())
         if self.reserved:
             excluder = _Reserved(excluder, self.reserved)
-        res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache)
+        res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache, walked=walked)
         if not self.readonly:
             for rel in res.temps:  # left by an interrupted run; we hold the replica lock
                 try:
@@ -264,6 +279,9 @@ class Replica:
 
         Returns the generation id of the saved cache ("" when nothing was saved)."""
         generation = ""
+        if self._prewalk is not None:
+            self._prewalk.cancel()
+            self._prewalk = None
         try:
             if self._flushing is not None:  # a commit left unfinished (interrupted): its temps go below
                 self._flushing.join()
@@ -281,7 +299,7 @@ class Replica:
             if untouched:
                 generation = self.cache.generation  # nothing changed: the saved cache is still exact
             elif save and not self.readonly and self.root_fd >= 0 and self._scan is not None and self.current:
-                generation = uuid.uuid4().hex
+                generation = os.urandom(16).hex()
                 try:
                     save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
                                        Manifest(self.current, generation=generation), chunker)
@@ -384,7 +402,7 @@ class Replica:
         except ValueError as e:
             raise InvalidPathError(path, "write", str(e)) from None
         self._tmp_seq += 1
-        tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}")
+        tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{os.urandom(4).hex()}")
         if w.move and self.backup is None and self._link_moved(w, tmp):
             total = w.target.size
             self._linked[w.ops[0].src] = path  # type: ignore[union-attr]
@@ -563,7 +581,7 @@ class Replica:
 
     def _commit_across_devices(self, p: str, tmp: str, dfd: int, name: str) -> None:
         """The target directory is another mount inside the replica: copy beside it, then rename."""
-        side = f"{TMP_PREFIX}x{self._tmp_seq}-{secrets.token_hex(4)}"
+        side = f"{TMP_PREFIX}x{self._tmp_seq}-{os.urandom(4).hex()}"
         try:
             src = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.tmp_fd)  # a temp in .dirsync/tmp
             try:
@@ -588,7 +606,7 @@ class Replica:
     def make_link(self, a: MakeLink) -> None:
         dfd, name = self._at(a.path, "link")
         self._tmp_seq += 1
-        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{secrets.token_hex(4)}"
+        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{os.urandom(4).hex()}"
         try:
             os.symlink(a.target, tmp, dir_fd=self.tmp_fd)
             os.utime(tmp, ns=(a.mtime_ns, a.mtime_ns), dir_fd=self.tmp_fd, follow_symlinks=False)

@@ -105,13 +105,15 @@ def scan_tree(
     cache: Manifest | SavedManifest | None = None,
     only: Iterable[str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    walked: Prewalk | None = None,
 ) -> ScanResult:
     """Scan `root` (an existing directory) into a ScanResult.
 
     `cache`: a previous manifest whose trusted file entries may be reused; a SavedManifest whose
     fingerprint equals the walk's is taken whole without decoding it. With `only`, the entries
     of `cache` outside those relpaths are taken as they are and only the named paths (and the
-    metadata of their parent directories) are looked at again.
+    metadata of their parent directories) are looked at again. `walked`: the same tree's walk
+    already under way in a child (see Prewalk); scan_tree walks itself if that fails.
     Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
     paths in `protect`; the root itself must be readable (checked by the caller).
     """
@@ -122,15 +124,17 @@ def scan_tree(
         s.rescan(only)
         res.manifest = Manifest(s.entries)
         return res
-    st = os.lstat(root)
-    items: list[tuple[str, os.stat_result]] = [("", st)]  # then _St, which reads alike
-    acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + s.gather("", items)
-    fp = fp_final(acc, len(items)) if s.fp_ok and not res.errors else b""
+    got = walked.result() if walked is not None else None
+    if got is not None:
+        fp, items, res.temps, s.links = got
+    else:
+        items, fp = s.walk_root()
     if fp and isinstance(cache, SavedManifest) and cache.fingerprint == fp:
         res._saved = cache  # the whole tree is as the cache saw it: no file to look at
         res.unchanged = True
         res.fingerprint = fp
         return res
+    assert items is not None
     cm = _decoded(cache, res)
     s.set_cache(cm)
     s.classify(items)
@@ -141,6 +145,97 @@ def scan_tree(
             e.trusted for e in entries.values() if e.__class__ is FileEntry):
         res.fingerprint = fp
     return res
+
+
+class Prewalk:
+    """A tree's stat walk (what scan_tree does before it decodes or reads anything) run in a
+    forked child while this process walks another tree: a walk is mostly lstat calls, and two
+    threads cannot overlap them (the GIL hands over on every call; tried: slower than one).
+    The child sends back only the fingerprint when it equals `known_fp` (the cache's: the usual
+    no-op), else every stat. Anything unusual there (an unreadable path, a child that died)
+    makes result() None and scan_tree walks the tree itself, so the child never decides
+    anything. Fork only while this process has a single thread (start() returns None else):
+    a lock held by another thread would stay held in the child."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid, self.fd = pid, fd
+
+    @classmethod
+    def start(cls, root: str, excluder: Excluder, known_fp: bytes) -> Prewalk | None:
+        import pickle  # here: the child imports nothing
+        import threading
+
+        if threading.active_count() != 1 or not hasattr(os, "fork"):
+            return None
+        r, w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            return None
+        if pid == 0:  # the child: walk, write, leave without running any cleanup of the parent's
+            code = 1
+            try:
+                os.close(r)
+                _prewalk_child(root, excluder, known_fp, w, pickle.dumps)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        return cls(pid, r)
+
+    def result(self) -> tuple[bytes, list | None, list[str], dict[str, str]] | None:
+        """(fingerprint, items or None when it matched known_fp, temps, link targets), or None."""
+        import pickle
+
+        if self.fd < 0:
+            return None
+        chunks = []
+        try:
+            while True:
+                b = os.read(self.fd, 1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+        except OSError:
+            chunks = []
+        finally:
+            self._reap(kill=False)
+        try:
+            got = pickle.loads(b"".join(chunks)) if chunks else None
+        except Exception:
+            return None
+        return got if isinstance(got, tuple) and len(got) == 4 else None
+
+    def cancel(self) -> None:
+        self._reap(kill=True)
+
+    def _reap(self, kill: bool) -> None:
+        if self.fd < 0:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        if kill:
+            try:
+                os.kill(self.pid, 9)
+            except OSError:
+                pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dumps) -> None:
+    s = _Scanner(root, excluder, None)
+    items, fp = s.walk_root()
+    if s.result.errors or not s.fp_ok:
+        return  # nothing written: the parent walks itself and reports the problem
+    out = (fp, None if fp and fp == known_fp else items, s.result.temps, s.links)
+    view = memoryview(dumps(out, protocol=5))
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _decoded(cache: Manifest | SavedManifest | None, res: ScanResult) -> Manifest | None:
@@ -246,6 +341,13 @@ class _Scanner:
                 # A compact stand-in for the stat result: a 100,000-file walk holds one per entry.
                 append((rel, _St(m, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)))
         return acc
+
+    def walk_root(self) -> tuple[list, bytes]:
+        """lstat the root and gather everything below it: (items, fingerprint or b"")."""
+        st = os.lstat(self.root)
+        items: list[tuple[str, os.stat_result]] = [("", st)]  # then _St, which reads alike
+        acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + self.gather("", items)
+        return items, (fp_final(acc, len(items)) if self.fp_ok and not self.result.errors else b"")
 
     def classify(self, items: list) -> None:
         """Turn gathered (relpath, stat) pairs into entries, reusing cache entries that hold."""

@@ -6,7 +6,6 @@ Sequences the stages; decides nothing about individual files (that is plan.py's 
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ class SyncConfig:
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
 @dataclass
@@ -165,13 +164,25 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     check_replicas_apart(cfg.replicas)
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
-    early = _open_early(cfg, master_real, patterns) if master_scan is None else None
+    early = _open_early(cfg, master_real, patterns) if master_scan is None else {}
     try:
         mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
     except BaseException:
-        if early is not None:
-            early.abandon()
+        for e in early.values():
+            e.abandon()
         raise
+    try:
+        _sync_all(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
+    finally:
+        for e in early.values():  # left by an interruption
+            e.abandon()
+    run.seconds = watch.elapsed()
+    return run
+
+
+def _sync_all(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: ScanResult, cache_ok: bool,
+              early: dict[str, "_EarlyReplica"], run: RunSummary, reporter: Reporter,
+              should_stop: Callable[[], bool]) -> None:
     run.scan_errors = list(mscan.errors)
     run.warnings = list(mscan.warnings)
     run.files_hashed, run.bytes_hashed = mscan.files_read, mscan.bytes_read
@@ -187,11 +198,11 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
         try:
             try:
                 info = None
-                if early is not None and early.spec == spec:
-                    lock, transport = early.lock, early.transport
-                    err, early = early.error, None
-                    if err is not None:
-                        raise err
+                opened = early.pop(spec, None)
+                if opened is not None:
+                    lock, transport = opened.lock, opened.transport
+                    if opened.error is not None:
+                        raise opened.error
                     info = transport.open_finish()  # type: ignore[union-attr]
                 else:
                     if not cfg.dry_run:
@@ -217,8 +228,6 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
             t = summary
             reporter.info(f"{spec}: {t.files_written} written, {t.files_deleted} deleted, "
                           f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
-    run.seconds = watch.elapsed()
-    return run
 
 
 def _pair_lock(cfg: SyncConfig, master_real: str, spec: str) -> FileLock:
@@ -227,9 +236,10 @@ def _pair_lock(cfg: SyncConfig, master_real: str, spec: str) -> FileLock:
 
 
 class _EarlyReplica:
-    """The first remote replica, locked, connected and sent open and scan before the master
-    scan starts (answers read later), so that the far side starts up and walks its tree while
-    this side walks the master. A failure is kept and raised when the replica's turn comes
+    """A replica locked and opened, its scan under way, before the master scan starts, so that
+    its tree is walked while this side walks the master: the first remote replica (connected
+    and sent open and scan; answers read later), or else every local one (walked by a child
+    process, scan.Prewalk). A failure is kept and raised when the replica's turn comes
     (reported like any other)."""
 
     def __init__(self, spec: str) -> None:
@@ -250,23 +260,28 @@ class _EarlyReplica:
             self.lock.release()
 
 
-def _open_early(cfg: SyncConfig, master_real: str, patterns: list[str]) -> _EarlyReplica | None:
-    spec = next((r for r in cfg.replicas if is_remote_spec(r)), None)
-    if spec is None:
-        return None
-    e = _EarlyReplica(spec)
+def _open_early(cfg: SyncConfig, master_real: str, patterns: list[str]) -> dict[str, _EarlyReplica]:
+    remote = next((r for r in cfg.replicas if is_remote_spec(r)), None)
+    early: dict[str, _EarlyReplica] = {}
     try:
-        if not cfg.dry_run:
-            e.lock = _pair_lock(cfg, master_real, spec)
-        t = open_transport(spec, cfg.transport)
-        t.open_start(patterns, init=cfg.init, readonly=cfg.dry_run)  # type: ignore[attr-defined]
-        e.transport = t
-    except DirsyncError as err:
-        e.error = err
-        if e.transport is not None:
-            e.transport.close(save=False)
-            e.transport = None
-    return e
+        for spec in [remote] if remote is not None else cfg.replicas:
+            e = early[spec] = _EarlyReplica(spec)
+            t = None
+            try:
+                if not cfg.dry_run:
+                    e.lock = _pair_lock(cfg, master_real, spec)
+                t = open_transport(spec, cfg.transport)
+                t.open_start(patterns, init=cfg.init, readonly=cfg.dry_run)  # type: ignore[attr-defined]
+                e.transport = t
+            except DirsyncError as err:
+                e.error = err
+                if t is not None:
+                    t.close(save=False)
+    except BaseException:
+        for e in early.values():
+            e.abandon()
+        raise
+    return early
 
 
 def _record_status(master_real: str, spec: str, summary: ReplicaSummary, run: RunSummary, started: float,

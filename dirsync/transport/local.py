@@ -21,6 +21,9 @@ class LocalTransport:
         self.name = root
         self.opts = opts or TransportOptions()
         self.replica: Replica | None = None
+        self._info: OpenInfo | None = None  # from open_start, for open_finish
+        self._excluder: Excluder | None = None  # the prewalk's (scan must use the same patterns)
+        self._patterns: list[str] = []
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
         self.replica = Replica(self.root, readonly=readonly, backup=backup_options(self.opts))
@@ -30,9 +33,25 @@ class LocalTransport:
             self.replica.close(save=False)
             raise
 
+    def open_start(self, patterns: list[str], *, init: bool = False, readonly: bool = False) -> None:
+        """open(), then start scan(patterns)'s tree walk in a child process (Replica.prewalk)
+        so that it runs beside the master's walk; open_finish() returns the OpenInfo."""
+        self._info = self.open(init=init, readonly=readonly)
+        self._excluder = Excluder(patterns)
+        self._patterns = list(patterns)
+        assert self.replica is not None
+        self.replica.prewalk(self._excluder)
+
+    def open_finish(self) -> OpenInfo:
+        info, self._info = self._info, None
+        assert info is not None
+        return info
+
     def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
         assert self.replica is not None
-        return self.replica.manifest(Excluder(patterns), fresh=fresh)
+        ex = self._excluder if self._excluder is not None and list(patterns) == self._patterns else Excluder(patterns)
+        self._excluder = None  # the prewalk serves one scan, with this very excluder (Replica.manifest)
+        return self.replica.manifest(ex, fresh=fresh)
 
     def cached_root(self, patterns: list[str]) -> bytes | None:
         assert self.replica is not None

@@ -1,0 +1,189 @@
+"""A local replica's tree walk run in a forked child beside the master's walk (scan.Prewalk).
+
+The child only lists and lstats; the parent decides everything. A prewalked scan must equal a
+plain scan for every kind of change, a child that meets a problem must leave the walk (and the
+report) to the parent, and no child may outlive the scan it served, even when the run stops.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+try:
+    from helpers import build_tree, read, settle, sync_json, write
+    from test_fingerprint import MUTATIONS, TREE, saved_scan
+except ImportError:  # tests/ imported as a package
+    from tests.helpers import build_tree, read, settle, sync_json, write
+    from tests.test_fingerprint import MUTATIONS, TREE, saved_scan
+
+from dirsync import scan as scan_mod
+from dirsync.scan import Excluder, Prewalk, scan_tree
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_unchanged_tree_sends_only_the_fingerprint(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    first, saved = saved_scan(root)
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint)
+    assert pw is not None
+    fp, items, temps, links = pw.result()
+    assert fp == first.fingerprint and items is None and temps == []
+    assert _reaped(pw.pid)
+    pw2 = Prewalk.start(str(root), Excluder(), saved.fingerprint)
+    res = scan_tree(str(root), cache=saved, walked=pw2)
+    assert res.unchanged and not res.decoded and res.fingerprint == first.fingerprint
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS, ids=[m.__name__.strip("_") for m in MUTATIONS])
+def test_prewalked_scan_sees_every_change(tmp_path, mutate):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    first, saved = saved_scan(root)
+    mutate(root)
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint)
+    assert pw is not None
+    res = scan_tree(str(root), cache=saved, walked=pw)
+    plain = scan_tree(str(root), cache=saved)
+    assert res.manifest == plain.manifest == scan_tree(str(root)).manifest
+    assert res.fingerprint == plain.fingerprint != first.fingerprint
+    assert not res.unchanged
+    assert _reaped(pw.pid)
+
+
+def test_excluded_paths_stay_out(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, {**TREE, "skip/me.txt": "x\n", "keep.log": "y\n"})
+    ex = Excluder(["skip/", "*.log"])
+    pw = Prewalk.start(str(root), ex, b"")
+    res = scan_tree(str(root), excluder=ex, walked=pw)
+    assert res.manifest == scan_tree(str(root), excluder=Excluder(["skip/", "*.log"])).manifest
+    assert "skip" not in res.manifest.entries and "keep.log" not in res.manifest.entries
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 directory")
+def test_unreadable_directory_is_left_to_the_parent(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, {**TREE, "locked/x.txt": "x\n"})
+    os.chmod(root / "locked", 0)
+    try:
+        pw = Prewalk.start(str(root), Excluder(), b"")
+        assert pw is not None and pw.result() is None  # the child reports nothing: no decision there
+        pw = Prewalk.start(str(root), Excluder(), b"")
+        res = scan_tree(str(root), walked=pw)
+        assert [e.path for e in res.errors] == ["locked"] and "locked" in res.protect
+    finally:
+        os.chmod(root / "locked", 0o755)
+
+
+def test_special_file_is_left_to_the_parent(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    os.mkfifo(root / "sub/pipe")
+    pw = Prewalk.start(str(root), Excluder(), b"")
+    assert pw is not None and pw.result() is None
+    pw = Prewalk.start(str(root), Excluder(), b"")
+    res = scan_tree(str(root), walked=pw)
+    assert "sub/pipe" not in res.manifest.entries and res.warnings  # skipped with a warning, as ever
+
+
+def test_child_that_dies_leaves_the_walk_to_the_parent(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    pw = Prewalk.start(str(root), Excluder(), b"")
+    os.kill(pw.pid, 9)  # whatever it had written is discarded unless it is whole
+    res = scan_tree(str(root), walked=pw)
+    assert res.manifest == scan_tree(str(root)).manifest
+    assert _reaped(pw.pid)
+
+
+def test_cancel_kills_and_reaps(tmp_path):
+    root = tmp_path / "t"
+    build_tree(root, {f"d{i}/f{j}": "x" for i in range(30) for j in range(30)})
+    pw = Prewalk.start(str(root), Excluder(), b"")  # 900 entries: more than a pipe holds, so it waits
+    pw.cancel()
+    assert _reaped(pw.pid) and pw.result() is None
+
+
+def test_not_forked_while_other_threads_run(tmp_path):
+    build_tree(tmp_path / "t", TREE)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert Prewalk.start(str(tmp_path / "t"), Excluder(), b"") is None
+    finally:
+        stop.set()
+        t.join()
+
+
+@pytest.fixture
+def spy_prewalks(monkeypatch):
+    """Record every Prewalk a run starts (the real ones: nothing is replaced)."""
+    started: list[Prewalk] = []
+    real = Prewalk.start.__func__
+
+    def start(cls, *a, **kw):
+        pw = real(cls, *a, **kw)
+        if pw is not None:
+            started.append(pw)
+        return pw
+
+    monkeypatch.setattr(scan_mod.Prewalk, "start", classmethod(start))
+    return started
+
+
+def test_sync_walks_local_replicas_in_children_and_converges(tmp_path, spy_prewalks):
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    m, r1, r2 = tmp_path / "m", tmp_path / "r1", tmp_path / "r2"
+    build_tree(m, TREE)
+    cfg = SyncConfig(master=str(m), replicas=(str(r1), str(r2)), init=True)
+    if threading.active_count() != 1:
+        pytest.skip("another thread runs in this test process: no fork")
+    run = run_sync(cfg, Reporter(quiet=True))
+    assert [s.exit_code for s in run.replicas] == [0, 0]
+    cfg = SyncConfig(master=str(m), replicas=(str(r1), str(r2)))
+    assert len(spy_prewalks) == 2 and all(_reaped(p.pid) for p in spy_prewalks)
+    # A change made on a replica behind the master's back is seen through the child's walk.
+    settle(m, r1, r2)
+    write(r1 / "a.txt", "tampered\n")
+    os.unlink(r2 / "sub/b.txt")
+    run = run_sync(cfg, Reporter(quiet=True))
+    assert [s.exit_code for s in run.replicas] == [0, 0]
+    assert read(r1 / "a.txt") == read(m / "a.txt") and read(r2 / "sub/b.txt") == read(m / "sub/b.txt")
+    assert len(spy_prewalks) == 4 and all(_reaped(p.pid) for p in spy_prewalks)
+
+
+def test_interrupted_master_scan_reaps_children_and_unlocks(tmp_path, spy_prewalks, monkeypatch):
+    from dirsync import sync as sync_mod
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    sync_json(m, r, args=("--init",))
+    if threading.active_count() != 1:
+        pytest.skip("another thread runs in this test process: no fork")
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sync_mod, "scan_master", interrupted)  # the fault: Ctrl-C mid master scan
+    with pytest.raises(KeyboardInterrupt):
+        run_sync(SyncConfig(master=str(m), replicas=(str(r),)), Reporter(quiet=True))
+    assert len(spy_prewalks) == 1 and _reaped(spy_prewalks[0].pid)
+    monkeypatch.undo()
+    _, out = sync_json(m, r)  # the replica and pair locks were released
+    assert out["replicas"][0]["exit_code"] == 0
