@@ -146,6 +146,41 @@ def test_chunk_of_other_size_is_not_reused():
     assert file_delta(m, idx) == (SendOp(0, m.size),)
 
 
+def _fe(path, ids):
+    """A FileEntry made of the chunks b"chunk-<i>;" (any number of distinct chunks)."""
+    import xxhash
+
+    parts = [b"chunk-%d;" % i for i in ids]
+    dg = xxhash.xxh3_128_digest
+    return FileEntry(path, sum(map(len, parts)), 0o644, T, dg(b"".join(parts)), 512,
+                     tuple(len(p) for p in parts), b"".join(dg(p) for p in parts))
+
+
+def test_chunk_is_taken_from_the_files_own_basis_first():
+    # Chunk 1 is in "a" (earlier) and in "b" itself: an edited file reads from its own old version.
+    a, b = _fe("a", [0, 1, 2]), _fe("b", [3, 1])
+    m = _fe("b", [1, 3, 4])
+    idx = ChunkIndex(tree(a, b))
+    idx.want([m])
+    assert file_delta(m, idx) == (CopyOp("b", 8, 8), CopyOp("b", 0, 8), SendOp(16, 8))
+
+
+@pytest.mark.parametrize("n", [3, 40], ids=["few-hits", "many-hits"])
+def test_chunks_from_other_files_are_found_after_want(n):
+    # A new file made of chunks spread over other files (few or many distinct ones): every chunk
+    # is copied from its first location, none is sent; with no hits, everything is sent.
+    others = [_fe(f"o{i}", [i, 1000 + i]) for i in range(n)] + [_fe("later", list(range(n)))]
+    m = _fe("new", list(reversed(range(n))))
+    idx = ChunkIndex(tree(*others))
+    idx.want([m])
+    ops = file_delta(m, idx)
+    assert ops == tuple(CopyOp(f"o{i}", 0, len(b"chunk-%d;" % i)) for i in reversed(range(n)))
+    fresh = _fe("fresh", [5000, 5001])
+    idx = ChunkIndex(tree(*others))
+    idx.want([fresh])
+    assert file_delta(fresh, idx) == (SendOp(0, fresh.size),)
+
+
 def test_metadata_only_changes():
     r = tree(f("a", [0]), ln("l", "a"), d("d"))
     m = tree(f("a", [0], mode=0o600, mtime=T + 5), ln("l", "a", mtime=T + 6), d("d", mode=0o700))
