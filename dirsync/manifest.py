@@ -222,7 +222,7 @@ class SavedManifest:
 
     __slots__ = ("chunker", "generation", "fingerprint", "count", "_body", "_m", "_own")
 
-    def __init__(self, chunker: str, generation: str, fingerprint: bytes, count: int, body: bytes | None,
+    def __init__(self, chunker: str, generation: str, fingerprint: bytes, count: int, body: bytes | memoryview | None,
                  m: Manifest | None = None, own: bool = False) -> None:
         self.chunker, self.generation, self.fingerprint, self.count = chunker, generation, fingerprint, count
         self._body, self._m, self._own = body, m, own
@@ -230,7 +230,7 @@ class SavedManifest:
     @property
     def manifest(self) -> Manifest:
         if self._m is None:
-            self._m = _decode_body(self._body or b"", self.chunker, self._own)
+            self._m = _decode_body(self._body if self._body is not None else b"", self.chunker, self._own)
             self._body = None
         return self._m
 
@@ -250,7 +250,7 @@ def load(data: bytes, chunker: str, *, own: bool = False) -> SavedManifest:
     version = data[n]
     if version not in (1, FORMAT_VERSION):
         raise ManifestFormatError(f"manifest format version {version}, this dirsync reads {FORMAT_VERSION}")
-    rest = data[n + 9 :]
+    rest = memoryview(data)[n + 9 :]  # views, not copies: a big cache is megabytes
     if xxhash.xxh3_64_digest(rest) != data[n + 1 : n + 9]:
         raise ManifestFormatError("manifest checksum mismatch")
     if version == 1:  # no header: decode now (the fingerprint is unknown)
