@@ -1,6 +1,9 @@
 """Command line: parses options, builds a config and a reporter, runs, and turns errors into exit codes.
 
-This is the one place that prints errors and chooses exit codes. No decisions about files here.
+With dirsync.commands (the bodies of sync and plan, and run_job, which maps errors to exit codes;
+shared with the typer-free fast path dirsync.fastcli) this is the one place that prints errors and
+chooses exit codes. No decisions about files here. Changing an option of sync or plan means
+changing dirsync.fastcli.OPTIONS too (tests/test_fastcli.py checks that they agree).
 """
 
 from __future__ import annotations
@@ -8,41 +11,16 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
+from dirsync import commands
+from dirsync.commands import on_sigterm, print_plans, run_job, run_two_way, transport_opts, two_way_config
 from dirsync.errors import DirsyncError, ExitCode
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, rich_markup_mode=None,
                   help="Mirror a master directory to replicas (local paths or user@host:path over SSH).")
-
-
-def _run(job: Callable[[], int], reporter) -> int:
-    """Run `job`, mapping exceptions to exit codes and printing them once."""
-    try:
-        return job()
-    except DirsyncError as e:
-        reporter.fatal(str(e), e.hint)
-        return int(e.exit_code)
-    except KeyboardInterrupt:
-        reporter.fatal("interrupted; partial work was discarded, the replica keeps its previous files")
-        return int(ExitCode.INTERRUPTED)
-    finally:
-        reporter.close()
-
-
-def _on_sigterm(signum, frame):  # SIGTERM unwinds like Ctrl-C so temps are removed and locks dropped
-    raise KeyboardInterrupt
-
-
-def _transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
-                    backup_dir=None, backup_keep=None, **more):
-    from dirsync.transport import TransportOptions
-
-    return TransportOptions(port=port, identity=identity, ssh_config=ssh_config, remote_cmd=remote_cmd,
-                            accept_new_host_key=accept_new_host_key, compress=compress,
-                            backup_dir=backup_dir, backup_keep=backup_keep, **more)
 
 
 def _rate_option(value: Optional[str]) -> Optional[int]:
@@ -119,69 +97,12 @@ def sync(
 
     Example: dirsync sync ~/site /backup/site deploy@web1:/srv/site
     """
-    from dirsync.progress import make_reporter
-    from dirsync.sync import SyncConfig, run_sync
-
-    reporter = make_reporter(quiet=quiet or as_json and not verbose, log_file=log_file, verbose=verbose)
-    cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
-                     excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
-                     dry_run=dry_run, lock_wait_s=wait, bwlimit=bwlimit,  # type: ignore[arg-type] # parsed
-                     transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
-                                               backup_dir, backup_keep))
-
-    def job() -> int:
-        if two_way or prefer:
-            return _two_way(cfg, two_way, prefer, reporter, as_json, show_plan=dry_run)
-        run = run_sync(cfg, reporter)
-        if dry_run:
-            _print_plans(run, as_json)
-        elif as_json:
-            print(json.dumps(run.to_json(), indent=2))
-        return run.exit_code
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    raise typer.Exit(_run(job, reporter))
-
-
-def _two_way_config(cfg, two_way: bool, prefer):
-    """The TwoWayConfig for a command's SyncConfig (MASTER is side a, the one REPLICA side b)."""
-    from dirsync.errors import ConfigError
-    from dirsync.twoway import TwoWayConfig
-
-    if not two_way:
-        raise ConfigError("--prefer only applies with --two-way")
-    return TwoWayConfig.from_sync(cfg, prefer)
-
-
-def _two_way(cfg, two_way: bool, prefer, reporter, as_json: bool, show_plan: bool) -> int:
-    """Run (show_plan: only plan) a two-way sync and print it. A real run holds the pair lock
-    (waiting cfg.lock_wait_s) and is recorded for `dirsync status` (cfg.profile names it)."""
-    from dirsync.status import run_twoway_recorded
-    from dirsync.twoway import print_summary, run_twoway
-
-    tcfg = _two_way_config(cfg, two_way, prefer)
-    if tcfg.dry_run:
-        summ, run_id = run_twoway(tcfg, reporter), None
-    else:
-        summ, run_id = run_twoway_recorded(tcfg, reporter, profile=cfg.profile, wait_s=cfg.lock_wait_s)
-    extra = {k: v for k, v in (("run_id", run_id), ("profile", cfg.profile)) if v is not None}
-    print_summary(summ, tcfg, reporter, as_json=as_json, show_plan=show_plan, extra=extra)
-    return summ.exit_code
-
-
-def _print_plans(run, as_json: bool) -> None:
-    if as_json:
-        out = run.to_json()
-        for r, (name, plan) in zip(out["replicas"], run.plans):
-            t = plan.totals()
-            r["plan"] = {"lines": plan.render().splitlines(), "send_bytes": t.send_bytes,
-                         "reuse_bytes": t.reuse_bytes, "writes": t.writes, "deletes": t.deletes}
-        print(json.dumps(out, indent=2))
-        return
-    for name, plan in run.plans:
-        if len(run.plans) > 1:
-            print(f"== {name}")
-        print(plan.render())
+    raise typer.Exit(commands.sync(
+        master=master, replicas=replicas, delete=delete, exclude=exclude, init=init, max_delete=max_delete,
+        allow_mass_delete=allow_mass_delete, dry_run=dry_run, quiet=quiet, verbose=verbose, as_json=as_json,
+        log_file=log_file, wait=wait, port=port, identity=identity, ssh_config=ssh_config, remote_cmd=remote_cmd,
+        accept_new_host_key=accept_new_host_key, compress=compress, backup_dir=backup_dir, backup_keep=backup_keep,
+        bwlimit=bwlimit, two_way=two_way, prefer=prefer))  # type: ignore[arg-type] # bwlimit: parsed by its callback
 
 
 @app.command()
@@ -206,23 +127,10 @@ def plan(
 
     Example: dirsync plan ~/site /backup/site
     """
-    from dirsync.progress import make_reporter
-    from dirsync.sync import SyncConfig, run_sync
-
-    reporter = make_reporter()
-    cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
-                     excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
-                     dry_run=True,
-                     transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False))
-
-    def job() -> int:
-        if two_way or prefer:
-            return _two_way(cfg, two_way, prefer, reporter, as_json, show_plan=True)
-        run = run_sync(cfg, reporter)
-        _print_plans(run, as_json)
-        return run.exit_code
-
-    raise typer.Exit(_run(job, reporter))
+    raise typer.Exit(commands.plan(
+        master=master, replicas=replicas, delete=delete, exclude=exclude, init=init, max_delete=max_delete,
+        allow_mass_delete=allow_mass_delete, as_json=as_json, port=port, identity=identity, ssh_config=ssh_config,
+        remote_cmd=remote_cmd, accept_new_host_key=accept_new_host_key, two_way=two_way, prefer=prefer))
 
 
 @app.command()
@@ -256,8 +164,8 @@ def verify(
 
     def job() -> int:
         results = run_verify(master, list(replicas), list(exclude or ()),
-                             _transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
-                                             backup_dir),
+                             transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
+                                            backup_dir),
                              reporter, quick=quick)
         if as_json:
             print(json.dumps({"replicas": [{"replica": r.replica, "equal": r.equal,
@@ -274,7 +182,7 @@ def verify(
                         print("  " + d.render())
         return 0 if all(r.equal for r in results) else 1
 
-    raise typer.Exit(_run(job, reporter))
+    raise typer.Exit(run_job(job, reporter))
 
 
 def _fail_early(e: DirsyncError) -> "typer.Exit":
@@ -370,26 +278,26 @@ def run(
         max_delete=_or(max_delete, prof, "max_delete"),
         allow_mass_delete=allow_mass_delete or prof.get("allow_mass_delete", False), dry_run=dry_run,
         lock_wait_s=_or(wait, prof, "wait", 0.0), bwlimit=_or(bwlimit, prof, "bwlimit"), profile=name,
-        transport=_transport_opts(_or(port, prof, "port"), _or(identity, prof, "identity"),
-                                  _or(ssh_config, prof, "ssh_config"), _or(remote_cmd, prof, "remote_cmd"),
-                                  accept_new_host_key or prof.get("accept_new_host_key", False),
-                                  _or(compress, prof, "compress", False), _or(backup_dir, prof, "backup_dir"),
-                                  _or(backup_keep, prof, "backup_keep"), **more))
+        transport=transport_opts(_or(port, prof, "port"), _or(identity, prof, "identity"),
+                                 _or(ssh_config, prof, "ssh_config"), _or(remote_cmd, prof, "remote_cmd"),
+                                 accept_new_host_key or prof.get("accept_new_host_key", False),
+                                 _or(compress, prof, "compress", False), _or(backup_dir, prof, "backup_dir"),
+                                 _or(backup_keep, prof, "backup_keep"), **more))
 
     def job() -> int:
         if two_way:
-            return _two_way(cfg, True, _or(prefer, prof, "prefer"), reporter, as_json, show_plan=dry_run)
+            return run_two_way(cfg, True, _or(prefer, prof, "prefer"), reporter, as_json, show_plan=dry_run)
         result = run_sync(cfg, reporter)
         if dry_run:
-            _print_plans(result, as_json)
+            print_plans(result, as_json)
         elif as_json:
             out = result.to_json()
             out["profile"] = name
             print(json.dumps(out, indent=2))
         return result.exit_code
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    raise typer.Exit(_run(job, reporter))
+    signal.signal(signal.SIGTERM, on_sigterm)
+    raise typer.Exit(run_job(job, reporter))
 
 
 @app.command()
@@ -435,8 +343,8 @@ def status(
     try:
         if len(targets) >= 2:
             cfg = SyncConfig(master=targets[0], replicas=tuple(targets[1:]), excludes=tuple(exclude or ()),
-                             transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key,
-                                                       False, backup_dir))
+                             transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key,
+                                                      False, backup_dir))
             if not two_way and len(targets) == 2 and load_twoway_record(targets[0], targets[1]) is not None:
                 two_way = load_record(os.path.realpath(targets[0]), _replica_key(targets[1])) is None
             groups.append((None, cfg, None, two_way))
@@ -449,11 +357,11 @@ def status(
                     master=p.get("master"), replicas=tuple(p.get("replicas")), delete=p.get("delete", True),
                     excludes=tuple(p.get("exclude", [])) + tuple(exclude or ()), max_delete=p.get("max_delete"),
                     allow_mass_delete=p.get("allow_mass_delete", False), profile=n,
-                    transport=_transport_opts(p.get("port"), p.get("identity"), p.get("ssh_config"),
-                                              p.get("remote_cmd"), p.get("accept_new_host_key", False), False,
-                                              p.get("backup_dir"), p.get("backup_keep"))),
+                    transport=transport_opts(p.get("port"), p.get("identity"), p.get("ssh_config"),
+                                             p.get("remote_cmd"), p.get("accept_new_host_key", False), False,
+                                             p.get("backup_dir"), p.get("backup_keep"))),
                                p.get("prefer"), p.get("two_way", False)))
-        twc = {i: _two_way_config(g[1], True, g[2]) for i, g in enumerate(groups) if g[3]}
+        twc = {i: two_way_config(g[1], True, g[2]) for i, g in enumerate(groups) if g[3]}
     except DirsyncError as e:
         raise _fail_early(e)
     reporter = make_reporter(quiet=True)
@@ -485,7 +393,7 @@ def status(
                 return int(c)
         return 1 if behind or codes else 0
 
-    raise typer.Exit(_run(job, reporter))
+    raise typer.Exit(run_job(job, reporter))
 
 
 @app.command()
@@ -543,8 +451,8 @@ def watch(
     cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
                      excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
                      bwlimit=bwlimit,  # type: ignore[arg-type] # parsed by its callback
-                     transport=_transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
-                                               backup_dir, backup_keep))
+                     transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
+                                              backup_dir, backup_keep))
     stop = threading.Event()
 
     def on_signal(signum, frame):  # first: finish cleanly; second: unwind now (temps removed, 130)
@@ -557,7 +465,7 @@ def watch(
 
     def job() -> int:
         if two_way or prefer:
-            return run_watch_twoway(_two_way_config(cfg, two_way, prefer), reporter, stop, delay_s=delay,
+            return run_watch_twoway(two_way_config(cfg, two_way, prefer), reporter, stop, delay_s=delay,
                                     max_latency_s=max(max_latency, delay), rescan_interval_s=rescan_interval,
                                     interval_s=interval, ignore_paths=[log_file] if log_file else [])
         if interval is not None:
@@ -568,7 +476,7 @@ def watch(
         return run_watch(cfg, reporter, stop, delay_s=delay, max_latency_s=max(max_latency, delay),
                          rescan_interval_s=rescan_interval, ignore_paths=[log_file] if log_file else [])
 
-    raise typer.Exit(_run(job, reporter))
+    raise typer.Exit(run_job(job, reporter))
 
 
 @app.command(hidden=True)
