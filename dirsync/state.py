@@ -71,6 +71,49 @@ def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = 
     write_atomic(path, to_bytes(m, chunker, fingerprint(m.entries) if fp is None else fp))
 
 
+class PendingSave:
+    """A save_manifest_file running in a forked child (save_manifest_file_forked)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self) -> str | None:
+        """Reap the child: None when the file was saved, else why not."""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "the saving process vanished"
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
+            return None
+        return f"killed by signal {-code}" if code < 0 else os.strerror(code) if code < 254 else "it failed"
+
+
+def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> PendingSave | None:
+    """save_manifest_file in a forked child, so that encoding, writing and fsync overlap what
+    the caller does next (a cache is megabytes). None when this process cannot fork safely
+    (another thread runs: a lock it holds would stay held in the child): save it yourself.
+    The child writes only this file (atomically, as ever) and exits without any cleanup."""
+    import threading
+
+    if threading.active_count() != 1 or not hasattr(os, "fork"):
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid == 0:
+        code = 255
+        try:
+            save_manifest_file(path, m, chunker, fp)
+            code = 0
+        except OSError as e:
+            code = e.errno if e.errno and 0 < e.errno < 254 else 254
+        finally:
+            os._exit(code)
+    return PendingSave(pid)
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Temp file + fsync + rename + directory fsync: the file is either old or new, never torn."""
     d = os.path.dirname(path) or "."

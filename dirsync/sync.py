@@ -18,7 +18,8 @@ from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
 from dirsync.scan import Excluder, ScanResult, read_ignore_file, scan_tree
-from dirsync.state import FileLock, load_manifest_file, master_cache_path, pair_lock_path, save_manifest_file
+from dirsync.state import (FileLock, PendingSave, load_manifest_file, master_cache_path, pair_lock_path,
+                           save_manifest_file, save_manifest_file_forked)
 from dirsync.transport import Transport, TransportOptions, is_remote_spec, open_transport
 
 MASS_DELETE_MIN = 10  # the default guard ignores runs deleting fewer entries than this
@@ -132,8 +133,10 @@ def check_replicas_apart(replicas: tuple[str, ...] | list[str]) -> None:
         seen.append((spec, rp))
 
 
-def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tuple[ScanResult, bool]:
-    """Scan the master with its cache; returns (result, cache trustworthy for deletes)."""
+def scan_master(master_real: str, patterns: list[str], reporter: Reporter,
+                saves: list[PendingSave] | None = None) -> tuple[ScanResult, bool]:
+    """Scan the master with its cache; returns (result, cache trustworthy for deletes).
+    With `saves`, the cache may be saved by a forked child, added there for the caller to wait for."""
     cache_file = master_cache_path(master_real)
     load = load_manifest_file(cache_file, chunking.CHUNKER_ID, lazy=True)
     cache_ok = load.status != "unusable"
@@ -146,7 +149,14 @@ def scan_master(master_real: str, patterns: list[str], reporter: Reporter) -> tu
         # (an older cache, or files that were racy-clean last time): the next run can skip decoding.
         if not res.unchanged or (res.fingerprint and load.saved is not None
                                  and load.saved.fingerprint != res.fingerprint):
-            save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID, res.fingerprint or None)
+            pending = None
+            if saves is not None:
+                pending = save_manifest_file_forked(cache_file, res.manifest, chunking.CHUNKER_ID,
+                                                    res.fingerprint or None)
+            if pending is not None:
+                saves.append(pending)  # type: ignore[union-attr]
+            else:
+                save_manifest_file(cache_file, res.manifest, chunking.CHUNKER_ID, res.fingerprint or None)
     except OSError as e:
         reporter.warn(f"could not save the master cache {cache_file}: {e.strerror}")
     return res, cache_ok
@@ -165,17 +175,24 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
     early = _open_early(cfg, master_real, patterns) if master_scan is None else {}
+    saves: list[PendingSave] = []  # the master cache, saved by a child while the replicas run
     try:
-        mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter)
-    except BaseException:
-        for e in early.values():
-            e.abandon()
-        raise
-    try:
-        _sync_all(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
+        try:
+            mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves)
+        except BaseException:
+            for e in early.values():
+                e.abandon()
+            raise
+        try:
+            _sync_all(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
+        finally:
+            for e in early.values():  # left by an interruption
+                e.abandon()
     finally:
-        for e in early.values():  # left by an interruption
-            e.abandon()
+        for p in saves:
+            why = p.wait()
+            if why:
+                reporter.warn(f"could not save the master cache {master_cache_path(master_real)}: {why}")
     run.seconds = watch.elapsed()
     return run
 

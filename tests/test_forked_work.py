@@ -1,8 +1,11 @@
-"""A local replica's tree walk run in a forked child beside the master's walk (scan.Prewalk).
+"""Work handed to forked children so that it overlaps the parent's: a local replica's tree walk
+beside the master's (scan.Prewalk), and the master cache's save beside the replicas' work
+(state.save_manifest_file_forked).
 
-The child only lists and lstats; the parent decides everything. A prewalked scan must equal a
-plain scan for every kind of change, a child that meets a problem must leave the walk (and the
-report) to the parent, and no child may outlive the scan it served, even when the run stops.
+A prewalk child only lists and lstats; the parent decides everything. A prewalked scan must
+equal a plain scan for every kind of change, a child that meets a problem must leave the walk
+(and the report) to the parent, and no child may outlive the run it served, even when the run
+stops. A cache saved by a child is complete when the run returns, and a failed save is reported.
 """
 
 from __future__ import annotations
@@ -187,3 +190,52 @@ def test_interrupted_master_scan_reaps_children_and_unlocks(tmp_path, spy_prewal
     monkeypatch.undo()
     _, out = sync_json(m, r)  # the replica and pair locks were released
     assert out["replicas"][0]["exit_code"] == 0
+
+
+def test_master_cache_saved_by_a_child_is_complete_when_the_run_returns(tmp_path, monkeypatch):
+    from dirsync import chunking, state
+    from dirsync import sync as sync_mod
+    from dirsync.progress import Reporter
+    from dirsync.scan import scan_tree as plain_scan
+    from dirsync.sync import SyncConfig, run_sync
+
+    if threading.active_count() != 1:
+        pytest.skip("another thread runs in this test process: no fork")
+    pending: list = []
+    real = state.save_manifest_file_forked
+
+    def spy(*a, **kw):
+        p = real(*a, **kw)
+        pending.append(p)
+        return p
+
+    monkeypatch.setattr(sync_mod, "save_manifest_file_forked", spy)
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    run = run_sync(SyncConfig(master=str(m), replicas=(str(r),), init=True), Reporter(quiet=True))
+    assert run.replicas[0].exit_code == 0
+    assert len(pending) == 1 and pending[0] is not None and _reaped(pending[0].pid)
+    got = state.load_manifest_file(state.master_cache_path(str(m.resolve())), chunking.CHUNKER_ID)
+    assert got.status == "ok"
+    got.manifest.entries.pop(".dirsync", None)
+    assert got.manifest == plain_scan(str(m)).manifest
+
+
+def test_failed_save_in_the_child_is_reported(tmp_path):
+    import io
+
+    from dirsync import state
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    if threading.active_count() != 1:
+        pytest.skip("another thread runs in this test process: no fork")
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    cache = state.master_cache_path(str(m.resolve()))
+    os.makedirs(os.path.join(cache, "in-the-way"))  # a non-empty directory: the rename must fail
+    err = io.StringIO()
+    run = run_sync(SyncConfig(master=str(m), replicas=(str(r),), init=True), Reporter(err))
+    assert run.replicas[0].exit_code == 0 and read(r / "a.txt") == read(m / "a.txt")
+    assert "could not save the master cache" in err.getvalue()
+    assert os.listdir(os.path.dirname(cache)) == [os.path.basename(cache)]  # no temp left behind
