@@ -31,7 +31,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import data  # noqa: E402
-from fs import FsError, LoopFs, loop_possible, python_env  # noqa: E402
+from fs import FsError, LoopFs, bench_python, loop_possible, python_env  # noqa: E402
 from proxy import CountingProxy  # noqa: E402
 from sshd import Sshd, SshdError, descendants  # noqa: E402
 
@@ -351,11 +351,13 @@ class Bench:
         self.mutators: dict[str, data.Mutator] = {}
         self.counter = 0
         self.trash_bytes = 0
+        py = bench_python(self.work) if not (os.environ.get("BENCH_DIRSYNC_CMD")
+                                             and os.environ.get("BENCH_DIRSYNC_REMOTE_CMD")) else sys.executable
         base = shlex.split(os.environ["BENCH_DIRSYNC_CMD"]) if os.environ.get("BENCH_DIRSYNC_CMD") else [
-            sys.executable, "-m", "dirsync"]
+            py, "-m", "dirsync"]
         self.dirsync_base = base
         self.remote_cmd = os.environ.get("BENCH_DIRSYNC_REMOTE_CMD") or (
-            f"env PYTHONPATH={shlex.quote(REPO)} {shlex.quote(sys.executable)} -m dirsync")
+            f"env PYTHONPATH={shlex.quote(REPO)} {shlex.quote(py)} -m dirsync")
         self.timeout = args.timeout or (300 if args.quick else 1200)
         self._log = None
 

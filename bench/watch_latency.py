@@ -34,7 +34,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import data  # noqa: E402
-from fs import FsError, LoopFs, loop_possible, python_env  # noqa: E402
+from fs import FsError, LoopFs, bench_python, loop_possible, python_env  # noqa: E402
 
 MiB = data.MiB
 
@@ -141,7 +141,7 @@ def main() -> int:
                 f.write(stream.read(1000 + i))
         os.sync()
         env = python_env(dict(os.environ, XDG_STATE_HOME=state, PYTHONPATH=REPO), REPO)
-        cmd = [sys.executable, "-m", "dirsync", "watch", master, replica, "--log-file", os.path.join(work, "watch.log")]
+        cmd = [bench_python(work), "-m", "dirsync", "watch", master, replica, "--log-file", os.path.join(work, "watch.log")]
         if args.delay is not None:
             cmd += ["--delay", str(args.delay)]
         log("starting: " + " ".join(cmd))
