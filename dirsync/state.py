@@ -185,9 +185,10 @@ class FileLock:
         if self.fd is not None:
             try:
                 os.ftruncate(self.fd, 0)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)  # closing alone would not while a forked child holds a copy
             except OSError:
                 pass
-            os.close(self.fd)  # closing drops the flock
+            os.close(self.fd)
             self.fd = None
 
     def __enter__(self) -> "FileLock":

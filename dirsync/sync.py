@@ -17,8 +17,8 @@ from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, Refus
 from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
-from dirsync.scan import Excluder, ScanResult, read_ignore_file, scan_tree
-from dirsync.state import (FileLock, PendingSave, load_manifest_file, master_cache_path, pair_lock_path,
+from dirsync.scan import Excluder, Prewalk, ScanResult, read_ignore_file, scan_tree
+from dirsync.state import (CacheLoad, FileLock, PendingSave, load_manifest_file, master_cache_path, pair_lock_path,
                            save_manifest_file, save_manifest_file_forked)
 from dirsync.transport import Transport, TransportOptions, is_remote_spec, open_transport
 
@@ -134,15 +134,17 @@ def check_replicas_apart(replicas: tuple[str, ...] | list[str]) -> None:
 
 
 def scan_master(master_real: str, patterns: list[str], reporter: Reporter,
-                saves: list[PendingSave] | None = None) -> tuple[ScanResult, bool]:
+                saves: list[PendingSave] | None = None, walk: tuple[CacheLoad, Prewalk | None] | None = None,
+                ) -> tuple[ScanResult, bool]:
     """Scan the master with its cache; returns (result, cache trustworthy for deletes).
-    With `saves`, the cache may be saved by a forked child, added there for the caller to wait for."""
+    With `saves`, the cache may be saved by a forked child, added there for the caller to wait for.
+    `walk`: the cache already loaded and the tree's walk started by _prewalk_master."""
     cache_file = master_cache_path(master_real)
-    load = load_manifest_file(cache_file, chunking.CHUNKER_ID, lazy=True)
+    load, walked = walk or (load_manifest_file(cache_file, chunking.CHUNKER_ID, lazy=True), None)
     cache_ok = load.status != "unusable"
     if not cache_ok:
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
-    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved)
+    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved, walked=walked)
     cache_ok = cache_ok and not res.cache_failed
     try:
         # Save a changed tree, and an unchanged one whose cache lacks the fingerprint it now has
@@ -174,12 +176,20 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     check_replicas_apart(cfg.replicas)
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
-    early = _open_early(cfg, master_real, patterns) if master_scan is None else {}
+    walk = _prewalk_master(cfg, master_real, patterns) if master_scan is None else None
+    try:
+        early = _open_early(cfg, master_real, patterns) if master_scan is None else {}
+    except BaseException:
+        if walk is not None and walk[1] is not None:
+            walk[1].cancel()
+        raise
     saves: list[PendingSave] = []  # the master cache, saved by a child while the replicas run
     try:
         try:
-            mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves)
+            mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves, walk)
         except BaseException:
+            if walk is not None and walk[1] is not None:
+                walk[1].cancel()  # a no-op when the scan took it
             for e in early.values():
                 e.abandon()
             raise
@@ -245,6 +255,16 @@ def _sync_all(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: Sca
             t = summary
             reporter.info(f"{spec}: {t.files_written} written, {t.files_deleted} deleted, "
                           f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
+
+
+def _prewalk_master(cfg: SyncConfig, master_real: str, patterns: list[str]) -> tuple[CacheLoad, Prewalk | None] | None:
+    """With a remote replica, start the master's walk in a child (scan.Prewalk) before this
+    process imports paramiko and connects (~0.3 s here), which then overlap it. Local replicas
+    are walked by children instead (_open_early), beside the master's walk here."""
+    if not any(is_remote_spec(r) for r in cfg.replicas):
+        return None
+    load = load_manifest_file(master_cache_path(master_real), chunking.CHUNKER_ID, lazy=True)
+    return load, Prewalk.start(master_real, Excluder(patterns), load.saved.fingerprint if load.saved else b"")
 
 
 def _pair_lock(cfg: SyncConfig, master_real: str, spec: str) -> FileLock:

@@ -16,11 +16,17 @@ import threading
 import pytest
 
 try:
-    from helpers import build_tree, read, settle, sync_json, write
+    import sshd as _sshd_plugin
+    from helpers import build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
+    from remote_helpers import ssh_options, ssh_spec
     from test_fingerprint import MUTATIONS, TREE, saved_scan
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import build_tree, read, settle, sync_json, write
+    from tests import sshd as _sshd_plugin
+    from tests.helpers import build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
+    from tests.remote_helpers import ssh_options, ssh_spec
     from tests.test_fingerprint import MUTATIONS, TREE, saved_scan
+
+pytest_plugins = [_sshd_plugin.__name__]
 
 from dirsync import scan as scan_mod
 from dirsync.scan import Excluder, Prewalk, scan_tree
@@ -239,3 +245,29 @@ def test_failed_save_in_the_child_is_reported(tmp_path):
     assert run.replicas[0].exit_code == 0 and read(r / "a.txt") == read(m / "a.txt")
     assert "could not save the master cache" in err.getvalue()
     assert os.listdir(os.path.dirname(cache)) == [os.path.basename(cache)]  # no temp left behind
+
+
+def test_with_a_remote_replica_the_master_is_walked_by_a_child(sshd, tmp_path, spy_prewalks):
+    # The master's walk overlaps the import of paramiko and the SSH connect; every change on
+    # the master still arrives, even one that keeps size and mtime.
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, TREE)
+    if threading.active_count() != 1:
+        pytest.skip("another thread runs in this test process: no fork")
+    spec = ssh_spec(sshd, r)
+    cfg = SyncConfig(master=str(m), replicas=(spec,), init=True, transport=ssh_options(sshd))
+    run = run_sync(cfg, Reporter(quiet=True))
+    assert run.replicas[0].exit_code == 0 and read(r / "sub/b.txt") == read(m / "sub/b.txt")
+    assert [p for p in spy_prewalks] and all(_reaped(p.pid) for p in spy_prewalks)
+    settle(m, r)
+    overwrite_same_size_and_mtime(m / "sub/b.txt", b"BETA\n")
+    cfg = SyncConfig(master=str(m), replicas=(spec,), transport=ssh_options(sshd))
+    if threading.active_count() != 1:
+        pytest.skip("the first run left a thread behind: no fork")
+    n = len(spy_prewalks)
+    run = run_sync(cfg, Reporter(quiet=True))
+    assert run.replicas[0].exit_code == 0 and read(r / "sub/b.txt") == b"BETA\n"
+    assert len(spy_prewalks) == n + 1 and _reaped(spy_prewalks[-1].pid)
