@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -92,7 +91,7 @@ def record_run(master_real: str, replica_key: str, summary, *, run_id: str, star
         "errors": len(summary.errors),
         "seconds": round(summary.seconds, 3),
         "pid": os.getpid(),
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,  # = gethostname(), without importing socket
     }
     old = load_record(master_real, replica_key) or {}
     rec = {
@@ -311,7 +310,7 @@ def record_twoway_run(a: str, b: str, summ, *, run_id: str, started: float, prof
         "errors": sum(len(s.errors) for s in sides) + (len(summ.scan_errors) if summ is not None else 0),
         "seconds": round(summ.seconds if summ is not None else now - started, 3),
         "pid": os.getpid(),
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,  # = gethostname(), without importing socket
     }
     if error is not None:
         run["error"] = str(error)
