@@ -491,9 +491,80 @@ def settled_base(old: Manifest, dec: Decisions, unsettled: Iterable[str]) -> Man
     return Manifest(out)
 
 
+def _scope(base: Manifest, a: Manifest, b: Manifest, refs: tuple[Manifest | None, Manifest | None] = (None, None)
+           ) -> set[str]:
+    """The paths where a side differs from `base` (entry values: kind, content, chunks, mode,
+    mtime), with their ancestors and the root. Everywhere else both sides still hold the base
+    entry: in sync, so reconcile, the plans and the new base need look at these paths only.
+    refs: per side, a manifest holding the same entries as `base` to compare that side with
+    (its scan cache tied to the base: an unchanged file's entry is then the very same object)."""
+    out: set[str] = set()
+    for E, ref in zip((a.entries, b.entries), refs):
+        EO = (ref or base).entries
+        get = EO.get
+        out.update([p for p, e in E.items() if (o := get(p)) is not e and o != e])
+        out.update(EO.keys() - E.keys())
+    for p in list(out):
+        while p:
+            p = parent_of(p)
+            if p in out:
+                break  # its ancestors are (or will be) added from it
+            out.add(p)
+    out.add("")
+    return out
+
+
+def _restrict(m: Manifest, scope: set[str], *, every_file: bool = False) -> Manifest:
+    """m's entries within `scope`; every_file: a _ScopedSide (files() yields all of m's)."""
+    E = m.entries
+    sub = {p: E[p] for p in scope if p in E}
+    if not every_file:
+        return Manifest(sub)
+    out = _ScopedSide(sub)
+    out.whole = m
+    return out
+
+
+class _ScopedSide(Manifest):
+    """A side's entries within a scope whose files() still yields every file of the side, so that
+    plan.diff's chunk index can reuse unchanged files too (bytes a remote side is not sent)."""
+
+    __slots__ = ("whole",)
+
+    def files(self) -> Iterator[FileEntry]:
+        return self.whole.files()
+
+
+def _settle_scoped(old: Manifest, dec: Decisions, unsettled: Iterable[str], scope: set[str]
+                   ) -> dict[str, Entry | None]:
+    """settled_base for a Decisions reconciled on `scope` only (no protected paths), as changes
+    to `old` (path -> new base entry, None: removed); `old` holds the base's entries (the
+    decoded base, or a side's scan cache tied to it)."""
+    skip = set(unsettled)
+    T, O = dec.target.entries, old.entries
+    changes: dict[str, Entry | None] = {}
+    for p in scope:
+        e = O.get(p) if p in skip else T.get(p)
+        if e != O.get(p):
+            changes[p] = None if e is None else _strip(e)
+    return changes
+
+
+def _applied(old: Manifest, changes: dict[str, Entry | None]) -> Manifest:
+    """`old` (without cache-only facts) with `changes` applied."""
+    new = {p: _strip(e) for p, e in old.entries.items()}
+    for p, e in changes.items():
+        if e is None:
+            new.pop(p, None)
+        else:
+            new[p] = e
+    return Manifest(new)
+
+
 # -- base records --------------------------------------------------------------------------------
 
-BASE_FORMAT = 1
+BASE_FORMAT = 2  # 2: a snapshot manifest plus the rows changed since it; 1 (snapshot only) is still read
+_DELTA_MIN = 1024  # a delta may grow to max(this, a quarter of the entries) before a new snapshot
 
 
 def pair_id(id_a: str, id_b: str) -> str:
@@ -508,15 +579,51 @@ class BaseRecord:
     gen: str  # random id of this commit (same on both sides when both were written)
     specs: dict[str, str]  # marker id -> how that side was named (a path or host:path)
     manifest: Manifest
+    # The stored form, kept by decode_base so that the next record can reuse the snapshot bytes:
+    snapshot: bytes = b""  # a manifest (manifest.to_bytes)
+    delta: tuple = ()  # rows (manifest.encode_rows) that replace or add entries of the snapshot
+    gone: tuple = ()  # encoded paths the snapshot has and the record does not
 
 
 def encode_base(rec: BaseRecord, chunker: str) -> bytes:
-    import msgpack
-
+    """The record with a fresh snapshot of rec.manifest (no delta)."""
     from dirsync.manifest import to_bytes
 
+    return _pack_base(rec, to_bytes(rec.manifest, chunker), (), ())
+
+
+def encode_base_delta(prev: BaseRecord, rec: BaseRecord, changes: dict[str, Entry | None], count: int,
+                      chunker: str) -> bytes | None:
+    """rec, whose manifest (of `count` entries) is prev's with `changes` applied (path -> new
+    entry, None: removed), as prev's snapshot bytes plus a delta: the unchanged entries are not
+    encoded again (rec.manifest is not read). None when prev's snapshot is missing or does not
+    check out, or the delta would grow too big: write encode_base then."""
+    from dirsync.manifest import _FSENC, encode_rows, load
+
+    try:
+        load(prev.snapshot, chunker)  # framing and checksum only: a damaged snapshot is not passed on
+    except ValueError:
+        return None
+    rows = {r[1]: r for r in prev.delta}
+    gone = set(prev.gone)
+    for p, e in changes.items():
+        if e is None:
+            k = p.encode(_FSENC, "surrogateescape")
+            rows.pop(k, None)
+            gone.add(k)  # harmless when the snapshot lacks it (an earlier delta added it)
+    for r in encode_rows([e for e in changes.values() if e is not None]):
+        gone.discard(r[1])
+        rows[r[1]] = r
+    if len(rows) + len(gone) > max(_DELTA_MIN, count // 4):
+        return None
+    return _pack_base(rec, prev.snapshot, tuple(rows.values()), tuple(sorted(gone)))
+
+
+def _pack_base(rec: BaseRecord, snapshot: bytes, delta: tuple, gone: tuple) -> bytes:
+    import msgpack
+
     return msgpack.packb({"format": BASE_FORMAT, "seq": rec.seq, "gen": rec.gen, "specs": rec.specs,
-                          "manifest": to_bytes(rec.manifest, chunker)}, use_bin_type=True)
+                          "manifest": snapshot, "delta": delta, "gone": gone}, use_bin_type=True)
 
 
 def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bool = False) -> BaseRecord:
@@ -524,19 +631,36 @@ def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bo
     from a local side (our own file), not sent by a remote agent: cheaper row checks."""
     import msgpack
 
-    from dirsync.manifest import load
+    from dirsync.manifest import _decode_own_rows, decode_rows, load
 
     try:
-        d = msgpack.unpackb(data, raw=False)
+        d = msgpack.unpackb(data, raw=False, use_list=False)
     except Exception as e:
         raise ValueError(f"two-way base unreadable: {e}") from e
-    if not isinstance(d, dict) or d.get("format") != BASE_FORMAT:
+    if not isinstance(d, dict) or d.get("format") not in (1, BASE_FORMAT):
         raise ValueError("not a two-way base record of this version")
     seq, gen, specs = d.get("seq"), d.get("gen"), d.get("specs")
-    if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict):
+    snapshot, delta, gone = d.get("manifest", b""), d.get("delta", ()), d.get("gone", ())
+    if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict) \
+            or not isinstance(snapshot, bytes) or not isinstance(delta, tuple) or not isinstance(gone, tuple) \
+            or not all(isinstance(r, tuple) and len(r) > 1 and isinstance(r[1], bytes) for r in delta) \
+            or not all(isinstance(g, bytes) for g in gone):
         raise ValueError("two-way base record header is malformed")
-    m = Manifest() if header_only else load(d.get("manifest", b""), chunker, own=own).manifest
-    return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m)
+    m = Manifest()
+    if not header_only:
+        m = load(snapshot, chunker, own=own).manifest
+        if delta or gone:
+            entries = dict(m.entries)
+            for g in gone:
+                entries.pop(os.fsdecode(g), None)
+            try:
+                entries.update((_decode_own_rows if own else decode_rows)(delta))
+            except Exception as e:  # a bad path or a row of the wrong shape
+                raise ValueError(f"two-way base delta unreadable: {e}") from e
+            if "" in m.entries and "" not in entries:
+                raise ValueError("two-way base delta drops the root")
+            m = Manifest(entries)
+    return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m, snapshot, delta, gone)
 
 
 def _encode_pending(run_id: str, conflicts: list[Conflict]) -> bytes:
@@ -560,7 +684,7 @@ def _decode_pending(data: bytes) -> list[Conflict]:
 
 # -- sides ---------------------------------------------------------------------------------------
 
-_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step)")
+_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step|tie)")
 
 
 class ContentSource:
@@ -714,8 +838,14 @@ class TwoWaySide:
     def apply(self, actions, reader: PairReader, sink, should_stop: Callable[[], bool]) -> None:
         self.transport.apply(actions, reader, sink, should_stop)  # type: ignore[arg-type]
 
-    def close(self, *, save: bool) -> None:
-        self.transport.close(save=save)
+    def close(self, *, save: bool) -> str:
+        """Release the side; returns the generation of its scan cache as saved ("" if none)."""
+        rep = self.transport.replica  # LocalTransport.close, keeping what Replica.close returns
+        if rep is None:
+            return ""
+        gen = rep.close(save=save)
+        self.transport.replica = None
+        return gen
 
     def source(self, throttle=None) -> ContentSource:
         return ContentSource(self.root, throttle)
@@ -784,6 +914,10 @@ class RemoteTwoWaySide(TwoWaySide):
 
     def ignore_patterns(self) -> list[str]:
         return list(self._tw("ignore"))
+
+    def close(self, *, save: bool) -> str:
+        self.transport.close(save=save)
+        return ""
 
     def source(self, throttle=None) -> ContentSource:
         return RemoteContentSource(self.transport, throttle)
@@ -944,6 +1078,10 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
     summ.sides = [_new_summary(cfg.a), _new_summary(cfg.b)]
     opened: list[TwoWaySide] = []
     ok = False
+    pid: str | None = None
+    ties: list[dict | None] = [None, None]  # each side's tie as read (see _tied_cache)
+    tied = [False, False]  # the side's replica holds the new base exactly: tie its cache to it
+    tie_base = ""
     # A never-synced, non-empty side needs --init only when the other side is not empty either:
     # seeding an empty or new directory from an existing one is the usual first run.
     init = (cfg.init or sb.looks_empty(), cfg.init or sa.looks_empty())
@@ -963,6 +1101,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         earlier: list[Conflict] = []  # conflicts an interrupted run made (its copies may be all that is left)
         clean = False  # both sides hold the same base record and no run was interrupted
         best_data: bytes | None = None
+        best_rec: BaseRecord | None = None  # its header (and stored form)
         datas: list[bytes] = []
         local_bases: set[bytes] = set()  # base records read from a local side
         if pid is not None:
@@ -981,7 +1120,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                     reporter.warn(f"{s.spec}: two-way base unusable ({e}); using the other side's")
             if recs:
                 i_best = max(range(len(recs)), key=lambda i: recs[i].seq)
-                best_data, summ.base_seq = datas[i_best], recs[i_best].seq
+                best_rec, best_data, summ.base_seq = recs[i_best], datas[i_best], recs[i_best].seq
                 if len(recs) == 2 and recs[0].gen != recs[1].gen:
                     reporter.warn("the last two-way run stopped while saving its state; using the newer record")
             pend = [d for d in (s.read_state(f"twoway-{pid}.pending") for s in (sa, sb)) if d is not None]
@@ -1019,29 +1158,70 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                     sm.status = "dry-run"
             ok = True
             return summ
-        if best_data is not None:
-            # The newer record first; if its rows do not decode, the other side's (a base-less
-            # run is a union that deletes nothing, so even losing both loses no data).
+
+        def load_base() -> Manifest:
+            """Decode the base: the newer record first; if its rows do not decode, the other
+            side's (a base-less run is a union that deletes nothing: even losing both loses no data)."""
+            nonlocal base_rec
             for data in sorted(set(datas), key=lambda d: d != best_data):
                 try:
-                    base = decode_base(data, chunker, own=data in local_bases).manifest
-                    break
+                    base_rec = decode_base(data, chunker, own=data in local_bases)
+                    return base_rec.manifest
                 except ValueError as e:
                     summ.warnings.append(f"two-way base unusable ({e})")
                     reporter.warn(f"two-way base unusable ({e})")
+            return Manifest()
+
         ma, mb = scans[0].manifest, scans[1].manifest
         reserved = tuple(sorted({r for s in (sa, sb) for r in (s.info.reserved if s.info else ())}))
-        if reserved:
-            from dirsync.verify import filter_manifest
+        ropts = ReconcileOptions(prefer=cfg.prefer, protect=frozenset(protect))
+        # Where both sides still hold the base entry there is nothing to decide: reconcile, plan
+        # and record only the other paths (the scope). `ref` holds the base's entries: a side's
+        # scan cache tied to the base record (no decoding, and its unchanged entries are the
+        # very objects the scan returned), else the decoded base. Not with protected or reserved
+        # paths or an interrupted run's conflicts to carry, and not when a conflict arises (copy
+        # names and --prefer drops look at whole trees): those runs reconcile everything.
+        base_rec: BaseRecord | None = None  # the record `ref` holds (snapshot and delta for the next one)
+        ref: Manifest | None = None
+        ties = [_read_tie(s, pid) for s in (sa, sb)]
+        scopable = best_rec is not None and not protect and not reserved and not earlier
+        tied_caches: tuple = (None, None)
+        if scopable:
+            tied_caches = tuple(_tied_cache(s, tie, best_rec.gen) for s, tie in zip((sa, sb), ties))  # type: ignore
+            ref = tied_caches[0] or tied_caches[1]
+            if ref is not None:
+                base_rec = best_rec
+        if ref is None:
+            base = load_base()
+            if reserved:
+                from dirsync.verify import filter_manifest
 
-            ma, mb, base = (filter_manifest(m, [], reserved) for m in (ma, mb, base))
-        dec = reconcile(base, ma, mb, ReconcileOptions(prefer=cfg.prefer, protect=frozenset(protect)))
+                ma, mb, base = (filter_manifest(m, [], reserved) for m in (ma, mb, base))
+            elif scopable and base.entries:
+                ref = base
+        scope = _scope(ref, ma, mb, tied_caches) if ref is not None else None
+        dec = None
+        pla, plb = ma, mb  # what the plans are made against
+        if scope is not None:
+            assert ref is not None
+            # A local side copies only from changed files; a remote one from any (sends less).
+            sma, smb = (_restrict(m, scope, every_file=s.is_remote) for m, s in ((ma, sa), (mb, sb)))
+            dec = reconcile(_restrict(ref, scope), sma, smb, ropts)
+            if dec.conflicts:
+                dec = scope = None
+            else:
+                pla, plb = sma, smb
+                base = ref
+        if dec is None:
+            if ref is not None and ref is not base:
+                base = load_base()
+            dec = reconcile(base, ma, mb, ropts)
         summ.decisions = dec
         now = {c.copy for c in dec.conflicts}
         summ.carried = [c for c in earlier if c.copy and c.copy not in now and c.copy in dec.target.entries]
-        pa, pb = side_plans(dec, ma, mb, delete=cfg.delete)
+        pa, pb = side_plans(dec, pla, plb, delete=cfg.delete)
         intended = (pa, pb)  # what reaching the target takes; a guard may hold some of it back
-        pa, pb = _guards(cfg, base, (ma, mb), (pa, pb), dec, summ, reporter)
+        pa, pb = _guards(cfg, base, (ma, mb), (pa, pb), dec, summ, reporter, (pla, plb))
         summ.plans = (pa, pb)
         if cfg.dry_run:
             for s in summ.sides:
@@ -1049,14 +1229,21 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             ok = True
             return summ
 
-        if (clean and all(p.empty for p in intended) and not summ.carried
-                and settled_base(base, dec, ()).keys() == base.keys()):
+        if scope is not None:
+            changes = _settle_scoped(base, dec, (), scope)
+            same_keys = all(e is not None and p in base.entries for p, e in changes.items())
+        else:
+            same_keys = settled_base(base, dec, ()).keys() == base.keys()
+        if clean and all(p.empty for p in intended) and not summ.carried and same_keys:
             # Nothing to do and nothing new to record: the base stays. Note the finding, so the
             # next run over unchanged trees can skip decoding and reconciling.
             if step is not None and not dec.decisions and not dec.conflicts and not summ.warnings:
                 data = _encode_step(step)
                 for s in (sa, sb):
                     s.write_state(f"twoway-{pid}.step", data)
+            if scope is not None and base_rec is not None:  # the base stays: tie the caches to it
+                tie_base = base_rec.gen
+                tied = [_holds(s, scope, base, {}) for s in (sa, sb)]
             ok = True
             return summ
 
@@ -1094,9 +1281,21 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         for plan, sm in zip(intended, summ.sides):
             need = Counter(a.path for a in plan.actions if not isinstance(a, Commit))  # type: ignore[union-attr]
             unsettled |= {p for p, n in need.items() if sm.done_paths[p] < n}
-        new_base = settled_base(base, dec, unsettled)
-        rec = BaseRecord(summ.base_seq + 1, secrets.token_hex(8), {ida: sa.key, idb: sb.key}, new_base)
-        data = encode_base(rec, chunker)
+        rec = BaseRecord(summ.base_seq + 1, secrets.token_hex(8), {ida: sa.key, idb: sb.key}, Manifest())
+        data = None
+        if scope is not None:
+            changes = _settle_scoped(base, dec, unsettled, scope)
+            if base_rec is not None:
+                count = len(base.entries) + sum((e is not None) - (p in base.entries) for p, e in changes.items())
+                data = encode_base_delta(base_rec, rec, changes, count, chunker)
+            if data is None:
+                rec.manifest = _applied(base, changes)
+            tie_base = rec.gen
+            tied = [_holds(s, scope, base, changes) for s in (sa, sb)]
+        else:
+            rec.manifest = settled_base(base, dec, unsettled)
+        if data is None:
+            data = encode_base(rec, chunker)
         for s in (sa, sb):
             s.write_state(f"twoway-{pid}.base", data)
         for s in (sa, sb):
@@ -1108,9 +1307,12 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 sm.status = "partial"
         ok = True
     finally:
-        for s in opened:
-            s.close(save=ok)
+        gens = [s.close(save=ok) for s in opened]
         summ.seconds = watch.elapsed()
+        if ok and pid is not None:  # after the caches are saved: a tie names what was saved
+            for s, gen, tie, t in zip(opened, gens, ties, tied):
+                if t and gen and tie != {"base": tie_base, "cache": gen}:
+                    _write_tie(s, pid, tie_base, gen)
     return summ
 
 
@@ -1137,9 +1339,71 @@ def _read_step(side: "TwoWaySide", pid: str) -> dict | None:
         return None
 
 
+# Ties: SIDE/.dirsync/twoway-<pairid>.tie says that the side's scan cache of generation `cache`
+# holds exactly the entries of base record `base` (kind, content, mode, mtime on every path). A
+# run writes it after saving the cache, only when the replica was seen to hold the new base (see
+# _holds); both ids are random per write, so a tie that names anything else is simply ignored,
+# and one lost in a crash costs a base decode. Local sides only.
+
+
+def _read_tie(side: "TwoWaySide", pid: str | None) -> dict | None:
+    if pid is None or side.is_remote:
+        return None
+    data = side.read_state(f"twoway-{pid}.tie")
+    try:
+        tie = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return tie if isinstance(tie, dict) else None
+
+
+def _tied_cache(side: "TwoWaySide", tie: dict | None, base_gen: str) -> Manifest | None:
+    """The side's scan cache (as the scan used it) when `tie` says it holds base record `base_gen`."""
+    if tie is None or side.is_remote or not base_gen or tie.get("base") != base_gen:
+        return None
+    rep = getattr(side.transport, "replica", None)
+    cache = rep.cache if rep is not None else None
+    if cache is None or not cache.generation or tie.get("cache") != cache.generation:
+        return None
+    try:
+        return cache.manifest
+    except ValueError:  # rows that do not decode (the scan rebuilt without them)
+        return None
+
+
+def _holds(side: "TwoWaySide", scope: set[str], old: Manifest, changes: dict[str, Entry | None]) -> bool:
+    """The side's replica now holds `old` with `changes` on every path of `scope`. Outside the
+    scope it holds what its scan found, which `old` holds there (see _scope)."""
+    rep = None if side.is_remote else getattr(side.transport, "replica", None)
+    if rep is None or rep.scanned is None:
+        return False
+    cur = rep.current if rep.touched else rep.scanned.entries  # reading `current` would copy the scan
+    O = old.entries
+    return all(cur.get(p) == (changes[p] if p in changes else O.get(p)) for p in scope)
+
+
+def _write_tie(side: "TwoWaySide", pid: str, base_gen: str, cache_gen: str) -> None:
+    """Atomic but not fsynced: a tie refers only to files already made durable, and one that is
+    lost or stale after a crash names ids that no longer match."""
+    path = side._state(f"twoway-{pid}.tie")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"base": base_gen, "cache": cache_gen}).encode())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def _guards(cfg: TwoWayConfig, base: Manifest, sides: tuple[Manifest, Manifest], plans: tuple[Plan, Plan],
-            dec: Decisions, summ: TwoWaySummary, reporter) -> tuple[Plan, Plan]:
-    """No-wipe guards, checked on both plans before anything happens on either side."""
+            dec: Decisions, summ: TwoWaySummary, reporter,
+            planned: tuple[Manifest, Manifest] | None = None) -> tuple[Plan, Plan]:
+    """No-wipe guards, checked on both plans before anything happens on either side. `sides`:
+    the whole scans; `planned`: what the plans were made against (default: `sides`)."""
+    planned = planned or sides
     from dirsync.sync import MASS_DELETE_MIN
 
     n_base = len(base.entries) - ("" in base.entries)
@@ -1170,7 +1434,7 @@ def _guards(cfg: TwoWayConfig, base: Manifest, sides: tuple[Manifest, Manifest],
         sm = summ.sides[i]
         sm.fatal, sm.exit_code, sm.status = msg, int(ExitCode.DELETE_LIMIT), "refused"
         reporter.error(msg)
-        out[i] = diff(dec.target, sides[i], PlanOptions(delete=False, protect=dec.protect))
+        out[i] = diff(dec.target, planned[i], PlanOptions(delete=False, protect=dec.protect))
     return out[0], out[1]
 
 
