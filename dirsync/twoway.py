@@ -663,6 +663,38 @@ def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bo
     return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m, snapshot, delta, gone)
 
 
+def read_base_head(side: "TwoWaySide", name: str, chunker: str) -> BaseRecord | None:
+    """A base record's header (seq, gen, specs; no manifest, no stored form) from the first bytes
+    of the file, read whole only when they do not hold it. None: no such file; ValueError: unreadable."""
+    import msgpack
+
+    data = side.read_state_head(name)
+    if data is None:
+        return None
+    up = msgpack.Unpacker(raw=False, use_list=False)
+    up.feed(data)
+    head: dict = {}
+    try:
+        for _ in range(up.read_map_header()):
+            k = up.unpack()
+            if k == "manifest":  # the header fields are packed before it (see _pack_base)
+                break
+            head[k] = up.unpack()
+        else:
+            raise msgpack.OutOfData  # no manifest: let decode_base say what is wrong
+    except msgpack.OutOfData:
+        full = side.read_state(name)
+        return None if full is None else decode_base(full, chunker, header_only=True)
+    except Exception as e:
+        raise ValueError(f"two-way base unreadable: {e}") from e
+    seq, gen, specs = head.get("seq"), head.get("gen"), head.get("specs")
+    if head.get("format") not in (1, BASE_FORMAT):
+        raise ValueError("not a two-way base record of this version")
+    if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict):
+        raise ValueError("two-way base record header is malformed")
+    return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, Manifest())
+
+
 def _encode_pending(run_id: str, conflicts: list[Conflict]) -> bytes:
     """The .pending marker: the run and the conflicts it is resolving (so that a rerun after a
     kill still reports them, though the sides may already agree)."""
@@ -800,6 +832,14 @@ class TwoWaySide:
         except FileNotFoundError:
             return None
 
+    def read_state_head(self, name: str, size: int = 1 << 16) -> bytes | None:
+        """The first `size` bytes of a state file (a base record's header is in them)."""
+        try:
+            with open(self._state(name), "rb") as f:
+                return f.read(size)
+        except FileNotFoundError:
+            return None
+
     def write_state(self, name: str, data: bytes) -> None:
         from dirsync.state import write_atomic
 
@@ -828,8 +868,14 @@ class TwoWaySide:
         return read_ignore_file(self.root)
 
     # the replica contract
-    def open(self, *, init: bool, readonly: bool):
-        self.info = self.transport.open(init=init, readonly=readonly)
+    def open(self, *, init: bool, readonly: bool, walk: list[str] | None = None):
+        """`walk`: the patterns scan() will get; its tree walk starts now in a child process
+        (LocalTransport.open_start), beside whatever this process does until then."""
+        if walk is not None and not self.is_remote:
+            self.transport.open_start(walk, init=init, readonly=readonly)
+            self.info = self.transport.open_finish()
+        else:
+            self.info = self.transport.open(init=init, readonly=readonly)
         return self.info
 
     def scan(self, patterns: list[str]):
@@ -898,6 +944,9 @@ class RemoteTwoWaySide(TwoWaySide):
         if not _STATE_NAME.fullmatch(name):
             raise ValueError(f"bad two-way state file name {name!r}")
         return self._tw("read", name=name)
+
+    def read_state_head(self, name: str, size: int = 1 << 16) -> bytes | None:
+        return self.read_state(name)
 
     def write_state(self, name: str, data: bytes) -> None:
         if not _STATE_NAME.fullmatch(name):
@@ -1042,15 +1091,14 @@ def _guard_markers(x: TwoWaySide, y: TwoWaySide, chunker: str) -> None:
     mx, my = x.peek_marker(), y.peek_marker()
     if my is None:
         return
-    if mx is not None and y.read_state(f"twoway-{pair_id(mx, my)}.base") is not None:
+    if mx is not None and y.read_state_head(f"twoway-{pair_id(mx, my)}.base", 1) is not None:
         return
     for name in y.list_bases():
-        data = y.read_state(name)
-        if data is None:
-            continue
         try:
-            rec = decode_base(data, chunker, header_only=True)
+            rec = read_base_head(y, name, chunker)
         except ValueError:
+            continue
+        if rec is None:
             continue
         for mid, spec in rec.specs.items():
             if spec == x.key and mid != my and mid != mx:
@@ -1085,9 +1133,12 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
     # A never-synced, non-empty side needs --init only when the other side is not empty either:
     # seeding an empty or new directory from an existing one is the usual first run.
     init = (cfg.init or sb.looks_empty(), cfg.init or sa.looks_empty())
+    # Two local sides: b's tree is walked by a child process while this one scans a.
+    patterns = None if sa.is_remote or sb.is_remote else \
+        list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
     try:
         for s, s_init in zip((sa, sb), init):
-            info = s.open(init=s_init, readonly=cfg.dry_run)
+            info = s.open(init=s_init, readonly=cfg.dry_run, walk=patterns if s is sb else None)
             opened.append(s)
             for w in info.warnings:
                 w = w.replace(", no deletions this run", "")  # the scan cache only: the base decides deletions
@@ -1100,27 +1151,22 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         base = Manifest()
         earlier: list[Conflict] = []  # conflicts an interrupted run made (its copies may be all that is left)
         clean = False  # both sides hold the same base record and no run was interrupted
-        best_data: bytes | None = None
-        best_rec: BaseRecord | None = None  # its header (and stored form)
-        datas: list[bytes] = []
-        local_bases: set[bytes] = set()  # base records read from a local side
+        best_rec: BaseRecord | None = None  # the newer record's header
+        heads: list[tuple[TwoWaySide, BaseRecord]] = []  # (side, header of its record)
         if pid is not None:
-            recs: list[BaseRecord] = []  # headers only: the manifest is decoded once, when needed
             for s in (sa, sb):
-                data = s.read_state(f"twoway-{pid}.base")
-                if data is None:
-                    continue
-                if not s.is_remote:
-                    local_bases.add(data)
                 try:
-                    recs.append(decode_base(data, chunker, header_only=True))
-                    datas.append(data)
+                    h = read_base_head(s, f"twoway-{pid}.base", chunker)
                 except ValueError as e:
                     summ.warnings.append(f"{s.spec}: two-way base unusable ({e})")
                     reporter.warn(f"{s.spec}: two-way base unusable ({e}); using the other side's")
+                    continue
+                if h is not None:
+                    heads.append((s, h))
+            recs = [h for _, h in heads]
             if recs:
-                i_best = max(range(len(recs)), key=lambda i: recs[i].seq)
-                best_rec, best_data, summ.base_seq = recs[i_best], datas[i_best], recs[i_best].seq
+                best_rec = max(recs, key=lambda r: r.seq)
+                summ.base_seq = best_rec.seq
                 if len(recs) == 2 and recs[0].gen != recs[1].gen:
                     reporter.warn("the last two-way run stopped while saving its state; using the newer record")
             pend = [d for d in (s.read_state(f"twoway-{pid}.pending") for s in (sa, sb)) if d is not None]
@@ -1133,7 +1179,8 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             clean = (len(recs) == 2 and recs[0].gen == recs[1].gen and not pend
                      and recs[0].specs == {ida: sa.key, idb: sb.key})
 
-        patterns = list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
+        if patterns is None:
+            patterns = list(cfg.excludes) + sa.ignore_patterns() + sb.ignore_patterns()
         for s in (sa, sb):  # a remote side walks its tree while the local one is scanned
             if s.is_remote:
                 s.transport.scan_start(patterns)
@@ -1159,17 +1206,29 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             ok = True
             return summ
 
-        def load_base() -> Manifest:
-            """Decode the base: the newer record first; if its rows do not decode, the other
-            side's (a base-less run is a union that deletes nothing: even losing both loses no data)."""
-            nonlocal base_rec
-            for data in sorted(set(datas), key=lambda d: d != best_data):
+        def stored(header_only: bool) -> Iterator[tuple[TwoWaySide, bytes, BaseRecord]]:
+            """The base records, read whole: the newer first (a local side's copy first), each
+            distinct one once; one that does not decode is warned about and skipped."""
+            assert best_rec is not None
+            seen: set[bytes] = set()
+            for s, _h in sorted(heads, key=lambda x: (x[1].gen != best_rec.gen, x[0].is_remote)):  # type: ignore
+                data = s.read_state(f"twoway-{pid}.base")
+                if data is None or data in seen:
+                    continue
+                seen.add(data)
                 try:
-                    base_rec = decode_base(data, chunker, own=data in local_bases)
-                    return base_rec.manifest
+                    yield s, data, decode_base(data, chunker, header_only=header_only, own=not s.is_remote)
                 except ValueError as e:
                     summ.warnings.append(f"two-way base unusable ({e})")
                     reporter.warn(f"two-way base unusable ({e})")
+
+        def load_base() -> Manifest:
+            """Decode the base: the newer record, else the other side's (a base-less run is a
+            union that deletes nothing, so even losing both loses no data)."""
+            nonlocal base_rec
+            for _s, _data, rec in (stored(False) if best_rec is not None else ()):
+                base_rec = rec
+                return rec.manifest
             return Manifest()
 
         ma, mb = scans[0].manifest, scans[1].manifest
@@ -1189,8 +1248,10 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         if scopable:
             tied_caches = tuple(_tied_cache(s, tie, best_rec.gen) for s, tie in zip((sa, sb), ties))  # type: ignore
             ref = tied_caches[0] or tied_caches[1]
-            if ref is not None:
-                base_rec = best_rec
+            if ref is not None:  # the record's stored form (not its rows), for the next one's delta
+                base_rec = next((r for _s, _d, r in stored(True) if r.gen == best_rec.gen), None)  # type: ignore
+                if base_rec is None:
+                    ref, tied_caches = None, (None, None)
         if ref is None:
             base = load_base()
             if reserved:

@@ -442,3 +442,67 @@ def test_both_sides_untied_the_base_is_decoded(synced, decodes):
     assert s.exit_code == 0 and decodes == [1] and sizes[-1] < 2 * len(side_keys(a))
     assert stat.S_IMODE(os.lstat(a / "d1" / "f0.txt").st_mode) == 0o600
     assert len(tie_files(a)) == len(tie_files(b)) == 1
+
+
+# -- base headers from the first bytes; b walked beside a --------------------------------------------
+
+
+class FakeSide:
+    """read_state / read_state_head over one in-memory file, counting whole reads."""
+
+    def __init__(self, data: bytes | None, head: int = 1 << 16) -> None:
+        self.data, self.head, self.whole = data, head, 0
+
+    def read_state_head(self, name, size=1 << 16):
+        return None if self.data is None else self.data[:min(size, self.head)]
+
+    def read_state(self, name):
+        self.whole += 1
+        return self.data
+
+
+def test_base_header_comes_from_the_first_bytes_of_a_big_record():
+    from dirsync.twoway import read_base_head
+
+    entries = {"": DirEntry("", 0o755, 1), **{f"d{i:05d}": DirEntry(f"d{i:05d}", 0o755, i) for i in range(5000)}}
+    data = encode_base(BaseRecord(7, "gen7", {"id1": "/x", "id2": "h:/y"}, Manifest(entries)), CHUNKER)
+    assert len(data) > 1 << 16
+    side = FakeSide(data)
+    h = read_base_head(side, "n", CHUNKER)
+    assert (h.seq, h.gen, h.specs, side.whole) == (7, "gen7", {"id1": "/x", "id2": "h:/y"}, 0)
+    short = FakeSide(data, head=20)  # the header does not fit: the whole file is read
+    h = read_base_head(short, "n", CHUNKER)
+    assert (h.seq, h.gen, short.whole) == (7, "gen7", 1)
+    assert read_base_head(FakeSide(None), "n", CHUNKER) is None
+    import msgpack
+
+    for bad in (b"\xc1garbage", msgpack.packb({"format": 99, "seq": 1, "gen": "g", "specs": {}, "manifest": b""}),
+                msgpack.packb({"format": 2, "seq": "1", "gen": "g", "specs": {}, "manifest": b""}),
+                msgpack.packb({"format": 2, "seq": 1})):
+        with pytest.raises(ValueError):
+            read_base_head(FakeSide(bad), "n", CHUNKER)
+    # cut after its header: the header reads; decoding the rows is what fails
+    assert read_base_head(FakeSide(data[:100]), "n", CHUNKER).gen == "gen7"
+    with pytest.raises(ValueError):
+        decode_base(data[:100], CHUNKER)
+
+
+def test_b_is_walked_by_a_child_and_its_changes_are_seen(synced, monkeypatch):
+    from dirsync.transport.local import LocalTransport
+
+    a, b, sizes = synced
+    started = []
+    real = LocalTransport.open_start
+
+    def spy(self, patterns, **kw):
+        started.append(self.root)
+        return real(self, patterns, **kw)
+
+    monkeypatch.setattr(LocalTransport, "open_start", spy)
+    (b / "d1" / "from-b.txt").write_bytes(b"b\n")
+    (a / ".dirsyncignore").write_bytes(b"*.tmp\n")
+    (b / "d0" / "x.tmp").write_bytes(b"ignored\n")
+    s = tw(a, b)
+    assert s.exit_code == 0 and started == [str(b)]
+    assert (a / "d1" / "from-b.txt").read_bytes() == b"b\n" and not (a / "d0" / "x.tmp").exists()
+    assert (b / ".dirsyncignore").exists()
