@@ -32,8 +32,8 @@ from dirsync.errors import (
     ItemIOError,
     RefusedError,
 )
-from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath, is_under,
-                              parent_of)
+from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath,
+                              fingerprint, is_under, parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
 from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
 from dirsync.state import FileLock, load_manifest_file, save_manifest_file, write_atomic
@@ -128,6 +128,7 @@ class Replica:
         self._prewalk_for: Excluder | None = None  # ... only when called with this very excluder
         self._current: dict[str, Entry] | None = None  # made from the scan on first use
         self.scan_unchanged = False
+        self.closed_fingerprint = b""  # set by close: the fingerprint of the cache it left (b"": none)
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
         self._flushing: threading.Thread | None = None  # a commit's syncfs in flight (see commit_start)
         self._renames_unflushed = False  # renames made since the last syncfs (flushed at the latest by close)
@@ -298,14 +299,17 @@ class Replica:
                          and (self._current is None or self._current == self._scan.manifest.entries))
             if untouched:
                 generation = self.cache.generation  # nothing changed: the saved cache is still exact
+                self.closed_fingerprint = self.cache.fingerprint
             elif save and not self.readonly and self.root_fd >= 0 and self._scan is not None and self.current:
                 generation = os.urandom(16).hex()
+                fp = fingerprint(self.current)
                 try:
                     save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
-                                       Manifest(self.current, generation=generation), chunker)
+                                       Manifest(self.current, generation=generation), chunker, fp)
                 except OSError as e:  # e.g. a full disk: the old cache stays (stat checks catch staleness)
                     generation = ""
                     raise ItemIOError(f"{STATE_DIR}/{CACHE}", "save replica cache", e) from None
+                self.closed_fingerprint = fp
             if self.backup is not None and self.backup.keep and not self.readonly and self.root_fd >= 0:
                 self._prune_backups(self.backup.keep)
         finally:

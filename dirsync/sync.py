@@ -418,17 +418,27 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             if w not in info.warnings:
                 reporter.warn(f"{t.name}: {w}")
         ok = True
+        done = _in_step_key(mscan, rscan, deletes_ok, info, after=True)
+        if done is None or plan.skipped or summary.errors or summary.warnings or summary.fatal or should_stop():
+            done = None
     finally:
         t.close(save=ok)
+    # The whole plan was carried out cleanly: the replica now is what the master was when it
+    # was scanned. Note both trees as in step as they were left (the replica by the cache its
+    # close saved), so that the next run skips planning when neither changed since.
+    fp = getattr(t, "closed_fingerprint", b"") if done is not None else b""
+    if fp:
+        summary.in_step = {**done, "replica": fp.hex()}
 
 
-def _in_step_key(mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info) -> dict | None:
+def _in_step_key(mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info, after: bool = False) -> dict | None:
     """What must hold again for an earlier "in step" finding to stand, or None when this run
-    cannot take or give one (a tree without a fingerprint, anything reported while scanning)."""
-    if not (mscan.fingerprint and rscan.fingerprint) or mscan.errors or mscan.warnings or rscan.errors \
-            or rscan.warnings or info.warnings:
+    cannot take or give one (a tree without a fingerprint, anything reported while scanning).
+    `after`: for the replica as this run leaves it (its fingerprint is filled in later)."""
+    if not (mscan.fingerprint and (after or rscan.fingerprint)) or mscan.errors or mscan.warnings \
+            or rscan.errors or rscan.warnings or info.warnings:
         return None
-    return {"master": mscan.fingerprint.hex(), "replica": rscan.fingerprint.hex(),
+    return {"master": mscan.fingerprint.hex(), "replica": "" if after else rscan.fingerprint.hex(),
             "opts": f"delete={int(deletes_ok)} reserved={'/'.join(info.reserved)}"}
 
 

@@ -16,6 +16,10 @@ Contract (what sync.py relies on; the conformance tests check it for every imple
                                        replica's saved manifest, filtered by `patterns`, without
                                        walking the tree; None when there is no usable cache.
                                        Callers fall back to scan() when a transport lacks it.
+  closed_fingerprint: bytes            OPTIONAL: after close(), the fingerprint of the replica
+                                       cache it left (b"" when none); a sync whose plan was
+                                       carried out cleanly records it as "in step" with the
+                                       master's (sync._sync_one). Local replicas only for now.
 
 Options that the replica side must honour (carried in TransportOptions):
   backup_dir, backup_keep              --backup-dir/--backup-keep. The replica side builds

@@ -24,6 +24,7 @@ class LocalTransport:
         self._info: OpenInfo | None = None  # from open_start, for open_finish
         self._excluder: Excluder | None = None  # the prewalk's (scan must use the same patterns)
         self._patterns: list[str] = []
+        self.closed_fingerprint = b""  # the replica cache's fingerprint as close() left it
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo:
         self.replica = Replica(self.root, readonly=readonly, backup=backup_options(self.opts))
@@ -66,5 +67,8 @@ class LocalTransport:
 
     def close(self, *, save: bool = True) -> None:
         if self.replica is not None:
-            self.replica.close(save=save)
-            self.replica = None
+            try:
+                self.replica.close(save=save)
+            finally:
+                self.closed_fingerprint = self.replica.closed_fingerprint
+                self.replica = None
