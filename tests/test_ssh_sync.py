@@ -18,18 +18,18 @@ try:
     import sshd as _sshd_plugin
     import treecmp
     from helpers import (
-        File, J, Link, append, build_tree, insert, random_bytes, raw_snapshot, read, remove, replace_with_dir,
-        replace_with_file, replace_with_link, run_cli, stray_temps, swap, sync_json, text_lines, tmp_entries,
-        touch, truncate, write,
+        File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, raw_snapshot, read,
+        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
+        sync_json, text_lines, tmp_entries, touch, truncate, write,
     )
     from remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 except ImportError:
     from tests import sshd as _sshd_plugin
     from tests import treecmp
     from tests.helpers import (
-        File, J, Link, append, build_tree, insert, random_bytes, raw_snapshot, read, remove, replace_with_dir,
-        replace_with_file, replace_with_link, run_cli, stray_temps, swap, sync_json, text_lines, tmp_entries,
-        touch, truncate, write,
+        File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, raw_snapshot, read,
+        remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
+        sync_json, text_lines, tmp_entries, touch, truncate, write,
     )
     from tests.remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 
@@ -245,6 +245,22 @@ def test_noop_scan_is_a_delta_on_the_wire(sshd, tmp_path, _private_state_home):
         assert delta_with_change < 16 * KiB
     finally:
         proxy.close()
+
+
+def test_clean_ssh_run_leaves_the_pair_in_step(sshd, tmp_path):
+    """The agent reports the fingerprint of the cache it saved: after a clean run the next
+    no-op plans nothing, and a silent edit on the far side is still found."""
+    args = ssh_cli_args(sshd)
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(20)} for i in range(5)})
+    settle(m)
+    sync_json(m, ssh_spec(sshd, r), args=args)
+    _, out = sync_json(m, ssh_spec(sshd, r), args=args)
+    assert out["replicas"][0]["planned"] is False
+    overwrite_same_size_and_mtime(r / "d2/f3.txt", b"X/3\n")
+    _, out = sync_json(m, ssh_spec(sshd, r), args=args)
+    assert out["replicas"][0]["planned"] is True and out["replicas"][0]["files_written"] == 1
+    treecmp.assert_trees_equal(m, r)
 
 
 def test_plan_and_verify_against_an_ssh_replica(sshd, tmp_path):

@@ -19,7 +19,7 @@ Contract (what sync.py relies on; the conformance tests check it for every imple
   closed_fingerprint: bytes            OPTIONAL: after close(), the fingerprint of the replica
                                        cache it left (b"" when none); a sync whose plan was
                                        carried out cleanly records it as "in step" with the
-                                       master's (sync._sync_one). Local replicas only for now.
+                                       master's (sync._sync_one). The agent reports it in `closed`.
 
 Options that the replica side must honour (carried in TransportOptions):
   backup_dir, backup_keep              --backup-dir/--backup-keep. The replica side builds

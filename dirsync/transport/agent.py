@@ -315,7 +315,7 @@ class Agent:
             self._send_rows(changed, removed)
             for i in range(0, len(as_sent), proto.ROWS_PER_FRAME):
                 self.send({"t": "written", "paths": as_sent[i:i + proto.ROWS_PER_FRAME]})
-        msg: dict[str, Any] = {"t": "closed", "gen": gen}
+        msg: dict[str, Any] = {"t": "closed", "gen": gen, "fp": r.closed_fingerprint if gen else b""}
         if error is not None:
             msg["error"] = proto.enc_item_error(error)
         self.send(msg)

@@ -83,6 +83,7 @@ class RemoteTransport:
         self._busy = False  # inside apply: the agent expects actions/data, not `close`
         self._readonly = False
         self._hello_seen = False
+        self.closed_fingerprint = b""  # after close: the fingerprint of the cache the agent saved
         self.base: SavedManifest | None = None  # our copy of the replica's last saved manifest
         self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
         self._staged_seen: set[str] = set()  # writes whose bytes the sink has counted
@@ -628,10 +629,12 @@ class RemoteTransport:
                 removed: list[str] = []
                 m = self._rows_until("closed", changed, removed)
                 gen = v_str(m.get("gen", ""), 64)
+                fp = v_bytes(m.get("fp", b""), 64)  # absent from older agents
                 if m.get("error") is not None:
                     error = proto.dec_item_error(m.get("error"))
                 if not self._readonly:  # a read-only session saved nothing: our copy still matches
                     self._remember(gen, changed, removed)
+                    self.closed_fingerprint = fp if gen and error is None else b""
                 self._send({"t": "bye"}, flush=True)
         except (ConnectError, ProtocolError, OSError):
             pass
