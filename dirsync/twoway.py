@@ -886,12 +886,15 @@ class TwoWaySide:
 
     def close(self, *, save: bool) -> str:
         """Release the side; returns the generation of its scan cache as saved ("" if none)."""
-        rep = self.transport.replica  # LocalTransport.close, keeping what Replica.close returns
+        t = self.transport  # what LocalTransport.close does, keeping what Replica.close returns
+        rep = t.replica
         if rep is None:
             return ""
-        gen = rep.close(save=save)
-        self.transport.replica = None
-        return gen
+        try:
+            return rep.close(save=save)
+        finally:
+            t.closed_fingerprint = rep.closed_fingerprint
+            t.replica = None
 
     def source(self, throttle=None) -> ContentSource:
         return ContentSource(self.root, throttle)
