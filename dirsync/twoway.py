@@ -564,6 +564,7 @@ def _applied(old: Manifest, changes: dict[str, Entry | None]) -> Manifest:
 # -- base records --------------------------------------------------------------------------------
 
 BASE_FORMAT = 2  # 2: a snapshot manifest plus the rows changed since it; 1 (snapshot only) is still read
+SPLIT_FORMAT = 3  # 3: as 2, the snapshot in a file of its own (twoway-<pairid>.snap-<id>: two local sides)
 _DELTA_MIN = 1024  # a delta may grow to max(this, a quarter of the entries) before a new snapshot
 
 
@@ -579,31 +580,47 @@ class BaseRecord:
     gen: str  # random id of this commit (same on both sides when both were written)
     specs: dict[str, str]  # marker id -> how that side was named (a path or host:path)
     manifest: Manifest
-    # The stored form, kept by decode_base so that the next record can reuse the snapshot bytes:
-    snapshot: bytes = b""  # a manifest (manifest.to_bytes)
+    # The stored form, kept by decode_base so that the next record can reuse the snapshot:
+    snapshot: bytes = b""  # a manifest (manifest.to_bytes), held in the record (format 1, 2)
     delta: tuple = ()  # rows (manifest.encode_rows) that replace or add entries of the snapshot
     gone: tuple = ()  # encoded paths the snapshot has and the record does not
+    snap_id: str = ""  # format 3: the snapshot is the file twoway-<pairid>.snap-<snap_id> beside it
 
 
 def encode_base(rec: BaseRecord, chunker: str) -> bytes:
-    """The record with a fresh snapshot of rec.manifest (no delta)."""
+    """The record with a fresh snapshot of rec.manifest in it (no delta)."""
     from dirsync.manifest import to_bytes
 
     return _pack_base(rec, to_bytes(rec.manifest, chunker), (), ())
 
 
+def encode_base_split(rec: BaseRecord, chunker: str) -> tuple[bytes, bytes, str]:
+    """(record, snapshot, snapshot id): rec with a fresh snapshot of rec.manifest kept in the
+    file twoway-<pairid>.snap-<id> (written before the record, on both sides)."""
+    from dirsync.manifest import to_bytes
+
+    sid = secrets.token_hex(8)
+    return _pack_base(rec, None, (), (), sid), to_bytes(rec.manifest, chunker), sid
+
+
 def encode_base_delta(prev: BaseRecord, rec: BaseRecord, changes: dict[str, Entry | None], count: int,
-                      chunker: str) -> bytes | None:
+                      chunker: str, *, split: bool = False) -> bytes | None:
     """rec, whose manifest (of `count` entries) is prev's with `changes` applied (path -> new
-    entry, None: removed), as prev's snapshot bytes plus a delta: the unchanged entries are not
-    encoded again (rec.manifest is not read). None when prev's snapshot is missing or does not
-    check out, or the delta would grow too big: write encode_base then."""
+    entry, None: removed), as prev's snapshot plus a delta: the unchanged entries are not
+    encoded again (rec.manifest is not read). `split`: the snapshot stays in its file (prev
+    must be format 3), else it is copied into the record (prev must hold it). None when prev
+    has no such snapshot, its held one does not check out, or the delta would grow too big:
+    write a fresh snapshot then."""
     from dirsync.manifest import _FSENC, encode_rows, load
 
-    try:
-        load(prev.snapshot, chunker)  # framing and checksum only: a damaged snapshot is not passed on
-    except ValueError:
-        return None
+    if split:
+        if not prev.snap_id:
+            return None
+    else:
+        try:
+            load(prev.snapshot, chunker)  # framing and checksum only: a damaged snapshot is not passed on
+        except ValueError:
+            return None
     rows = {r[1]: r for r in prev.delta}
     gone = set(prev.gone)
     for p, e in changes.items():
@@ -616,19 +633,33 @@ def encode_base_delta(prev: BaseRecord, rec: BaseRecord, changes: dict[str, Entr
         rows[r[1]] = r
     if len(rows) + len(gone) > max(_DELTA_MIN, count // 4):
         return None
+    if split:
+        return _pack_base(rec, None, tuple(rows.values()), tuple(sorted(gone)), prev.snap_id)
     return _pack_base(rec, prev.snapshot, tuple(rows.values()), tuple(sorted(gone)))
 
 
-def _pack_base(rec: BaseRecord, snapshot: bytes, delta: tuple, gone: tuple) -> bytes:
+def _pack_base(rec: BaseRecord, snapshot: bytes | None, delta: tuple, gone: tuple, snap_id: str = "") -> bytes:
     import msgpack
 
-    return msgpack.packb({"format": BASE_FORMAT, "seq": rec.seq, "gen": rec.gen, "specs": rec.specs,
-                          "manifest": snapshot, "delta": delta, "gone": gone}, use_bin_type=True)
+    # The header fields first: read_base_head stops at the snapshot (or its id).
+    d = {"format": SPLIT_FORMAT if snapshot is None else BASE_FORMAT, "seq": rec.seq, "gen": rec.gen,
+         "specs": rec.specs}
+    if snapshot is None:
+        d["snap"] = snap_id
+    else:
+        d["manifest"] = snapshot
+    d["delta"], d["gone"] = delta, gone
+    return msgpack.packb(d, use_bin_type=True)
 
 
-def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bool = False) -> BaseRecord:
+_SNAP_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bool = False,
+                snapshot_of: Callable[[str], bytes | None] | None = None) -> BaseRecord:
     """Raises ValueError (ManifestFormatError included) for anything unreadable. `own`: read
-    from a local side (our own file), not sent by a remote agent: cheaper row checks."""
+    from a local side (our own file), not sent by a remote agent: cheaper row checks.
+    `snapshot_of(id)`: the bytes of a format 3 record's snapshot file (None: missing)."""
     import msgpack
 
     from dirsync.manifest import _decode_own_rows, decode_rows, load
@@ -637,18 +668,26 @@ def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bo
         d = msgpack.unpackb(data, raw=False, use_list=False)
     except Exception as e:
         raise ValueError(f"two-way base unreadable: {e}") from e
-    if not isinstance(d, dict) or d.get("format") not in (1, BASE_FORMAT):
+    if not isinstance(d, dict) or d.get("format") not in (1, BASE_FORMAT, SPLIT_FORMAT):
         raise ValueError("not a two-way base record of this version")
     seq, gen, specs = d.get("seq"), d.get("gen"), d.get("specs")
     snapshot, delta, gone = d.get("manifest", b""), d.get("delta", ()), d.get("gone", ())
+    snap_id = d.get("snap", "") if d["format"] == SPLIT_FORMAT else ""
     if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict) \
             or not isinstance(snapshot, bytes) or not isinstance(delta, tuple) or not isinstance(gone, tuple) \
             or not all(isinstance(r, tuple) and len(r) > 1 and isinstance(r[1], bytes) for r in delta) \
-            or not all(isinstance(g, bytes) for g in gone):
+            or not all(isinstance(g, bytes) for g in gone) \
+            or (d["format"] == SPLIT_FORMAT and not (isinstance(snap_id, str) and _SNAP_ID.fullmatch(snap_id))):
         raise ValueError("two-way base record header is malformed")
     m = Manifest()
     if not header_only:
-        m = load(snapshot, chunker, own=own).manifest
+        if snap_id:
+            got = snapshot_of(snap_id) if snapshot_of is not None else None
+            if got is None:
+                raise ValueError(f"two-way base snapshot {snap_id} is missing")
+            m = load(got, chunker, own=own).manifest
+        else:
+            m = load(snapshot, chunker, own=own).manifest
         if delta or gone:
             entries = dict(m.entries)
             for g in gone:
@@ -660,7 +699,7 @@ def decode_base(data: bytes, chunker: str, *, header_only: bool = False, own: bo
             if "" in m.entries and "" not in entries:
                 raise ValueError("two-way base delta drops the root")
             m = Manifest(entries)
-    return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m, snapshot, delta, gone)
+    return BaseRecord(seq, gen, {str(k): str(v) for k, v in specs.items()}, m, snapshot, delta, gone, snap_id)
 
 
 def read_base_head(side: "TwoWaySide", name: str, chunker: str) -> BaseRecord | None:
@@ -677,18 +716,18 @@ def read_base_head(side: "TwoWaySide", name: str, chunker: str) -> BaseRecord | 
     try:
         for _ in range(up.read_map_header()):
             k = up.unpack()
-            if k == "manifest":  # the header fields are packed before it (see _pack_base)
+            if k in ("manifest", "snap"):  # the header fields are packed before these (_pack_base)
                 break
             head[k] = up.unpack()
         else:
-            raise msgpack.OutOfData  # no manifest: let decode_base say what is wrong
+            raise msgpack.OutOfData  # neither: let decode_base say what is wrong
     except msgpack.OutOfData:
         full = side.read_state(name)
         return None if full is None else decode_base(full, chunker, header_only=True)
     except Exception as e:
         raise ValueError(f"two-way base unreadable: {e}") from e
     seq, gen, specs = head.get("seq"), head.get("gen"), head.get("specs")
-    if head.get("format") not in (1, BASE_FORMAT):
+    if head.get("format") not in (1, BASE_FORMAT, SPLIT_FORMAT):
         raise ValueError("not a two-way base record of this version")
     if not isinstance(seq, int) or not isinstance(gen, str) or not isinstance(specs, dict):
         raise ValueError("two-way base record header is malformed")
@@ -716,7 +755,7 @@ def _decode_pending(data: bytes) -> list[Conflict]:
 
 # -- sides ---------------------------------------------------------------------------------------
 
-_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step|tie)")
+_STATE_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step|tie|snap-[0-9a-f]{16})")
 
 
 class ContentSource:
@@ -851,6 +890,21 @@ class TwoWaySide:
         except FileNotFoundError:
             pass
 
+    def prune_snapshots(self, pid: str, keep: str) -> None:
+        """Remove the pair's base snapshot files other than `keep` (no record names them)."""
+        from dirsync.scan import STATE_DIR
+
+        try:
+            names = os.listdir(os.path.join(self.root, STATE_DIR))
+        except OSError:
+            return
+        for n in names:
+            if n.startswith(f"twoway-{pid}.snap-") and n != f"twoway-{pid}.snap-{keep}" and _STATE_NAME.fullmatch(n):
+                try:
+                    self.remove_state(n)
+                except OSError:
+                    pass
+
     def looks_empty(self) -> bool:
         """Missing, or nothing in it but dirsync's own folder (read without taking anything over)."""
         from dirsync.scan import STATE_DIR
@@ -973,6 +1027,9 @@ class RemoteTwoWaySide(TwoWaySide):
 
     def source(self, throttle=None) -> ContentSource:
         return RemoteContentSource(self.transport, throttle)
+
+    def prune_snapshots(self, pid: str, keep: str) -> None:
+        pass  # an agent never holds snapshot files (records with a remote side keep theirs inside)
 
 
 def make_side(spec: str, label: str, topts=None) -> TwoWaySide:
@@ -1210,20 +1267,24 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             return summ
 
         def stored(header_only: bool) -> Iterator[tuple[TwoWaySide, bytes, BaseRecord]]:
-            """The base records, read whole: the newer first (a local side's copy first), each
-            distinct one once; one that does not decode is warned about and skipped."""
+            """The base records, read whole: the newer first (a local side's copy first); one that
+            does not decode is warned about and skipped (identical records may still differ in
+            their snapshot files)."""
             assert best_rec is not None
-            seen: set[bytes] = set()
             for s, _h in sorted(heads, key=lambda x: (x[1].gen != best_rec.gen, x[0].is_remote)):  # type: ignore
                 data = s.read_state(f"twoway-{pid}.base")
-                if data is None or data in seen:
+                if data is None:
                     continue
-                seen.add(data)
                 try:
-                    yield s, data, decode_base(data, chunker, header_only=header_only, own=not s.is_remote)
+                    yield s, data, decode_base(data, chunker, header_only=header_only, own=not s.is_remote,
+                                               snapshot_of=lambda i, s=s: s.read_state(f"twoway-{pid}.snap-{i}"))
                 except ValueError as e:
-                    summ.warnings.append(f"two-way base unusable ({e})")
-                    reporter.warn(f"two-way base unusable ({e})")
+                    nonlocal base_trouble
+                    base_trouble = True
+                    msg = f"two-way base unusable ({e})"
+                    if msg not in summ.warnings:
+                        summ.warnings.append(msg)
+                        reporter.warn(msg)
 
         def load_base() -> Manifest:
             """Decode the base: the newer record, else the other side's (a base-less run is a
@@ -1244,6 +1305,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
         # paths or an interrupted run's conflicts to carry, and not when a conflict arises (copy
         # names and --prefer drops look at whole trees): those runs reconcile everything.
         base_rec: BaseRecord | None = None  # the record `ref` holds (snapshot and delta for the next one)
+        base_trouble = False  # a record did not decode: the next one gets a fresh snapshot
         ref: Manifest | None = None
         ties = [_read_tie(s, pid) for s in (sa, sb)]
         scopable = best_rec is not None and not protect and not reserved and not earlier
@@ -1346,24 +1408,32 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             need = Counter(a.path for a in plan.actions if not isinstance(a, Commit))  # type: ignore[union-attr]
             unsettled |= {p for p, n in need.items() if sm.done_paths[p] < n}
         rec = BaseRecord(summ.base_seq + 1, secrets.token_hex(8), {ida: sa.key, idb: sb.key}, Manifest())
-        data = None
+        split = not (sa.is_remote or sb.is_remote)  # an agent keeps only the record itself
+        data, snap = None, None
         if scope is not None:
             changes = _settle_scoped(base, dec, unsettled, scope)
-            if base_rec is not None:
+            if base_rec is not None and not base_trouble and (not base_rec.snap_id or all(
+                    s.read_state_head(f"twoway-{pid}.snap-{base_rec.snap_id}", 1) is not None for s in (sa, sb))):
                 count = len(base.entries) + sum((e is not None) - (p in base.entries) for p, e in changes.items())
-                data = encode_base_delta(base_rec, rec, changes, count, chunker)
+                data = encode_base_delta(base_rec, rec, changes, count, chunker, split=split)
             if data is None:
                 rec.manifest = _applied(base, changes)
             tie_base = rec.gen
             tied = [_holds(s, scope, base, changes) for s in (sa, sb)]
         else:
             rec.manifest = settled_base(base, dec, unsettled)
-        if data is None:
+        if data is None and split:
+            data, snap, sid = encode_base_split(rec, chunker)
+            for s in (sa, sb):
+                s.write_state(f"twoway-{pid}.snap-{sid}", snap)
+        elif data is None:
             data = encode_base(rec, chunker)
         for s in (sa, sb):
             s.write_state(f"twoway-{pid}.base", data)
         for s in (sa, sb):
             s.remove_state(f"twoway-{pid}.pending")
+            if snap is not None or not split:  # both records name the new snapshot, or none
+                s.prune_snapshots(pid, keep=sid if snap is not None else "")
         summ.base_seq = rec.seq
         for sm in summ.sides:
             if sm.exit_code == 0 and sm.errors:

@@ -397,8 +397,10 @@ def test_base_is_identical_on_both_sides_and_no_pending(pair):
     a, b = pair
     ba = sorted(n for n in os.listdir(a / ".dirsync") if n.startswith("twoway-"))
     bb = sorted(n for n in os.listdir(b / ".dirsync") if n.startswith("twoway-"))
-    assert ba == bb and len(ba) == 1 and ba[0].endswith(".base")
-    assert read(a / ".dirsync" / ba[0]) == read(b / ".dirsync" / ba[0])
+    # the record, and (two local sides) its snapshot in a file of its own
+    assert ba == bb and [n.rsplit(".", 1)[1][:4] for n in ba] == ["base", "snap"]
+    for n in ba:
+        assert read(a / ".dirsync" / n) == read(b / ".dirsync" / n)
 
 
 def test_noop_run_writes_no_state(pair):

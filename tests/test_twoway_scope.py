@@ -224,7 +224,8 @@ def stored_base(root) -> Manifest:
     from dirsync import chunking
 
     (name,) = [n for n in os.listdir(root / ".dirsync") if n.endswith(".base")]
-    return decode_base((root / ".dirsync" / name).read_bytes(), chunking.CHUNKER_ID).manifest
+    snap = lambda i: (root / ".dirsync" / name.replace(".base", f".snap-{i}")).read_bytes()  # noqa: E731
+    return decode_base((root / ".dirsync" / name).read_bytes(), chunking.CHUNKER_ID, snapshot_of=snap).manifest
 
 
 def _same_size_edit(p):
@@ -342,10 +343,10 @@ def decodes(monkeypatch):
     n = []
     real = twoway.decode_base
 
-    def spy(data, chunker, *, header_only=False, own=False):
+    def spy(data, chunker, *, header_only=False, **kw):
         if not header_only:
             n.append(1)
-        return real(data, chunker, header_only=header_only, own=own)
+        return real(data, chunker, header_only=header_only, **kw)
 
     monkeypatch.setattr(twoway, "decode_base", spy)
     return n
@@ -506,3 +507,82 @@ def test_b_is_walked_by_a_child_and_its_changes_are_seen(synced, monkeypatch):
     assert s.exit_code == 0 and started == [str(b)]
     assert (a / "d1" / "from-b.txt").read_bytes() == b"b\n" and not (a / "d0" / "x.tmp").exists()
     assert (b / ".dirsyncignore").exists()
+
+
+# -- the snapshot in a file of its own (two local sides) ----------------------------------------------
+
+
+def state_names(root) -> list[str]:
+    return sorted(n for n in os.listdir(root / ".dirsync") if n.startswith("twoway-"))
+
+
+def test_split_record_round_trip_and_a_missing_snapshot_is_refused():
+    from dirsync.twoway import encode_base_split
+
+    m = Manifest({"": DirEntry("", 0o755, 1), "x": DirEntry("x", 0o700, 2)})
+    data, snap, sid = encode_base_split(BaseRecord(4, "g4", {"i": "/a"}, m), CHUNKER)
+    assert snap not in data and b"DSYNCMF" not in data and snap.startswith(b"DSYNCMF")
+    got = decode_base(data, CHUNKER, snapshot_of={sid: snap}.get)
+    assert (got.seq, got.gen, got.snap_id, got.manifest) == (4, "g4", sid, m)
+    head = decode_base(data, CHUNKER, header_only=True)
+    assert head.snap_id == sid and head.snapshot == b""
+    prev = head
+    out = encode_base_delta(prev, BaseRecord(5, "g5", {}, Manifest()), {"y": DirEntry("y", 0o755, 3)}, 3, CHUNKER,
+                            split=True)
+    got = decode_base(out, CHUNKER, snapshot_of={sid: snap}.get)
+    assert got.snap_id == sid and set(got.manifest.entries) == {"", "x", "y"}
+    # the other form of the snapshot is not made up from this one
+    assert encode_base_delta(prev, BaseRecord(5, "g5", {}, Manifest()), {}, 2, CHUNKER) is None
+    inline = decode_base(encode_base(BaseRecord(1, "g", {}, m), CHUNKER), CHUNKER, header_only=True)
+    assert encode_base_delta(inline, BaseRecord(5, "g5", {}, Manifest()), {}, 2, CHUNKER, split=True) is None
+    for snapshot_of in (None, {}.get):
+        with pytest.raises(ValueError, match="missing"):
+            decode_base(data, CHUNKER, snapshot_of=snapshot_of)
+    import msgpack
+
+    bad = msgpack.unpackb(data, raw=False)
+    bad["snap"] = "../../etc/passwd"
+    with pytest.raises(ValueError):
+        decode_base(msgpack.packb(bad, use_bin_type=True), CHUNKER, header_only=True)
+
+
+def test_snapshot_files_are_replaced_and_pruned_on_both_sides(synced, monkeypatch):
+    a, b, sizes = synced
+    snaps = [n for n in state_names(a) if ".snap-" in n]
+    assert len(snaps) == 1 and state_names(a) == state_names(b)
+    (a / "d0" / "one.txt").write_bytes(b"1\n")
+    assert tw(a, b).exit_code == 0
+    assert [n for n in state_names(b) if ".snap-" in n] == snaps  # a delta: the same snapshot
+    monkeypatch.setattr(twoway, "encode_base_delta", lambda *a, **k: None)  # as when the delta is too big
+    (b / "d1" / "two.txt").write_bytes(b"2\n")
+    assert tw(a, b).exit_code == 0
+    now = [n for n in state_names(a) if ".snap-" in n]
+    assert len(now) == 1 and now != snaps and state_names(a) == state_names(b)
+    for n in state_names(a):
+        if not n.endswith(".tie"):
+            assert (a / ".dirsync" / n).read_bytes() == (b / ".dirsync" / n).read_bytes()
+    assert stored_base(a).keys() == side_keys(a) == side_keys(b)
+
+
+def test_a_record_whose_snapshot_is_gone_falls_back_to_the_other_side(synced, decodes):
+    a, b, sizes = synced
+    for r in (a, b):
+        for t in tie_files(r):
+            t.unlink()
+    (snap,) = [n for n in state_names(a) if ".snap-" in n]
+    (a / ".dirsync" / snap).unlink()
+    os.unlink(b / "d2" / "f3.txt")
+    s = tw(a, b)
+    assert s.exit_code == 0 and not (a / "d2" / "f3.txt").exists()  # b's record: the deletion propagates
+    assert any("unusable" in w for w in s.warnings)
+    snaps = [n for n in state_names(a) if ".snap-" in n]  # a fresh snapshot, on both sides
+    assert len(snaps) == 1 and snaps != [snap] and snaps == [n for n in state_names(b) if ".snap-" in n]
+    assert stored_base(a).keys() == side_keys(a)
+    for r in (a, b):
+        (r / ".dirsync" / snaps[0]).unlink()
+        for t in tie_files(r):
+            t.unlink()
+    os.unlink(b / "d2" / "f4.txt")
+    s = tw(a, b)  # neither record decodes: a first run, a union that deletes nothing
+    assert s.exit_code == 0 and (b / "d2" / "f4.txt").exists()
+    treecmp.assert_trees_equal(a, b)
