@@ -1190,6 +1190,8 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
     ties: list[dict | None] = [None, None]  # each side's tie as read (see _tied_cache)
     tied = [False, False]  # the side's replica holds the new base exactly: tie its cache to it
     tie_base = ""
+    step_after = False  # note a "nothing to do" finding for the trees this run leaves
+    scans: list = []
     # A never-synced, non-empty side needs --init only when the other side is not empty either:
     # seeding an empty or new directory from an existing one is the usual first run.
     init = (cfg.init or sb.looks_empty(), cfg.init or sa.looks_empty())
@@ -1253,7 +1255,8 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 summ.scan_errors.append(e)
                 reporter.error(f"{s.spec}: {e}")
             protect |= r.protect
-        step = _step_key(cfg, recs[0].gen if clean else "", (ida, idb), scans, opened) if clean else None
+        step = _step_key(cfg, recs[0].gen, (ida, idb), [r.fingerprint for r in scans], scans, opened) \
+            if clean else None
         if step is not None and step == _read_step(sa, pid):
             # Both trees are exactly as when a clean run last found nothing to do (fingerprints
             # of every path's stat facts, caches racy-clean), and the base is still that run's.
@@ -1420,6 +1423,11 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 rec.manifest = _applied(base, changes)
             tie_base = rec.gen
             tied = [_holds(s, scope, base, changes) for s in (sa, sb)]
+            # Both sides left holding the new base exactly, nothing reported: a rerun would find
+            # nothing to do. Note it (with the fingerprints of the caches close saves), so that
+            # the next run over trees left as they are skips decoding and reconciling.
+            step_after = all(tied) and not summ.warnings and not summ.scan_errors and \
+                not any(sm.errors or sm.warnings or sm.exit_code for sm in summ.sides)
         else:
             rec.manifest = settled_base(base, dec, unsettled)
         if data is None and split:
@@ -1447,17 +1455,27 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
             for s, gen, tie, t in zip(opened, gens, ties, tied):
                 if t and gen and tie != {"base": tie_base, "cache": gen}:
                     _write_tie(s, pid, tie_base, gen)
+            if step_after and all(gens):
+                fps = [getattr(s.transport, "closed_fingerprint", b"") for s in (sa, sb)]
+                note = _step_key(cfg, tie_base, (sa.peek_marker(), sb.peek_marker()), fps, scans, (sa, sb))
+                for s in (sa, sb) if note is not None else ():
+                    try:
+                        s.write_state(f"twoway-{pid}.step", _encode_step(note))
+                    except OSError:
+                        pass  # a shortcut only
     return summ
 
 
-def _step_key(cfg: TwoWayConfig, base_gen: str, ids: tuple, scans: list, sides: list) -> dict | None:
-    """What must hold again for a "nothing to do" finding to stand, or None when this run cannot
-    take or give one (a tree without a fingerprint, anything reported while scanning)."""
-    if any(not r.fingerprint or r.errors or r.warnings for r in scans) or \
+def _step_key(cfg: TwoWayConfig, base_gen: str, ids: tuple, fps: Sequence[bytes], scans: list,
+              sides: Sequence["TwoWaySide"]) -> dict | None:
+    """What must hold again for a "nothing to do" finding to stand (`fps`: the two trees'
+    fingerprints), or None when this run cannot take or give one (a tree without a
+    fingerprint, anything reported while scanning)."""
+    if any(not fp for fp in fps) or any(r.errors or r.warnings for r in scans) or \
             any(s.info is None or s.info.warnings for s in sides):
         return None
     reserved = sorted({r for s in sides for r in s.info.reserved})
-    return {"base": base_gen, "fp": {ids[0]: scans[0].fingerprint.hex(), ids[1]: scans[1].fingerprint.hex()},
+    return {"base": base_gen, "fp": {ids[0]: fps[0].hex(), ids[1]: fps[1].hex()},
             "opts": f"prefer={cfg.prefer} delete={int(cfg.delete)} reserved={'/'.join(reserved)}"}
 
 

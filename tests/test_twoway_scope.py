@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -586,3 +587,44 @@ def test_a_record_whose_snapshot_is_gone_falls_back_to_the_other_side(synced, de
     s = tw(a, b)  # neither record decodes: a first run, a union that deletes nothing
     assert s.exit_code == 0 and (b / "d2" / "f4.txt").exists()
     treecmp.assert_trees_equal(a, b)
+
+
+# -- a run that leaves both sides at the base notes it: the next unchanged run skips everything ----
+
+
+def test_a_clean_run_notes_its_result_and_the_next_run_takes_the_shortcut(synced, decodes):
+    a, b, sizes = synced
+    (a / "d0" / "note.txt").write_bytes(b"n\n")
+    os.chmod(b / "d1" / "f1.txt", 0o600)
+    time.sleep(0.3)  # past the racy window: what the run reads and writes can be trusted
+    s = tw(a, b)
+    assert s.exit_code == 0 and s.decisions.decisions
+    n = len(sizes)
+    s = tw(a, b)
+    assert [sm.planned for sm in s.sides] == [False, False] and len(sizes) == n  # nothing reconciled
+    _same_size_edit(b / "d0" / "note.txt")  # a silent edit: the fingerprint no longer matches
+    s = tw(a, b)
+    assert [sm.planned for sm in s.sides] != [False, False]
+    assert (a / "d0" / "note.txt").read_bytes() == (b / "d0" / "note.txt").read_bytes() != b"n\n"
+    assert decodes == []
+
+
+def test_no_note_when_a_side_did_not_reach_the_base(synced, monkeypatch):
+    from dirsync.errors import ItemIOError
+    from dirsync.replica import Replica
+
+    a, b, sizes = synced
+    real = Replica.set_meta
+
+    def failing(self, act):
+        if act.path == "d2/f2.txt":
+            raise ItemIOError(act.path, "set metadata", OSError(5, "injected"))
+        return real(self, act)
+
+    monkeypatch.setattr(Replica, "set_meta", failing)
+    os.chmod(a / "d2" / "f2.txt", 0o600)
+    assert tw(a, b).exit_code != 0
+    monkeypatch.setattr(Replica, "set_meta", real)
+    s = tw(a, b)
+    assert s.sides[0].planned and s.exit_code == 0
+    assert stat.S_IMODE(os.lstat(b / "d2" / "f2.txt").st_mode) == 0o600
