@@ -1430,6 +1430,8 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 not any(sm.errors or sm.warnings or sm.exit_code for sm in summ.sides)
         else:
             rec.manifest = settled_base(base, dec, unsettled)
+            tie_base = rec.gen  # (a first run, conflicts...): compare whole trees for the ties
+            tied = [_holds(s, None, rec.manifest, {}) for s in (sa, sb)]
         if data is None and split:
             data, snap, sid = encode_base_split(rec, chunker)
             for s in (sa, sb):
@@ -1523,14 +1525,17 @@ def _tied_cache(side: "TwoWaySide", tie: dict | None, base_gen: str) -> Manifest
         return None
 
 
-def _holds(side: "TwoWaySide", scope: set[str], old: Manifest, changes: dict[str, Entry | None]) -> bool:
+def _holds(side: "TwoWaySide", scope: set[str] | None, old: Manifest, changes: dict[str, Entry | None]) -> bool:
     """The side's replica now holds `old` with `changes` on every path of `scope`. Outside the
-    scope it holds what its scan found, which `old` holds there (see _scope)."""
+    scope it holds what its scan found, which `old` holds there (see _scope). scope None:
+    compare every path (the replica holds exactly `old`)."""
     rep = None if side.is_remote else getattr(side.transport, "replica", None)
     if rep is None or rep.scanned is None:
         return False
     cur = rep.current if rep.touched else rep.scanned.entries  # reading `current` would copy the scan
     O = old.entries
+    if scope is None:
+        return not changes and cur == O
     return all(cur.get(p) == (changes[p] if p in changes else O.get(p)) for p in scope)
 
 

@@ -628,3 +628,17 @@ def test_no_note_when_a_side_did_not_reach_the_base(synced, monkeypatch):
     s = tw(a, b)
     assert s.sides[0].planned and s.exit_code == 0
     assert stat.S_IMODE(os.lstat(b / "d2" / "f2.txt").st_mode) == 0o600
+
+
+def test_a_first_run_ties_both_sides(tmp_path, decodes):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_tree(a, {"d": {"x.txt": File(b"x\n", mtime_ns=T0)}, "y.txt": File(b"y\n", mtime_ns=T0)})
+    build_tree(b, {"z.txt": File(b"z\n", mtime_ns=T0)})
+    assert tw(a, b, init=True).exit_code == 0
+    assert len(tie_files(a)) == len(tie_files(b)) == 1
+    s = tw(a, b)  # reconciles (a first run notes nothing), from the tied caches
+    assert s.exit_code == 0 and s.decisions.decisions == [] and decodes == []
+    os.unlink(b / "d" / "x.txt")
+    s = tw(a, b)
+    assert s.exit_code == 0 and not (a / "d" / "x.txt").exists() and decodes == []
+    treecmp.assert_trees_equal(a, b)
