@@ -35,6 +35,15 @@ not all succeed on both sides keeps its old base entry, so the next run redoes t
 A twoway-<pairid>.pending file on both sides marks a run in progress and lists the conflicts it is
 resolving; finding it means the last run was interrupted: nothing special is needed (identical
 paths are in sync, the rest is redone) except reporting those conflicts again.
+A record is a snapshot of the base plus the entries changed since (see encode_base_delta); with
+two local sides the snapshot is a file of its own, twoway-<pairid>.snap-<id> (identical too).
+Hints, each ignored when it does not match: twoway-<pairid>.tie says a side's scan cache holds
+the base (so a run compares that side by identity and needs no base decode, see _read_tie);
+twoway-<pairid>.step notes trees a clean run left in step (such a rerun does nothing at all).
+
+Only the paths where a side differs from the base are reconciled and planned (see _scope);
+runs with conflicts, unreadable or reserved paths, or an interrupted run's conflicts to report
+take the whole trees.
 
 Remote sides: everything a side does goes through `TwoWaySide` (marker peek, state files, open,
 scan, apply, close) and `ContentSource` (read the bytes of a file the other side needs). Only the
