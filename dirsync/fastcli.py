@@ -15,6 +15,7 @@ line yields exactly the values typer would pass, and runs the same function of d
 from __future__ import annotations
 
 import errno
+import os
 import re
 import sys
 from typing import Callable, NamedTuple, Optional
@@ -168,4 +169,12 @@ def run(args: list[str]) -> None:
         sys.stdout = _PacifyFlushWrapper(sys.stdout)
         sys.stderr = _PacifyFlushWrapper(sys.stderr)
         code = 1
-    sys.exit(code)
+    # The command has closed everything it opened (replicas, locks, log file, children reaped):
+    # leave without the interpreter's teardown, which frees every object of the run one by one
+    # (~50 ms after a 10,000-file change, more for bigger trees).
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        code = code or 1
+    os._exit(code)

@@ -66,7 +66,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 from dirsync.apply import ReplicaSummary
 from dirsync.errors import (
     ConfigError,
-    DirsyncError,
     ExitCode,
     ItemError,
     RefusedError,
@@ -949,15 +948,7 @@ class TwoWaySide:
 
     def close(self, *, save: bool) -> str:
         """Release the side; returns the generation of its scan cache as saved ("" if none)."""
-        t = self.transport  # what LocalTransport.close does, keeping what Replica.close returns
-        rep = t.replica
-        if rep is None:
-            return ""
-        try:
-            return rep.close(save=save)
-        finally:
-            t.closed_fingerprint = rep.closed_fingerprint
-            t.replica = None
+        return self.transport.close(save=save)
 
     def source(self, throttle=None) -> ContentSource:
         return ContentSource(self.root, throttle)

@@ -65,10 +65,12 @@ class LocalTransport:
         assert self.replica is not None
         apply_actions(self.replica, actions, master.sends, sink, should_stop)
 
-    def close(self, *, save: bool = True) -> None:
-        if self.replica is not None:
-            try:
-                self.replica.close(save=save)
-            finally:
-                self.closed_fingerprint = self.replica.closed_fingerprint
-                self.replica = None
+    def close(self, *, save: bool = True) -> str:
+        """Replica.close: returns the generation of the cache it left ("" when none)."""
+        if self.replica is None:
+            return ""
+        try:
+            return self.replica.close(save=save)
+        finally:
+            self.closed_fingerprint = self.replica.closed_fingerprint
+            self.replica = None
