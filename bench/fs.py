@@ -17,6 +17,7 @@ aside during the run and the trash is deleted at the end, which can take minutes
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -132,6 +133,7 @@ class LoopFs:
             pass
 
 
+@functools.lru_cache(maxsize=None)
 def bench_python(work: str) -> str:
     """A Python for the timed dirsync runs that imports as a regular `pip install` does: this
     virtualenv's packages on its path through a plain path line, without the editable-install

@@ -42,7 +42,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import data  # noqa: E402
-from fs import FsError, LoopFs, loop_possible, python_env  # noqa: E402
+from fs import FsError, LoopFs, bench_python, loop_possible, python_env  # noqa: E402
 
 KiB = 1024
 TOOLS = ("dirsync", "unison")
@@ -287,7 +287,7 @@ class Bench:
             st = self.state(tool)
             env.update(PYTHONPATH=REPO, HOME=os.path.join(st, "home"), XDG_STATE_HOME=os.path.join(st, "state"),
                        XDG_CONFIG_HOME=os.path.join(st, "config"), XDG_CACHE_HOME=os.path.join(st, "cache"))
-            return [sys.executable, "-m", "dirsync", "sync", "--two-way", "--json", a, b], python_env(env, REPO)
+            return [bench_python(self.work), "-m", "dirsync", "sync", "--two-way", "--json", a, b], python_env(env, REPO)
         env["UNISON"] = self.state(tool)
         return [self.unison, a, b, *UNISON_FLAGS], env
 
@@ -441,7 +441,7 @@ class Bench:
             d, u = self.times.get((case, "dirsync")), self.times.get((case, "unison"))
             ratio = f"{statistics.median(d) / statistics.median(u):.2f}" if d and u else "–"
             lines.append(f"| {labels[case]} | {cells[0]} | {cells[1]} | {ratio} |")
-        lines += ["", f"dirsync: `{sys.executable} -m dirsync sync --two-way --json A B`; "
+        lines += ["", f"dirsync: `{bench_python(self.work)} -m dirsync sync --two-way --json A B`; "
                   f"unison: `unison A B {' '.join(UNISON_FLAGS)}` (own `UNISON=` dir). "
                   "Ratio < 1: dirsync faster. After every run A and B were compared (entries, sizes, "
                   "mtimes to the second, bytes of changed/sampled files) and the file list checked."]
