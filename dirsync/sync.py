@@ -177,28 +177,18 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
     patterns = list(cfg.excludes) + read_ignore_file(master_real)
     run = RunSummary(master=cfg.master)
     walk = _prewalk_master(cfg, master_real, patterns) if master_scan is None else None
-    try:
-        early = _open_early(cfg, master_real, patterns) if master_scan is None else {}
-    except BaseException:
-        if walk is not None and walk[1] is not None:
-            walk[1].cancel()
-        raise
+    early: dict[str, _EarlyReplica] = {}  # _sync_all takes each; what is left here was not reached
     saves: list[PendingSave] = []  # the master cache, saved by a child while the replicas run
     try:
-        try:
-            mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves, walk)
-        except BaseException:
-            if walk is not None and walk[1] is not None:
-                walk[1].cancel()  # a no-op when the scan took it
-            for e in early.values():
-                e.abandon()
-            raise
-        try:
-            _sync_all(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
-        finally:
-            for e in early.values():  # left by an interruption
-                e.abandon()
+        if master_scan is None:
+            early = _open_early(cfg, master_real, patterns)
+        mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves, walk)
+        _sync_all(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
     finally:
+        if walk is not None and walk[1] is not None:
+            walk[1].cancel()  # a no-op once the scan took it
+        for e in early.values():
+            e.abandon()
         for p in saves:
             why = p.wait()
             if why:
