@@ -72,26 +72,29 @@ def load_record(master_real: str, replica_key: str) -> dict | None:
     return _read_record(status_path(master_real, replica_key))
 
 
+def _run_fields(run_id: str, profile: str | None, started: float, now: float, code: int, status: str) -> dict:
+    """The fields every run record starts with (one-way and two-way alike)."""
+    return {"run_id": run_id, "profile": profile, "started": iso(started), "finished": iso(now),
+            "finished_ts": round(now, 3), "exit_code": code, "status": status}
+
+
+def _process_fields() -> dict:
+    return {"pid": os.getpid(), "host": os.uname().nodename}  # nodename = gethostname(), no socket import
+
+
 def record_run(master_real: str, replica_key: str, summary, *, run_id: str, started: float,
                profile: str | None = None) -> None:
     """Write the pair's record after a run (call with the pair lock held). Raises OSError."""
     now = time.time()
     run = {
-        "run_id": run_id,
-        "profile": profile,
-        "started": iso(started),
-        "finished": iso(now),
-        "finished_ts": round(now, 3),
-        "exit_code": summary.exit_code,
-        "status": summary.status,
+        **_run_fields(run_id, profile, started, now, summary.exit_code, summary.status),
         "files_written": summary.files_written,
         "files_deleted": summary.files_deleted,
         "bytes_sent": summary.bytes_sent,
         "bytes_reused": summary.bytes_reused,
         "errors": len(summary.errors),
         "seconds": round(summary.seconds, 3),
-        "pid": os.getpid(),
-        "host": os.uname().nodename,  # = gethostname(), without importing socket
+        **_process_fields(),
     }
     old = load_record(master_real, replica_key) or {}
     rec = {
@@ -291,13 +294,7 @@ def record_twoway_run(a: str, b: str, summ, *, run_id: str, started: float, prof
     conflicts = summ.conflicts if summ is not None else []
     code = summ.exit_code if summ is not None else int(error.exit_code)
     run = {
-        "run_id": run_id,
-        "profile": profile,
-        "started": iso(started),
-        "finished": iso(now),
-        "finished_ts": round(now, 3),
-        "exit_code": code,
-        "status": _twoway_status(code),
+        **_run_fields(run_id, profile, started, now, code, _twoway_status(code)),
         "conflicts": len(conflicts),
         "conflict_copies": sum(1 for c in conflicts if c.copy),
         "decisions": {"a_to_b": counts.get("a>b", 0), "b_to_a": counts.get("b>a", 0),
@@ -309,8 +306,7 @@ def record_twoway_run(a: str, b: str, summ, *, run_id: str, started: float, prof
         "bytes_reused": sum(s.bytes_reused for s in sides),
         "errors": sum(len(s.errors) for s in sides) + (len(summ.scan_errors) if summ is not None else 0),
         "seconds": round(summ.seconds if summ is not None else now - started, 3),
-        "pid": os.getpid(),
-        "host": os.uname().nodename,  # = gethostname(), without importing socket
+        **_process_fields(),
     }
     if error is not None:
         run["error"] = str(error)
