@@ -21,6 +21,7 @@ from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_p
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, ManifestFormatError, SavedManifest,
                               covered, fp_dir, fp_final, fp_link, parent_of)
 from dirsync.manifest import _FSENC, FP_FILE
+from dirsync.state import fork_child
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
@@ -134,7 +135,8 @@ def scan_tree(
         res.unchanged = True
         res.fingerprint = fp
         return res
-    assert items is not None
+    if items is None:  # the child matched a fingerprint other than this cache's: walk here
+        items, fp = s.walk_root()
     cm = _decoded(cache, res)
     s.set_cache(cm)
     s.classify(items)
@@ -163,26 +165,19 @@ class Prewalk:
     @classmethod
     def start(cls, root: str, excluder: Excluder, known_fp: bytes) -> Prewalk | None:
         import pickle  # here: the child imports nothing
-        import threading
 
-        if threading.active_count() != 1 or not hasattr(os, "fork"):
-            return None
         r, w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
+
+        def walk() -> int:
             os.close(r)
-            os.close(w)
-            return None
-        if pid == 0:  # the child: walk, write, leave without running any cleanup of the parent's
-            code = 1
-            try:
-                os.close(r)
-                _prewalk_child(root, excluder, known_fp, w, pickle.dumps)
-                code = 0
-            finally:
-                os._exit(code)
+            _prewalk_child(root, excluder, known_fp, w, pickle.dumps)
+            return 0
+
+        pid = fork_child(walk)
         os.close(w)
+        if pid is None:
+            os.close(r)
+            return None
         return cls(pid, r)
 
     def result(self) -> tuple[bytes, list | None, list[str], dict[str, str]] | None:

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import time
+from typing import Callable
 from dataclasses import dataclass
 
 from dirsync.errors import LockedError
@@ -89,11 +90,11 @@ class PendingSave:
         return f"killed by signal {-code}" if code < 0 else os.strerror(code) if code < 254 else "it failed"
 
 
-def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> PendingSave | None:
-    """save_manifest_file in a forked child, so that encoding, writing and fsync overlap what
-    the caller does next (a cache is megabytes). None when this process cannot fork safely
-    (another thread runs: a lock it holds would stay held in the child): save it yourself.
-    The child writes only this file (atomically, as ever) and exits without any cleanup."""
+def fork_child(work: Callable[[], int]) -> int | None:
+    """Run work() in a forked child, which leaves with its return value as exit status (255 on
+    an exception) and without any of this process's cleanup (os._exit). Returns the child's
+    pid, or None when forking is not safe here (another thread runs: a lock it holds would stay
+    held in the child) or fails: the caller then does the work itself."""
     import threading
 
     if threading.active_count() != 1 or not hasattr(os, "fork"):
@@ -105,13 +106,26 @@ def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | 
     if pid == 0:
         code = 255
         try:
-            save_manifest_file(path, m, chunker, fp)
-            code = 0
-        except OSError as e:
-            code = e.errno if e.errno and 0 < e.errno < 254 else 254
+            code = work()
         finally:
             os._exit(code)
-    return PendingSave(pid)
+    return pid
+
+
+def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> PendingSave | None:
+    """save_manifest_file in a forked child (fork_child), so that encoding, writing and fsync
+    overlap what the caller does next (a cache is megabytes); None when it cannot fork: save it
+    yourself. The child writes only this file (atomically, as ever)."""
+
+    def save() -> int:
+        try:
+            save_manifest_file(path, m, chunker, fp)
+        except OSError as e:
+            return e.errno if e.errno and 0 < e.errno < 254 else 254
+        return 0
+
+    pid = fork_child(save)
+    return PendingSave(pid) if pid is not None else None
 
 
 def write_atomic(path: str, data: bytes) -> None:
