@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
+import subprocess
 import time
 
 import pytest
@@ -395,27 +398,29 @@ def test_a_tie_that_does_not_match_is_ignored(synced, decodes, spoil):
     assert tw(a, b).decisions.decisions == [] and decodes == []  # tied again
 
 
-def test_a_side_that_did_not_reach_the_base_is_not_tied(synced, decodes, monkeypatch):
+@contextlib.contextmanager
+def refusing_metadata(path):
+    """A real fault, for root too: an immutable file (chattr +i) refuses chmod and utime (EPERM)."""
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("no chattr +i on this file system: cannot make a file refuse its metadata")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_side_that_did_not_reach_the_base_is_not_tied(synced, decodes):
     """An action that fails leaves its path's old base entry. The side where it failed still
     holds that entry (tied to the new base); the other one does not (not tied), and the next run
     compares it with the first one's cache and redoes the path."""
-    from dirsync.errors import ItemIOError
-    from dirsync.replica import Replica
-
     a, b, sizes = synced
-    real = Replica.set_meta
-
-    def failing(self, act):
-        if act.path == "d0/f3.txt":
-            raise ItemIOError(act.path, "set metadata", OSError(5, "injected"))
-        return real(self, act)
-
-    monkeypatch.setattr(Replica, "set_meta", failing)
     os.chmod(a / "d0" / "f3.txt", 0o600)
     (a / "d1" / "new.txt").write_bytes(b"new\n")
     (tie_a,), (tie_b,) = tie_files(a), tie_files(b)
     before = tie_a.read_bytes(), tie_b.read_bytes()
-    s = tw(a, b)
+    with refusing_metadata(b / "d0" / "f3.txt"):
+        s = tw(a, b)
     assert s.exit_code != 0 and (b / "d1" / "new.txt").exists()
     assert stat.S_IMODE(os.lstat(b / "d0" / "f3.txt").st_mode) != 0o600
     assert tie_a.read_bytes() == before[0]  # names the old base: ignored from now on
@@ -423,7 +428,6 @@ def test_a_side_that_did_not_reach_the_base_is_not_tied(synced, decodes, monkeyp
     new_gen = __import__("json").loads(tie_b.read_bytes())["base"]
     assert decode_base((b / ".dirsync" / tie_b.name.replace(".tie", ".base")).read_bytes(),
                        "x", header_only=True).gen == new_gen
-    monkeypatch.setattr(Replica, "set_meta", real)
     s = tw(a, b)
     assert s.exit_code == 0 and decodes == [] and sizes[-1] < 2 * len(side_keys(a))
     assert stat.S_IMODE(os.lstat(b / "d0" / "f3.txt").st_mode) == 0o600
@@ -609,22 +613,11 @@ def test_a_clean_run_notes_its_result_and_the_next_run_takes_the_shortcut(synced
     assert decodes == []
 
 
-def test_no_note_when_a_side_did_not_reach_the_base(synced, monkeypatch):
-    from dirsync.errors import ItemIOError
-    from dirsync.replica import Replica
-
+def test_no_note_when_a_side_did_not_reach_the_base(synced):
     a, b, sizes = synced
-    real = Replica.set_meta
-
-    def failing(self, act):
-        if act.path == "d2/f2.txt":
-            raise ItemIOError(act.path, "set metadata", OSError(5, "injected"))
-        return real(self, act)
-
-    monkeypatch.setattr(Replica, "set_meta", failing)
     os.chmod(a / "d2" / "f2.txt", 0o600)
-    assert tw(a, b).exit_code != 0
-    monkeypatch.setattr(Replica, "set_meta", real)
+    with refusing_metadata(b / "d2" / "f2.txt"):
+        assert tw(a, b).exit_code != 0
     s = tw(a, b)
     assert s.sides[0].planned and s.exit_code == 0
     assert stat.S_IMODE(os.lstat(b / "d2" / "f2.txt").st_mode) == 0o600
