@@ -33,7 +33,7 @@ from dirsync.errors import (
     RefusedError,
 )
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath,
-                              fingerprint, is_under, parent_of)
+                              fingerprint, fingerprint_update, is_under, parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
 from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
 from dirsync.state import FileLock, load_manifest_file, save_manifest_file, write_atomic
@@ -302,10 +302,12 @@ class Replica:
                 self.closed_fingerprint = self.cache.fingerprint
             elif save and not self.readonly and self.root_fd >= 0 and self._scan is not None and self.current:
                 generation = os.urandom(16).hex()
-                fp = fingerprint(self.current)
+                scanned = self._scan.manifest
+                fp = fingerprint_update(self._scan.fingerprint, scanned.entries, self.current) \
+                    if self._scan.fingerprint else fingerprint(self.current)
                 try:
                     save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
-                                       Manifest(self.current, generation=generation), chunker, fp)
+                                       Manifest(self.current, generation=generation, rows=scanned.rows), chunker, fp)
                 except OSError as e:  # e.g. a full disk: the old cache stays (stat checks catch staleness)
                     generation = ""
                     raise ItemIOError(f"{STATE_DIR}/{CACHE}", "save replica cache", e) from None

@@ -121,9 +121,10 @@ def scan_tree(
     s = _Scanner(root, excluder or Excluder(), on_bytes)
     res = s.result
     if only is not None:
-        s.set_cache(_decoded(cache, res))
+        cm = _decoded(cache, res)
+        s.set_cache(cm)
         s.rescan(only)
-        res.manifest = Manifest(s.entries)
+        res.manifest = Manifest(s.entries, rows=cm.rows if cm is not None else None)
         return res
     got = walked.result() if walked is not None else None
     if got is not None:
@@ -142,7 +143,7 @@ def scan_tree(
     s.classify(items)
     entries = s.entries
     res.unchanged = cm is not None and not s.changed and len(entries) == len(cm.entries)
-    res.manifest = Manifest(entries)
+    res.manifest = Manifest(entries, rows=cm.rows if cm is not None else None)
     if fp and s.fp_exact and len(entries) == len(items) and not res.errors and all(
             e.trusted for e in entries.values() if e.__class__ is FileEntry):
         res.fingerprint = fp
@@ -338,8 +339,10 @@ class _Scanner:
         return acc
 
     def walk_root(self) -> tuple[list, bytes]:
-        """lstat the root and gather everything below it: (items, fingerprint or b"")."""
-        st = os.lstat(self.root)
+        """stat the root and gather everything below it: (items, fingerprint or b""). The root
+        is followed when it is a symlink (a replica may be reached through one): it is the
+        directory being synced, never a link inside a tree."""
+        st = os.stat(self.root)
         items: list[tuple[str, os.stat_result]] = [("", st)]  # then _St, which reads alike
         acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + self.gather("", items)
         return items, (fp_final(acc, len(items)) if self.fp_ok and not self.result.errors else b"")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import pytest
 
 try:
@@ -23,7 +24,7 @@ except ImportError:  # tests/ imported as a package
                                touch, write)
 
 from dirsync import chunking
-from dirsync.manifest import fingerprint, load, to_bytes
+from dirsync.manifest import FileEntry, fingerprint, fingerprint_update, load, to_bytes
 from dirsync.scan import Excluder, scan_tree
 
 CHUNKER = chunking.CHUNKER_ID
@@ -52,6 +53,29 @@ def test_fingerprint_from_walk_equals_fingerprint_from_entries(tmp_path):
     build_tree(tmp_path / "t", TREE)
     res, _ = saved_scan(tmp_path / "t")
     assert fingerprint(res.manifest.entries) == res.fingerprint
+
+
+def test_updated_fingerprint_equals_a_fresh_one(tmp_path):
+    """A replica's close derives the fingerprint of what it holds from its scan's, hashing only
+    the entries it replaced: it must equal the fingerprint of the whole, and be b"" as soon as
+    one new file entry is not racy-clean (as fingerprint() is)."""
+    build_tree(tmp_path / "t", TREE)
+    res, _ = saved_scan(tmp_path / "t")
+    base = res.manifest.entries
+    now = dict(base)
+    del now["sub/b.txt"]  # deleted
+    now["a.txt"] = replace(base["a.txt"], ino=base["a.txt"].ino + 7)  # rewritten in place
+    now["moved.txt"] = replace(base["sub/deeper/c.txt"], path="moved.txt")
+    del now["sub/deeper/c.txt"]  # renamed
+    got = fingerprint_update(res.fingerprint, base, now)
+    assert got == fingerprint(now) and got not in (b"", res.fingerprint)
+    assert fingerprint_update(res.fingerprint, base, dict(base)) == res.fingerprint
+    untrusted = dict(now)
+    untrusted["new.txt"] = FileEntry("new.txt", 1, 0o644, 1, b"x" * 16, 0, (1,), b"x" * 16, 5, 5, False)
+    assert fingerprint_update(res.fingerprint, base, untrusted) == b""
+    # A fingerprint that is not this base's sum (another format, another count) is not trusted.
+    assert fingerprint_update(res.fingerprint[:16], base, now) == fingerprint(now)
+    assert fingerprint_update(fingerprint(now), base, now) == fingerprint(now)
 
 
 def test_unchanged_tree_is_taken_from_the_cache_without_decoding(tmp_path):

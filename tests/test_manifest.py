@@ -286,3 +286,50 @@ def test_root_digest_equal_exactly_when_trees_equal(m1, m2):
     assert (tree_digests(m1)[""] == tree_digests(m2)[""]) == same
     if same:
         assert tree_digests(m1) == tree_digests(m2)
+
+
+# -- saving again from the rows a cache was decoded from -----------------------------------
+
+
+def _edit(m: Manifest, other: Manifest, data) -> dict:
+    """`m`'s entries after random edits: drops, entries of `other` (new paths or replacing),
+    and equal-but-new objects (which must be encoded again, not copied)."""
+    out = dict(m.entries)
+    for p in data.draw(st.lists(st.sampled_from(sorted(out)), unique=True)) if out else ():
+        how = data.draw(st.sampled_from(("drop", "copy", "touch")))
+        if how == "drop":
+            del out[p]
+        elif how == "copy":
+            out[p] = replace(out[p])
+        elif isinstance(out[p], FileEntry):
+            out[p] = replace(out[p], ino=out[p].ino + 1, trusted=not out[p].trusted)
+        else:
+            out[p] = replace(out[p], mtime_ns=out[p].mtime_ns + 1)
+    for p, e in other.entries.items():
+        if data.draw(st.booleans()):
+            out[p] = e
+    return out
+
+
+@SETTINGS
+@given(any_manifests(), any_manifests(), st.data())
+def test_save_reusing_rows_decodes_to_the_entries(m, other, data):
+    """A manifest saved from another one's decoded rows (entries that are still the same
+    objects copied as bytes) reads back exactly as if every row had been encoded."""
+    decoded = load(to_bytes(m, CHUNKER), CHUNKER, own=True).manifest
+    assert decoded.rows is not None
+    edited = _edit(decoded, other, data)
+    saved = to_bytes(Manifest(edited, generation="g2", rows=decoded.rows), CHUNKER, b"fp")
+    back = load(saved, CHUNKER, own=data.draw(st.booleans()))
+    assert back.fingerprint == b"fp" and back.generation == "g2" and back.count == len(edited)
+    assert back.manifest.entries == edited and back.manifest.generation == "g2"
+    assert cache_facts(back.manifest) == cache_facts(Manifest(edited))
+    # Rows of another chunker are never copied.
+    other_chunker = to_bytes(Manifest(edited, rows=decoded.rows), "other/v1")
+    assert load(other_chunker, "other/v1").manifest.entries == edited
+
+
+def test_rows_are_kept_only_for_own_caches_decoded_whole():
+    m = sample_manifest()
+    assert load(to_bytes(m, CHUNKER), CHUNKER, own=False).manifest.rows is None  # peer bytes
+    assert load(to_bytes(m, CHUNKER), CHUNKER, own=True).manifest.rows is not None

@@ -18,19 +18,20 @@ import pytest
 try:
     import treecmp
     from helpers import (
-        J, Link, build_tree, raw_snapshot, read, remove, run_cli, sync_json,
+        J, Link, build_tree, raw_snapshot, read, remove, run_cli, settle, sync_json,
         tmp_entries, write,
     )
 except ImportError:
     from tests import treecmp
     from tests.helpers import (
-        J, Link, build_tree, raw_snapshot, read, remove, run_cli, sync_json,
+        J, Link, build_tree, raw_snapshot, read, remove, run_cli, settle, sync_json,
         tmp_entries, write,
     )
 
 from dirsync.apply import MasterReader, ReplicaSummary
 from dirsync.errors import ExitCode
 from dirsync.plan import PlanOptions, diff
+from dirsync.manifest import fingerprint
 from dirsync.scan import scan_tree
 from dirsync.state import master_cache_path
 from dirsync.transport.local import LocalTransport
@@ -565,6 +566,16 @@ def test_replica_root_through_a_symlink_is_fine(tmp_path):
     sync_json(m, tmp_path / "backup")
     treecmp.assert_trees_equal(m, tmp_path / "disk")
     assert os.path.islink(tmp_path / "backup")
+    # The root is the directory the link leads to (not a link entry), and the scan's
+    # fingerprint is that of the entries it returns, so the next run can find the pair in step.
+    res = scan_tree(str(tmp_path / "backup"))
+    root = res.manifest.entries[""]
+    assert root.kind == "d" and root.mode == stat.S_IMODE(os.stat(tmp_path / "disk").st_mode)
+    assert res.fingerprint in (b"", fingerprint(res.manifest.entries))
+    settle(m, tmp_path / "disk")
+    sync_json(m, tmp_path / "backup")  # notes the pair in step
+    _, again = sync_json(m, tmp_path / "backup")
+    assert again["replicas"][0]["planned"] is False
 
 
 def test_warnings_about_odd_names_stay_on_one_line(tmp_path):

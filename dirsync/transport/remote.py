@@ -443,11 +443,12 @@ class RemoteTransport:
             if self.base is None or m.get("base") != base_gen:
                 raise self._fail(ProtocolError(f"{self.ep}: agent sent a delta against a manifest we do not have"))
             if changed or removed:
-                entries = dict(self._base_manifest().entries)
+                bm = self._base_manifest()
+                entries = dict(bm.entries)
                 for p in removed:
                     entries.pop(p, None)
                 entries.update(changed)
-                res = ScanResult(Manifest(entries))
+                res = ScanResult(Manifest(entries, rows=bm.rows))
             else:  # nothing changed there: our copy is the replica (decoded only if needed)
                 res = ScanResult(saved=self.base)
                 res.unchanged = True
@@ -653,11 +654,13 @@ class RemoteTransport:
             if (not changed and not removed and self.base is not None and gen == self.base.generation
                     and self._scan_res.unchanged):
                 return  # the replica kept the cache our copy matches: nothing to write
-            entries = dict(self._scan_res.manifest.entries)
+            scanned = self._scan_res.manifest
+            entries = dict(scanned.entries)
             for p in removed:
                 entries.pop(p, None)
             entries.update(changed)
-            save_manifest_file(self._cache_file, Manifest(entries, generation=gen), chunking.CHUNKER_ID, b"")
+            save_manifest_file(self._cache_file, Manifest(entries, generation=gen, rows=scanned.rows),
+                               chunking.CHUNKER_ID, b"")
         except OSError:
             pass
 
