@@ -10,7 +10,6 @@ directory exists, keeps type changes and swaps simple, and makes stale temps eas
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -78,6 +77,8 @@ class _Commit:
 def _syncfs(fd: int) -> None:
     global _libc
     if _libc is None:
+        import ctypes  # here: a run that commits nothing in batches never needs it (~4 ms)
+
         _libc = ctypes.CDLL(None, use_errno=True)
     if _libc.syncfs(fd) != 0:
         os.sync()

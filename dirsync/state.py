@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import time
 from typing import Callable
@@ -20,13 +19,19 @@ from dirsync.errors import LockedError
 from dirsync.manifest import Manifest, ManifestFormatError, SavedManifest, fingerprint, load, to_bytes
 
 
+try:  # the built-in SHA-256: hashlib would load OpenSSL (~5 ms) for these few short keys
+    from _sha256 import sha256 as _sha256
+except ImportError:  # Python builds without it, and 3.12+ (_sha2)
+    from hashlib import sha256 as _sha256
+
+
 def state_home() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "dirsync")
 
 
 def _key(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return _sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def master_cache_path(master_root: str) -> str:

@@ -10,7 +10,6 @@ from dirsync.plan import Action
 from dirsync.replica import OpenInfo, Replica
 from dirsync.scan import Excluder, ScanResult
 from dirsync.transport import TransportOptions, backup_options
-from dirsync.verify import cached_root
 
 
 class LocalTransport:
@@ -58,6 +57,8 @@ class LocalTransport:
         assert self.replica is not None
         if self.replica.cache is None:
             return None
+        from dirsync.verify import cached_root  # here: only `verify` needs it
+
         return cached_root(self.replica.cache.manifest, patterns, self.replica.reserved)
 
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
