@@ -603,3 +603,21 @@ def test_match_exec_in_ssh_config_still_runs(tmp_path: Path) -> None:
     assert port_for(f"Match exec \"touch {flag} && true\"\n  Port 2222\n") == "2222"
     assert flag.exists()
     assert port_for("Match exec false\n  Port 2222\n") == "None"
+
+
+def test_paramiko_import_leaves_no_stand_ins_behind() -> None:
+    """dirsync imports paramiko with `invoke` hidden and importlib.metadata stood in for (both
+    are slow to import and paramiko needs only the version): afterwards paramiko has its real
+    version, and both names import for real. (In a child process: a fresh interpreter.)"""
+    import subprocess
+
+    code = ("import sys; import dirsync.transport.ssh as s; "
+            "assert 'importlib.metadata' not in sys.modules and 'invoke' not in sys.modules; "
+            "assert not hasattr(s.paramiko.metadata, 'distributions'); "  # the stand-in did serve
+            "import importlib.metadata as m, invoke, paramiko, paramiko.transport as t; "
+            "assert m.version('paramiko') == paramiko.__version__ != '', paramiko.__version__; "
+            "assert t.Transport._CLIENT_ID == 'paramiko_' + m.version('paramiko'); "
+            "assert hasattr(m, 'distributions') and hasattr(invoke, 'run'); print('ok')")
+    cp = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                        timeout=60)
+    assert cp.returncode == 0 and cp.stdout.strip() == "ok", cp.stderr

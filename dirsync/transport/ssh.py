@@ -45,17 +45,58 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import sys
+import types
 
-if "invoke" not in sys.modules:
-    # paramiko.config imports `invoke` (~0.15 s here) only to run ssh_config's "Match exec";
-    # hide it during the import and fetch it in SshConfig.lookup when a config uses exec.
-    sys.modules["invoke"] = None  # type: ignore[assignment]
+
+def _dist_version(name: str) -> str:
+    """A distribution's version from its .dist-info folder name (what importlib.metadata would
+    find first on sys.path); raises LookupError when there is none."""
+    prefix = name.replace("-", "_").lower() + "-"
+    for d in sys.path:
+        try:
+            names = os.listdir(d or ".")
+        except OSError:
+            continue
+        for n in names:
+            if n.endswith(".dist-info") and n.lower().startswith(prefix):
+                return n[len(prefix):-len(".dist-info")]
+    raise LookupError(name)
+
+
+def _import_paramiko() -> types.ModuleType:
+    """Import paramiko without two costly imports it makes on the way (this is on the critical
+    path of every SSH run): paramiko.config imports `invoke` (~0.15 s here) only to run
+    ssh_config's "Match exec" (SshConfig.lookup fetches it when a config uses exec), and
+    paramiko/__init__ imports importlib.metadata (~40 ms: email, zipfile, csv...) only for
+    metadata.version("paramiko"). Both are hidden while it imports, the second behind a stand-in
+    that knows version() alone; anything else asking for them makes the import start over
+    plainly."""
+    hidden: dict = {}
+    if "invoke" not in sys.modules:
+        hidden["invoke"] = None
+    if "importlib.metadata" not in sys.modules:
+        stub = types.ModuleType("importlib.metadata")
+        stub.version = _dist_version  # type: ignore[attr-defined]
+        hidden["importlib.metadata"] = stub
+    before = set(sys.modules)
+    sys.modules.update(hidden)
     try:
         import paramiko
+
+        return paramiko
+    except Exception:
+        for k in set(sys.modules) - before:  # the half-imported modules: import them again
+            del sys.modules[k]
     finally:
-        del sys.modules["invoke"]
-else:
+        for k, v in hidden.items():
+            if sys.modules.get(k) is v:
+                del sys.modules[k]
     import paramiko
+
+    return paramiko
+
+
+paramiko = _import_paramiko()
 
 from dirsync.errors import ConfigError, ConnectError
 
