@@ -70,6 +70,20 @@ class World:
         row[1] = path
         return {"t": "write", "f": row, "ops": [[0, len(self.data_f)]], "x": None, "d": self.data_f}
 
+    def write_packed(self, path: bytes = b"f.txt", blob: bytes | None = None) -> dict:
+        """write_inline with its row and ops in the session's zstd stream ("rz", --compress),
+        the inline data after them in the same stream."""
+        import zstandard
+
+        row = list(self.row_f)
+        row[1] = path
+        zc = zstandard.ZstdCompressor(level=3).compressobj()
+        flush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        if blob is None:
+            blob = msgpack.packb([row, [[0, len(self.data_f)]]], use_bin_type=True)
+        rz = zc.compress(blob) + zc.flush(flush)
+        return {"t": "write", "rz": rz, "x": None, "d": zc.compress(self.data_f) + zc.flush(flush), "z": True}
+
     def write_streamed(self) -> list[dict]:
         n = len(self.data_big)
         return [{"t": "write", "f": list(self.row_big), "ops": [[0, n]], "x": None},
@@ -90,6 +104,8 @@ class World:
              {"t": "del", "p": b"gone", "k": "f", "x": ["f", 1, 2], "ob": False}, {"t": "apply_end"},
              {"t": "close", "save": True}],
             [self.open(), {"t": "root", "patterns": []}, {"t": "close", "save": False}],
+            [self.open(), {"t": "apply"}, self.write_packed(b"g.txt"), {"t": "commit", "ps": [b"g.txt"]},
+             {"t": "apply_end"}],
         ]
 
 
@@ -129,13 +145,15 @@ def assert_protocol_error(status: int, msgs: list, stderr: str, what: str = "") 
 
 def test_a_valid_session_works(world):
     """The baseline the hostile cases are variations of."""
-    chunks = [frame(m) for s in world.sessions()[2:4] for m in s[1:]]
+    chunks = [frame(m) for s in [world.sessions()[i] for i in (2, 3, 6)] for m in s[1:]]
     status, msgs, err = run_agent_process([frame(world.open()), *chunks, frame({"t": "close", "save": True}),
                                            frame({"t": "bye"})])
     assert status == 0, err
     kinds = [m.get("t") or m.get("type") for m in msgs]
     assert kinds[0] == "hello" and "fatal" not in kinds and kinds[-1] == "closed", kinds
     assert (world.r / "f.txt").read_bytes() == world.data_f and (world.r / "big.bin").read_bytes() == world.data_big
+    assert (world.r / "g.txt").read_bytes() == world.data_f  # its row and ops came compressed
+    assert "failed" not in kinds, msgs
 
 
 CRAFTED = {
@@ -164,6 +182,12 @@ CRAFTED = {
                                                               "f": w.row_f[:4] + [2**64 - 1] + w.row_f[5:]}],
     "write row wrong types": lambda w: [{"t": "apply"}, {**w.write_inline(), "f": [0, b"f.txt", "8", 0o644, 0]}],
     "write row not a list": lambda w: [{"t": "apply"}, {**w.write_inline(), "f": {"path": b"f.txt"}}],
+    "packed row not zstd": lambda w: [{"t": "apply"}, {**w.write_packed(), "rz": b"garbage" * 100}],
+    "packed row ../": lambda w: [{"t": "apply"}, w.write_packed(b"../escaped.txt")],
+    "packed row not a pair": lambda w: [{"t": "apply"}, w.write_packed(blob=msgpack.packb([1]))],
+    "packed row not msgpack": lambda w: [{"t": "apply"}, w.write_packed(blob=b"\xc1\xc1")],
+    "packed row as str": lambda w: [{"t": "apply"}, {**w.write_packed(), "rz": "text"}],
+    "packed row bomb": lambda w: [{"t": "apply"}, w.write_packed(blob=b"\x92" + b"\0" * (40 << 20))],
     "data out of place": lambda w: [{"t": "apply"}, {"t": "data", "b": b"x"}],
     "data of wrong type": lambda w: [{"t": "apply"}, w.write_streamed()[0], {"t": "data", "b": "text"}],
     "data not zstd": lambda w: [{"t": "apply"}, w.write_streamed()[0], {"t": "data", "b": b"garbage" * 100, "z": True}],
@@ -372,7 +396,7 @@ def test_fuzzed_sessions_never_crash_the_agent_or_escape(world, capsys):
         else:
             outcomes["accepted"] += 1
         for name in os.listdir(world.r):  # only what a session may create, inside the root
-            assert name in (".dirsync", "d", "f.txt", "l", "big.bin"), f"case {n} ({desc}): {name!r} in the replica"
+            assert name in (".dirsync", "d", "f.txt", "g.txt", "l", "big.bin"), f"case {n} ({desc}): {name!r} in the replica"
     with capsys.disabled():
         print(f"\nfuzz: {FUZZ_CASES} cases, {outcomes}")
     assert outcomes["protocol error"] > FUZZ_CASES // 3

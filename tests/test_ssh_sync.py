@@ -22,7 +22,7 @@ try:
         remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
         sync_json, text_lines, tmp_entries, touch, truncate, write,
     )
-    from remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
+    from remote_helpers import REPO_ROOT, TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 except ImportError:
     from tests import sshd as _sshd_plugin
     from tests import treecmp
@@ -31,7 +31,7 @@ except ImportError:
         remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
         sync_json, text_lines, tmp_entries, touch, truncate, write,
     )
-    from tests.remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
+    from tests.remote_helpers import REPO_ROOT, TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 
 pytest_plugins = [_sshd_plugin.__name__]
 pytestmark = pytest.mark.ssh
@@ -178,6 +178,43 @@ def test_compress_sends_less_and_converges(sshd, tmp_path):
             assert out["replicas"][0]["bytes_sent"] > 780 * KiB  # the plan's figure: before compression
         print(f"\nwire bytes up: plain {ups['']}, --compress {ups['--compress']}")
         assert ups["--compress"] < 0.6 * ups[""], ups
+    finally:
+        proxy.close()
+
+
+def test_compress_also_packs_write_rows_and_an_agent_without_it_still_works(sshd, tmp_path):
+    """With --compress the rows and ops of writes go in the session's zstd stream too (paths and
+    chunk sizes compress well), when the agent announces it ("rz" in its hello). A release-like
+    step (one line edited in each of 80 files under a deep folder) must then move fewer bytes
+    than with an agent that does not announce it, which must still be served correctly."""
+    import shlex
+    import sys
+
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        old_agent = f"env PYTHONPATH={shlex.quote(REPO_ROOT)} {shlex.quote(sys.executable)} -c " + shlex.quote(
+            "import sys, runpy; import dirsync.transport.agent as a; a.FEATURES = (); "
+            "sys.argv[0] = 'dirsync'; runpy.run_module('dirsync', run_name='__main__')")
+        deep = "project/src/dirsync_example/subsystem/handlers"
+        m = tmp_path / "m"
+        build_tree(m, {deep: {f"handler_module_{i:03d}.py": text_lines(12 * KiB, seed=i) for i in range(80)}})
+        reps = {"rz": (tmp_path / "r-new", remote_cmd()), "plain": (tmp_path / "r-old", old_agent)}
+        for r, cmd in reps.values():
+            sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, "--compress"))
+        for i in range(80):
+            f = m / deep / f"handler_module_{i:03d}.py"
+            text = f.read_bytes()
+            f.write_bytes(text[:6000] + b"# edited for the release\n" + text[6000:])
+        ups = {}
+        for name, (r, cmd) in reps.items():
+            before = proxy.counts()[0]
+            _, out = sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, "--compress"))
+            ups[name] = proxy.counts()[0] - before
+            assert out["replicas"][0]["files_written"] == 80, out
+            treecmp.assert_trees_equal(m, r)
+        print(f"\nrelease step, wire bytes up: rows packed {ups['rz']}, rows plain {ups['plain']}")
+        assert ups["rz"] < 0.9 * ups["plain"], ups
     finally:
         proxy.close()
 

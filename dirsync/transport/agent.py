@@ -51,6 +51,8 @@ PING_S = 5.0  # keep-alive frames so the master can tell a slow agent from a dea
 PING_MIN_S = 0.1
 READ_SIZE = 1 << 20
 DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
+ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after decompression
+FEATURES = ("rz",)  # announced in the hello; the master uses only what the agent announced
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -123,7 +125,7 @@ class Agent:
         stop = threading.Event()
         pinger = threading.Thread(target=self._ping, args=(stop,), name="agent-ping")
         try:
-            self.send(hello(__version__, chunker=chunking.CHUNKER_ID))
+            self.send(hello(__version__, chunker=chunking.CHUNKER_ID, features=list(FEATURES)))
             peer = check_hello(self.recv())
             ping_ms = peer.get("ping_ms")
             if ping_ms is not None:
@@ -273,6 +275,8 @@ class Agent:
             t = m.get("t")
             if t == "apply_end":
                 return
+            if m.get("rz") is not None:  # the row and ops continue the session's zstd stream
+                m = {**m, **proto.dec_packed_row(self.inflater.inflate(v_bytes(m["rz"], ROW_MAX), ROW_MAX))}
             a = proto.dec_action(m, self._chunk_at)
             if isinstance(a, WriteFile):
                 self.written[a.path] = a.target

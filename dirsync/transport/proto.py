@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+
+import msgpack
 from typing import Any, Callable
 
 from dirsync.errors import (
@@ -100,6 +102,24 @@ def enc_action(a: Action) -> dict:
     if isinstance(a, Delete):
         return {"t": "del", "p": _enc(a.path), "k": a.kind, "x": enc_expect(a.expect), "ob": a.obstruction}
     raise TypeError(f"unknown action {a!r}")
+
+
+def pack_row(msg: dict) -> bytes:
+    """A write message's row and ops as one msgpack blob (compressed with --compress as "rz":
+    paths and chunk sizes compress well against the rows sent before them)."""
+    return msgpack.packb([msg.pop("f"), msg.pop("ops")], use_bin_type=True)
+
+
+def dec_packed_row(blob: bytes) -> dict:
+    """Inverse of pack_row: {"f": row, "ops": ops}, for dec_action to check like any other."""
+    try:
+        got = msgpack.unpackb(blob, raw=False, use_list=True, max_bin_len=len(blob), max_str_len=len(blob),
+                              max_array_len=len(blob), max_map_len=0, max_ext_len=0)
+    except Exception as e:
+        raise ProtocolError(f"write: packed row unreadable ({str(e)[:80]})") from None
+    if not isinstance(got, list) or len(got) != 2:
+        raise ProtocolError("write: packed row is not [row, ops]")
+    return {"f": got[0], "ops": got[1]}
 
 
 def compact_digests(w: WriteFile, replica: dict) -> tuple[bytes, bytes] | None:

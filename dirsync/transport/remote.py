@@ -94,6 +94,7 @@ class RemoteTransport:
         self._opened: OpenInfo | BaseException | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
+        self._rz = False  # the agent takes write rows in that stream too (it said "rz" in its hello)
         if opts.compress:
             import zstandard
 
@@ -315,6 +316,7 @@ class RemoteTransport:
         first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
         try:
             check_hello(first)
+            self._rz = "rz" in v_list(first.get("features", []), 64)
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
                 raise ProtocolError(f"the remote dirsync ({v_str(first.get('version', '?'), 200)}) cuts "
@@ -521,6 +523,8 @@ class RemoteTransport:
                 row = list(msg["f"])
                 msg["dm"], row[8] = compact
                 msg["f"] = row
+        if self._rz and self._zc is not None:  # before the data: the agent inflates in stream order
+            msg["rz"] = self._zc.compress(proto.pack_row(msg)) + self._zc.flush(self._zflush)
         n = w.send_bytes
         try:
             if n <= INLINE_MAX:
