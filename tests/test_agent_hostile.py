@@ -70,19 +70,35 @@ class World:
         row[1] = path
         return {"t": "write", "f": row, "ops": [[0, len(self.data_f)]], "x": None, "d": self.data_f}
 
-    def write_packed(self, path: bytes = b"f.txt", blob: bytes | None = None) -> dict:
-        """write_inline with its row and ops in the session's zstd stream ("rz", --compress),
-        the inline data after them in the same stream."""
+    def write_packed(self, path: bytes = b"f.txt", blob: bytes | None = None, zc=None) -> dict:
+        """write_inline with its row and ops in the session's zstd stream ("rz"; a one-chunk
+        file's digests left out), the inline data after them in the same stream."""
         import zstandard
 
         row = list(self.row_f)
         row[1] = path
-        zc = zstandard.ZstdCompressor(level=3).compressobj()
+        row[8] = b""  # f.txt is one chunk: its digest is the file's
+        zc = zc or zstandard.ZstdCompressor(level=3).compressobj()
         flush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
         if blob is None:
             blob = msgpack.packb([row, [[0, len(self.data_f)]]], use_bin_type=True)
         rz = zc.compress(blob) + zc.flush(flush)
         return {"t": "write", "rz": rz, "x": None, "d": zc.compress(self.data_f) + zc.flush(flush), "z": True}
+
+    def commit_packed(self, paths, *, garbage: bool = False, zc=None) -> dict:
+        """A commit whose path list continues the session's zstd stream ("pz")."""
+        import zstandard
+
+        zc = zc or zstandard.ZstdCompressor(level=3).compressobj()
+        blob = b"garbage" * 20 if garbage else zc.compress(msgpack.packb(paths)) + zc.flush(
+            zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return {"t": "commit", "pz": blob}
+
+    def packed_write_and_commit(self, path: bytes) -> list[dict]:
+        import zstandard
+
+        zc = zstandard.ZstdCompressor(level=3).compressobj()
+        return [self.write_packed(path, zc=zc), self.commit_packed([path], zc=zc)]
 
     def write_streamed(self) -> list[dict]:
         n = len(self.data_big)
@@ -104,8 +120,7 @@ class World:
              {"t": "del", "p": b"gone", "k": "f", "x": ["f", 1, 2], "ob": False}, {"t": "apply_end"},
              {"t": "close", "save": True}],
             [self.open(), {"t": "root", "patterns": []}, {"t": "close", "save": False}],
-            [self.open(), {"t": "apply"}, self.write_packed(b"g.txt"), {"t": "commit", "ps": [b"g.txt"]},
-             {"t": "apply_end"}],
+            [self.open(), {"t": "apply"}, *self.packed_write_and_commit(b"g.txt"), {"t": "apply_end"}],
         ]
 
 
@@ -187,6 +202,11 @@ CRAFTED = {
     "packed row not a pair": lambda w: [{"t": "apply"}, w.write_packed(blob=msgpack.packb([1]))],
     "packed row not msgpack": lambda w: [{"t": "apply"}, w.write_packed(blob=b"\xc1\xc1")],
     "packed row as str": lambda w: [{"t": "apply"}, {**w.write_packed(), "rz": "text"}],
+    "packed row one chunk, digests left out, two sizes": lambda w: [{"t": "apply"}, w.write_packed(
+        blob=msgpack.packb([[0, b"f.txt", 8, 0o644, 0, b"d" * 16, 0, [4, 4], b""], [[0, 8]]]))],
+    "packed commit ../": lambda w: [{"t": "apply"}, w.commit_packed([b"../x"])],
+    "packed commit not a list": lambda w: [{"t": "apply"}, w.commit_packed(b"f.txt")],
+    "packed commit not zstd": lambda w: [{"t": "apply"}, w.commit_packed([], garbage=True)],
     "packed row bomb": lambda w: [{"t": "apply"}, w.write_packed(blob=b"\x92" + b"\0" * (40 << 20))],
     "data out of place": lambda w: [{"t": "apply"}, {"t": "data", "b": b"x"}],
     "data of wrong type": lambda w: [{"t": "apply"}, w.write_streamed()[0], {"t": "data", "b": "text"}],

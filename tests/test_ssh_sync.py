@@ -182,11 +182,13 @@ def test_compress_sends_less_and_converges(sshd, tmp_path):
         proxy.close()
 
 
-def test_compress_also_packs_write_rows_and_an_agent_without_it_still_works(sshd, tmp_path):
-    """With --compress the rows and ops of writes go in the session's zstd stream too (paths and
-    chunk sizes compress well), when the agent announces it ("rz" in its hello). A release-like
-    step (one line edited in each of 80 files under a deep folder) must then move fewer bytes
-    than with an agent that does not announce it, which must still be served correctly."""
+@pytest.mark.parametrize("flags", [(), ("--compress",)])
+def test_write_rows_are_packed_and_an_agent_without_it_still_works(sshd, tmp_path, flags):
+    """The rows and ops of writes go in a zstd stream (with --compress, the data's), when the
+    agent announces it ("rz" in its hello): paths and chunk sizes compress well. A release-like
+    step (one line edited in each of 80 files under a deep folder) and a first copy of 400 small
+    files must then move fewer bytes than with an agent that does not announce it, which must
+    still be served correctly."""
     import shlex
     import sys
 
@@ -199,9 +201,13 @@ def test_compress_also_packs_write_rows_and_an_agent_without_it_still_works(sshd
         deep = "project/src/dirsync_example/subsystem/handlers"
         m = tmp_path / "m"
         build_tree(m, {deep: {f"handler_module_{i:03d}.py": text_lines(12 * KiB, seed=i) for i in range(80)}})
+        build_tree(m, {"assets/icons/small": {f"icon_{i:04d}.svg": text_lines(64 + 9 * i, seed=i) for i in range(400)}})
         reps = {"rz": (tmp_path / "r-new", remote_cmd()), "plain": (tmp_path / "r-old", old_agent)}
-        for r, cmd in reps.values():
-            sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, "--compress"))
+        firsts = {}
+        for name, (r, cmd) in reps.items():
+            before = proxy.counts()[0]
+            sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, *flags))
+            firsts[name] = proxy.counts()[0] - before
         for i in range(80):
             f = m / deep / f"handler_module_{i:03d}.py"
             text = f.read_bytes()
@@ -209,12 +215,13 @@ def test_compress_also_packs_write_rows_and_an_agent_without_it_still_works(sshd
         ups = {}
         for name, (r, cmd) in reps.items():
             before = proxy.counts()[0]
-            _, out = sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, "--compress"))
+            _, out = sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, *flags))
             ups[name] = proxy.counts()[0] - before
             assert out["replicas"][0]["files_written"] == 80, out
             treecmp.assert_trees_equal(m, r)
-        print(f"\nrelease step, wire bytes up: rows packed {ups['rz']}, rows plain {ups['plain']}")
-        assert ups["rz"] < 0.9 * ups["plain"], ups
+        print(f"\n{flags}: wire bytes up, rows packed / plain: first copy {firsts['rz']} / {firsts['plain']}, "
+              f"release step {ups['rz']} / {ups['plain']}")
+        assert firsts["rz"] < firsts["plain"] and ups["rz"] < 0.9 * ups["plain"], (firsts, ups)
     finally:
         proxy.close()
 

@@ -276,7 +276,10 @@ class Agent:
             if t == "apply_end":
                 return
             if m.get("rz") is not None:  # the row and ops continue the session's zstd stream
-                m = {**m, **proto.dec_packed_row(self.inflater.inflate(v_bytes(m["rz"], ROW_MAX), ROW_MAX))}
+                blob = self.inflater.inflate(v_bytes(m["rz"], ROW_MAX), ROW_MAX)
+                m = {**m, **proto.dec_packed_row(blob, compacted=m.get("dm") is not None)}
+            elif m.get("pz") is not None and t == "commit":  # so do a commit's paths
+                m = {**m, "ps": proto.dec_packed_paths(self.inflater.inflate(v_bytes(m["pz"], ROW_MAX), ROW_MAX))}
             a = proto.dec_action(m, self._chunk_at)
             if isinstance(a, WriteFile):
                 self.written[a.path] = a.target

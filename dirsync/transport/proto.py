@@ -105,21 +105,47 @@ def enc_action(a: Action) -> dict:
 
 
 def pack_row(msg: dict) -> bytes:
-    """A write message's row and ops as one msgpack blob (compressed with --compress as "rz":
-    paths and chunk sizes compress well against the rows sent before them)."""
-    return msgpack.packb([msg.pop("f"), msg.pop("ops")], use_bin_type=True)
+    """A write message's row and ops as one msgpack blob, sent compressed as "rz" (paths and
+    chunk sizes compress well against the rows sent before them). A one-chunk file's chunk
+    digest is its whole digest: left out (b""), unless the row is compacted ("dm")."""
+    row = msg.pop("f")
+    if len(row[7]) == 1 and row[8] == row[5] and "dm" not in msg:
+        row = [*row[:8], b""]
+    return msgpack.packb([row, msg.pop("ops")], use_bin_type=True)
 
 
-def dec_packed_row(blob: bytes) -> dict:
-    """Inverse of pack_row: {"f": row, "ops": ops}, for dec_action to check like any other."""
+def _unpack_blob(blob: bytes, what: str) -> Any:
     try:
-        got = msgpack.unpackb(blob, raw=False, use_list=True, max_bin_len=len(blob), max_str_len=len(blob),
-                              max_array_len=len(blob), max_map_len=0, max_ext_len=0)
+        return msgpack.unpackb(blob, raw=False, use_list=True, max_bin_len=len(blob), max_str_len=len(blob),
+                               max_array_len=len(blob), max_map_len=0, max_ext_len=0)
     except Exception as e:
-        raise ProtocolError(f"write: packed row unreadable ({str(e)[:80]})") from None
+        raise ProtocolError(f"{what}: packed field unreadable ({str(e)[:80]})") from None
+
+
+def dec_packed_row(blob: bytes, compacted: bool) -> dict:
+    """Inverse of pack_row: {"f": row, "ops": ops}, for dec_action to check like any other.
+    `compacted`: the message has "dm" (its digests field then is what _expand_digests reads)."""
+    got = _unpack_blob(blob, "write")
     if not isinstance(got, list) or len(got) != 2:
         raise ProtocolError("write: packed row is not [row, ops]")
-    return {"f": got[0], "ops": got[1]}
+    row = got[0]
+    if not compacted and isinstance(row, list) and len(row) == 9 and row[8] == b"" and isinstance(row[7], list) \
+            and len(row[7]) == 1:
+        row = [*row[:8], row[5]]  # one chunk: its digest is the file's (checked as any row's)
+    return {"f": row, "ops": got[1]}
+
+
+def pack_paths(msg: dict) -> bytes:
+    """A commit message's path list as one msgpack blob, sent compressed as "pz"."""
+    return msgpack.packb(msg.pop("ps"), use_bin_type=True)
+
+
+def dec_packed_paths(blob: bytes) -> list:
+    """A commit's path list sent compressed as "pz" (checked by dec_action like "ps")."""
+    got = _unpack_blob(blob, "commit")
+    if not isinstance(got, list):
+        raise ProtocolError("commit: packed paths are not a list")
+    return got
 
 
 def compact_digests(w: WriteFile, replica: dict) -> tuple[bytes, bytes] | None:

@@ -93,14 +93,15 @@ class RemoteTransport:
         self._opener: threading.Thread | None = None  # see open_start
         self._opened: OpenInfo | BaseException | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
-        self._zc: Any = None  # one zstd stream for all send-op data of the session (--compress)
-        self._rz = False  # the agent takes write rows in that stream too (it said "rz" in its hello)
+        self._zc: Any = None  # one zstd stream for the session's write rows, and data with --compress
+        self._rz = False  # the agent takes write rows in that stream (it said "rz" in its hello)
         if opts.compress:
             import zstandard
 
             self._zc = zstandard.ZstdCompressor(level=3).compressobj()
             self._zflush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
             self._zprobe = zstandard.ZstdCompressor(level=1)
+        self._zdata = self._zc is not None  # send-op data goes in the stream (--compress)
 
     # -- connection ------------------------------------------------------------------
 
@@ -505,9 +506,14 @@ class RemoteTransport:
                 writes[a.path] = a
                 self._written[a.path] = a.target
                 self._send_write(a, master, sink)
+            elif isinstance(a, Commit):
+                msg = proto.enc_action(a)
+                if self._rz:  # the paths were just in the stream: they compress to a few bytes
+                    zr = self._rows_stream()
+                    msg["pz"] = zr.compress(proto.pack_paths(msg)) + zr.flush(self._zflush)
+                self._send(msg)
             else:
-                if not isinstance(a, Commit):
-                    others[(proto.enc_action(a)["t"], a.path)] = a
+                others[(proto.enc_action(a)["t"], a.path)] = a
                 self._send(proto.enc_action(a))
             self._dispatch(sink, writes, others, block=False)
         self._send({"t": "apply_end"}, flush=True)
@@ -523,25 +529,42 @@ class RemoteTransport:
                 row = list(msg["f"])
                 msg["dm"], row[8] = compact
                 msg["f"] = row
-        if self._rz and self._zc is not None:  # before the data: the agent inflates in stream order
-            msg["rz"] = self._zc.compress(proto.pack_row(msg)) + self._zc.flush(self._zflush)
         n = w.send_bytes
         try:
-            if n <= INLINE_MAX:
-                if n:
-                    msg["d"], z = self._pack(b"".join(master.sends(w)))
-                    if z:
-                        msg["z"] = True
-                self._send(msg)
-                return
+            inline = b"".join(master.sends(w)) if 0 < n <= INLINE_MAX else b""
+        except ItemError as e:  # nothing of this write was sent (or compressed)
+            sink.failed(w.path, e)
+            return
+        if self._rz:  # compressed only now that it will be sent: the agent inflates in stream order
+            zr = self._rows_stream()
+            msg["rz"] = zr.compress(proto.pack_row(msg)) + zr.flush(self._zflush)
+        if n <= INLINE_MAX:
+            if n:
+                msg["d"], z = self._pack(inline)
+                if z:
+                    msg["z"] = True
             self._send(msg)
+            return
+        self._send(msg)
+        try:
             for piece in master.sends(w):
                 self._send(self._data(piece))
             self._send({"t": "end"})
         except ItemError as e:
-            if n > INLINE_MAX:
-                self._send({"t": "abort"})
+            self._send({"t": "abort"})
             sink.failed(w.path, e)
+
+    def _rows_stream(self) -> Any:
+        """The zstd stream write rows continue: the data's with --compress, else one of their
+        own (rows are mostly paths and chunk sizes: a third of a small file's frame, and they
+        compress against each other however the data is sent)."""
+        if self._zc is None:
+            import zstandard
+
+            self._zc = zstandard.ZstdCompressor(level=3).compressobj()
+            self._zflush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            self._zdata = False
+        return self._zc
 
     def _data(self, piece: bytes) -> dict:
         b, z = self._pack(piece)
@@ -552,7 +575,7 @@ class RemoteTransport:
         (flushed to a block boundary, so the agent can decode it at once), so small files
         compress against everything sent before them, as with rsync -z. Data that does not
         compress (judged on samples) goes raw and stays out of the stream."""
-        if self._zc is None or len(piece) < 64 or not self._compressible(piece):
+        if self._zc is None or not self._zdata or len(piece) < 64 or not self._compressible(piece):
             return bytes(piece), False
         return self._zc.compress(piece) + self._zc.flush(self._zflush), True
 
