@@ -432,7 +432,7 @@ def test_compressed_stream_round_trips_and_bounds_its_output():
 
     from dirsync.errors import ProtocolError as PE
     from dirsync.transport import TransportOptions
-    from dirsync.transport.agent import _Inflater
+    from dirsync.transport.wire import Inflater as _Inflater
     from dirsync.transport.remote import RemoteTransport
 
     try:

@@ -315,12 +315,14 @@ def test_remote_that_prints_text_is_a_protocol_error_with_a_hint(sshd, tmp_path)
         assert not r.exists()
 
 
-def _fake_agent_open(tmp_path, hello_msg: dict) -> ProtocolError:
-    """Open a RemoteTransport whose agent says `hello_msg` and then waits for EOF."""
+def _fake_agent_open(tmp_path, hello_msg: dict, after: tuple = ()) -> ProtocolError:
+    """Open a RemoteTransport whose agent says `hello_msg` (then the frames `after`) and then
+    waits for EOF."""
     fake_agent = (
         "import sys, msgpack, struct; "
-        f"b = msgpack.packb({hello_msg!r}); "
-        "sys.stdout.buffer.write(struct.pack('>I', len(b)) + b); sys.stdout.flush(); sys.stdin.buffer.read()"
+        f"out = [msgpack.packb(m) for m in [{hello_msg!r}, *{list(after)!r}]]; "
+        "sys.stdout.buffer.write(b''.join(struct.pack('>I', len(b)) + b for b in out)); sys.stdout.flush(); "
+        "sys.stdin.buffer.read()"
     )
     t = RemoteTransport(f"localhost:{tmp_path / 'r'}", TransportOptions(),
                         channel_factory=lambda: SubprocessChannel([sys.executable, "-c", fake_agent]))
@@ -334,6 +336,28 @@ def test_protocol_version_mismatch_names_both_versions(tmp_path):
     e = _fake_agent_open(tmp_path, {"type": "hello", "proto": PROTO_VERSION + 1, "version": "99.0"})
     msg = str(e)
     assert f"speaks {PROTO_VERSION}" in msg and f"speaks {PROTO_VERSION + 1}" in msg and "99.0" in msg, msg
+
+
+@pytest.mark.parametrize("case", ["not zstd", "nested batch", "bomb"])
+def test_a_bad_outcome_batch_from_the_agent_is_a_protocol_error(tmp_path, case):
+    """The agent's compressed outcome batches ("zb") are hostile input for the master too."""
+    import msgpack
+    import zstandard
+
+    def zb(payload: bytes) -> dict:
+        z = zstandard.ZstdCompressor().compressobj()
+        return {"t": "zb", "b": z.compress(payload) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)}
+
+    inner = msgpack.packb({"t": "zb", "b": b""})
+    frame = {"not zstd": {"t": "zb", "b": b"garbage" * 50},
+             "nested batch": zb(len(inner).to_bytes(4, "big") + inner),
+             "bomb": zb(b"\0" * (40 << 20))}[case]
+    from dirsync import chunking
+
+    hello = {"type": "hello", "proto": PROTO_VERSION, "version": "0.9", "chunker": chunking.CHUNKER_ID,
+             "features": ["rz"]}
+    e = _fake_agent_open(tmp_path, hello, after=(frame,))
+    assert any(w in str(e) for w in ("compressed data", "batch inside a batch", "inflates past")), str(e)
 
 
 def test_chunker_mismatch_is_refused(tmp_path):

@@ -226,6 +226,36 @@ def test_write_rows_are_packed_and_an_agent_without_it_still_works(sshd, tmp_pat
         proxy.close()
 
 
+def test_agent_outcomes_leave_in_batches(sshd, tmp_path):
+    """The agent holds its per-file outcomes back until it waits for input and sends them as
+    compressed batches ("zb", the master's hello asks for them), so a first copy of 1,500 small
+    files gets its reports back in far fewer bytes than from an agent that writes each at once
+    (HOLD_MAX 0: one raw frame each); same result."""
+    import shlex
+    import sys
+
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        eager = f"env PYTHONPATH={shlex.quote(REPO_ROOT)} {shlex.quote(sys.executable)} -c " + shlex.quote(
+            "import sys, runpy; import dirsync.transport.agent as a; a.HOLD_MAX = 0; "
+            "sys.argv[0] = 'dirsync'; runpy.run_module('dirsync', run_name='__main__')")
+        m = tmp_path / "m"
+        build_tree(m, {f"d{j:02d}": {f"f{i:03d}.txt": b"x%d\n" % i for i in range(100)} for j in range(15)})
+        downs = {}
+        for name, cmd in (("held", remote_cmd()), ("eager", eager)):
+            r = tmp_path / f"r-{name}"
+            before = proxy.counts()[1]
+            _, out = sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd))
+            downs[name] = proxy.counts()[1] - before
+            assert out["replicas"][0]["files_written"] == 1500, out
+            treecmp.assert_trees_equal(m, r)
+        print(f"\nfirst copy of 1,500 files, wire bytes down: held {downs['held']}, eager {downs['eager']}")
+        assert downs["held"] < 0.8 * downs["eager"], downs
+    finally:
+        proxy.close()
+
+
 def test_moving_a_20mib_file_sends_nothing_over_ssh(sshd, tmp_path, capsys):
     proxy = TcpProxy(sshd.port)
     try:

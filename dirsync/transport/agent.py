@@ -21,7 +21,6 @@ import threading
 import traceback
 from typing import Any, Iterator
 
-import zstandard
 
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
@@ -33,6 +32,7 @@ from dirsync.scan import Excluder
 from dirsync.transport import proto
 from dirsync.transport.wire import (
     FrameDecoder,
+    Inflater,
     check_hello,
     encode,
     hello,
@@ -50,6 +50,8 @@ WRITE_TIMEOUT_S = 120.0  # the master read nothing of ours for this long: the li
 PING_S = 5.0  # keep-alive frames so the master can tell a slow agent from a dead link (hello may ask less)
 PING_MIN_S = 0.1
 READ_SIZE = 1 << 20
+HOLD_MAX = 1 << 16  # outcome bytes held back at most before they are written (see Agent.send)
+BATCH_MAX = 1 << 20  # held bytes sent as one compressed batch at most (the master accepts 16 MiB)
 DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
 ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after decompression
 FEATURES = ("rz",)  # announced in the hello; the master uses only what the agent announced
@@ -82,10 +84,12 @@ class Agent:
         self.decoder = FrameDecoder()
         self.inbox: list[Any] = []
         self.wlock = threading.Lock()
+        self._held = bytearray()  # outcome frames not written yet (see send)
+        self._zb: Any = None  # zstd stream for held outcomes, once the master's hello lists "zb"
         self.replica: Replica | None = None
         self.written: dict[str, FileEntry] = {}  # write targets received this session
         self._chunk_tables: dict[str, dict[int, tuple[int, bytes]]] = {}  # for compacted write rows
-        self.inflater = _Inflater()
+        self.inflater = Inflater()
         self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
         self.ping_s = PING_S
         self._inline: Any = None
@@ -93,21 +97,53 @@ class Agent:
 
     # -- I/O ---------------------------------------------------------------------
 
-    def send(self, msg: Any) -> None:
-        """Write one frame. OSError (TimeoutError for a stalled master) when the link is gone."""
+    def send(self, msg: Any, *, later: bool = False) -> None:
+        """Write one frame. OSError (TimeoutError for a stalled master) when the link is gone.
+        `later`: an outcome, which may wait (in order) until the agent next waits for input or
+        HOLD_MAX bytes gather: 100,000 small files then report in a few hundred writes, hence SSH
+        packets, instead of one each (a packet costs about 50 bytes and a Python packet read)."""
         data = encode(msg)
         with self.wlock:
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[os.write(self.wfd, view):]
-                except BlockingIOError:
-                    _, w, _ = select.select([], [self.wfd], [], WRITE_TIMEOUT_S)
-                    if not w:
-                        raise TimeoutError(f"the master read nothing for {WRITE_TIMEOUT_S:g} s") from None
+            if later:
+                self._held += data
+                if len(self._held) < HOLD_MAX:
+                    return
+                data = b""
+            if self._held:
+                data = self._take_held() + data
+            self._write(data)
+
+    def flush(self) -> None:
+        """Write the outcomes held back by send(later=True)."""
+        with self.wlock:
+            if self._held:
+                self._write(self._take_held())
+
+    def _take_held(self) -> bytes:
+        """The held outcome frames, as one compressed "zb" frame when the master takes them
+        (they are mostly paths and repeated keys: a few bytes a file instead of ~50)."""
+        data = bytes(self._held)
+        self._held.clear()
+        if self._zb is None or len(data) < 256 or len(data) > BATCH_MAX:
+            return data
+        import zstandard
+
+        return encode({"t": "zb", "b": self._zb.compress(data) + self._zb.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)})
+
+    def _write(self, data: bytes) -> None:
+        """Write all of `data` (the caller holds wlock)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.wfd, view):]
+            except BlockingIOError:
+                _, w, _ = select.select([], [self.wfd], [], WRITE_TIMEOUT_S)
+                if not w:
+                    raise TimeoutError(f"the master read nothing for {WRITE_TIMEOUT_S:g} s") from None
 
     def recv(self) -> Any:
         while not self.inbox:
+            self.flush()  # about to wait for the master: it gets every outcome first
             r, _, _ = select.select([self.rfd], [], [], self.idle_s)
             if not r:
                 raise ProtocolError(f"no input for {self.idle_s:g} s; giving up")
@@ -127,6 +163,10 @@ class Agent:
         try:
             self.send(hello(__version__, chunker=chunking.CHUNKER_ID, features=list(FEATURES)))
             peer = check_hello(self.recv())
+            if "zb" in v_list(peer.get("features", []), 64):
+                import zstandard
+
+                self._zb = zstandard.ZstdCompressor(level=3).compressobj()
             ping_ms = peer.get("ping_ms")
             if ping_ms is not None:
                 self.ping_s = max(PING_MIN_S, min(PING_S, v_int(ping_ms, 0, 3_600_000) / 1000))
@@ -487,39 +527,13 @@ class _Sends:
                 self.done = True
 
 
-class _Inflater:
-    """The receiving end of the session's zstd stream (--compress): each compressed payload
-    continues it, in message order. Input is fed in small steps and output past the payload's
-    limit is refused, so a decompression bomb costs at most limit + 8 MiB of memory (one zstd
-    block inflates to at most 128 KiB and takes at least 4 bytes, so a 256-byte step makes at
-    most 8 MiB)."""
-
-    STEP = 256
-
-    def __init__(self) -> None:
-        self._d: Any = None
-
-    def inflate(self, z: bytes, limit: int) -> bytes:
-        if self._d is None:
-            self._d = zstandard.ZstdDecompressor().decompressobj(write_size=1 << 17)
-        out = bytearray()
-        view = memoryview(z)
-        try:
-            for i in range(0, len(view), self.STEP):
-                out += self._d.decompress(view[i:i + self.STEP])
-                if len(out) > limit:
-                    raise ProtocolError(f"compressed data inflates past the {limit}-byte limit")
-        except zstandard.ZstdError as e:
-            raise ProtocolError(f"bad compressed data: {e}") from None
-        return bytes(out)
-
-
 STAGED_REPORT_MIN = 1 << 20
 _TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step)")
 
 
 class _ResultSender:
-    """The action loop's sink on the agent: forwards every outcome to the master."""
+    """The action loop's sink on the agent: forwards every outcome to the master (held back
+    until the agent waits for input, see Agent.send; a large file's `staged` goes at once)."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -532,15 +546,15 @@ class _ResultSender:
 
     def done(self, a: Action, path: str) -> None:
         self.agent.send({"t": "done", "k": proto.enc_action(a)["t"] if not isinstance(a, WriteFile) else "write",
-                         "p": os.fsencode(path)})
+                         "p": os.fsencode(path)}, later=True)
 
     def failed(self, path: str, err: ItemError) -> None:
         if isinstance(err, _Aborted):
             return
-        self.agent.send({"t": "failed", "e": proto.enc_item_error(err)})
+        self.agent.send({"t": "failed", "e": proto.enc_item_error(err)}, later=True)
 
     def warn(self, msg: str) -> None:
-        self.agent.send({"t": "warn", "msg": msg})
+        self.agent.send({"t": "warn", "msg": msg}, later=True)
 
 
 def _excluder(patterns: list[str]) -> Excluder:

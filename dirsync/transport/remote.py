@@ -30,11 +30,13 @@ from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
 from dirsync.transport import proto
-from dirsync.transport.wire import FrameDecoder, check_hello, encode, hello, v_bool, v_bytes, v_list, v_map, v_str
+from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hello, encode, hello, v_bool, v_bytes,
+                                   v_list, v_map, v_str)
 
 PULL_WINDOW = 8 << 20  # two-way: bytes requested from a remote side at a time
 INLINE_MAX = 64 << 10  # send-op data up to this size travels inside the write message
 FLUSH_AT = 256 << 10  # coalesce small frames into writes of about this size
+BATCH_LIMIT = 16 << 20  # bytes an outcome batch from the agent ("zb") may inflate to
 IO_TIMEOUT_S = 60.0  # the agent pings every 5 s; this long without a byte means the link is dead
 IO_TIMEOUT_ENV = "DIRSYNC_IO_TIMEOUT"  # seconds; overrides IO_TIMEOUT_S (tests, very slow links)
 PING_S = 5.0  # the ping interval asked of the agent (at most a quarter of the I/O timeout)
@@ -120,6 +122,8 @@ class RemoteTransport:
 
     def _read_loop(self) -> None:
         dec = FrameDecoder()
+        batches = FrameDecoder()  # frames inside the agent's compressed outcome batches ("zb")
+        inflater = Inflater()
         try:
             while True:
                 data = self.chan.recv(1 << 20)
@@ -129,9 +133,15 @@ class RemoteTransport:
                     self.inbox.put(EOFError())
                     return
                 for m in dec.feed(data):
-                    if isinstance(m, dict) and m.get("t") == "ping":
-                        continue
-                    self.inbox.put(m)
+                    if isinstance(m, dict) and m.get("t") == "zb":
+                        inner = batches.feed(inflater.inflate(v_bytes(m.get("b"), MAX_FRAME), BATCH_LIMIT))
+                        if any(isinstance(x, dict) and x.get("t") == "zb" for x in inner):
+                            raise ProtocolError(f"{self.ep}: a batch inside a batch")
+                    else:
+                        inner = (m,)
+                    for x in inner:
+                        if not (isinstance(x, dict) and x.get("t") == "ping"):
+                            self.inbox.put(x)
         except Exception as e:  # handed to the owner thread, which raises it
             self.inbox.put(e)
 
@@ -306,7 +316,7 @@ class RemoteTransport:
         self.watchdog = threading.Thread(target=self._watch, name=f"dirsync-watchdog {self.name}", daemon=True)
         self.watchdog.start()
         ping_ms = int(min(PING_S, self.timeout / 4) * 1000)
-        self._send(hello(__version__, ping_ms=ping_ms), flush=True)
+        self._send(hello(__version__, ping_ms=ping_ms, features=["zb"]), flush=True)
         self._hello_sent = True
         if wait:
             self._hello_wait()

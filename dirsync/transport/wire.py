@@ -381,3 +381,32 @@ def errno_to_code(err: int | None) -> ErrorCode:
     if err is None:
         return ErrorCode.IO
     return _ERRNO_CODES.get(err, ErrorCode.IO)
+
+
+class Inflater:
+    """The receiving end of a session's zstd stream (write rows and --compress data towards the
+    agent, outcome batches back): each compressed payload continues it, in message order. Input
+    is fed in small steps and output past the payload's limit is refused, so a decompression
+    bomb costs at most limit + 8 MiB of memory (one zstd block inflates to at most 128 KiB and
+    takes at least 4 bytes, so a 256-byte step makes at most 8 MiB)."""
+
+    STEP = 256
+
+    def __init__(self) -> None:
+        self._d: Any = None
+
+    def inflate(self, z: bytes, limit: int) -> bytes:
+        import zstandard  # here: a session that never inflates does not load it
+
+        if self._d is None:
+            self._d = zstandard.ZstdDecompressor().decompressobj(write_size=1 << 17)
+        out = bytearray()
+        view = memoryview(z)
+        try:
+            for i in range(0, len(view), self.STEP):
+                out += self._d.decompress(view[i:i + self.STEP])
+                if len(out) > limit:
+                    raise ProtocolError(f"compressed data inflates past the {limit}-byte limit")
+        except zstandard.ZstdError as e:
+            raise ProtocolError(f"bad compressed data: {e}") from None
+        return bytes(out)
