@@ -69,6 +69,9 @@ class WriteFile:
     # True: ops is one whole-file copy from a path this plan deletes, holding the same mode and
     # mtime (a moved file): the writer may hard-link that file instead of copying its bytes.
     move: bool = False
+    # True: every op is a send op and target.digests is a placeholder; the writer computes the
+    # chunk digests from the bytes it writes (an SSH agent told so: they need not travel).
+    derive: bool = False
 
     @property
     def path(self) -> str:

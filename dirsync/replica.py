@@ -414,7 +414,9 @@ class Replica:
             total = w.target.size
             self._linked[w.ops[0].src] = path  # type: ignore[union-attr]
         else:
-            total = self._build(w, tmp, sends)
+            total, digests = self._build(w, tmp, sends)
+            if w.derive:  # the content check passed: these are the digests of what was sent
+                w = replace(w, target=replace(w.target, digests=digests), derive=False)
         old = self.staged.pop(path, None)
         if old:
             self._unlink_tmp(old[0])
@@ -446,8 +448,9 @@ class Replica:
             return False
         return True
 
-    def _build(self, w: WriteFile, tmp: Tmp, sends: Iterator[bytes]) -> int:
-        """Write w.target into temp `tmp` from its copy ops and `sends`, verified (see stage)."""
+    def _build(self, w: WriteFile, tmp: Tmp, sends: Iterator[bytes]) -> tuple[int, bytes]:
+        """Write w.target into temp `tmp` from its copy ops and `sends`, verified (see stage).
+        Returns (bytes written, the chunk digests of the sent bytes when w.derive else b"")."""
         path = w.path
         try:
             fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -456,6 +459,7 @@ class Replica:
             raise ItemIOError(path, "write", e) from None
         ok = False
         srcs: dict[str, int] = {}
+        cut = _ChunkHasher(w.target.sizes) if w.derive else None
         try:
             h = xxhash.xxh3_128()
             pending = b""
@@ -492,12 +496,14 @@ class Replica:
                         piece = pending[:left]
                         pending = pending[len(piece):]
                         h.update(piece)
+                        if cut is not None:
+                            cut.update(piece)
                         _write_all(fd, piece)
                         left -= len(piece)
                     total += op.size
             if pending or next(sends, b""):
                 raise ConflictError(path, "write", "master sent too much data")
-            if total != w.target.size or h.digest() != w.target.digest:
+            if total != w.target.size or h.digest() != w.target.digest or (cut is not None and not cut.complete):
                 self._forget_sources(w)
                 raise ConflictError(path, "write",
                                     "content check failed (the replica changed during the sync); retry")
@@ -512,7 +518,7 @@ class Replica:
                 os.close(sfd)
             if not ok:
                 self._unlink_tmp(tmp)
-        return total
+        return total, cut.digests() if cut is not None else b""
 
     def discard(self, path: str) -> None:
         """Forget a staged file (its master changed after staging)."""
@@ -847,6 +853,39 @@ class _Reserved:
 
     def excluded(self, relpath: str, is_dir: bool) -> bool:
         return relpath in self.rels or self.inner.excluded(relpath, is_dir)
+
+
+class _ChunkHasher:
+    """xxh3-128 of each chunk of a stream of bytes cut at the given chunk sizes."""
+
+    __slots__ = ("_sizes", "_i", "_left", "_h", "_out")
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        self._sizes, self._i, self._out = sizes, 0, []
+        self._left = sizes[0] if sizes else 0
+        self._h = xxhash.xxh3_128()
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._i >= len(self._sizes):
+                raise ValueError("more bytes than the chunk sizes cover")
+            n = min(len(view), self._left)
+            self._h.update(view[:n])
+            view = view[n:]
+            self._left -= n
+            if not self._left:
+                self._out.append(self._h.digest())
+                self._h.reset()
+                self._i += 1
+                self._left = self._sizes[self._i] if self._i < len(self._sizes) else 0
+
+    @property
+    def complete(self) -> bool:
+        return self._i == len(self._sizes)
+
+    def digests(self) -> bytes:
+        return b"".join(self._out)
 
 
 def _copy_entry(dfd: int, name: str, target: str) -> None:

@@ -100,6 +100,11 @@ class World:
         zc = zstandard.ZstdCompressor(level=3).compressobj()
         return [self.write_packed(path, zc=zc), self.commit_packed([path], zc=zc)]
 
+    def write_derived(self) -> list[dict]:
+        """write_streamed with its chunk digests left for the agent to compute ("sd")."""
+        first, *rest = self.write_streamed()
+        return [{**first, "sd": True, "f": first["f"][:8] + [b""]}, *rest]
+
     def write_streamed(self) -> list[dict]:
         n = len(self.data_big)
         return [{"t": "write", "f": list(self.row_big), "ops": [[0, n]], "x": None},
@@ -121,6 +126,8 @@ class World:
              {"t": "close", "save": True}],
             [self.open(), {"t": "root", "patterns": []}, {"t": "close", "save": False}],
             [self.open(), {"t": "apply"}, *self.packed_write_and_commit(b"g.txt"), {"t": "apply_end"}],
+            [self.open(), {"t": "scan", "patterns": [], "fresh": True, "base": ""}, {"t": "apply"},
+             *self.write_derived(), {"t": "commit", "ps": [b"big.bin"]}, {"t": "apply_end"}],
         ]
 
 
@@ -171,6 +178,26 @@ def test_a_valid_session_works(world):
     assert "failed" not in kinds, msgs
 
 
+def test_a_derived_write_gets_the_digests_of_what_was_sent(world):
+    """A write whose chunk digests the agent computes ("sd"): the file lands, and the replica's
+    cache holds the same chunk digests as the master's row (which the master never sent)."""
+    from dirsync import chunking
+    from dirsync.state import load_manifest_file
+
+    chunks = [frame(m) for m in world.sessions()[7][1:]]
+    status, msgs, err = run_agent_process([frame(world.open()), *chunks, frame({"t": "close", "save": True}),
+                                           frame({"t": "bye"})])
+    assert status == 0, err
+    kinds = [m.get("t") or m.get("type") for m in msgs]
+    assert "fatal" not in kinds and "failed" not in kinds and kinds[-1] == "closed", msgs
+    assert (world.r / "big.bin").read_bytes() == world.data_big
+    cache = load_manifest_file(str(world.r / ".dirsync" / "manifest"), chunking.CHUNKER_ID).manifest
+    assert len(world.row_big[8]) > 16 and cache.entries["big.bin"].digests == world.row_big[8]
+    # The file is as the master sent it, so it goes back as its path only (no row).
+    assert [m["paths"] for m in msgs if m.get("t") == "written"] == [[b"big.bin"]], msgs
+    assert not [r for m in msgs if m.get("t") == "rows" for r in m["rows"] if r[1] == b"big.bin"], msgs
+
+
 CRAFTED = {
     "mkdir ../": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"../escaped", "mode": 0o755}],
     "mkdir a/../../": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"a/../../escaped", "mode": 0o755}],
@@ -204,6 +231,12 @@ CRAFTED = {
     "packed row as str": lambda w: [{"t": "apply"}, {**w.write_packed(), "rz": "text"}],
     "packed row one chunk, digests left out, two sizes": lambda w: [{"t": "apply"}, w.write_packed(
         blob=msgpack.packb([[0, b"f.txt", 8, 0o644, 0, b"d" * 16, 0, [4, 4], b""], [[0, 8]]]))],
+    "derive with a copy op": lambda w: [{"t": "apply"}, {**w.write_inline(), "sd": True,
+                                                          "f": w.row_big[:8] + [b""], "ops": [[b"f.txt", 0, 8]]}],
+    "derive with digests given": lambda w: [{"t": "apply"}, {**w.write_inline(), "sd": True}],
+    "derive with a digest mask": lambda w: [{"t": "apply"}, {**w.write_inline(), "sd": True, "dm": b"\x01",
+                                                              "f": w.row_f[:8] + [b""]}],
+    "derive as str": lambda w: [{"t": "apply"}, {**w.write_inline(), "sd": "yes", "f": w.row_f[:8] + [b""]}],
     "packed commit ../": lambda w: [{"t": "apply"}, w.commit_packed([b"../x"])],
     "packed commit not a list": lambda w: [{"t": "apply"}, w.commit_packed(b"f.txt")],
     "packed commit not zstd": lambda w: [{"t": "apply"}, w.commit_packed([], garbage=True)],

@@ -185,7 +185,8 @@ def test_compress_sends_less_and_converges(sshd, tmp_path):
 @pytest.mark.parametrize("flags", [(), ("--compress",)])
 def test_write_rows_are_packed_and_an_agent_without_it_still_works(sshd, tmp_path, flags):
     """The rows and ops of writes go in a zstd stream (with --compress, the data's), when the
-    agent announces it ("rz" in its hello): paths and chunk sizes compress well. A release-like
+    agent announces it ("rz" in its hello): paths and chunk sizes compress well; and a new
+    file's chunk digests are computed by the agent as it writes ("sd"). A release-like
     step (one line edited in each of 80 files under a deep folder) and a first copy of 400 small
     files must then move fewer bytes than with an agent that does not announce it, which must
     still be served correctly."""
@@ -208,6 +209,17 @@ def test_write_rows_are_packed_and_an_agent_without_it_still_works(sshd, tmp_pat
             before = proxy.counts()[0]
             sync_json(m, f"via-proxy:{r}", args=("--ssh-config", cfg, "--remote-cmd", cmd, *flags))
             firsts[name] = proxy.counts()[0] - before
+        # The new agent computed the chunk digests of what it was sent ("sd"): its cache must
+        # hold exactly the master's.
+        from dirsync import chunking
+        from dirsync.manifest import FileEntry
+        from dirsync.scan import scan_tree
+        from dirsync.state import load_manifest_file
+
+        want = {p: e.digests for p, e in scan_tree(str(m)).manifest.entries.items() if isinstance(e, FileEntry)}
+        got = load_manifest_file(str(reps["rz"][0] / ".dirsync" / "manifest"), chunking.CHUNKER_ID).manifest
+        assert {p: e.digests for p, e in got.entries.items() if isinstance(e, FileEntry)} == want
+        assert any(len(d) > 16 for d in want.values())  # some files are several chunks
         for i in range(80):
             f = m / deep / f"handler_module_{i:03d}.py"
             text = f.read_bytes()

@@ -12,6 +12,7 @@ possible), 1 after an internal error (also reported in a `fatal` frame).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import os
@@ -54,7 +55,7 @@ HOLD_MAX = 1 << 16  # outcome bytes held back at most before they are written (s
 BATCH_MAX = 1 << 20  # held bytes sent as one compressed batch at most (the master accepts 16 MiB)
 DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
 ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after decompression
-FEATURES = ("rz",)  # announced in the hello; the master uses only what the agent announced
+FEATURES = ("rz", "sd")  # announced in the hello; the master uses only what the agent announced
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -88,6 +89,7 @@ class Agent:
         self._zb: Any = None  # zstd stream for held outcomes, once the master's hello lists "zb"
         self.replica: Replica | None = None
         self.written: dict[str, FileEntry] = {}  # write targets received this session
+        self._derived: set[str] = set()  # writes whose chunk digests this side computed
         self._chunk_tables: dict[str, dict[int, tuple[int, bytes]]] = {}  # for compacted write rows
         self.inflater = Inflater()
         self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
@@ -323,6 +325,8 @@ class Agent:
             a = proto.dec_action(m, self._chunk_at)
             if isinstance(a, WriteFile):
                 self.written[a.path] = a.target
+                if a.derive:
+                    self._derived.add(a.path)
                 self._inline = m.get("d")
                 if self._inline is not None:
                     v_bytes(self._inline, DATA_MAX)
@@ -357,6 +361,10 @@ class Agent:
             # A file now exactly as the master sent it goes back as its path only: the master
             # still has the row (for a large file, thousands of chunk digests).
             written = self.written
+            for p in self._derived:  # the master holds the real digests; we computed the same
+                w, e = written.get(p), current.get(p)
+                if isinstance(w, FileEntry) and isinstance(e, FileEntry) and (w.size, w.digest) == (e.size, e.digest):
+                    written[p] = dataclasses.replace(w, digests=e.digests)
             as_sent = [os.fsencode(e.path) for e in changed if written.get(e.path) == e]
             changed = [e for e in changed if written.get(e.path) != e]
             self._send_rows(changed, removed)

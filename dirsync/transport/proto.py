@@ -22,7 +22,7 @@ from dirsync.errors import (
     ProtocolError,
     RefusedError,
 )
-from dirsync.manifest import Entry, FileEntry, decode_rows, encode_rows
+from dirsync.manifest import DIGEST_SIZE, Entry, FileEntry, decode_rows, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import STATE_DIR
@@ -203,7 +203,15 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
             pos += op.size
             ops.append(op)
         row = m.get("f")
-        if m.get("dm") is not None:
+        derive = v_bool(m.get("sd", False))
+        if derive:  # the agent computes the chunk digests from the bytes sent (see WriteFile.derive)
+            if m.get("dm") is not None or not all(isinstance(o, SendOp) for o in ops):
+                raise ProtocolError("write: digests to derive, but not every op is a send op")
+            row = v_list(row, 9)
+            if len(row) != 9 or row[8] != b"":
+                raise ProtocolError("write: digests to derive, but the row has some")
+            row = [*row[:8], bytes(DIGEST_SIZE * len(v_list(row[7], MAX_OPS)))]
+        elif m.get("dm") is not None:
             row = _expand_digests(row, v_bytes(m.get("dm"), MAX_OPS), ops, chunk_at)
         target = dec_rows([row])
         f = next(iter(target.values())) if len(target) == 1 else None
@@ -214,7 +222,7 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
         v_int(f.size, 0, I64)
         if pos != f.size:
             raise ProtocolError(f"write {f.path!r}: ops cover {pos} bytes of {f.size}")
-        return WriteFile(f, tuple(ops), dec_expect(m.get("x")), move=v_bool(m.get("mv", False)))
+        return WriteFile(f, tuple(ops), dec_expect(m.get("x")), move=v_bool(m.get("mv", False)), derive=derive)
     if t == "commit":
         return Commit(tuple(v_relpath(p) for p in v_list(m.get("ps"), MAX_OPS)))
     if t == "mkdir":

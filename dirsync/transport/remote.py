@@ -97,6 +97,7 @@ class RemoteTransport:
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for the session's write rows, and data with --compress
         self._rz = False  # the agent takes write rows in that stream (it said "rz" in its hello)
+        self._sd = False  # ... and computes the chunk digests of sent bytes itself ("sd")
         if opts.compress:
             import zstandard
 
@@ -327,7 +328,9 @@ class RemoteTransport:
         first = self._recv(timeout=max(self.timeout, self.opts.connect_timeout))
         try:
             check_hello(first)
-            self._rz = "rz" in v_list(first.get("features", []), 64)
+            features = v_list(first.get("features", []), 64)
+            self._rz = "rz" in features
+            self._sd = self._rz and "sd" in features
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
                 raise ProtocolError(f"the remote dirsync ({v_str(first.get('version', '?'), 200)}) cuts "
@@ -545,6 +548,9 @@ class RemoteTransport:
         except ItemError as e:  # nothing of this write was sent (or compressed)
             sink.failed(w.path, e)
             return
+        if self._sd and "dm" not in msg and len(w.target.sizes) > 1 and all(isinstance(o, SendOp) for o in w.ops):
+            msg["sd"] = True  # the agent hashes the chunks as it writes them: 16 bytes a chunk saved
+            msg["f"] = [*msg["f"][:8], b""]
         if self._rz:  # compressed only now that it will be sent: the agent inflates in stream order
             zr = self._rows_stream()
             msg["rz"] = zr.compress(proto.pack_row(msg)) + zr.flush(self._zflush)
