@@ -783,7 +783,11 @@ class Replica:
             assert self.backup is not None
             os.makedirs(self.backup_dir, exist_ok=True)
             stamp = self.backup.stamp or backup_stamp(self.write_start_ns / 1e9)
-            n = 0
+            # After the newest of this second's folders: a name freed by pruning (say `stamp`,
+            # when `stamp-1` and `stamp-2` were kept) would sort as the oldest, and the next
+            # prune would delete this run's backups first.
+            taken = [n for n in os.listdir(self.backup_dir) if n == stamp or n.startswith(stamp + "-")]
+            n = max((int(t[len(stamp) + 1:]) for t in taken if t[len(stamp) + 1:].isdigit()), default=-1) + 1
             while True:
                 cand = os.path.join(self.backup_dir, stamp if n == 0 else f"{stamp}-{n}")
                 try:

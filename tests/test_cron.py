@@ -562,6 +562,28 @@ def test_backup_dir_keeps_overwritten_and_deleted_files(tmp_path, env):
     assert [read(r / ".bak" / n / "a.txt") for n in kept] == [b"A3", b"A4"]
 
 
+def test_backups_of_runs_in_the_same_second_are_pruned_oldest_first(tmp_path, monkeypatch):
+    """Runs within one second share a stamp (STAMP, STAMP-1, ...). With --backup-keep 2 the
+    third run prunes STAMP; the fourth must not take that freed name (it would sort as the
+    oldest and its backups be pruned at once) but the next after the newest."""
+    from dirsync import replica as replica_mod
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+    from dirsync.transport import TransportOptions
+
+    monkeypatch.setattr(replica_mod, "backup_stamp", lambda t=None: "2026-11-26T101500Z")  # one second
+    m, r = tmp_path / "m", tmp_path / "r"
+    write(m / "a.txt", "v0")
+    cfg = SyncConfig(master=str(m), replicas=(str(r),), transport=TransportOptions(backup_dir=".bak", backup_keep=2))
+    assert run_sync(cfg, Reporter(quiet=True)).exit_code == 0
+    for v in ("v1", "v2", "v3", "v4"):
+        write(m / "a.txt", v)
+        assert run_sync(cfg, Reporter(quiet=True)).exit_code == 0
+    kept = sorted(os.listdir(r / ".bak"), key=lambda n: (n[:17], int(n[19:] or 0)))
+    assert [read(r / ".bak" / n / "a.txt") for n in kept] == [b"v2", b"v3"], kept
+    assert read(r / "a.txt") == b"v4"
+
+
 def test_a_later_sync_without_backup_dir_keeps_the_old_backups(tmp_path, env):
     m, r = tmp_path / "m", tmp_path / "r"
     write(m / "a.txt", "v1")
