@@ -1099,6 +1099,9 @@ class TwoWaySummary:
     seconds: float = 0.0
 
     carried: list[Conflict] = field(default_factory=list)  # made by an interrupted run, reported now
+    # What the run built (scans, caches, base), kept until the summary goes: freeing a 10,000-
+    # file run's entries one by one took ~40 ms, which a CLI run ending in os._exit never pays.
+    held: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def conflicts(self) -> list[Conflict]:
@@ -1171,7 +1174,28 @@ def _guard_markers(x: TwoWaySide, y: TwoWaySide, chunker: str) -> None:
 
 
 def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = lambda: False) -> TwoWaySummary:
-    """One two-way run between cfg.a and cfg.b (see the module docstring)."""
+    """One two-way run between cfg.a and cfg.b (see the module docstring).
+
+    Python's cyclic garbage collector is paused for the run: a run builds a few entries per
+    path (two scans, their caches, the base, the target) and hardly any reference cycles, yet
+    the collector kept walking all of them (measured: 0.13 s of a 1.2 s run after 1% changes
+    on a 10,000-file pair, 183 collections). At the end the run's survivors are moved to the
+    oldest generation in one step (gc.freeze + gc.unfreeze) instead of being traversed by the
+    first collection after it; cycles the run left (few) go at the next full collection."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_twoway(cfg, reporter, should_stop)
+    finally:
+        gc.freeze()
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) -> TwoWaySummary:
     from dirsync import chunking
     from dirsync.apply import Stopwatch, TokenBucket
 
@@ -1192,6 +1216,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
     tie_base = ""
     step_after = False  # note a "nothing to do" finding for the trees this run leaves
     scans: list = []
+    base = Manifest()
     # A never-synced, non-empty side needs --init only when the other side is not empty either:
     # seeding an empty or new directory from an existing one is the usual first run.
     init = (cfg.init or sb.looks_empty(), cfg.init or sa.looks_empty())
@@ -1451,6 +1476,7 @@ def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = la
                 sm.status = "partial"
         ok = True
     finally:
+        summ.held += [scans, base] + [getattr(s.transport, "replica", None) for s in opened]
         gens = [s.close(save=ok) for s in opened]
         summ.seconds = watch.elapsed()
         if ok and pid is not None:  # after the caches are saved: a tie names what was saved

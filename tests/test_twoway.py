@@ -719,3 +719,29 @@ def test_kill_9_mid_run_then_rerun_converges_like_an_uninterrupted_run(tmp_path,
     assert treecmp.diff_snapshots(want, got, check_dir_mtimes=False) == []
     assert not [n for n in os.listdir(a / ".dirsync") if n.endswith(".pending")]
     assert tw(a, b).decisions.decisions == []
+
+
+def test_run_pauses_the_collector_and_leaves_it_as_it_found_it(pair, tmp_path):
+    import gc
+
+    a, b = pair
+    put(str(a / "doc.txt"), b"version 1\n", mtime_s=5)
+    seen: list[bool] = []
+    assert gc.isenabled()
+    s = run_twoway(TwoWayConfig(str(a), str(b)), Reporter(quiet=True),
+                   should_stop=lambda: seen.append(gc.isenabled()) or False)
+    assert s.exit_code == 0 and read(b / "doc.txt") == b"version 1\n"
+    assert seen and not any(seen)  # paused while the plans were applied
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # survivors handed back, none left frozen
+    gc.disable()
+    try:
+        tw(a, b)
+        assert not gc.isenabled()  # a caller that had it off gets it off
+    finally:
+        gc.enable()
+    x, y = tmp_path / "x", tmp_path / "y"
+    build_tree(x, {"1": b"1"})
+    build_tree(y, {"2": b"2"})
+    with pytest.raises(RefusedError):  # a run that raises restores it too
+        tw(x, y)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
