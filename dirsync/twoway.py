@@ -35,8 +35,10 @@ not all succeed on both sides keeps its old base entry, so the next run redoes t
 A twoway-<pairid>.pending file on both sides marks a run in progress and lists the conflicts it is
 resolving; finding it means the last run was interrupted: nothing special is needed (identical
 paths are in sync, the rest is redone) except reporting those conflicts again.
-A record is a snapshot of the base plus the entries changed since (see encode_base_delta); with
-two local sides the snapshot is a file of its own, twoway-<pairid>.snap-<id> (identical too).
+A record is a snapshot of the base plus the entries changed since (see encode_base_delta); the
+snapshot is a file of its own, twoway-<pairid>.snap-<id> (identical too), so that a run writes
+only the record (header and delta) until a new snapshot is due, and reads only a record's
+header from a remote side; with an older agent (no snapshot files) it stays inside the record.
 Hints, each ignored when it does not match: twoway-<pairid>.tie says a side's scan cache holds
 the base (so a run compares that side by identity and needs no base decode, see _read_tie);
 twoway-<pairid>.step notes trees a clean run left in step (such a rerun does nothing at all).
@@ -832,6 +834,7 @@ class TwoWaySide:
     """One side of a two-way pair: a local directory (RemoteTwoWaySide: one behind an agent)."""
 
     is_remote = False
+    keeps_snapshots = True  # can hold a base snapshot file (twoway-<pairid>.snap-<id>) of its own
 
     def __init__(self, spec: str, label: str, topts=None) -> None:
         from dirsync.transport import TransportOptions
@@ -1002,8 +1005,19 @@ class RemoteTwoWaySide(TwoWaySide):
             raise ValueError(f"bad two-way state file name {name!r}")
         return self._tw("read", name=name)
 
+    @property
+    def keeps_snapshots(self) -> bool:  # type: ignore[override]
+        """An agent that takes snapshot files and `head` requests (its hello lists "tw2"); an older
+        one keeps records with the snapshot inside, moved whole each run."""
+        self.transport._start()  # its hello says (a no-op once connected)
+        return self.transport.tw_level >= 2
+
     def read_state_head(self, name: str, size: int = 1 << 16) -> bytes | None:
-        return self.read_state(name)
+        if not self.keeps_snapshots:
+            return self.read_state(name)
+        if not _STATE_NAME.fullmatch(name):
+            raise ValueError(f"bad two-way state file name {name!r}")
+        return self._tw("head", name=name, size=max(1, min(size, 1 << 20)))
 
     def write_state(self, name: str, data: bytes) -> None:
         if not _STATE_NAME.fullmatch(name):
@@ -1029,7 +1043,11 @@ class RemoteTwoWaySide(TwoWaySide):
         return RemoteContentSource(self.transport, throttle)
 
     def prune_snapshots(self, pid: str, keep: str) -> None:
-        pass  # an agent never holds snapshot files (records with a remote side keep theirs inside)
+        if not self.keeps_snapshots:
+            return  # an older agent holds no snapshot files (its records keep theirs inside)
+        for n in self._tw("list"):
+            if n.startswith(f"twoway-{pid}.snap-") and n != f"twoway-{pid}.snap-{keep}" and _STATE_NAME.fullmatch(n):
+                self.remove_state(n)
 
 
 def make_side(spec: str, label: str, topts=None) -> TwoWaySide:
@@ -1436,7 +1454,7 @@ def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) ->
             need = Counter(a.path for a in plan.actions if not isinstance(a, Commit))  # type: ignore[union-attr]
             unsettled |= {p for p, n in need.items() if sm.done_paths[p] < n}
         rec = BaseRecord(summ.base_seq + 1, secrets.token_hex(8), {ida: sa.key, idb: sb.key}, Manifest())
-        split = not (sa.is_remote or sb.is_remote)  # an agent keeps only the record itself
+        split = sa.keeps_snapshots and sb.keeps_snapshots  # else the snapshot goes inside the record
         data, snap = None, None
         if scope is not None:
             changes = _settle_scoped(base, dec, unsettled, scope)

@@ -16,12 +16,12 @@ try:
     import sshd as _sshd_plugin
     import treecmp
     from helpers import build_tree, random_bytes, read, run_cli, text_lines, write
-    from remote_helpers import ssh_cli_args, ssh_spec
+    from remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 except ImportError:
     from tests import sshd as _sshd_plugin
     from tests import treecmp
     from tests.helpers import build_tree, random_bytes, read, run_cli, text_lines, write
-    from tests.remote_helpers import ssh_cli_args, ssh_spec
+    from tests.remote_helpers import TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 
 pytest_plugins = [_sshd_plugin.__name__]
 pytestmark = pytest.mark.ssh
@@ -87,3 +87,47 @@ def test_two_way_plan_over_ssh_changes_nothing(sshd, tmp_path):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "f.txt" in cp.stdout and "g.txt" in cp.stdout
     assert treecmp.snapshot(a) == before_a and treecmp.snapshot(b) == before_b
+
+
+def test_remote_side_keeps_the_base_snapshot_and_a_small_change_moves_only_the_delta(sshd, tmp_path):
+    """The agent holds the base snapshot in a file of its own (identical to the local side's), so
+    a run after a small change moves a record header and the changed rows, not the whole base."""
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        args = ("--ssh-config", cfg, "--remote-cmd", remote_cmd())
+        a, b = tmp_path / "a", tmp_path / "b"
+        build_tree(a, {f"dir{d:02d}": {f"some-longish-file-name-{i:04d}.txt": f"{d} {i}\n".encode()
+                                       for i in range(150)} for d in range(20)})
+        spec_b = f"via-proxy:{b}"
+
+        def run(*extra):
+            cp = run_cli("sync", "--two-way", "--json", *args, *extra, str(a), spec_b)
+            assert cp.returncode == 0, cp.stdout + cp.stderr
+            return json.loads(cp.stdout)
+
+        run()
+        same(a, b)
+
+        def state(side, suffix):
+            return sorted(n for n in os.listdir(side / ".dirsync") if n.startswith("twoway-") and suffix in n)
+
+        snaps = state(a, ".snap-")
+        assert len(snaps) == 1 and state(b, ".snap-") == snaps
+        snap = read(a / ".dirsync" / snaps[0])
+        assert read(b / ".dirsync" / snaps[0]) == snap and len(snap) > 200_000
+
+        write(a / "dir03" / "some-longish-file-name-0007.txt", b"edited on a\n")
+        up0, down0 = proxy.counts()
+        out = run()
+        moved = (proxy.counts()[0] - up0) + (proxy.counts()[1] - down0)
+        same(a, b)
+        assert out["decisions"]["a_to_b"] == 1
+        (base,) = state(b, ".base")
+        assert read(b / ".dirsync" / base) == read(a / ".dirsync" / base)
+        assert len(read(b / ".dirsync" / base)) < 10_000  # header and one changed row
+        assert state(b, ".snap-") == snaps  # the same snapshot, not written again
+        # (before: the whole record, snapshot inside, read from the agent and written back)
+        assert moved < len(snap) // 2, (moved, len(snap))
+    finally:
+        proxy.close()

@@ -55,7 +55,10 @@ HOLD_MAX = 1 << 16  # outcome bytes held back at most before they are written (s
 BATCH_MAX = 1 << 20  # held bytes sent as one compressed batch at most (the master accepts 16 MiB)
 DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
 ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after decompression
-FEATURES = ("rz", "sd")  # announced in the hello; the master uses only what the agent announced
+# Announced in the hello; the master uses only what the agent announced ("rz", "sd": see
+# PROTOCOL.md, write; "tw2": the two-way `head` request and base snapshot files
+# (twoway-<pair>.snap-<16 hex>) among the state names).
+FEATURES = ("rz", "sd", "tw2")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -407,7 +410,7 @@ class Agent:
         if os.path.islink(state):
             raise ProtocolError(f"{state} is a symlink")
         name = None
-        if op in ("read", "write", "remove"):
+        if op in ("read", "write", "remove", "head"):
             name = v_str(m.get("name"), 100)
             if not _TW_NAME.fullmatch(name):
                 raise ProtocolError(f"bad two-way state name {name!r}")
@@ -427,6 +430,13 @@ class Agent:
             try:
                 with open(os.path.join(state, name), "rb") as f:
                     v = f.read()
+            except FileNotFoundError:
+                v = None
+        elif op == "head":  # the first `size` bytes (a base record's header is in them)
+            size = v_int(m.get("size"), 1, HEAD_MAX)
+            try:
+                with open(os.path.join(state, name), "rb") as f:
+                    v = f.read(size)
             except FileNotFoundError:
                 v = None
         elif op == "write":
@@ -536,7 +546,8 @@ class _Sends:
 
 
 STAGED_REPORT_MIN = 1 << 20
-_TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step)")
+_TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step|snap-[0-9a-f]{16})")
+HEAD_MAX = 1 << 20  # bytes a two-way `head` request may ask for
 
 
 class _ResultSender:

@@ -85,6 +85,7 @@ class RemoteTransport:
         self._busy = False  # inside apply: the agent expects actions/data, not `close`
         self._readonly = False
         self._hello_seen = False
+        self.tw_level = 1  # the agent's two-way requests: 2 when its hello announced "tw2"
         self.closed_fingerprint = b""  # after close: the fingerprint of the cache the agent saved
         self.base: SavedManifest | None = None  # our copy of the replica's last saved manifest
         self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
@@ -331,6 +332,7 @@ class RemoteTransport:
             features = v_list(first.get("features", []), 64)
             self._rz = "rz" in features
             self._sd = self._rz and "sd" in features
+            self.tw_level = 2 if "tw2" in features else 1
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
                 raise ProtocolError(f"the remote dirsync ({v_str(first.get('version', '?'), 200)}) cuts "
@@ -353,6 +355,8 @@ class RemoteTransport:
                 msg["name"] = kw["name"]
             if "data" in kw:
                 msg["data"] = kw["data"]
+            if "size" in kw:
+                msg["size"] = kw["size"]
             self._send(msg, flush=True)
             m = self._expect("tw_ok")
             v = m.get("v")
@@ -362,6 +366,8 @@ class RemoteTransport:
                 return [v_str(n, 100) for n in v_list(v, 1000)]
             if op == "read":
                 return None if v is None else v_bytes(v, 1 << 26)
+            if op == "head":
+                return None if v is None else v_bytes(v, kw["size"])
             if op == "ignore":
                 return [v_str(p, 4096) for p in v_list(v, 10000)]
             if op == "empty":
