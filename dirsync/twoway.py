@@ -895,6 +895,12 @@ class TwoWaySide:
 
         write_atomic(self._state(name), data)
 
+    def write_hint(self, name: str, data: bytes) -> None:
+        """write_state for a file that is only a shortcut (the .step note): atomic, not fsynced.
+        One lost or left stale by a crash names ids and fingerprints that no longer match, and
+        one torn does not decode: either way the next run just does the whole work."""
+        _write_unsynced(self._state(name), data)
+
     def remove_state(self, name: str) -> None:
         try:
             os.unlink(self._state(name))
@@ -1023,6 +1029,9 @@ class RemoteTwoWaySide(TwoWaySide):
         if not _STATE_NAME.fullmatch(name):
             raise ValueError(f"bad two-way state file name {name!r}")
         self._tw("write", name=name, data=data)
+
+    def write_hint(self, name: str, data: bytes) -> None:
+        self.write_state(name, data)
 
     def remove_state(self, name: str) -> None:
         if not _STATE_NAME.fullmatch(name):
@@ -1412,7 +1421,7 @@ def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) ->
             if step is not None and not dec.decisions and not dec.conflicts and not summ.warnings:
                 data = _encode_step(step)
                 for s in (sa, sb):
-                    s.write_state(f"twoway-{pid}.step", data)
+                    s.write_hint(f"twoway-{pid}.step", data)
             if scope is not None and base_rec is not None:  # the base stays: tie the caches to it
                 tie_base = base_rec.gen
                 tied = [_holds(s, scope, base, {}) for s in (sa, sb)]
@@ -1506,7 +1515,7 @@ def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) ->
                 note = _step_key(cfg, tie_base, (sa.peek_marker(), sb.peek_marker()), fps, scans, (sa, sb))
                 for s in (sa, sb) if note is not None else ():
                     try:
-                        s.write_state(f"twoway-{pid}.step", _encode_step(note))
+                        s.write_hint(f"twoway-{pid}.step", _encode_step(note))
                     except OSError:
                         pass  # a shortcut only
     return summ
@@ -1586,17 +1595,25 @@ def _holds(side: "TwoWaySide", scope: set[str] | None, old: Manifest, changes: d
 def _write_tie(side: "TwoWaySide", pid: str, base_gen: str, cache_gen: str) -> None:
     """Atomic but not fsynced: a tie refers only to files already made durable, and one that is
     lost or stale after a crash names ids that no longer match."""
-    path = side._state(f"twoway-{pid}.tie")
+    try:
+        _write_unsynced(side._state(f"twoway-{pid}.tie"), json.dumps({"base": base_gen, "cache": cache_gen}).encode())
+    except OSError:
+        pass
+
+
+def _write_unsynced(path: str, data: bytes) -> None:
+    """Write `path` atomically (a temp beside it, renamed over it) without fsync: for hints only."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(json.dumps({"base": base_gen, "cache": cache_gen}).encode())
+            f.write(data)
         os.replace(tmp, path)
     except OSError:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        raise
 
 
 def _guards(cfg: TwoWayConfig, base: Manifest, sides: tuple[Manifest, Manifest], plans: tuple[Plan, Plan],
