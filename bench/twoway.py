@@ -46,6 +46,7 @@ from fs import FsError, LoopFs, bench_python, loop_possible, python_env  # noqa:
 
 KiB = 1024
 TOOLS = ("dirsync", "unison")
+REF = "dirsync-ref"  # --ref: another checkout's dirsync, timed in the same runs
 CASES = ("initial", "noop", "change")
 UNISON_FLAGS = ["-batch", "-auto", "-times", "-perms", "0", "-confirmbigdel=false", "-ui", "text"]
 
@@ -214,7 +215,11 @@ class Bench:
         self.base = self.work
         self.fs_note = ""
         self.unison = shutil.which("unison")
+        self.ref = os.path.abspath(args.ref) if args.ref else None
+        self.cases = [c for c in CASES if c in (args.cases or CASES)]
         self.tools = [t for t in TOOLS if t == "dirsync" or self.unison]
+        if self.ref:
+            self.tools.insert(1, REF)
         self.times: dict[tuple[str, str], list[float]] = {}
         self.problems: list[str] = []
         self.notes: list[str] = []
@@ -276,18 +281,19 @@ class Bench:
     def fresh_state(self, tool: str) -> None:
         self.trash(self.state(tool))
         os.makedirs(self.state(tool))
-        if tool == "dirsync":
+        if tool in ("dirsync", REF):
             for sub in ("home", "state", "config", "cache"):
                 os.makedirs(os.path.join(self.state(tool), sub))
 
     def command(self, tool: str) -> tuple[list[str], dict]:
         a, b = self.path(tool, "A"), self.path(tool, "B")
         env = dict(os.environ)
-        if tool == "dirsync":
+        if tool in ("dirsync", REF):
             st = self.state(tool)
-            env.update(PYTHONPATH=REPO, HOME=os.path.join(st, "home"), XDG_STATE_HOME=os.path.join(st, "state"),
+            repo = self.ref if tool == REF else REPO
+            env.update(PYTHONPATH=repo, HOME=os.path.join(st, "home"), XDG_STATE_HOME=os.path.join(st, "state"),
                        XDG_CONFIG_HOME=os.path.join(st, "config"), XDG_CACHE_HOME=os.path.join(st, "cache"))
-            return [bench_python(self.work), "-m", "dirsync", "sync", "--two-way", "--json", a, b], python_env(env, REPO)
+            return [bench_python(self.work), "-m", "dirsync", "sync", "--two-way", "--json", a, b], python_env(env, repo)
         env["UNISON"] = self.state(tool)
         return [self.unison, a, b, *UNISON_FLAGS], env
 
@@ -310,7 +316,7 @@ class Bench:
         so.close()
         se.close()
         problem, detail = "", ""
-        if tool == "dirsync":
+        if tool in ("dirsync", REF):
             try:
                 j = json.loads(stdout)
                 detail = " ".join(f"{k}={v}" for k, v in j.get("decisions", {}).items() if v)
@@ -380,6 +386,18 @@ class Bench:
                 self.timed("initial", tool, i, self.sample, set(self.files))
             self.empty_trash()
 
+    def setup_pair(self) -> None:
+        """Without the initial case: the synced pair the other cases start from (untimed)."""
+        for tool in self.tools:
+            self.copy(self.path("pristine"), self.path(tool, "A"))
+            self.trash(self.path(tool, "B"))
+            os.makedirs(self.path(tool, "B"))
+            self.fresh_state(tool)
+            _, problem = self.sync(tool, "setup")
+            if problem:
+                self.problems.append(f"setup {tool}: {problem}")
+        self.empty_trash()
+
     def case_noop(self) -> None:
         for tool in self.tools:  # one untimed warm-up run each
             _, problem = self.sync(tool, "noop-warmup")
@@ -427,24 +445,32 @@ class Bench:
             f"dirsync {commit}{'+dirty' if dirty else ''} (Python {platform.python_version()}); {uv}; "
             f"total {total:.0f} s.",
             "",
-            "| case | dirsync s | unison s | ratio d/u |",
-            "|---|---|---|---|",
+            "| case | dirsync s | unison s | ratio d/u |" + (" ref s | ratio ref/u |" if self.ref else ""),
+            "|---|---|---|---|" + ("---|---|" if self.ref else ""),
         ]
         labels = {"initial": "initial (A full, B empty)", "noop": "no-op",
                   "change": f"1% changes on each side ({n_a} + {n_b} ops)"}
-        for case in CASES:
+        for case in self.cases:
             cells = []
-            for tool in TOOLS:
+            for tool in (*TOOLS, REF):
                 ws = self.times.get((case, tool))
                 cells.append(f"{fmt(statistics.median(ws))} ({fmt(min(ws))}–{fmt(max(ws))})" if ws else
                              ("not installed" if tool == "unison" and not self.unison else "–"))
             d, u = self.times.get((case, "dirsync")), self.times.get((case, "unison"))
             ratio = f"{statistics.median(d) / statistics.median(u):.2f}" if d and u else "–"
-            lines.append(f"| {labels[case]} | {cells[0]} | {cells[1]} | {ratio} |")
+            row = f"| {labels[case]} | {cells[0]} | {cells[1]} | {ratio} |"
+            if self.ref:
+                r = self.times.get((case, REF))
+                row += f" {cells[2]} | {statistics.median(r) / statistics.median(u):.2f} |" if r and u else f" {cells[2]} | – |"
+            lines.append(row)
         lines += ["", f"dirsync: `{bench_python(self.work)} -m dirsync sync --two-way --json A B`; "
                   f"unison: `unison A B {' '.join(UNISON_FLAGS)}` (own `UNISON=` dir). "
                   "Ratio < 1: dirsync faster. After every run A and B were compared (entries, sizes, "
                   "mtimes to the second, bytes of changed/sampled files) and the file list checked."]
+        if self.ref:
+            ref_commit = out(["git", "-C", self.ref, "rev-parse", "--short", "HEAD"])
+            lines += ["", f"ref: the dirsync of {self.ref} ({ref_commit}), timed in the same runs, "
+                          "the tools' order alternating run by run."]
         if self.problems:
             lines += ["", "Problems:", *[f"- {p}" for p in dict.fromkeys(self.problems)]]
         else:
@@ -464,7 +490,9 @@ class Bench:
         self.log(f"work dir {self.work}; trees on {self.fs_note}")
         try:
             self.prepare()
-            for case in CASES:
+            if "initial" not in self.cases:
+                self.setup_pair()
+            for case in self.cases:
                 t = time.perf_counter()
                 getattr(self, f"case_{case}")()
                 self.log(f"{case}: " + ", ".join(
@@ -500,7 +528,7 @@ class Bench:
         if self.loop:
             self.loop.teardown(delete_image=True)
         else:
-            for p in ("pristine", "pristine.stamp", "trash", *TOOLS):
+            for p in ("pristine", "pristine.stamp", "trash", *TOOLS, REF):
                 if os.path.lexists(self.path(p)):
                     sh(["rm", "-rf", self.path(p)], timeout=3600)
 
@@ -515,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fs", choices=("auto", "direct"), default="auto",
                     help="auto: own loop ext4 when root (see README); direct: write in the work dir")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--cases", type=lambda v: v.split(","), help=f"comma-separated subset of {','.join(CASES)} "
+                    "(without initial, the pair is synced once untimed first)")
+    ap.add_argument("--ref", metavar="REPO", help="also time the dirsync in this checkout (e.g. a worktree of main) "
+                    "in the same runs, as dirsync-ref")
     return Bench(ap.parse_args(argv)).run()
 
 

@@ -58,7 +58,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import stat
 import time
 from collections import Counter
@@ -609,7 +608,7 @@ def encode_base_split(rec: BaseRecord, chunker: str) -> tuple[bytes, bytes, str]
     file twoway-<pairid>.snap-<id> (written before the record, on both sides)."""
     from dirsync.manifest import to_bytes
 
-    sid = secrets.token_hex(8)
+    sid = os.urandom(8).hex()
     return _pack_base(rec, None, (), (), sid), to_bytes(rec.manifest, chunker), sid
 
 
@@ -1432,7 +1431,7 @@ def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) ->
         ida, idb = sa.peek_marker(), sb.peek_marker()
         assert ida and idb, "open() leaves a marker on both sides"
         pid = pair_id(ida, idb)
-        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
         marker = _encode_pending(run_id, summ.conflicts)
         for s in (sa, sb):
             s.write_state(f"twoway-{pid}.pending", marker)
@@ -1462,7 +1461,7 @@ def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) ->
         for plan, sm in zip(intended, summ.sides):
             need = Counter(a.path for a in plan.actions if not isinstance(a, Commit))  # type: ignore[union-attr]
             unsettled |= {p for p, n in need.items() if sm.done_paths[p] < n}
-        rec = BaseRecord(summ.base_seq + 1, secrets.token_hex(8), {ida: sa.key, idb: sb.key}, Manifest())
+        rec = BaseRecord(summ.base_seq + 1, os.urandom(8).hex(), {ida: sa.key, idb: sb.key}, Manifest())
         split = sa.keeps_snapshots and sb.keeps_snapshots  # else the snapshot goes inside the record
         data, snap = None, None
         if scope is not None:
