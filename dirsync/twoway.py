@@ -54,7 +54,6 @@ local implementations exist so far; see the module's end for what a remote one n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -580,7 +579,11 @@ _DELTA_MIN = 1024  # a delta may grow to max(this, a quarter of the entries) bef
 def pair_id(id_a: str, id_b: str) -> str:
     """Name of a pair's state files: hash of the two sides' marker ids (order-independent)."""
     x, y = sorted((id_a, id_b))
-    return hashlib.sha256(f"{x}\0{y}".encode()).hexdigest()[:32]
+    try:  # the built-in SHA-256 (same digest): hashlib would load OpenSSL (~5 ms of start-up)
+        from _sha256 import sha256
+    except ImportError:  # builds without it, and Python 3.12+ (_sha2)
+        from hashlib import sha256
+    return sha256(f"{x}\0{y}".encode()).hexdigest()[:32]
 
 
 @dataclass
