@@ -182,6 +182,17 @@ def test_compress_sends_less_and_converges(sshd, tmp_path):
         proxy.close()
 
 
+def patched_agent_cmd(assignment: str) -> str:
+    """A --remote-cmd running this checkout's agent with one module constant of
+    dirsync.transport.agent set otherwise (e.g. an agent that announces no features)."""
+    import shlex
+    import sys
+
+    code = (f"import sys, runpy; import dirsync.transport.agent as a; a.{assignment}; "
+            "sys.argv[0] = 'dirsync'; runpy.run_module('dirsync', run_name='__main__')")
+    return f"env PYTHONPATH={shlex.quote(REPO_ROOT)} {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
 @pytest.mark.parametrize("flags", [(), ("--compress",)])
 def test_write_rows_are_packed_and_an_agent_without_it_still_works(sshd, tmp_path, flags):
     """The rows and ops of writes go in a zstd stream (with --compress, the data's), when the
@@ -190,15 +201,10 @@ def test_write_rows_are_packed_and_an_agent_without_it_still_works(sshd, tmp_pat
     step (one line edited in each of 80 files under a deep folder) and a first copy of 400 small
     files must then move fewer bytes than with an agent that does not announce it, which must
     still be served correctly."""
-    import shlex
-    import sys
-
     proxy = TcpProxy(sshd.port)
     try:
         cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
-        old_agent = f"env PYTHONPATH={shlex.quote(REPO_ROOT)} {shlex.quote(sys.executable)} -c " + shlex.quote(
-            "import sys, runpy; import dirsync.transport.agent as a; a.FEATURES = (); "
-            "sys.argv[0] = 'dirsync'; runpy.run_module('dirsync', run_name='__main__')")
+        old_agent = patched_agent_cmd("FEATURES = ()")
         deep = "project/src/dirsync_example/subsystem/handlers"
         m = tmp_path / "m"
         build_tree(m, {deep: {f"handler_module_{i:03d}.py": text_lines(12 * KiB, seed=i) for i in range(80)}})
@@ -243,15 +249,10 @@ def test_agent_outcomes_leave_in_batches(sshd, tmp_path):
     compressed batches ("zb", the master's hello asks for them), so a first copy of 1,500 small
     files gets its reports back in far fewer bytes than from an agent that writes each at once
     (HOLD_MAX 0: one raw frame each); same result."""
-    import shlex
-    import sys
-
     proxy = TcpProxy(sshd.port)
     try:
         cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
-        eager = f"env PYTHONPATH={shlex.quote(REPO_ROOT)} {shlex.quote(sys.executable)} -c " + shlex.quote(
-            "import sys, runpy; import dirsync.transport.agent as a; a.HOLD_MAX = 0; "
-            "sys.argv[0] = 'dirsync'; runpy.run_module('dirsync', run_name='__main__')")
+        eager = patched_agent_cmd("HOLD_MAX = 0")
         m = tmp_path / "m"
         build_tree(m, {f"d{j:02d}": {f"f{i:03d}.txt": b"x%d\n" % i for i in range(100)} for j in range(15)})
         downs = {}
