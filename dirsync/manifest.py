@@ -214,12 +214,14 @@ def encode_rows(entries, *, cache_fields: bool = True) -> list[tuple]:
 class RowSource:
     """The body of a cache file and the entries decoded from it, in row order. A row is a pure
     function of its entry object, so an entry that is still the same object can be saved again
-    by copying its bytes (see _body_reusing)."""
+    by copying its bytes (see _body_reusing). Paths and objects are kept as tuples of their own:
+    whatever later happens to the decoded dict, row i stays paired with what it encodes."""
 
-    __slots__ = ("chunker", "body", "entries")
+    __slots__ = ("chunker", "body", "paths", "objs")
 
     def __init__(self, chunker: str, body, entries: dict[str, Entry]) -> None:
-        self.chunker, self.body, self.entries = chunker, body, entries
+        self.chunker, self.body = chunker, body
+        self.paths, self.objs = tuple(entries), tuple(entries.values())
 
     def offsets(self) -> array:
         """Where each row starts, and the end of the last: row i is body[offs[i]:offs[i + 1]].
@@ -243,19 +245,21 @@ def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, gener
     entries that are the very objects `src` decoded are copied, the others encoded (new paths
     at the end, sorted). Costs a few C-level passes over the old rows, not an encode of each."""
     pk = msgpack.Packer(use_bin_type=True)
-    body, offs, olds = src.body, src.offsets(), src.entries
+    body, offs, paths = src.body, src.offsets(), src.paths
+    if len(offs) != len(paths) + 1:  # cannot happen (decoded from this body); never guess
+        return msgpack.packb((chunker, encode_rows(entries.values()), generation), use_bin_type=True)
     parts = [pk.pack_array_header(3), pk.pack(chunker), pk.pack_array_header(len(entries))]
     # Rows whose entry is no longer the same object, found without a Python-level loop.
-    news = list(map(entries.get, olds))
+    news = list(map(entries.get, paths))
     done = offs[0]  # body offset up to which rows are handled
-    for i in compress(range(len(news)), map(operator.is_not, news, olds.values())):
+    for i in compress(range(len(news)), map(operator.is_not, news, src.objs)):
         parts.append(body[done : offs[i]])
         n = news[i]
         if n is not None:
             parts.append(pk.pack(encode_rows((n,))[0]))
         done = offs[i + 1]
     parts.append(body[done : offs[len(news)]])
-    for p in sorted(entries.keys() - src.entries.keys()):
+    for p in sorted(entries.keys() - set(paths)):
         parts.append(pk.pack(encode_rows((entries[p],))[0]))
     parts.append(pk.pack(generation))
     return b"".join(parts)

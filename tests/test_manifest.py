@@ -333,3 +333,17 @@ def test_rows_are_kept_only_for_own_caches_decoded_whole():
     m = sample_manifest()
     assert load(to_bytes(m, CHUNKER), CHUNKER, own=False).manifest.rows is None  # peer bytes
     assert load(to_bytes(m, CHUNKER), CHUNKER, own=True).manifest.rows is not None
+
+
+def test_rows_stay_paired_with_their_entries_when_the_decoded_dict_changes():
+    """Code that edits a decoded cache's dict in place (drops a path, puts another object at
+    one) must not shift which row bytes a later save copies for which entry."""
+    m = sample_manifest()
+    decoded = load(to_bytes(m, CHUNKER), CHUNKER, own=True).manifest
+    paths = sorted(p for p in decoded.entries if p)
+    del decoded.entries[paths[0]]  # in place: the dict the rows were decoded into
+    f = next(p for p in paths[1:] if isinstance(decoded.entries[p], FileEntry))
+    decoded.entries[f] = replace(decoded.entries[f], ino=decoded.entries[f].ino + 99, trusted=True)
+    edited = dict(decoded.entries)
+    back = load(to_bytes(Manifest(edited, rows=decoded.rows), CHUNKER), CHUNKER).manifest
+    assert back.entries == edited and cache_facts(back) == cache_facts(Manifest(edited))
