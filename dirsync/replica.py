@@ -860,12 +860,13 @@ class _Reserved:
 
 
 class _ChunkHasher:
-    """xxh3-128 of each chunk of a stream of bytes cut at the given chunk sizes."""
+    """xxh3-128 of each chunk of a stream of bytes cut at the given chunk sizes. Bytes past
+    the last chunk make it incomplete (the writer then fails the content check)."""
 
-    __slots__ = ("_sizes", "_i", "_left", "_h", "_out")
+    __slots__ = ("_sizes", "_i", "_left", "_h", "_out", "_over")
 
     def __init__(self, sizes: tuple[int, ...]) -> None:
-        self._sizes, self._i, self._out = sizes, 0, []
+        self._sizes, self._i, self._out, self._over = sizes, 0, [], False
         self._left = sizes[0] if sizes else 0
         self._h = xxhash.xxh3_128()
 
@@ -873,7 +874,8 @@ class _ChunkHasher:
         view = memoryview(data)
         while view:
             if self._i >= len(self._sizes):
-                raise ValueError("more bytes than the chunk sizes cover")
+                self._over = True
+                return
             n = min(len(view), self._left)
             self._h.update(view[:n])
             view = view[n:]
@@ -886,7 +888,7 @@ class _ChunkHasher:
 
     @property
     def complete(self) -> bool:
-        return self._i == len(self._sizes)
+        return self._i == len(self._sizes) and not self._over
 
     def digests(self) -> bytes:
         return b"".join(self._out)

@@ -74,6 +74,7 @@ from dirsync.errors import (
 )
 from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, is_under, parent_of
 from dirsync.plan import Commit, Plan, PlanOptions, SendOp, WriteFile, diff
+from dirsync.state import _sha256  # the built-in SHA-256 (no OpenSSL load), as for state keys
 
 CONFLICT_TAG = ".sync-conflict-"
 _CONFLICT_RE = re.compile(r"\.sync-conflict-\d{8}-\d{6}-[A-Za-z0-9]+(?:-\d+)?(?:\.[^/]*)?$")
@@ -579,11 +580,7 @@ _DELTA_MIN = 1024  # a delta may grow to max(this, a quarter of the entries) bef
 def pair_id(id_a: str, id_b: str) -> str:
     """Name of a pair's state files: hash of the two sides' marker ids (order-independent)."""
     x, y = sorted((id_a, id_b))
-    try:  # the built-in SHA-256 (same digest): hashlib would load OpenSSL (~5 ms of start-up)
-        from _sha256 import sha256
-    except ImportError:  # builds without it, and Python 3.12+ (_sha2)
-        from hashlib import sha256
-    return sha256(f"{x}\0{y}".encode()).hexdigest()[:32]
+    return _sha256(f"{x}\0{y}".encode()).hexdigest()[:32]
 
 
 @dataclass

@@ -366,3 +366,28 @@ def test_growth_across_threshold_keeps_chunk_reuse():
     _, d2, _ = chunk_buffer(grown, natural_avg(len(grown)))
     natural = {d2[i:i + 16] for i in range(0, len(d2), 16)}
     assert sum(d in natural for d in old) < len(old) // 2
+
+
+def test_the_writers_chunk_hasher_matches_the_chunker():
+    """An agent told to derive chunk digests ("sd") hashes the bytes it writes, cut at the
+    row's chunk sizes, in pieces of any size: it must get what the scanner's chunker got; bytes
+    past the last chunk leave it incomplete (the write then fails its content check)."""
+    import os as _os
+
+    from dirsync import chunking
+    from dirsync.replica import _ChunkHasher
+
+    data = _os.urandom(300_000)
+    sizes, digests, _ = chunking.chunk_buffer(data, chunking.natural_avg(len(data)))
+    assert len(sizes) > 10
+    for step in (1, 7, 4096, 65536, len(data)):
+        h = _ChunkHasher(sizes)
+        for i in range(0, len(data), step):
+            h.update(data[i:i + step])
+        assert h.complete and h.digests() == digests, step
+    h = _ChunkHasher(sizes)
+    h.update(data + b"x")
+    assert not h.complete
+    h = _ChunkHasher(sizes)
+    h.update(data[:-1])
+    assert not h.complete

@@ -22,7 +22,6 @@ import threading
 import traceback
 from typing import Any, Iterator
 
-
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
@@ -120,6 +119,8 @@ class Agent:
 
     def flush(self) -> None:
         """Write the outcomes held back by send(later=True)."""
+        if not self._held:  # the usual case when the agent waits for input: no lock taken
+            return
         with self.wlock:
             if self._held:
                 self._write(self._take_held())

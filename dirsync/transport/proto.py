@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from typing import Any, Callable
 
 import msgpack
-from typing import Any, Callable
 
 from dirsync.errors import (
     ConfigError,

@@ -528,12 +528,12 @@ class RemoteTransport:
             elif isinstance(a, Commit):
                 msg = proto.enc_action(a)
                 if self._rz:  # the paths were just in the stream: they compress to a few bytes
-                    zr = self._rows_stream()
-                    msg["pz"] = zr.compress(proto.pack_paths(msg)) + zr.flush(self._zflush)
+                    msg["pz"] = self._in_rows_stream(proto.pack_paths(msg))
                 self._send(msg)
             else:
-                others[(proto.enc_action(a)["t"], a.path)] = a
-                self._send(proto.enc_action(a))
+                msg = proto.enc_action(a)
+                others[(msg["t"], a.path)] = a
+                self._send(msg)
             self._dispatch(sink, writes, others, block=False)
         self._send({"t": "apply_end"}, flush=True)
         while not self._dispatch(sink, writes, others, block=True):
@@ -558,8 +558,7 @@ class RemoteTransport:
             msg["sd"] = True  # the agent hashes the chunks as it writes them: 16 bytes a chunk saved
             msg["f"] = [*msg["f"][:8], b""]
         if self._rz:  # compressed only now that it will be sent: the agent inflates in stream order
-            zr = self._rows_stream()
-            msg["rz"] = zr.compress(proto.pack_row(msg)) + zr.flush(self._zflush)
+            msg["rz"] = self._in_rows_stream(proto.pack_row(msg))
         if n <= INLINE_MAX:
             if n:
                 msg["d"], z = self._pack(inline)
@@ -576,17 +575,18 @@ class RemoteTransport:
             self._send({"t": "abort"})
             sink.failed(w.path, e)
 
-    def _rows_stream(self) -> Any:
-        """The zstd stream write rows continue: the data's with --compress, else one of their
-        own (rows are mostly paths and chunk sizes: a third of a small file's frame, and they
-        compress against each other however the data is sent)."""
+    def _in_rows_stream(self, blob: bytes) -> bytes:
+        """`blob` compressed as the next payload of the stream write rows and commit paths
+        continue: the data's with --compress, else one of their own (rows are mostly paths and
+        chunk sizes: a third of a small file's frame, and they compress against each other
+        however the data is sent)."""
         if self._zc is None:
             import zstandard
 
             self._zc = zstandard.ZstdCompressor(level=3).compressobj()
             self._zflush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
             self._zdata = False
-        return self._zc
+        return self._zc.compress(blob) + self._zc.flush(self._zflush)
 
     def _data(self, piece: bytes) -> dict:
         b, z = self._pack(piece)
