@@ -47,6 +47,8 @@ from typing import IO, Any, Protocol
 import sys
 import types
 
+from dirsync.imports import import_hiding, stand_in
+
 
 def _dist_version(name: str) -> str:
     """A distribution's version from its .dist-info folder name (what importlib.metadata would
@@ -68,32 +70,9 @@ def _import_paramiko() -> types.ModuleType:
     path of every SSH run): paramiko.config imports `invoke` (~0.15 s here) only to run
     ssh_config's "Match exec" (SshConfig.lookup fetches it when a config uses exec), and
     paramiko/__init__ imports importlib.metadata (~40 ms: email, zipfile, csv...) only for
-    metadata.version("paramiko"). Both are hidden while it imports, the second behind a stand-in
-    that knows version() alone; anything else asking for them makes the import start over
-    plainly."""
-    hidden: dict = {}
-    if "invoke" not in sys.modules:
-        hidden["invoke"] = None
-    if "importlib.metadata" not in sys.modules:
-        stub = types.ModuleType("importlib.metadata")
-        stub.version = _dist_version  # type: ignore[attr-defined]
-        hidden["importlib.metadata"] = stub
-    before = set(sys.modules)
-    sys.modules.update(hidden)
-    try:
-        import paramiko
-
-        return paramiko
-    except Exception:
-        for k in set(sys.modules) - before:  # the half-imported modules: import them again
-            del sys.modules[k]
-    finally:
-        for k, v in hidden.items():
-            if sys.modules.get(k) is v:
-                del sys.modules[k]
-    import paramiko
-
-    return paramiko
+    metadata.version("paramiko"), answered here from the .dist-info folder name."""
+    return import_hiding("paramiko", {"invoke": None,
+                                      "importlib.metadata": stand_in("importlib.metadata", version=_dist_version)})
 
 
 paramiko = _import_paramiko()
