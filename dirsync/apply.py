@@ -11,7 +11,6 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Callable, Iterator, Protocol
 
@@ -20,6 +19,7 @@ import xxhash
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
 from dirsync.manifest import DIGEST_SIZE, FileEntry
 from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
+from dirsync.record import Record
 
 READ_BLOCK = 8 << 20
 
@@ -240,27 +240,52 @@ def _chunk_table(t: FileEntry) -> tuple[list[int], tuple[int, ...], _Digests]:
     return offsets, t.sizes, _Digests(t.digests)
 
 
-@dataclass
-class ReplicaSummary:
+class ReplicaSummary(Record):
     """What happened to one replica in one run (also the --json per-replica object)."""
 
-    replica: str
-    status: str = "ok"  # ok | partial | failed | refused | dry-run
-    exit_code: int = 0
-    files_written: int = 0
-    bytes_sent: int = 0
-    bytes_reused: int = 0
-    files_deleted: int = 0
-    dirs_created: int = 0
-    links_made: int = 0
-    meta_set: int = 0
-    errors: list[ItemError] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    fatal: str | None = None
-    seconds: float = 0.0
-    on_progress: Callable[[int], None] | None = None
-    in_step: dict | None = None  # set when master and replica were found in step (status record)
-    planned: bool = True  # False: both trees were as a run last found them in step; no plan was made
+    _fields = (
+        "replica", "status", "exit_code", "files_written", "bytes_sent", "bytes_reused", "files_deleted",
+        "dirs_created", "links_made", "meta_set", "errors", "warnings", "fatal", "seconds", "on_progress",
+        "in_step", "planned",
+    )
+
+    def __init__(
+        self,
+        replica: str,
+        status: str = "ok",  # ok | partial | failed | refused | dry-run
+        exit_code: int = 0,
+        files_written: int = 0,
+        bytes_sent: int = 0,
+        bytes_reused: int = 0,
+        files_deleted: int = 0,
+        dirs_created: int = 0,
+        links_made: int = 0,
+        meta_set: int = 0,
+        errors: list[ItemError] | None = None,
+        warnings: list[str] | None = None,
+        fatal: str | None = None,
+        seconds: float = 0.0,
+        on_progress: Callable[[int], None] | None = None,
+        in_step: dict | None = None,  # set when master and replica were found in step (status record)
+        planned: bool = True,  # False: both trees were as a run last found them in step; no plan was made
+    ) -> None:
+        self.replica = replica
+        self.status = status
+        self.exit_code = exit_code
+        self.files_written = files_written
+        self.bytes_sent = bytes_sent
+        self.bytes_reused = bytes_reused
+        self.files_deleted = files_deleted
+        self.dirs_created = dirs_created
+        self.links_made = links_made
+        self.meta_set = meta_set
+        self.errors = [] if errors is None else errors
+        self.warnings = [] if warnings is None else warnings
+        self.fatal = fatal
+        self.seconds = seconds
+        self.on_progress = on_progress
+        self.in_step = in_step
+        self.planned = planned
 
     def staged(self, w: WriteFile) -> None:
         s = w.send_bytes

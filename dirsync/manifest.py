@@ -12,11 +12,12 @@ import sys
 from array import array
 from functools import reduce
 from itertools import compress
-from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Union
 
 import msgpack
 import xxhash
+
+from dirsync.record import Record
 
 FORMAT_VERSION = 2  # 2: a header before the rows; 1 (rows only) is still read
 DIGEST_SIZE = 16
@@ -24,24 +25,44 @@ MAGIC = b"DSYNCMF"
 _FSENC = sys.getfilesystemencoding()  # what os.fsencode/fsdecode use (with surrogateescape)
 
 
-# Entries are treated as immutable (use dataclasses.replace), but not declared frozen: a frozen
-# dataclass's __init__ costs 3.6 us against 0.8 us here, and a 100,000-file cache builds one
-# entry per file on every run.
-@dataclass(slots=True, unsafe_hash=True)
-class FileEntry:
+# Entries are treated as immutable (use .replace()); nothing enforces it: a frozen class's
+# __init__ costs 3.6 us against 0.8 us here, and a 100,000-file cache builds one entry per
+# file on every run.
+class FileEntry(Record):
+    _fields = (
+        "path", "size", "mode", "mtime_ns", "digest", "avg", "sizes", "digests", "ino", "ctime_ns",
+        "trusted",
+    )
+    __slots__ = _fields
+    _compare = ("path", "size", "mode", "mtime_ns", "digest", "avg", "sizes", "digests")
     kind: ClassVar[str] = "f"
-    path: str
-    size: int
-    mode: int  # permission bits (S_IMODE)
-    mtime_ns: int
-    digest: bytes  # xxh3-128 of the whole content
-    avg: int  # chunk class (FastCDC average size); 0: the file is one chunk
-    sizes: tuple[int, ...]  # chunk sizes, in order; they tile [0, size)
-    digests: bytes  # DIGEST_SIZE bytes per chunk, in order
-    # Cache-only facts: not part of what the file *is*.
-    ino: int = field(default=0, compare=False)
-    ctime_ns: int = field(default=0, compare=False)
-    trusted: bool = field(default=False, compare=False)  # digest may be reused when stat matches
+
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        mode: int,  # permission bits (S_IMODE)
+        mtime_ns: int,
+        digest: bytes,  # xxh3-128 of the whole content
+        avg: int,  # chunk class (FastCDC average size); 0: the file is one chunk
+        sizes: tuple[int, ...],  # chunk sizes, in order; they tile [0, size)
+        digests: bytes,  # DIGEST_SIZE bytes per chunk, in order
+        # Cache-only facts: not part of what the file *is*.
+        ino: int = 0,
+        ctime_ns: int = 0,
+        trusted: bool = False,  # digest may be reused when stat matches
+    ) -> None:
+        self.path = path
+        self.size = size
+        self.mode = mode
+        self.mtime_ns = mtime_ns
+        self.digest = digest
+        self.avg = avg
+        self.sizes = sizes
+        self.digests = digests
+        self.ino = ino
+        self.ctime_ns = ctime_ns
+        self.trusted = trusted
 
     def chunks(self) -> Iterator[tuple[int, int, bytes]]:
         """Yield (offset, size, digest) for each chunk."""
@@ -55,20 +76,31 @@ class FileEntry:
         return isinstance(other, FileEntry) and other.size == self.size and other.digest == self.digest
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class DirEntry:
+class DirEntry(Record):
+    _fields = ("path", "mode", "mtime_ns")
+    __slots__ = _fields
     kind: ClassVar[str] = "d"
-    path: str
-    mode: int
-    mtime_ns: int
+
+    def __init__(self, path: str, mode: int, mtime_ns: int) -> None:
+        self.path = path
+        self.mode = mode
+        self.mtime_ns = mtime_ns
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class LinkEntry:
+class LinkEntry(Record):
+    _fields = ("path", "target", "mtime_ns")
+    __slots__ = _fields
     kind: ClassVar[str] = "l"
-    path: str
-    target: str  # stored as given, never followed
-    mtime_ns: int
+
+    def __init__(
+        self,
+        path: str,
+        target: str,  # stored as given, never followed
+        mtime_ns: int,
+    ) -> None:
+        self.path = path
+        self.target = target
+        self.mtime_ns = mtime_ns
 
 
 Entry = Union[FileEntry, DirEntry, LinkEntry]
@@ -83,15 +115,24 @@ def entry_key(e: Entry) -> tuple:
     return ("l", e.target, e.mtime_ns)
 
 
-@dataclass(slots=True)
-class Manifest:
+class Manifest(Record):
     """A tree: relpath -> entry. Holds the root DirEntry at "" when the root was read."""
 
-    entries: dict[str, Entry] = field(default_factory=dict)
-    generation: str = field(default="", compare=False)  # id of a saved replica state (delta scans)
-    # The encoded rows of the cache file these entries were decoded from (or whose entry
-    # objects they reuse): saving writes an unchanged entry's row bytes again (see to_bytes).
-    rows: "RowSource | None" = field(default=None, compare=False, repr=False)
+    _fields = ("entries", "generation", "rows")
+    __slots__ = _fields
+    _compare = ("entries",)
+
+    def __init__(
+        self,
+        entries: dict[str, Entry] | None = None,
+        generation: str = "",  # id of a saved replica state (delta scans)
+        # The encoded rows of the cache file these entries were decoded from (or whose entry
+        # objects they reuse): saving writes an unchanged entry's row bytes again (see to_bytes).
+        rows: "RowSource | None" = None,
+    ) -> None:
+        self.entries = {} if entries is None else entries
+        self.generation = generation
+        self.rows = rows
 
     def keys(self) -> dict[str, tuple]:
         return {p: entry_key(e) for p, e in self.entries.items()}

@@ -17,28 +17,34 @@ import sys
 from collections import Counter
 from bisect import bisect_right
 from itertools import accumulate
-from dataclasses import dataclass, field, replace
 from typing import Union
 
 from dirsync.errors import display_path
 from dirsync.manifest import DIGEST_SIZE, DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
+from dirsync.record import Record
 
 
-@dataclass(frozen=True, slots=True)
-class CopyOp:
+class CopyOp(Record):
     """Bytes the replica already has: `size` bytes of replica file `src` at `offset`."""
 
-    src: str
-    offset: int
-    size: int
+    _fields = ("src", "offset", "size")
+    __slots__ = _fields
+
+    def __init__(self, src: str, offset: int, size: int) -> None:
+        self.src = src
+        self.offset = offset
+        self.size = size
 
 
-@dataclass(frozen=True, slots=True)
-class SendOp:
+class SendOp(Record):
     """Bytes the master must send: `size` bytes of the target content at `offset`."""
 
-    offset: int
-    size: int
+    _fields = ("offset", "size")
+    __slots__ = _fields
+
+    def __init__(self, offset: int, size: int) -> None:
+        self.offset = offset
+        self.size = size
 
 
 Op = Union[CopyOp, SendOp]
@@ -55,23 +61,36 @@ def expect_of(e: Entry | None) -> tuple | None:
     return ("d",)
 
 
-@dataclass(frozen=True, slots=True)
-class MakeDir:
-    path: str
-    mode: int
+class MakeDir(Record):
+    _fields = ("path", "mode")
+    __slots__ = _fields
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self.mode = mode
 
 
-@dataclass(frozen=True, slots=True)
-class WriteFile:
-    target: FileEntry  # what the file must become (content, mode, mtime)
-    ops: tuple[Op, ...]  # tile [0, target.size) in order
-    expect: tuple | None  # what is at the path when it is committed (None: nothing)
-    # True: ops is one whole-file copy from a path this plan deletes, holding the same mode and
-    # mtime (a moved file): the writer may hard-link that file instead of copying its bytes.
-    move: bool = False
-    # True: every op is a send op and target.digests is a placeholder; the writer computes the
-    # chunk digests from the bytes it writes (an SSH agent told so: they need not travel).
-    derive: bool = False
+class WriteFile(Record):
+    _fields = ("target", "ops", "expect", "move", "derive")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        target: FileEntry,  # what the file must become (content, mode, mtime)
+        ops: tuple[Op, ...],  # tile [0, target.size) in order
+        expect: tuple | None,  # what is at the path when it is committed (None: nothing)
+        # True: ops is one whole-file copy from a path this plan deletes, holding the same mode and
+        # mtime (a moved file): the writer may hard-link that file instead of copying its bytes.
+        move: bool = False,
+        # True: every op is a send op and target.digests is a placeholder; the writer computes the
+        # chunk digests from the bytes it writes (an SSH agent told so: they need not travel).
+        derive: bool = False,
+    ) -> None:
+        self.target = target
+        self.ops = ops
+        self.expect = expect
+        self.move = move
+        self.derive = derive
 
     @property
     def path(self) -> str:
@@ -82,63 +101,112 @@ class WriteFile:
         return sum(o.size for o in self.ops if isinstance(o, SendOp))
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(Record):
     """Move these staged files to their final names."""
 
-    paths: tuple[str, ...]
+    _fields = ("paths",)
+    __slots__ = _fields
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        self.paths = paths
 
 
-@dataclass(frozen=True, slots=True)
-class MakeLink:
-    path: str
-    target: str
-    mtime_ns: int
-    expect: tuple | None
+class MakeLink(Record):
+    _fields = ("path", "target", "mtime_ns", "expect")
+    __slots__ = _fields
+
+    def __init__(self, path: str, target: str, mtime_ns: int, expect: tuple | None) -> None:
+        self.path = path
+        self.target = target
+        self.mtime_ns = mtime_ns
+        self.expect = expect
 
 
-@dataclass(frozen=True, slots=True)
-class SetMeta:
-    path: str
-    kind: str  # "f" | "d" | "l"
-    mode: int
-    mtime_ns: int
+class SetMeta(Record):
+    _fields = ("path", "kind", "mode", "mtime_ns")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,  # "f" | "d" | "l"
+        mode: int,
+        mtime_ns: int,
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.mode = mode
+        self.mtime_ns = mtime_ns
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
-    path: str
-    kind: str
-    expect: tuple | None
-    obstruction: bool = False  # removed to make room for a type change, not a mirror delete
+class Delete(Record):
+    _fields = ("path", "kind", "expect", "obstruction")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        expect: tuple | None,
+        obstruction: bool = False,  # removed to make room for a type change, not a mirror delete
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.expect = expect
+        self.obstruction = obstruction
 
 
 Action = Union[MakeDir, WriteFile, Commit, MakeLink, SetMeta, Delete]
 
 
-@dataclass(frozen=True)
-class PlanOptions:
-    delete: bool = True
-    protect: frozenset[str] = frozenset()  # master paths with read problems: leave replica alone there
-    commit_bytes: int = 256 << 20
-    commit_files: int = 4096
+class PlanOptions(Record):
+    _fields = ("delete", "protect", "commit_bytes", "commit_files")
+
+    def __init__(
+        self,
+        delete: bool = True,
+        protect: frozenset[str] = frozenset(),  # master paths with read problems: leave replica alone there
+        commit_bytes: int = 256 << 20,
+        commit_files: int = 4096,
+    ) -> None:
+        self.delete = delete
+        self.protect = protect
+        self.commit_bytes = commit_bytes
+        self.commit_files = commit_files
 
 
-@dataclass(frozen=True)
-class Totals:
-    writes: int = 0
-    send_bytes: int = 0
-    reuse_bytes: int = 0
-    deletes: int = 0
-    mkdirs: int = 0
-    links: int = 0
-    meta: int = 0
+class Totals(Record):
+    _fields = ("writes", "send_bytes", "reuse_bytes", "deletes", "mkdirs", "links", "meta")
+
+    def __init__(
+        self,
+        writes: int = 0,
+        send_bytes: int = 0,
+        reuse_bytes: int = 0,
+        deletes: int = 0,
+        mkdirs: int = 0,
+        links: int = 0,
+        meta: int = 0,
+    ) -> None:
+        self.writes = writes
+        self.send_bytes = send_bytes
+        self.reuse_bytes = reuse_bytes
+        self.deletes = deletes
+        self.mkdirs = mkdirs
+        self.links = links
+        self.meta = meta
 
 
-@dataclass(frozen=True)
-class Plan:
-    actions: tuple[Action, ...]
-    skipped: tuple[tuple[str, str], ...] = ()  # (path, why) left alone by this plan
+class Plan(Record):
+    _fields = ("actions", "skipped")
+
+    def __init__(
+        self,
+        actions: tuple[Action, ...],
+        skipped: tuple[tuple[str, str], ...] = (),  # (path, why) left alone by this plan
+    ) -> None:
+        self.actions = actions
+        self.skipped = skipped
 
     def totals(self) -> Totals:
         w = s = r = d = mk = ln = mt = 0
@@ -202,9 +270,9 @@ class Plan:
                 if e is None and a.kind == "d":  # a replica root the writer creates (fresh replica)
                     e = DirEntry(a.path, a.mode, a.mtime_ns)
                 if isinstance(e, LinkEntry):
-                    entries[a.path] = replace(e, mtime_ns=a.mtime_ns)
+                    entries[a.path] = e.replace(mtime_ns=a.mtime_ns)
                 else:
-                    entries[a.path] = replace(e, mode=a.mode, mtime_ns=a.mtime_ns)
+                    entries[a.path] = e.replace(mode=a.mode, mtime_ns=a.mtime_ns)
             elif isinstance(a, Delete):
                 del entries[a.path]
         assert not staged, f"staged but never committed: {sorted(staged)}"
@@ -411,18 +479,35 @@ def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
     return tuple(ops)
 
 
-@dataclass
-class _Acc:
-    early_dirs: list[MakeDir] = field(default_factory=list)
-    writes: list[tuple[WriteFile, bool]] = field(default_factory=list)  # (write, can commit early)
-    clears: list[Delete] = field(default_factory=list)
-    late_dirs: list[MakeDir] = field(default_factory=list)
-    links: list[MakeLink] = field(default_factory=list)
-    file_meta: list[SetMeta] = field(default_factory=list)
-    dir_meta: dict[str, SetMeta] = field(default_factory=dict)
-    touched_dirs: set[str] = field(default_factory=set)
-    deletes: list[Delete] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+class _Acc(Record):
+    _fields = (
+        "early_dirs", "writes", "clears", "late_dirs", "links", "file_meta", "dir_meta", "touched_dirs",
+        "deletes", "skipped",
+    )
+
+    def __init__(
+        self,
+        early_dirs: list[MakeDir] | None = None,
+        writes: list[tuple[WriteFile, bool]] | None = None,  # (write, can commit early)
+        clears: list[Delete] | None = None,
+        late_dirs: list[MakeDir] | None = None,
+        links: list[MakeLink] | None = None,
+        file_meta: list[SetMeta] | None = None,
+        dir_meta: dict[str, SetMeta] | None = None,
+        touched_dirs: set[str] | None = None,
+        deletes: list[Delete] | None = None,
+        skipped: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.early_dirs = [] if early_dirs is None else early_dirs
+        self.writes = [] if writes is None else writes
+        self.clears = [] if clears is None else clears
+        self.late_dirs = [] if late_dirs is None else late_dirs
+        self.links = [] if links is None else links
+        self.file_meta = [] if file_meta is None else file_meta
+        self.dir_meta = {} if dir_meta is None else dir_meta
+        self.touched_dirs = set() if touched_dirs is None else touched_dirs
+        self.deletes = [] if deletes is None else deletes
+        self.skipped = [] if skipped is None else skipped
 
 
 def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions()) -> Plan:

@@ -42,10 +42,10 @@ import difflib
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dirsync.errors import ConfigError
+from dirsync.record import Record
 
 SECTION = "profile"
 
@@ -142,20 +142,29 @@ REQUIRED = ("master", "replicas")
 _PATH_KEYS = ("master", "log_file", "identity", "ssh_config")
 
 
-@dataclass
-class Profile:
-    name: str
-    path: str  # the config file
-    values: dict[str, Any] = field(default_factory=dict)  # checked and normalised
+class Profile(Record):
+    _fields = ("name", "path", "values")
+
+    def __init__(
+        self,
+        name: str,
+        path: str,  # the config file
+        values: dict[str, Any] | None = None,  # checked and normalised
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.values = {} if values is None else values
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
 
 
-@dataclass
-class Config:
-    path: str
-    profiles: dict[str, Profile]
+class Config(Record):
+    _fields = ("path", "profiles")
+
+    def __init__(self, path: str, profiles: dict[str, Profile]) -> None:
+        self.path = path
+        self.profiles = profiles
 
     def profile(self, name: str) -> Profile:
         p = self.profiles.get(name)

@@ -16,7 +16,6 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import xxhash
@@ -34,6 +33,7 @@ from dirsync.errors import (
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath,
                               fingerprint, fingerprint_update, is_under, parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
+from dirsync.record import Record
 from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
 from dirsync.state import FileLock, load_manifest_file, save_manifest_file, write_atomic
 
@@ -46,14 +46,24 @@ Tmp = tuple  # (directory relpath beside the target, or None for .dirsync/tmp; t
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass
-class OpenInfo:
-    created: bool = False  # the root directory was made by this run
-    initialised: bool = False  # the marker was written by this run
-    cache_status: str = "ok"  # "ok" | "missing" | "unusable"
-    cache_reason: str = ""
-    warnings: list[str] = field(default_factory=list)
-    reserved: tuple[str, ...] = ()  # relpaths the replica keeps for itself (an inside backup dir)
+class OpenInfo(Record):
+    _fields = ("created", "initialised", "cache_status", "cache_reason", "warnings", "reserved")
+
+    def __init__(
+        self,
+        created: bool = False,  # the root directory was made by this run
+        initialised: bool = False,  # the marker was written by this run
+        cache_status: str = "ok",  # "ok" | "missing" | "unusable"
+        cache_reason: str = "",
+        warnings: list[str] | None = None,
+        reserved: tuple[str, ...] = (),  # relpaths the replica keeps for itself (an inside backup dir)
+    ) -> None:
+        self.created = created
+        self.initialised = initialised
+        self.cache_status = cache_status
+        self.cache_reason = cache_reason
+        self.warnings = [] if warnings is None else warnings
+        self.reserved = reserved
 
     @property
     def deletes_allowed(self) -> bool:
@@ -84,8 +94,7 @@ def _syncfs(fd: int) -> None:
         os.sync()
 
 
-@dataclass(frozen=True)
-class BackupOptions:
+class BackupOptions(Record):
     """--backup-dir: keep what a sync overwrites or deletes on the replica.
 
     Before an existing file or symlink is replaced or deleted it is hard-linked (copied when
@@ -97,9 +106,17 @@ class BackupOptions:
     left as it is and the failure is an item error.
     """
 
-    dir: str
-    keep: int | None = None
-    stamp: str = ""  # "" = now
+    _fields = ("dir", "keep", "stamp")
+
+    def __init__(
+        self,
+        dir: str,
+        keep: int | None = None,
+        stamp: str = "",  # "" = now
+    ) -> None:
+        self.dir = dir
+        self.keep = keep
+        self.stamp = stamp
 
 
 BACKUP_STAMP_RE = r"\d{4}-\d{2}-\d{2}T\d{6}Z(?:-\d+)?"
@@ -416,7 +433,7 @@ class Replica:
         else:
             total, digests = self._build(w, tmp, sends)
             if w.derive:  # the content check passed: these are the digests of what was sent
-                w = replace(w, target=replace(w.target, digests=digests), derive=False)
+                w = w.replace(target=w.target.replace(digests=digests), derive=False)
         old = self.staged.pop(path, None)
         if old:
             self._unlink_tmp(old[0])
@@ -575,7 +592,7 @@ class Replica:
                     self._commit_across_devices(p, tmp[1], dfd, name)
                 st = os.lstat(name, dir_fd=dfd)
                 trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
-                t = w.target  # the constructor, not dataclasses.replace: this runs once per file written
+                t = w.target  # the constructor, not .replace(): this runs once per file written
                 self.current[p] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.sizes, t.digests,
                                             st.st_ino, st.st_ctime_ns, trusted)
                 dirs.add(dfd)
@@ -654,7 +671,7 @@ class Replica:
                 os.utime(name, ns=(a.mtime_ns, a.mtime_ns), dir_fd=dfd, follow_symlinks=False)
                 e = self.current.get(rel)
                 if isinstance(e, LinkEntry):
-                    self.current[rel] = replace(e, mtime_ns=a.mtime_ns)
+                    self.current[rel] = e.replace(mtime_ns=a.mtime_ns)
             else:
                 dfd, name = self._at(rel, "set metadata")
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -670,7 +687,7 @@ class Replica:
                 finally:
                     os.close(fd)
                 # Content untouched since the scan (ctime matched), so the digest stays valid.
-                self.current[rel] = replace(e, mode=a.mode, mtime_ns=a.mtime_ns, ctime_ns=st.st_ctime_ns,
+                self.current[rel] = e.replace(mode=a.mode, mtime_ns=a.mtime_ns, ctime_ns=st.st_ctime_ns,
                                             trusted=e.trusted and a.mtime_ns < self.write_start_ns - RACY_NS)
         except OSError as e:
             raise ItemIOError(rel, "set metadata", e) from None
@@ -820,7 +837,7 @@ class Replica:
             if isinstance(op, CopyOp):
                 e = self.current.get(op.src)
                 if isinstance(e, FileEntry):
-                    self.current[op.src] = replace(e, trusted=False)
+                    self.current[op.src] = e.replace(trusted=False)
 
     def _stage_dir(self, path: str, size: int) -> str | None:
         """Where to build `path`: a small file beside its target when the directory exists, a

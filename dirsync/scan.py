@@ -13,7 +13,6 @@ import stat
 import time
 
 from xxhash import xxh3_128_intdigest as _intdigest
-from dataclasses import replace
 from typing import Callable, Iterable, NamedTuple
 
 from dirsync import chunking
@@ -434,7 +433,7 @@ class _Scanner:
         if c is None or c.path == rel or c.ctime_ns != st.st_ctime_ns:
             return None
         self.changed = True
-        return replace(c, path=rel)
+        return c.replace(path=rel)
 
     def hash_file(self, rel: str, st: os.stat_result, prev_avg: int | None) -> FileEntry:
         fd = os.open(self.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

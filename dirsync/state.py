@@ -13,10 +13,10 @@ import fcntl
 import os
 import time
 from typing import Callable
-from dataclasses import dataclass
 
 from dirsync.errors import LockedError
 from dirsync.manifest import Manifest, ManifestFormatError, SavedManifest, fingerprint, load, to_bytes
+from dirsync.record import Record
 
 
 try:  # the built-in SHA-256: hashlib would load OpenSSL (~5 ms) for these few short keys
@@ -42,11 +42,18 @@ def pair_lock_path(master_root: str, replica_spec: str) -> str:
     return os.path.join(state_home(), "locks", _key(master_root, replica_spec) + ".lock")
 
 
-@dataclass
-class CacheLoad:
-    saved: SavedManifest | None
-    status: str  # "ok" | "missing" | "unusable"
-    reason: str = ""
+class CacheLoad(Record):
+    _fields = ("saved", "status", "reason")
+
+    def __init__(
+        self,
+        saved: SavedManifest | None,
+        status: str,  # "ok" | "missing" | "unusable"
+        reason: str = "",
+    ) -> None:
+        self.saved = saved
+        self.status = status
+        self.reason = reason
 
     @property
     def manifest(self) -> Manifest | None:

@@ -42,8 +42,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 
+from dirsync.record import Record
 from dirsync.state import FileLock, _key, state_home, write_atomic
 
 FORMAT = 1
@@ -134,17 +134,32 @@ def _lock_holder(lock_path: str) -> int | None:
     return pid
 
 
-@dataclass
-class PairStatus:
-    replica: str
-    record: dict | None = None
-    running_pid: int | None = None
-    behind: bool | None = None  # None: not checked (or the check failed)
-    pending: dict | None = None  # the dry-run plan's totals
-    error: str | None = None
-    exit_code: int = 0  # of the check, when it failed
-    two_way: bool = False
-    side_a: str | None = None  # two-way: the other side (`replica` is side b)
+class PairStatus(Record):
+    _fields = (
+        "replica", "record", "running_pid", "behind", "pending", "error", "exit_code", "two_way", "side_a",
+    )
+
+    def __init__(
+        self,
+        replica: str,
+        record: dict | None = None,
+        running_pid: int | None = None,
+        behind: bool | None = None,  # None: not checked (or the check failed)
+        pending: dict | None = None,  # the dry-run plan's totals
+        error: str | None = None,
+        exit_code: int = 0,  # of the check, when it failed
+        two_way: bool = False,
+        side_a: str | None = None,  # two-way: the other side (`replica` is side b)
+    ) -> None:
+        self.replica = replica
+        self.record = record
+        self.running_pid = running_pid
+        self.behind = behind
+        self.pending = pending
+        self.error = error
+        self.exit_code = exit_code
+        self.two_way = two_way
+        self.side_a = side_a
 
     def to_json(self) -> dict:
         rec = self.record or {}
@@ -227,9 +242,7 @@ def check_status(cfg, reporter, *, check: bool = True) -> list[PairStatus]:
             ps.running_pid = running_pid(real, key)
         if not check:
             return out
-        from dataclasses import replace
-
-        run = run_sync(replace(cfg, dry_run=True), reporter)
+        run = run_sync(cfg.replace(dry_run=True), reporter)
     except DirsyncError as e:
         for ps in out:
             ps.error, ps.exit_code = str(e), int(e.exit_code)
@@ -355,7 +368,6 @@ def run_twoway_recorded(cfg, reporter, should_stop=lambda: False, *, profile: st
 
 def check_twoway_status(cfg, reporter, *, check: bool = True) -> PairStatus:
     """Status of a two-way pair (cfg: a TwoWayConfig): its record, and a dry-run two-way run."""
-    from dataclasses import replace
 
     from dirsync.errors import DirsyncError
     from dirsync.twoway import run_twoway
@@ -366,7 +378,7 @@ def check_twoway_status(cfg, reporter, *, check: bool = True) -> PairStatus:
     if not check:
         return ps
     try:
-        summ = run_twoway(replace(cfg, dry_run=True), reporter)
+        summ = run_twoway(cfg.replace(dry_run=True), reporter)
     except DirsyncError as e:
         ps.error, ps.exit_code = str(e), int(e.exit_code)
         return ps

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from dirsync import chunking
@@ -17,6 +16,7 @@ from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, Refus
 from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
+from dirsync.record import Record
 from dirsync.scan import Excluder, Prewalk, ScanResult, read_ignore_file, scan_tree
 from dirsync.state import (CacheLoad, FileLock, PendingSave, load_manifest_file, master_cache_path, pair_lock_path,
                            save_manifest_file, save_manifest_file_forked)
@@ -29,37 +29,72 @@ _SEVERITY = [ExitCode.INTERRUPTED, ExitCode.ERROR, ExitCode.CONNECT, ExitCode.PR
              ExitCode.REFUSED, ExitCode.USAGE, ExitCode.DELETE_LIMIT, ExitCode.PARTIAL, ExitCode.OK]
 
 
-@dataclass(frozen=True)
-class SyncConfig:
-    master: str
-    replicas: tuple[str, ...]
-    delete: bool = True
-    init: bool = False
-    excludes: tuple[str, ...] = ()
-    max_delete: int | None = None  # more planned deletes than this: none at all happen (exit 25)
-    allow_mass_delete: bool = False  # turn off the default guards (emptied master, >half deleted)
-    dry_run: bool = False
-    lock_wait_s: float = 0.0
-    transport: TransportOptions = TransportOptions()  # also carries --backup-dir/--backup-keep
-    bwlimit: int | None = None  # bytes per second of master data sent to each replica
-    profile: str | None = None  # the profile name, recorded in the pair status record
+class SyncConfig(Record):
+    _fields = (
+        "master", "replicas", "delete", "init", "excludes", "max_delete", "allow_mass_delete", "dry_run",
+        "lock_wait_s", "transport", "bwlimit", "profile",
+    )
+
+    def __init__(
+        self,
+        master: str,
+        replicas: tuple[str, ...],
+        delete: bool = True,
+        init: bool = False,
+        excludes: tuple[str, ...] = (),
+        max_delete: int | None = None,  # more planned deletes than this: none at all happen (exit 25)
+        allow_mass_delete: bool = False,  # turn off the default guards (emptied master, >half deleted)
+        dry_run: bool = False,
+        lock_wait_s: float = 0.0,
+        transport: TransportOptions = TransportOptions(),  # also carries --backup-dir/--backup-keep
+        bwlimit: int | None = None,  # bytes per second of master data sent to each replica
+        profile: str | None = None,  # the profile name, recorded in the pair status record
+    ) -> None:
+        self.master = master
+        self.replicas = replicas
+        self.delete = delete
+        self.init = init
+        self.excludes = excludes
+        self.max_delete = max_delete
+        self.allow_mass_delete = allow_mass_delete
+        self.dry_run = dry_run
+        self.lock_wait_s = lock_wait_s
+        self.transport = transport
+        self.bwlimit = bwlimit
+        self.profile = profile
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
-@dataclass
-class RunSummary:
-    master: str
-    run_id: str = field(default_factory=new_run_id)
-    replicas: list[ReplicaSummary] = field(default_factory=list)
-    scan_errors: list[ItemError] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    plans: list[tuple[str, Plan]] = field(default_factory=list)
-    files_hashed: int = 0
-    bytes_hashed: int = 0
-    seconds: float = 0.0
+class RunSummary(Record):
+    _fields = (
+        "master", "run_id", "replicas", "scan_errors", "warnings", "plans", "files_hashed", "bytes_hashed",
+        "seconds",
+    )
+
+    def __init__(
+        self,
+        master: str,
+        run_id: str | None = None,
+        replicas: list[ReplicaSummary] | None = None,
+        scan_errors: list[ItemError] | None = None,
+        warnings: list[str] | None = None,
+        plans: list[tuple[str, Plan]] | None = None,
+        files_hashed: int = 0,
+        bytes_hashed: int = 0,
+        seconds: float = 0.0,
+    ) -> None:
+        self.master = master
+        self.run_id = new_run_id() if run_id is None else run_id
+        self.replicas = [] if replicas is None else replicas
+        self.scan_errors = [] if scan_errors is None else scan_errors
+        self.warnings = [] if warnings is None else warnings
+        self.plans = [] if plans is None else plans
+        self.files_hashed = files_hashed
+        self.bytes_hashed = bytes_hashed
+        self.seconds = seconds
 
     @property
     def exit_code(self) -> int:

@@ -60,8 +60,7 @@ import re
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from dirsync.apply import ReplicaSummary
 from dirsync.errors import (
@@ -74,6 +73,7 @@ from dirsync.errors import (
 )
 from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, is_under, parent_of
 from dirsync.plan import Commit, Plan, PlanOptions, SendOp, WriteFile, diff
+from dirsync.record import Record
 from dirsync.state import _sha256  # the built-in SHA-256 (no OpenSSL load), as for state keys
 
 CONFLICT_TAG = ".sync-conflict-"
@@ -114,40 +114,73 @@ def conflict_name(path: str, mtime_ns: int, label: str, n: int = 0) -> str:
 # -- the reconciler (pure) -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReconcileOptions:
-    prefer: str | None = None  # None: conflict copies; "a" | "b" | "newer": resolve without copies
-    labels: tuple[str, str] = ("a", "b")  # side names used in conflict copy names and reasons
-    protect: frozenset[str] = frozenset()  # paths (with subtrees) that a side could not read: left alone
+class ReconcileOptions(Record):
+    _fields = ("prefer", "labels", "protect")
+
+    def __init__(
+        self,
+        prefer: str | None = None,  # None: conflict copies; "a" | "b" | "newer": resolve without copies
+        labels: tuple[str, str] = ("a", "b"),  # side names used in conflict copy names and reasons
+        protect: frozenset[str] = frozenset(),  # paths (with subtrees) that a side could not read: left alone
+    ) -> None:
+        self.prefer = prefer
+        self.labels = labels
+        self.protect = protect
 
 
-@dataclass(frozen=True)
-class Conflict:
-    path: str
-    winner: int  # A or B: whose version keeps the name
-    copy: str | None  # where the loser is kept (None: resolved by --prefer, loser dropped)
-    reason: str
+class Conflict(Record):
+    _fields = ("path", "winner", "copy", "reason")
+
+    def __init__(
+        self,
+        path: str,
+        winner: int,  # A or B: whose version keeps the name
+        copy: str | None,  # where the loser is kept (None: resolved by --prefer, loser dropped)
+        reason: str,
+    ) -> None:
+        self.path = path
+        self.winner = winner
+        self.copy = copy
+        self.reason = reason
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(Record):
     """What happens to one path. action: "a>b" (b gets a's version), "b>a", "both" (each side
     takes part of the other: merged metadata), "del-a" (deleted on a), "del-b", "conflict"."""
 
-    path: str
-    action: str
-    reason: str
-    minor: bool = False  # only a directory mtime moves: not worth a line in `plan`
+    _fields = ("path", "action", "reason", "minor")
+
+    def __init__(
+        self,
+        path: str,
+        action: str,
+        reason: str,
+        minor: bool = False,  # only a directory mtime moves: not worth a line in `plan`
+    ) -> None:
+        self.path = path
+        self.action = action
+        self.reason = reason
+        self.minor = minor
 
 
-@dataclass
-class Decisions:
-    target: Manifest  # what both sides must become
-    decisions: list[Decision]  # sorted by path; paths already in sync are not listed
-    conflicts: list[Conflict]
-    origin: dict[str, tuple[int, str]]  # target file path -> (side, path there) holding its bytes
-    protect: frozenset[str]
-    labels: tuple[str, str] = ("a", "b")
+class Decisions(Record):
+    _fields = ("target", "decisions", "conflicts", "origin", "protect", "labels")
+
+    def __init__(
+        self,
+        target: Manifest,  # what both sides must become
+        decisions: list[Decision],  # sorted by path; paths already in sync are not listed
+        conflicts: list[Conflict],
+        origin: dict[str, tuple[int, str]],  # target file path -> (side, path there) holding its bytes
+        protect: frozenset[str],
+        labels: tuple[str, str] = ("a", "b"),
+    ) -> None:
+        self.target = target
+        self.decisions = decisions
+        self.conflicts = conflicts
+        self.origin = origin
+        self.protect = protect
+        self.labels = labels
 
     def counts(self) -> Counter:
         return Counter(d.action for d in self.decisions if not d.minor)
@@ -213,7 +246,7 @@ def _merge_meta(ea: Entry, eb: Entry, eo: Entry | None) -> Entry:
     o = _same_kind(ea, eo)
     t = _pick3(ea.mtime_ns, eb.mtime_ns, o.mtime_ns if o else None, max)
     if isinstance(ea, LinkEntry):
-        return replace(ea, mtime_ns=t)
+        return ea.replace(mtime_ns=t)
     assert isinstance(ea, (FileEntry, DirEntry)) and isinstance(eb, (FileEntry, DirEntry))
     if ea.mtime_ns != eb.mtime_ns:
         newer_mode = ea.mode if ea.mtime_ns > eb.mtime_ns else eb.mode
@@ -223,7 +256,7 @@ def _merge_meta(ea: Entry, eb: Entry, eo: Entry | None) -> Entry:
                   lambda x, y: newer_mode)
     if mode == ea.mode and t == ea.mtime_ns:
         return ea  # the usual case (both sides agree): no copy
-    return replace(ea, mode=mode, mtime_ns=t)
+    return ea.replace(mode=mode, mtime_ns=t)
 
 
 def _take(win: Entry, other: Entry | None, eo: Entry | None) -> Entry:
@@ -232,7 +265,7 @@ def _take(win: Entry, other: Entry | None, eo: Entry | None) -> Entry:
         o = _same_kind(win, eo)
         mode = _pick3(win.mode, other.mode, o.mode if isinstance(o, FileEntry) else None, lambda x, y: x)
         if mode != win.mode:
-            return replace(win, mode=mode)
+            return win.replace(mode=mode)
     return win
 
 
@@ -246,7 +279,7 @@ def _newer(ea: Entry, eb: Entry) -> int:
 def _strip(e: Entry) -> Entry:
     """An entry without cache-only facts (inode, ctime, trusted): the form kept in targets and bases."""
     if e.__class__ is FileEntry and (e.ino or e.ctime_ns or e.trusted):
-        # the constructor, not dataclasses.replace: this runs for every file of a scanned side
+        # the constructor, not .replace(): this runs for every file of a scanned side
         return FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.sizes, e.digests)
     return e
 
@@ -276,7 +309,7 @@ def reconcile(base: Manifest, a: Manifest, b: Manifest, opts: ReconcileOptions =
     dropped: list[str] = []  # a non-dir won over a directory with --prefer: nothing stays under it
 
     def put(p: str, e: Entry, side: int, src: str | None = None) -> None:
-        T[p] = _strip(replace(e, path=p) if e.path != p else e)
+        T[p] = _strip(e.replace(path=p) if e.path != p else e)
         if isinstance(e, FileEntry):
             origin[p] = (side, src if src is not None else p)
 
@@ -583,17 +616,29 @@ def pair_id(id_a: str, id_b: str) -> str:
     return _sha256(f"{x}\0{y}".encode()).hexdigest()[:32]
 
 
-@dataclass
-class BaseRecord:
-    seq: int  # 1 for the first committed run of the pair, +1 for each later one
-    gen: str  # random id of this commit (same on both sides when both were written)
-    specs: dict[str, str]  # marker id -> how that side was named (a path or host:path)
-    manifest: Manifest
-    # The stored form, kept by decode_base so that the next record can reuse the snapshot:
-    snapshot: bytes = b""  # a manifest (manifest.to_bytes), held in the record (format 1, 2)
-    delta: tuple = ()  # rows (manifest.encode_rows) that replace or add entries of the snapshot
-    gone: tuple = ()  # encoded paths the snapshot has and the record does not
-    snap_id: str = ""  # format 3: the snapshot is the file twoway-<pairid>.snap-<snap_id> beside it
+class BaseRecord(Record):
+    _fields = ("seq", "gen", "specs", "manifest", "snapshot", "delta", "gone", "snap_id")
+
+    def __init__(
+        self,
+        seq: int,  # 1 for the first committed run of the pair, +1 for each later one
+        gen: str,  # random id of this commit (same on both sides when both were written)
+        specs: dict[str, str],  # marker id -> how that side was named (a path or host:path)
+        manifest: Manifest,
+        # The stored form, kept by decode_base so that the next record can reuse the snapshot:
+        snapshot: bytes = b"",  # a manifest (manifest.to_bytes), held in the record (format 1, 2)
+        delta: tuple = (),  # rows (manifest.encode_rows) that replace or add entries of the snapshot
+        gone: tuple = (),  # encoded paths the snapshot has and the record does not
+        snap_id: str = "",  # format 3: the snapshot is the file twoway-<pairid>.snap-<snap_id> beside it
+    ) -> None:
+        self.seq = seq
+        self.gen = gen
+        self.specs = specs
+        self.manifest = manifest
+        self.snapshot = snapshot
+        self.delta = delta
+        self.gone = gone
+        self.snap_id = snap_id
 
 
 def encode_base(rec: BaseRecord, chunker: str) -> bytes:
@@ -1069,19 +1114,37 @@ def make_side(spec: str, label: str, topts=None) -> TwoWaySide:
 # -- a run ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TwoWayConfig:
-    a: str
-    b: str
-    prefer: str | None = None
-    delete: bool = True
-    init: bool = False
-    excludes: tuple[str, ...] = ()
-    max_delete: int | None = None  # per side
-    allow_mass_delete: bool = False
-    dry_run: bool = False
-    transport: object = None  # TransportOptions
-    bwlimit: int | None = None
+class TwoWayConfig(Record):
+    _fields = (
+        "a", "b", "prefer", "delete", "init", "excludes", "max_delete", "allow_mass_delete", "dry_run",
+        "transport", "bwlimit",
+    )
+
+    def __init__(
+        self,
+        a: str,
+        b: str,
+        prefer: str | None = None,
+        delete: bool = True,
+        init: bool = False,
+        excludes: tuple[str, ...] = (),
+        max_delete: int | None = None,  # per side
+        allow_mass_delete: bool = False,
+        dry_run: bool = False,
+        transport: object = None,  # TransportOptions
+        bwlimit: int | None = None,
+    ) -> None:
+        self.a = a
+        self.b = b
+        self.prefer = prefer
+        self.delete = delete
+        self.init = init
+        self.excludes = excludes
+        self.max_delete = max_delete
+        self.allow_mass_delete = allow_mass_delete
+        self.dry_run = dry_run
+        self.transport = transport
+        self.bwlimit = bwlimit
 
     @classmethod
     def from_sync(cls, cfg, prefer: str | None) -> "TwoWayConfig":
@@ -1096,11 +1159,14 @@ class TwoWayConfig:
                    dry_run=cfg.dry_run, transport=cfg.transport, bwlimit=cfg.bwlimit)
 
 
-@dataclass
 class SideSummary(ReplicaSummary):
     """A side's outcomes, also counting completed actions per path (what may enter the base)."""
 
-    done_paths: Counter = field(default_factory=Counter)
+    _fields = ReplicaSummary._fields + ("done_paths",)
+
+    def __init__(self, replica: str, done_paths: Counter | None = None, **kw: Any) -> None:
+        super().__init__(replica, **kw)
+        self.done_paths = Counter() if done_paths is None else done_paths
 
     def done(self, a, path: str) -> None:
         super().done(a, path)
@@ -1111,23 +1177,42 @@ def _new_summary(spec: str) -> SideSummary:
     return SideSummary(replica=spec)
 
 
-@dataclass
-class TwoWaySummary:
-    a: str
-    b: str
-    decisions: Decisions | None = None
-    plans: tuple[Plan, Plan] | None = None
-    sides: list = field(default_factory=list)  # two ReplicaSummary
-    scan_errors: list[ItemError] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    dry_run: bool = False
-    base_seq: int = 0
-    seconds: float = 0.0
+class TwoWaySummary(Record):
+    _fields = (
+        "a", "b", "decisions", "plans", "sides", "scan_errors", "warnings", "dry_run", "base_seq", "seconds",
+        "carried", "held",
+    )
+    _compare = ("a", "b", "decisions", "plans", "sides", "scan_errors", "warnings", "dry_run", "base_seq", "seconds", "carried")
 
-    carried: list[Conflict] = field(default_factory=list)  # made by an interrupted run, reported now
-    # What the run built (scans, caches, base), kept until the summary goes: freeing a 10,000-
-    # file run's entries one by one took ~40 ms, which a CLI run ending in os._exit never pays.
-    held: list = field(default_factory=list, repr=False, compare=False)
+    def __init__(
+        self,
+        a: str,
+        b: str,
+        decisions: Decisions | None = None,
+        plans: tuple[Plan, Plan] | None = None,
+        sides: list | None = None,  # two ReplicaSummary
+        scan_errors: list[ItemError] | None = None,
+        warnings: list[str] | None = None,
+        dry_run: bool = False,
+        base_seq: int = 0,
+        seconds: float = 0.0,
+        carried: list[Conflict] | None = None,  # made by an interrupted run, reported now
+        # What the run built (scans, caches, base), kept until the summary goes: freeing a 10,000-
+        # file run's entries one by one took ~40 ms, which a CLI run ending in os._exit never pays.
+        held: list | None = None,
+    ) -> None:
+        self.a = a
+        self.b = b
+        self.decisions = decisions
+        self.plans = plans
+        self.sides = [] if sides is None else sides
+        self.scan_errors = [] if scan_errors is None else scan_errors
+        self.warnings = [] if warnings is None else warnings
+        self.dry_run = dry_run
+        self.base_seq = base_seq
+        self.seconds = seconds
+        self.carried = [] if carried is None else carried
+        self.held = [] if held is None else held
 
     @property
     def conflicts(self) -> list[Conflict]:

@@ -12,17 +12,24 @@ filtered by the current excludes. It proves only that the last scans of both sid
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from dirsync.errors import display_path
 from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, parent_of, tree_digests
+from dirsync.record import Record
 
 
-@dataclass
-class Difference:
-    kind: str  # missing | extra | content | type | metadata
-    path: str
-    detail: str = ""
+class Difference(Record):
+    _fields = ("kind", "path", "detail")
+
+    def __init__(
+        self,
+        kind: str,  # missing | extra | content | type | metadata
+        path: str,
+        detail: str = "",
+    ) -> None:
+        self.kind = kind
+        self.path = path
+        self.detail = detail
 
     def render(self) -> str:
         shown = display_path(self.path) or "."
@@ -33,12 +40,20 @@ class Difference:
                 "detail": self.detail}
 
 
-@dataclass
-class VerifyResult:
-    replica: str
-    master_root: bytes = b""
-    replica_root: bytes = b""
-    differences: list[Difference] = field(default_factory=list)
+class VerifyResult(Record):
+    _fields = ("replica", "master_root", "replica_root", "differences")
+
+    def __init__(
+        self,
+        replica: str,
+        master_root: bytes = b"",
+        replica_root: bytes = b"",
+        differences: list[Difference] | None = None,
+    ) -> None:
+        self.replica = replica
+        self.master_root = master_root
+        self.replica_root = replica_root
+        self.differences = [] if differences is None else differences
 
     @property
     def equal(self) -> bool:

@@ -14,18 +14,17 @@ Events are hints, the scan is the truth (DESIGN §2.4). Three parts:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
 from dirsync import chunking
 from dirsync.errors import ExitCode, RefusedError, SourceChangedError, describe
 from dirsync.manifest import DirEntry, Manifest, is_under, parent_of
 from dirsync.progress import Reporter
+from dirsync.record import Record
 from dirsync.replica import MARKER
 from dirsync.scan import STATE_DIR, TMP_PREFIX, Excluder, ScanResult, read_ignore_file, scan_tree
 from dirsync.state import FileLock, master_cache_path, pair_lock_path, save_manifest_file, state_home
@@ -53,12 +52,20 @@ class Rescan(NamedTuple):
 # -- Debouncer (pure) --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Batch:
-    paths: frozenset[str]  # relpaths to rescan; frozenset({""}) is the whole tree
-    first_s: float  # clock time of the batch's first event (latency is measured from here)
-    events: int  # raw events folded into it
-    reason: str = ""  # why it became the whole tree, when an event source said so
+class Batch(Record):
+    _fields = ("paths", "first_s", "events", "reason")
+
+    def __init__(
+        self,
+        paths: frozenset[str],  # relpaths to rescan; frozenset({""}) is the whole tree
+        first_s: float,  # clock time of the batch's first event (latency is measured from here)
+        events: int,  # raw events folded into it
+        reason: str = "",  # why it became the whole tree, when an event source said so
+    ) -> None:
+        self.paths = paths
+        self.first_s = first_s
+        self.events = events
+        self.reason = reason
 
     @property
     def full(self) -> bool:
@@ -358,15 +365,26 @@ def _marked(spec: str) -> bool:
     return os.path.isfile(os.path.join(spec, STATE_DIR, MARKER))
 
 
-@dataclass
-class _ReplicaState:
-    spec: str
-    local: bool
-    seen: bool = False  # has been a dirsync replica during this run: never recreate it when gone
-    failures: int = 0
-    retry_at: float | None = None  # in backoff until then
-    in_sync: bool = False  # the last push of the current master manifest succeeded fully
-    last_fatal: str = ""
+class _ReplicaState(Record):
+    _fields = ("spec", "local", "seen", "failures", "retry_at", "in_sync", "last_fatal")
+
+    def __init__(
+        self,
+        spec: str,
+        local: bool,
+        seen: bool = False,  # has been a dirsync replica during this run: never recreate it when gone
+        failures: int = 0,
+        retry_at: float | None = None,  # in backoff until then
+        in_sync: bool = False,  # the last push of the current master manifest succeeded fully
+        last_fatal: str = "",
+    ) -> None:
+        self.spec = spec
+        self.local = local
+        self.seen = seen
+        self.failures = failures
+        self.retry_at = retry_at
+        self.in_sync = in_sync
+        self.last_fatal = last_fatal
 
 
 class _Muted:
@@ -388,17 +406,32 @@ class _Muted:
         return getattr(self.inner, name)
 
 
-@dataclass
-class _Totals:
-    written: int = 0
-    deleted: int = 0
-    other: int = 0  # dirs made, links made, metadata set
-    sent: int = 0
-    reused: int = 0
-    errors: int = 0
-    replicas_ok: int = 0
-    replicas_tried: int = 0
-    failed: list[str] = field(default_factory=list)
+class _Totals(Record):
+    _fields = (
+        "written", "deleted", "other", "sent", "reused", "errors", "replicas_ok", "replicas_tried", "failed",
+    )
+
+    def __init__(
+        self,
+        written: int = 0,
+        deleted: int = 0,
+        other: int = 0,  # dirs made, links made, metadata set
+        sent: int = 0,
+        reused: int = 0,
+        errors: int = 0,
+        replicas_ok: int = 0,
+        replicas_tried: int = 0,
+        failed: list[str] | None = None,
+    ) -> None:
+        self.written = written
+        self.deleted = deleted
+        self.other = other
+        self.sent = sent
+        self.reused = reused
+        self.errors = errors
+        self.replicas_ok = replicas_ok
+        self.replicas_tried = replicas_tried
+        self.failed = [] if failed is None else failed
 
     @property
     def did_something(self) -> bool:
@@ -734,7 +767,7 @@ class _WatchLoop(_Loop):
             return
         muted = _Muted(self.reporter)
         try:
-            run = run_sync(dataclasses.replace(self.cfg, replicas=(spec,)), muted, self.stop.is_set,  # type: ignore[arg-type]
+            run = run_sync(self.cfg.replace(replicas=(spec,)), muted, self.stop.is_set,  # type: ignore[arg-type]
                            master_scan=(res, self.cache_ok))
         except OSError as e:  # e.g. the replica vanished under an open: one replica's problem
             self.failed(st, f"{spec}: {describe(e)}", None)

@@ -269,8 +269,7 @@ def simulate(plan, master: Manifest, replica: Manifest, protect=frozenset()) -> 
             elif isinstance(cur, DirEntry):
                 state[a.path] = DirEntry(cur.path, a.mode, a.mtime_ns)
             else:
-                from dataclasses import replace
-                state[a.path] = replace(cur, mode=a.mode, mtime_ns=a.mtime_ns)
+                state[a.path] = cur.replace(mode=a.mode, mtime_ns=a.mtime_ns)
         elif isinstance(a, Delete):
             not_protected(i, a, a.path)
             cur = state.get(a.path)

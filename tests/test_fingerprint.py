@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 import pytest
 
 try:
@@ -64,8 +63,8 @@ def test_updated_fingerprint_equals_a_fresh_one(tmp_path):
     base = res.manifest.entries
     now = dict(base)
     del now["sub/b.txt"]  # deleted
-    now["a.txt"] = replace(base["a.txt"], ino=base["a.txt"].ino + 7)  # rewritten in place
-    now["moved.txt"] = replace(base["sub/deeper/c.txt"], path="moved.txt")
+    now["a.txt"] = base["a.txt"].replace(ino=base["a.txt"].ino + 7)  # rewritten in place
+    now["moved.txt"] = base["sub/deeper/c.txt"].replace(path="moved.txt")
     del now["sub/deeper/c.txt"]  # renamed
     got = fingerprint_update(res.fingerprint, base, now)
     assert got == fingerprint(now) and got not in (b"", res.fingerprint)

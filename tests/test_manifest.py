@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import msgpack
 import pytest
@@ -198,12 +197,12 @@ def tree() -> Manifest:
 
 def changed(m: Manifest, path: str, **kw) -> Manifest:
     e = dict(m.entries)
-    e[path] = replace(e[path], **kw)
+    e[path] = e[path].replace(**kw)
     return Manifest(e)
 
 
 def other_content(e: FileEntry) -> FileEntry:
-    return replace(file_entry(e.path, [4]), mode=e.mode, mtime_ns=e.mtime_ns)
+    return file_entry(e.path, [4]).replace(mode=e.mode, mtime_ns=e.mtime_ns)
 
 
 MUTATIONS = [
@@ -245,7 +244,7 @@ def test_tree_digests_rename_changes_digest():
     m = tree()
     e = dict(m.entries)
     f = e.pop("a/g")
-    e["a/h"] = replace(f, path="a/h")
+    e["a/h"] = f.replace(path="a/h")
     after = tree_digests(Manifest(e))
     assert after["a"] != tree_digests(m)["a"]
 
@@ -271,10 +270,10 @@ def test_keys_differ_exactly_when_entry_facts_differ(m, data):
     if not files:
         return
     f = data.draw(st.sampled_from(files))
-    cache_only = Manifest({**m.entries, f.path: replace(f, ino=f.ino + 1, ctime_ns=f.ctime_ns + 1,
+    cache_only = Manifest({**m.entries, f.path: f.replace(ino=f.ino + 1, ctime_ns=f.ctime_ns + 1,
                                                         trusted=not f.trusted)})
     assert cache_only.keys() == m.keys()
-    touched = Manifest({**m.entries, f.path: replace(f, mtime_ns=f.mtime_ns + 1)})
+    touched = Manifest({**m.entries, f.path: f.replace(mtime_ns=f.mtime_ns + 1)})
     assert touched.keys() != m.keys()
 
 
@@ -300,11 +299,11 @@ def _edit(m: Manifest, other: Manifest, data) -> dict:
         if how == "drop":
             del out[p]
         elif how == "copy":
-            out[p] = replace(out[p])
+            out[p] = out[p].replace()
         elif isinstance(out[p], FileEntry):
-            out[p] = replace(out[p], ino=out[p].ino + 1, trusted=not out[p].trusted)
+            out[p] = out[p].replace(ino=out[p].ino + 1, trusted=not out[p].trusted)
         else:
-            out[p] = replace(out[p], mtime_ns=out[p].mtime_ns + 1)
+            out[p] = out[p].replace(mtime_ns=out[p].mtime_ns + 1)
     for p, e in other.entries.items():
         if data.draw(st.booleans()):
             out[p] = e
@@ -343,7 +342,7 @@ def test_rows_stay_paired_with_their_entries_when_the_decoded_dict_changes():
     paths = sorted(p for p in decoded.entries if p)
     del decoded.entries[paths[0]]  # in place: the dict the rows were decoded into
     f = next(p for p in paths[1:] if isinstance(decoded.entries[p], FileEntry))
-    decoded.entries[f] = replace(decoded.entries[f], ino=decoded.entries[f].ino + 99, trusted=True)
+    decoded.entries[f] = decoded.entries[f].replace(ino=decoded.entries[f].ino + 99, trusted=True)
     edited = dict(decoded.entries)
     back = load(to_bytes(Manifest(edited, rows=decoded.rows), CHUNKER), CHUNKER).manifest
     assert back.entries == edited and cache_facts(back) == cache_facts(Manifest(edited))

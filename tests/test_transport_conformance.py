@@ -9,7 +9,6 @@ Each case drives the contract the way sync.py does: open, scan, plan.diff, apply
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -336,7 +335,7 @@ def test_source_vanishing_on_the_master_is_an_item_error(make, tmp_path):
 def _file_target(master, name: str, path: str) -> FileEntry:
     e = scan_tree(str(master)).manifest.entries[name]
     assert isinstance(e, FileEntry)
-    return dataclasses.replace(e, path=path)
+    return e.replace(path=path)
 
 
 def test_actions_that_escape_the_root_are_rejected(make, tmp_path):
@@ -350,10 +349,10 @@ def test_actions_that_escape_the_root_are_rejected(make, tmp_path):
     hostile = [
         [MakeDir("../escaped", 0o755)],
         [MakeDir("/tmp/escaped-" + uuid.uuid4().hex, 0o755)],
-        [WriteFile(dataclasses.replace(target, path="../escaped.txt"), target_ops(target), None),
+        [WriteFile(target.replace(path="../escaped.txt"), target_ops(target), None),
          Commit(("../escaped.txt",))],
         [MakeDir("evil/sub", 0o755)],
-        [WriteFile(dataclasses.replace(target, path="evil/pwned.txt"), target_ops(target), None),
+        [WriteFile(target.replace(path="evil/pwned.txt"), target_ops(target), None),
          Commit(("evil/pwned.txt",))],
     ]
     for actions in hostile:

@@ -36,26 +36,42 @@ limits the bytes of send ops (before compression) to each replica, whatever the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from dirsync.apply import MasterReader, Sink
 from dirsync.plan import Action
+from dirsync.record import Record
 from dirsync.replica import BackupOptions, OpenInfo
 from dirsync.scan import ScanResult
 
 
-@dataclass(frozen=True)
-class TransportOptions:
-    port: int | None = None
-    identity: str | None = None
-    ssh_config: str | None = None
-    remote_cmd: str | None = None
-    accept_new_host_key: bool = False
-    compress: bool = False
-    connect_timeout: float = 15.0
-    backup_dir: str | None = None  # absolute, or relative to the replica root
-    backup_keep: int | None = None  # keep the newest N backup run folders
+class TransportOptions(Record):
+    _fields = (
+        "port", "identity", "ssh_config", "remote_cmd", "accept_new_host_key", "compress", "connect_timeout",
+        "backup_dir", "backup_keep",
+    )
+
+    def __init__(
+        self,
+        port: int | None = None,
+        identity: str | None = None,
+        ssh_config: str | None = None,
+        remote_cmd: str | None = None,
+        accept_new_host_key: bool = False,
+        compress: bool = False,
+        connect_timeout: float = 15.0,
+        backup_dir: str | None = None,  # absolute, or relative to the replica root
+        backup_keep: int | None = None,  # keep the newest N backup run folders
+    ) -> None:
+        self.port = port
+        self.identity = identity
+        self.ssh_config = ssh_config
+        self.remote_cmd = remote_cmd
+        self.accept_new_host_key = accept_new_host_key
+        self.compress = compress
+        self.connect_timeout = connect_timeout
+        self.backup_dir = backup_dir
+        self.backup_keep = backup_keep
 
 
 def backup_options(opts: TransportOptions) -> BackupOptions | None:

@@ -12,7 +12,6 @@ possible), 1 after an internal error (also reported in a `fatal` frame).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import os
@@ -368,7 +367,7 @@ class Agent:
             for p in self._derived:  # the master holds the real digests; we computed the same
                 w, e = written.get(p), current.get(p)
                 if isinstance(w, FileEntry) and isinstance(e, FileEntry) and (w.size, w.digest) == (e.size, e.digest):
-                    written[p] = dataclasses.replace(w, digests=e.digests)
+                    written[p] = w.replace(digests=e.digests)
             as_sent = [os.fsencode(e.path) for e in changed if written.get(e.path) == e]
             changed = [e for e in changed if written.get(e.path) != e]
             self._send_rows(changed, removed)

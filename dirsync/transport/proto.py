@@ -7,7 +7,6 @@ Both sides use these functions, so a message is described in one place. See PROT
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import Any, Callable
 
 import msgpack
@@ -341,7 +340,7 @@ def dec_fatal(m: dict, where: str) -> DirsyncError:
 
 
 def enc_open_info(info: OpenInfo) -> dict:
-    d = asdict(info)
+    d = info.asdict()
     d["reserved"] = [_enc(p) for p in info.reserved]
     return d
 

@@ -40,7 +40,6 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -48,6 +47,7 @@ import sys
 import types
 
 from dirsync.imports import import_hiding, stand_in
+from dirsync.record import Record
 
 
 def _dist_version(name: str) -> str:
@@ -118,24 +118,30 @@ STDERR_KEEP = 64 * 1024
 # Endpoints
 
 
-@dataclass(frozen=True, slots=True)
-class LocalEndpoint:
+class LocalEndpoint(Record):
     """A replica on this machine."""
 
-    path: str
+    _fields = ("path",)
+    __slots__ = _fields
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteEndpoint:
+class RemoteEndpoint(Record):
     """A replica reached over SSH. ``user``/``port`` are None when not given (ssh_config or defaults decide).
 
     ``path`` is absolute, or relative to the login's home directory ("." is the home itself).
     """
 
-    user: str | None
-    host: str
-    port: int | None
-    path: str
+    _fields = ("user", "host", "port", "path")
+    __slots__ = _fields
+
+    def __init__(self, user: str | None, host: str, port: int | None, path: str) -> None:
+        self.user = user
+        self.host = host
+        self.port = port
+        self.path = path
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -263,15 +269,25 @@ def fingerprint(blob: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-@dataclass(frozen=True, slots=True)
-class KnownHostEntry:
+class KnownHostEntry(Record):
     """One parsed known_hosts line."""
 
-    source: str  # "path:lineno", for messages
-    marker: str | None  # None, "@revoked" or "@cert-authority"
-    patterns: tuple[str, ...]
-    keytype: str
-    blob: bytes
+    _fields = ("source", "marker", "patterns", "keytype", "blob")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        source: str,  # "path:lineno", for messages
+        marker: str | None,  # None, "@revoked" or "@cert-authority"
+        patterns: tuple[str, ...],
+        keytype: str,
+        blob: bytes,
+    ) -> None:
+        self.source = source
+        self.marker = marker
+        self.patterns = patterns
+        self.keytype = keytype
+        self.blob = blob
 
     def matches(self, name: str) -> bool:
         """OpenSSH host matching: comma list, ``*``/``?`` wildcards, ``!`` negation, ``|1|`` hashed names."""
@@ -472,23 +488,44 @@ class _VerifyPolicy(paramiko.RejectPolicy):
 # ssh_config
 
 
-@dataclass(frozen=True, slots=True)
-class HostSettings:
+class HostSettings(Record):
     """Connection settings for one host after applying ssh_config and explicit arguments."""
 
-    alias: str
-    hostname: str
-    port: int
-    user: str
-    identity_files: tuple[str, ...]
-    identities_only: bool
-    known_hosts_files: tuple[str, ...]
-    host_key_alias: str | None
-    proxy_jump: str | None
-    proxy_command: str | None
-    accept_new: bool
-    connect_timeout: float | None
-    keepalive: int | None
+    _fields = (
+        "alias", "hostname", "port", "user", "identity_files", "identities_only", "known_hosts_files",
+        "host_key_alias", "proxy_jump", "proxy_command", "accept_new", "connect_timeout", "keepalive",
+    )
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        alias: str,
+        hostname: str,
+        port: int,
+        user: str,
+        identity_files: tuple[str, ...],
+        identities_only: bool,
+        known_hosts_files: tuple[str, ...],
+        host_key_alias: str | None,
+        proxy_jump: str | None,
+        proxy_command: str | None,
+        accept_new: bool,
+        connect_timeout: float | None,
+        keepalive: int | None,
+    ) -> None:
+        self.alias = alias
+        self.hostname = hostname
+        self.port = port
+        self.user = user
+        self.identity_files = identity_files
+        self.identities_only = identities_only
+        self.known_hosts_files = known_hosts_files
+        self.host_key_alias = host_key_alias
+        self.proxy_jump = proxy_jump
+        self.proxy_command = proxy_command
+        self.accept_new = accept_new
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
 
     @property
     def label(self) -> str:
@@ -655,16 +692,31 @@ def _prefer(current: Sequence[str], first: Sequence[str]) -> tuple[str, ...]:
     return tuple(head + [x for x in current if x not in head])
 
 
-@dataclass
-class _Options:
-    cfg: SshConfig
-    known_hosts_files: Sequence[str | os.PathLike[str]] | None
-    accept_new: bool
-    connect_timeout: float
-    keepalive: int
-    compress: bool = False
-    identity: str | None = None
-    own_known_hosts: Path = field(default_factory=dirsync_known_hosts_path)
+class _Options(Record):
+    _fields = (
+        "cfg", "known_hosts_files", "accept_new", "connect_timeout", "keepalive", "compress", "identity",
+        "own_known_hosts",
+    )
+
+    def __init__(
+        self,
+        cfg: SshConfig,
+        known_hosts_files: Sequence[str | os.PathLike[str]] | None,
+        accept_new: bool,
+        connect_timeout: float,
+        keepalive: int,
+        compress: bool = False,
+        identity: str | None = None,
+        own_known_hosts: Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.known_hosts_files = known_hosts_files
+        self.accept_new = accept_new
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.compress = compress
+        self.identity = identity
+        self.own_known_hosts = dirsync_known_hosts_path() if own_known_hosts is None else own_known_hosts
 
 
 def connect(
