@@ -8,7 +8,7 @@ equality, hashing, repr, replace() and asdict() from the field list it names.
 
 A subclass sets `_fields` (every field, in __init__ order, inherited ones included), and
 `__slots__ = _fields` when it has no other attributes; `_compare` names the fields equality
-and hashing use when not all of them do. Records are not frozen: the ones documented as
+and hashing use when not all of them do (a subclass compares its base's and its own new ones). Records are not frozen: the ones documented as
 immutable are treated so by convention (use replace()).
 """
 
@@ -30,12 +30,15 @@ def _key_getter(names: tuple[str, ...]):
 class Record:
     __slots__ = ()
     _fields: tuple[str, ...] = ()
-    _compare: tuple[str, ...] | None = None  # None: all of _fields
+    _compare: tuple[str, ...] = ()
     _key = staticmethod(_key_getter(()))
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        cls._key = staticmethod(_key_getter(cls._fields if cls._compare is None else cls._compare))
+        if "_compare" not in cls.__dict__:  # the base's compared fields and every field added here
+            base = cls.__mro__[1]
+            cls._compare = base._compare + tuple(f for f in cls._fields if f not in base._fields)  # type: ignore[attr-defined]
+        cls._key = staticmethod(_key_getter(cls._compare))
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:

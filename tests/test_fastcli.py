@@ -233,6 +233,8 @@ def test_sync_takes_the_fast_path_and_mirrors(tmp_path):
     assert cp.returncode == 0 and cp.stdout == "" and cp.stderr == "", cp
     assert "typer" not in imported and "click" not in imported, sorted(imported)
     assert "dirsync" in imported  # the import-time check does see what the run imports
+    # start-up: no dataclasses (exec at import), and the chunker's type-hint imports are hidden
+    assert not {"dataclasses", "inspect", "typing_extensions"} & imported, sorted(imported)
     treecmp.assert_trees_equal(d / "m", d / "r")
     _, imported = dirsync("sync", "m", "r", cwd=d, typer_path=True)
     assert {"typer", "click"} <= imported  # DIRSYNC_NO_FASTCLI=1 does force typer
