@@ -19,7 +19,10 @@ import xxhash
 
 from dirsync.record import Record
 
-FORMAT_VERSION = 2  # 2: a header before the rows; 1 (rows only) is still read
+# 3: chunk sizes packed (see pack_sizes; cache files only); 2: a header before the rows;
+# 1: rows only. All three are read.
+FORMAT_VERSION = 3
+_UNPACKED_VERSION = 2  # what to_bytes(packed=False) writes: readable by dirsync before format 3
 DIGEST_SIZE = 16
 MAGIC = b"DSYNCMF"
 _FSENC = sys.getfilesystemencoding()  # what os.fsencode/fsdecode use (with surrogateescape)
@@ -33,7 +36,8 @@ class FileEntry(Record):
         "path", "size", "mode", "mtime_ns", "digest", "avg", "sizes", "digests", "ino", "ctime_ns",
         "trusted",
     )
-    __slots__ = _fields
+    __slots__ = ("path", "size", "mode", "mtime_ns", "digest", "avg", "held_sizes", "digests", "ino", "ctime_ns",
+                 "trusted")
     _compare = ("path", "size", "mode", "mtime_ns", "digest", "avg", "sizes", "digests")
     kind: ClassVar[str] = "f"
 
@@ -45,7 +49,7 @@ class FileEntry(Record):
         mtime_ns: int,
         digest: bytes,  # xxh3-128 of the whole content
         avg: int,  # chunk class (FastCDC average size); 0: the file is one chunk
-        sizes: tuple[int, ...],  # chunk sizes, in order; they tile [0, size)
+        sizes: tuple[int, ...] | bytes,  # chunk sizes, in order, tiling [0, size); or pack_sizes() of them
         digests: bytes,  # DIGEST_SIZE bytes per chunk, in order
         # Cache-only facts: not part of what the file *is*.
         ino: int = 0,
@@ -58,11 +62,24 @@ class FileEntry(Record):
         self.mtime_ns = mtime_ns
         self.digest = digest
         self.avg = avg
-        self.sizes = sizes
+        # As given: a cache row's packed sizes are unpacked on first use of .sizes (most entries
+        # of a run never need them). Pass held_sizes, not sizes, when copying an entry.
+        self.held_sizes = sizes
         self.digests = digests
         self.ino = ino
         self.ctime_ns = ctime_ns
         self.trusted = trusted
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        s = self.held_sizes
+        if s.__class__ is not tuple:
+            s = self.held_sizes = unpack_sizes(s, len(self.digests) // DIGEST_SIZE)  # type: ignore[arg-type]
+        return s  # type: ignore[return-value]
+
+    @property
+    def nchunks(self) -> int:
+        return len(self.digests) // DIGEST_SIZE
 
     def chunks(self) -> Iterator[tuple[int, int, bytes]]:
         """Yield (offset, size, digest) for each chunk."""
@@ -104,6 +121,36 @@ class LinkEntry(Record):
 
 
 Entry = Union[FileEntry, DirEntry, LinkEntry]
+
+_BIG_ENDIAN = sys.byteorder == "big"
+_U32 = "I" if array("I").itemsize == 4 else "L"
+
+
+def pack_sizes(sizes: tuple[int, ...]) -> bytes | None:
+    """Chunk sizes as little-endian uint16s (uint32s if one is 64 KiB or more; the chunker's
+    largest chunk is 32 KiB); None if one is 4 GiB or more (such a row keeps its ints). A cache
+    row holds them so: msgpack builds a tuple of ints 3x slower than it copies these bytes (the
+    mixed tree's cache holds 410,000 chunk sizes)."""
+    top = max(sizes, default=0)
+    if top >= 1 << 32:
+        return None
+    a = array("H" if top < 1 << 16 else _U32, sizes)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_sizes(raw: bytes, n: int) -> tuple[int, ...]:
+    """Inverse of pack_sizes for `n` chunks; ValueError when `raw` cannot hold n sizes."""
+    if len(raw) == 2 * n:
+        a = array("H", raw)
+    elif len(raw) == 4 * n and n:
+        a = array(_U32, raw)
+    else:
+        raise ValueError(f"{len(raw)} bytes of packed sizes for {n} chunks")
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return tuple(a)
 
 
 def entry_key(e: Entry) -> tuple:
@@ -230,17 +277,26 @@ class ManifestFormatError(ValueError):
     """The bytes are not a manifest this version can read (corrupt, or from another version)."""
 
 
-def encode_rows(entries, *, cache_fields: bool = True) -> list[tuple]:
+def encode_rows(entries, *, cache_fields: bool = True, packed: bool = False) -> list[tuple]:
     """Entries as plain msgpack-able rows (the manifest body and the wire use the same rows;
-    the wire leaves out the cache-only fields)."""
+    the wire leaves out the cache-only fields). `packed`: chunk sizes as pack_sizes() bytes
+    (cache files of format 3), else as a list of ints."""
     rows = []
     fs = _FSENC
     for e in entries:
         c = e.__class__
         if c is FileEntry:
             if cache_fields:
+                sz = e.held_sizes
+                if packed:
+                    if sz.__class__ is tuple:
+                        p = pack_sizes(sz)  # type: ignore[arg-type]
+                        if p is not None:
+                            sz = p
+                elif sz.__class__ is not tuple:
+                    sz = e.sizes
                 rows.append((0, e.path.encode(fs, "surrogateescape"), e.size, e.mode, e.mtime_ns, e.digest, e.avg,
-                             e.sizes, e.digests, e.ino, e.ctime_ns, e.trusted))
+                             sz, e.digests, e.ino, e.ctime_ns, e.trusted))
             else:
                 rows.append((0, e.path.encode(fs, "surrogateescape"), e.size, e.mode, e.mtime_ns, e.digest, e.avg,
                              e.sizes, e.digests))
@@ -258,10 +314,10 @@ class RowSource:
     by copying its bytes (see _body_reusing). Paths and objects are kept as tuples of their own:
     whatever later happens to the decoded dict, row i stays paired with what it encodes."""
 
-    __slots__ = ("chunker", "body", "paths", "objs")
+    __slots__ = ("chunker", "packed", "body", "paths", "objs")
 
-    def __init__(self, chunker: str, body, entries: dict[str, Entry]) -> None:
-        self.chunker, self.body = chunker, body
+    def __init__(self, chunker: str, packed: bool, body, entries: dict[str, Entry]) -> None:
+        self.chunker, self.packed, self.body = chunker, packed, body
         self.paths, self.objs = tuple(entries), tuple(entries.values())
 
     def offsets(self) -> array:
@@ -281,14 +337,14 @@ class RowSource:
         return offs
 
 
-def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, generation: str) -> bytes:
+def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, generation: str, packed: bool) -> bytes:
     """The body msgpack.packb((chunker, rows, generation)) would give, up to row order: rows of
     entries that are the very objects `src` decoded are copied, the others encoded (new paths
     at the end, sorted). Costs a few C-level passes over the old rows, not an encode of each."""
     pk = msgpack.Packer(use_bin_type=True)
     body, offs, paths = src.body, src.offsets(), src.paths
     if len(offs) != len(paths) + 1:  # cannot happen (decoded from this body); never guess
-        return msgpack.packb((chunker, encode_rows(entries.values()), generation), use_bin_type=True)
+        return msgpack.packb((chunker, encode_rows(entries.values(), packed=packed), generation), use_bin_type=True)
     parts = [pk.pack_array_header(3), pk.pack(chunker), pk.pack_array_header(len(entries))]
     # Rows whose entry is no longer the same object, found without a Python-level loop.
     news = list(map(entries.get, paths))
@@ -297,26 +353,40 @@ def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, gener
         parts.append(body[done : offs[i]])
         n = news[i]
         if n is not None:
-            parts.append(pk.pack(encode_rows((n,))[0]))
+            parts.append(pk.pack(encode_rows((n,), packed=packed)[0]))
         done = offs[i + 1]
     parts.append(body[done : offs[len(news)]])
     for p in sorted(entries.keys() - set(paths)):
-        parts.append(pk.pack(encode_rows((entries[p],))[0]))
+        parts.append(pk.pack(encode_rows((entries[p],), packed=packed)[0]))
     parts.append(pk.pack(generation))
     return b"".join(parts)
 
 
-def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"") -> bytes:
+def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"", packed: bool = False) -> bytes:
     """Versioned, checksummed encoding: MAGIC, version byte, xxh3-64 of the rest, then a small
-    header (chunker, generation, fingerprint; readable without decoding any row) and the body."""
+    header (chunker, generation, fingerprint; readable without decoding any row) and the body.
+    `packed`: format 3 (chunk sizes packed), for cache files, which only this install reads;
+    else format 2, which a peer running an older dirsync reads too."""
     src = m.rows
-    if src is not None and src.chunker == chunker:
-        body = _body_reusing(m.entries, src, chunker, m.generation)
+    if src is not None and src.chunker == chunker and src.packed == packed:
+        body = _body_reusing(m.entries, src, chunker, m.generation, packed)
     else:
-        body = msgpack.packb((chunker, encode_rows(m.entries.values()), m.generation), use_bin_type=True)
+        body = msgpack.packb((chunker, encode_rows(m.entries.values(), packed=packed), m.generation),
+                             use_bin_type=True)
     header = msgpack.packb((chunker, m.generation, fingerprint, len(m.entries)), use_bin_type=True)
     rest = len(header).to_bytes(4, "little") + header + body
-    return MAGIC + bytes([FORMAT_VERSION]) + xxhash.xxh3_64_digest(rest) + rest
+    version = FORMAT_VERSION if packed else _UNPACKED_VERSION
+    return MAGIC + bytes([version]) + _checksum(version, rest) + rest
+
+
+def _checksum(version: int, rest: bytes | memoryview) -> bytes:
+    """xxh3-64 of what follows it; from format 3 on, of the version byte too (2 and 3 differ
+    in how rows hold chunk sizes: a flipped bit there must not pass)."""
+    if version < 3:
+        return xxhash.xxh3_64_digest(rest)
+    h = xxhash.xxh3_64(bytes([version]))
+    h.update(rest)
+    return h.digest()
 
 
 class SavedManifest:
@@ -324,17 +394,18 @@ class SavedManifest:
     on first use of `manifest` (a no-op run whose tree matches the fingerprint never needs them).
     `manifest` raises ManifestFormatError for a body that does not decode."""
 
-    __slots__ = ("chunker", "generation", "fingerprint", "count", "_body", "_m", "_own")
+    __slots__ = ("chunker", "generation", "fingerprint", "count", "_body", "_m", "_own", "_packed")
 
     def __init__(self, chunker: str, generation: str, fingerprint: bytes, count: int, body: bytes | memoryview | None,
-                 m: Manifest | None = None, own: bool = False) -> None:
+                 m: Manifest | None = None, own: bool = False, packed: bool = False) -> None:
         self.chunker, self.generation, self.fingerprint, self.count = chunker, generation, fingerprint, count
-        self._body, self._m, self._own = body, m, own
+        self._body, self._m, self._own, self._packed = body, m, own, packed
 
     @property
     def manifest(self) -> Manifest:
         if self._m is None:
-            self._m = _decode_body(self._body if self._body is not None else b"", self.chunker, self._own)
+            self._m = _decode_body(self._body if self._body is not None else b"", self.chunker, self._own,
+                                   self._packed)
             self._body = None
         return self._m
 
@@ -352,10 +423,10 @@ def load(data: bytes, chunker: str, *, own: bool = False) -> SavedManifest:
     if len(data) < n + 9 or data[:n] != MAGIC:
         raise ManifestFormatError("not a dirsync manifest")
     version = data[n]
-    if version not in (1, FORMAT_VERSION):
+    if version not in (1, 2, 3):
         raise ManifestFormatError(f"manifest format version {version}, this dirsync reads {FORMAT_VERSION}")
     rest = memoryview(data)[n + 9 :]  # views, not copies: a big cache is megabytes
-    if xxhash.xxh3_64_digest(rest) != data[n + 1 : n + 9]:
+    if _checksum(version, rest) != data[n + 1 : n + 9]:
         raise ManifestFormatError("manifest checksum mismatch")
     if version == 1:  # no header: decode now (the fingerprint is unknown)
         m = _decode_body(rest, chunker, own)
@@ -372,7 +443,7 @@ def load(data: bytes, chunker: str, *, own: bool = False) -> SavedManifest:
         raise ManifestFormatError(f"manifest header unreadable: {e}") from e
     if got != chunker:
         raise ManifestFormatError(f"manifest made with chunker {got!r}, this dirsync uses {chunker!r}")
-    return SavedManifest(chunker, generation, fp, count, rest[4 + hlen :], own=own)
+    return SavedManifest(chunker, generation, fp, count, rest[4 + hlen :], own=own, packed=version == 3)
 
 
 def from_bytes(data: bytes, chunker: str) -> Manifest:
@@ -380,7 +451,7 @@ def from_bytes(data: bytes, chunker: str) -> Manifest:
     return load(data, chunker).manifest
 
 
-def _decode_body(body: bytes, chunker: str, own: bool = False) -> Manifest:
+def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = False) -> Manifest:
     try:
         # Stream the rows: holding all of them decoded at once doubled the peak memory of a
         # 100,000-file run.
@@ -399,7 +470,7 @@ def _decode_body(body: bytes, chunker: str, own: bool = False) -> Manifest:
             raise ManifestFormatError("trailing bytes after the manifest body")
         m = Manifest(entries=entries, generation=str(generation))
         if own and len(entries) == nrows:  # (a repeated path would break row i <-> entry i)
-            m.rows = RowSource(chunker, body, entries)
+            m.rows = RowSource(chunker, packed, body, entries)
         return m
     except ManifestFormatError:
         raise
@@ -514,6 +585,8 @@ def _decode_own_rows(rows) -> dict[str, Entry]:
                 raise ValueError(f"bad path {path!r}")
         if t == 0:
             _, _, size, mode, mtime, digest, avg, sizes, digests, ino, ctime, trusted = r
+            if sizes.__class__ is bytes and len(sizes) != len(digests) >> 3 and len(sizes) != len(digests) >> 2:
+                raise ValueError(f"bad packed chunk sizes for {path!r}")  # (2 or 4 bytes per 16-byte digest)
             entries[path] = FileEntry(path, size, mode, mtime, digest, avg, sizes, digests, ino, ctime, trusted)
         elif t == 1:
             _, _, mode, mtime = r
@@ -544,7 +617,10 @@ def decode_rows(rows) -> dict[str, Entry]:
             if len(r) == 9:  # wire row: no cache-only fields
                 r = tuple(r) + (0, 0, False)
             (_, _, size, mode, mtime, digest, avg, sizes, digests, ino, ctime, trusted) = r
-            sizes = tuple(sizes)
+            if isinstance(sizes, bytes):  # a format 3 row
+                sizes = unpack_sizes(sizes, len(digests) // DIGEST_SIZE) if isinstance(digests, bytes) else ()
+            else:
+                sizes = tuple(sizes)
             try:
                 # `|` raises TypeError for anything but ints: a cheap type check for a hot loop.
                 size | mode | mtime | avg | ino | ctime | _or_all(sizes)

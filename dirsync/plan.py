@@ -401,7 +401,7 @@ class ChunkIndex:
         if not self.files or wanted is not None and not wanted:
             return
         self._alld = alld = b"".join(f.digests for f in self.files)
-        self._starts = list(accumulate((len(f.sizes) for f in self.files), initial=0))
+        self._starts = list(accumulate((f.nchunks for f in self.files), initial=0))
         keys = _prefix_view(alld)
         n = len(keys)
         if wanted is None:

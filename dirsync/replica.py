@@ -593,8 +593,8 @@ class Replica:
                 st = os.lstat(name, dir_fd=dfd)
                 trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
                 t = w.target  # the constructor, not .replace(): this runs once per file written
-                self.current[p] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.sizes, t.digests,
-                                            st.st_ino, st.st_ctime_ns, trusted)
+                self.current[p] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes,
+                                            t.digests, st.st_ino, st.st_ctime_ns, trusted)
                 dirs.add(dfd)
                 out.append((p, None))
             except ItemError as e:
@@ -729,8 +729,8 @@ class Replica:
         except (OSError, ItemError):
             return
         if st.st_ino == e.ino and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
-            self.current[rel] = FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.sizes, e.digests,
-                                          e.ino, st.st_ctime_ns, e.trusted)
+            self.current[rel] = FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.held_sizes,
+                                          e.digests, e.ino, st.st_ctime_ns, e.trusted)
 
     # -- hooks and helpers -----------------------------------------------------------
 

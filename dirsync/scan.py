@@ -527,7 +527,7 @@ def _ancestors(p: str) -> list[str]:
 
 
 def _with_mode(c: FileEntry, mode: int) -> FileEntry:
-    return FileEntry(c.path, c.size, mode, c.mtime_ns, c.digest, c.avg, c.sizes, c.digests, c.ino, c.ctime_ns,
+    return FileEntry(c.path, c.size, mode, c.mtime_ns, c.digest, c.avg, c.held_sizes, c.digests, c.ino, c.ctime_ns,
                      c.trusted)
 
 

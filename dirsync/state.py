@@ -81,7 +81,7 @@ def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheL
 
 def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> None:
     """Save `m`; `fp` is its tree fingerprint when the caller knows it (else it is computed)."""
-    write_atomic(path, to_bytes(m, chunker, fingerprint(m.entries) if fp is None else fp))
+    write_atomic(path, to_bytes(m, chunker, fingerprint(m.entries) if fp is None else fp, packed=True))
 
 
 class PendingSave:

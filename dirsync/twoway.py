@@ -280,7 +280,7 @@ def _strip(e: Entry) -> Entry:
     """An entry without cache-only facts (inode, ctime, trusted): the form kept in targets and bases."""
     if e.__class__ is FileEntry and (e.ino or e.ctime_ns or e.trusted):
         # the constructor, not .replace(): this runs for every file of a scanned side
-        return FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.sizes, e.digests)
+        return FileEntry(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.held_sizes, e.digests)
     return e
 
 
@@ -871,7 +871,8 @@ class PairReader:
 
 
 def _content_key(f: FileEntry) -> tuple:
-    return (f.size, f.digest, f.sizes, f.digests)
+    # (chunk sizes follow from the content and the chunk class: not unpacked for every file)
+    return (f.size, f.digest, f.avg, f.digests)
 
 
 class TwoWaySide:

@@ -20,10 +20,12 @@ from dirsync.manifest import (
     ManifestFormatError,
     encode_rows,
     load,
+    pack_sizes,
     parent_of,
     from_bytes,
     to_bytes,
     tree_digests,
+    unpack_sizes,
 )
 
 try:
@@ -40,16 +42,51 @@ def cache_facts(m: Manifest) -> dict:
 
 
 @SETTINGS
-@given(any_manifests(), st.booleans())
-def test_round_trip(m, own):
-    """Both decoders (peer rows fully checked; our own cache files, cheaper) give back the same."""
-    back = load(to_bytes(m, CHUNKER), CHUNKER, own=own).manifest
+@given(any_manifests(), st.booleans(), st.booleans())
+def test_round_trip(m, own, packed):
+    """Both decoders (peer rows fully checked; our own cache files, cheaper) give back the same,
+    from both row forms (format 2: chunk sizes as ints; 3, cache files: packed)."""
+    data = to_bytes(m, CHUNKER, packed=packed)
+    assert data[len(MAGIC)] == (3 if packed else 2) and size_forms(data) <= ({bytes, list} if packed else {list})
+    back = load(data, CHUNKER, own=own).manifest
     assert back == m
     assert back.keys() == m.keys()
     # Fields left out of equality (the cache facts) must survive too: the scanner relies on them.
     assert cache_facts(back) == cache_facts(m)
     # Paths keep their exact bytes, also when they are not UTF-8.
     assert sorted(os.fsencode(p) for p in back.entries) == sorted(os.fsencode(p) for p in m.entries)
+
+
+def size_forms(data: bytes) -> set:
+    """The Python types the file rows of a format 2/3 manifest hold their chunk sizes in."""
+    rest = data[len(MAGIC) + 9:]
+    hlen = int.from_bytes(rest[:4], "little")
+    _, rows, _ = msgpack.unpackb(rest[4 + hlen:])
+    return {type(r[7]) for r in rows if r[0] == 0}
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, (1 << 16) - 1)) | st.lists(st.integers(1, (1 << 32) - 1), min_size=1))
+def test_packed_sizes_round_trip(sizes):
+    raw = pack_sizes(tuple(sizes))
+    assert raw is not None and len(raw) == (2 if max(sizes, default=0) < 1 << 16 else 4) * len(sizes)
+    assert unpack_sizes(raw, len(sizes)) == tuple(sizes)
+    with pytest.raises(ValueError):
+        unpack_sizes(raw + b"\0", len(sizes))
+    assert pack_sizes((*sizes, 1 << 32)) is None  # kept as ints in the row
+
+
+def test_cache_rows_pack_their_sizes():
+    m = Manifest({"a": file_entry("a", [0, 1]), "b": file_entry("b", [2]), "c": file_entry("c", [])})
+    assert size_forms(to_bytes(m, CHUNKER, packed=True)) == {bytes}
+
+
+def test_packed_sizes_are_unpacked_on_first_use_only():
+    e = file_entry("f", [0, 1, 2])
+    back = load(to_bytes(Manifest({"f": e}), CHUNKER, packed=True), CHUNKER, own=True).manifest.entries["f"]
+    assert isinstance(back.held_sizes, bytes) and back.nchunks == 3
+    assert back.sizes == e.sizes and back.held_sizes == e.sizes  # unpacked once, then kept
+    assert back == e and hash(back) == hash(e)
 
 
 def sample_manifest() -> Manifest:
@@ -128,7 +165,9 @@ def forge(rows, chunker: str = CHUNKER, version: int = FORMAT_VERSION) -> bytes:
         return MAGIC + b"\x01" + xxhash.xxh3_64_digest(body) + body
     header = msgpack.packb((chunker, "", b"", 0), use_bin_type=True)
     rest = len(header).to_bytes(4, "little") + header + body
-    return MAGIC + bytes([version]) + xxhash.xxh3_64_digest(rest) + rest
+    # from format 3 on, the checksum covers the version byte too
+    check = xxhash.xxh3_64_digest(bytes([version]) + rest if version >= 3 else rest)
+    return MAGIC + bytes([version]) + check + rest
 
 
 def good_file_row(path=b"f"):
@@ -136,17 +175,28 @@ def good_file_row(path=b"f"):
     return list(row)
 
 
-@pytest.mark.parametrize("version", [1, FORMAT_VERSION])
-def test_forged_valid_body_accepted(version):
+def packed_row(row):
+    return _with(row, 7, pack_sizes(tuple(row[7])))
+
+
+@pytest.mark.parametrize("version", [1, 2, FORMAT_VERSION])
+@pytest.mark.parametrize("own", [False, True])
+def test_forged_valid_body_accepted(version, own):
     # The control for the cases below: forge() itself makes readable manifests.
-    m = from_bytes(forge([good_file_row(), (1, b"d", 0o755, 1), (2, b"l", b"t", 1)], version=version), CHUNKER)
-    assert set(m.entries) == {"f", "d", "l"}
+    rows = [good_file_row(), packed_row(good_file_row(b"p")), (1, b"d", 0o755, 1), (2, b"l", b"t", 1)]
+    m = load(forge(rows, version=version), CHUNKER, own=own).manifest
+    assert set(m.entries) == {"f", "p", "d", "l"} and m.entries["p"].sizes == m.entries["f"].sizes
 
 
 def test_own_cache_rows_still_have_their_paths_checked():
     for bad in (b"../escape", b"/abs", b"a//b", b"a\0b"):
         with pytest.raises(ManifestFormatError):
             load(forge([_with(good_file_row(), 1, bad)]), CHUNKER, own=True).manifest
+
+
+def test_own_cache_rows_have_the_length_of_packed_sizes_checked():
+    with pytest.raises(ManifestFormatError):
+        load(forge([_with(good_file_row(), 7, b"\x0d\0\0")]), CHUNKER, own=True).manifest
 
 
 def _with(row, i, value):
@@ -164,6 +214,8 @@ def _with(row, i, value):
     [_with(good_file_row(), 5, b"short")],  # whole digest of the wrong length
     [_with(good_file_row(), 8, b"\0" * 7)],  # chunk digests of the wrong length
     [_with(good_file_row(), 7, [0, 13])],  # a zero-size chunk
+    [_with(good_file_row(), 7, b"\0\0\x0d\0")],  # a zero-size chunk, packed
+    [_with(good_file_row(), 7, b"\x0d\0\0")],  # packed sizes of the wrong length
     [_with(good_file_row(), 3, "0644")],  # mode not an int
     [good_file_row()[:5]],  # short row
     [(1, b"d", "rwx", 1)],
@@ -173,7 +225,7 @@ def _with(row, i, value):
     "not a list of rows",
     [None],
 ])
-@pytest.mark.parametrize("version", [1, FORMAT_VERSION])
+@pytest.mark.parametrize("version", [1, 2, FORMAT_VERSION])
 def test_forged_bad_body_rejected(rows, version):
     with pytest.raises(ManifestFormatError):
         from_bytes(forge(rows, version=version), CHUNKER)
@@ -315,10 +367,13 @@ def _edit(m: Manifest, other: Manifest, data) -> dict:
 def test_save_reusing_rows_decodes_to_the_entries(m, other, data):
     """A manifest saved from another one's decoded rows (entries that are still the same
     objects copied as bytes) reads back exactly as if every row had been encoded."""
-    decoded = load(to_bytes(m, CHUNKER), CHUNKER, own=True).manifest
+    was_packed, packed = data.draw(st.booleans()), data.draw(st.booleans())
+    decoded = load(to_bytes(m, CHUNKER, packed=was_packed), CHUNKER, own=True).manifest
     assert decoded.rows is not None
     edited = _edit(decoded, other, data)
-    saved = to_bytes(Manifest(edited, generation="g2", rows=decoded.rows), CHUNKER, b"fp")
+    saved = to_bytes(Manifest(edited, generation="g2", rows=decoded.rows), CHUNKER, b"fp", packed=packed)
+    # a file of either format holds rows of its own form only (copied rows of the other are not)
+    assert size_forms(saved) <= ({bytes, list} if packed else {list})  # (list: a chunk of 4 GiB or more)
     back = load(saved, CHUNKER, own=data.draw(st.booleans()))
     assert back.fingerprint == b"fp" and back.generation == "g2" and back.count == len(edited)
     assert back.manifest.entries == edited and back.manifest.generation == "g2"

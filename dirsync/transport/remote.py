@@ -554,7 +554,7 @@ class RemoteTransport:
         except ItemError as e:  # nothing of this write was sent (or compressed)
             sink.failed(w.path, e)
             return
-        if self._sd and "dm" not in msg and len(w.target.sizes) > 1 and all(isinstance(o, SendOp) for o in w.ops):
+        if self._sd and "dm" not in msg and w.target.nchunks > 1 and all(isinstance(o, SendOp) for o in w.ops):
             msg["sd"] = True  # the agent hashes the chunks as it writes them: 16 bytes a chunk saved
             msg["f"] = [*msg["f"][:8], b""]
         if self._rz:  # compressed only now that it will be sent: the agent inflates in stream order
