@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import os
+import struct
 import sys
 from array import array
 from functools import reduce
@@ -122,8 +123,16 @@ class LinkEntry(Record):
 
 Entry = Union[FileEntry, DirEntry, LinkEntry]
 
-_BIG_ENDIAN = sys.byteorder == "big"
-_U32 = "I" if array("I").itemsize == 4 else "L"
+_STRUCTS: dict[tuple[int, str], struct.Struct] = {}
+
+
+def _sizes_struct(n: int, code: str) -> struct.Struct:
+    s = _STRUCTS.get((n, code))
+    if s is None:
+        s = struct.Struct(f"<{n}{code}")
+        if n <= 256:  # the usual chunk counts; a big file's is built each time (noise beside its bytes)
+            _STRUCTS[(n, code)] = s
+    return s
 
 
 def pack_sizes(sizes: tuple[int, ...]) -> bytes | None:
@@ -131,26 +140,21 @@ def pack_sizes(sizes: tuple[int, ...]) -> bytes | None:
     largest chunk is 32 KiB); None if one is 4 GiB or more (such a row keeps its ints). A cache
     row holds them so: msgpack builds a tuple of ints 3x slower than it copies these bytes (the
     mixed tree's cache holds 410,000 chunk sizes)."""
-    top = max(sizes, default=0)
-    if top >= 1 << 32:
-        return None
-    a = array("H" if top < 1 << 16 else _U32, sizes)
-    if _BIG_ENDIAN:
-        a.byteswap()
-    return a.tobytes()
+    for code in ("H", "I"):
+        try:
+            return _sizes_struct(len(sizes), code).pack(*sizes)
+        except struct.error:
+            pass
+    return None
 
 
 def unpack_sizes(raw: bytes, n: int) -> tuple[int, ...]:
     """Inverse of pack_sizes for `n` chunks; ValueError when `raw` cannot hold n sizes."""
     if len(raw) == 2 * n:
-        a = array("H", raw)
-    elif len(raw) == 4 * n and n:
-        a = array(_U32, raw)
-    else:
-        raise ValueError(f"{len(raw)} bytes of packed sizes for {n} chunks")
-    if _BIG_ENDIAN:
-        a.byteswap()
-    return tuple(a)
+        return _sizes_struct(n, "H").unpack(raw)
+    if len(raw) == 4 * n and n:
+        return _sizes_struct(n, "I").unpack(raw)
+    raise ValueError(f"{len(raw)} bytes of packed sizes for {n} chunks")
 
 
 def entry_key(e: Entry) -> tuple:

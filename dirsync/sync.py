@@ -492,10 +492,12 @@ def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: P
     else:
         # Count only deletes whose content the master no longer has anywhere: a renamed or moved
         # directory deletes many paths but loses nothing, and must not trip the guard.
-        kept = {(f.size, f.digest) for f in master.files()}
-        lost = [d for d in deletes if d.kind != "d" and not (
-            isinstance(e := replica.entries.get(d.path), FileEntry) and (e.size, e.digest) in kept)]
+        lost = [d for d in deletes if d.kind != "d"]
         n_files = sum(1 for e in replica.entries.values() if e.kind != "d")
+        if not cfg.allow_mass_delete and len(lost) >= MASS_DELETE_MIN and 2 * len(lost) > n_files:
+            kept = {(f.size, f.digest) for f in master.files()}  # (only when the guard could trip)
+            lost = [d for d in lost if not (
+                isinstance(e := replica.entries.get(d.path), FileEntry) and (e.size, e.digest) in kept)]
         tripped = (not cfg.allow_mass_delete and len(lost) >= MASS_DELETE_MIN and 2 * len(lost) > n_files)
         limit = f"the default guard ({len(lost)} of {n_files} replica files would be gone from both sides)"
     if not tripped:
