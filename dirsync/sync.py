@@ -17,6 +17,7 @@ from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
 from dirsync.record import Record
+from dirsync.runtime import gc_paused
 from dirsync.scan import Excluder, Prewalk, ScanResult, read_ignore_file, scan_tree
 from dirsync.state import (CacheLoad, FileLock, PendingSave, load_manifest_file, master_cache_path, pair_lock_path,
                            save_manifest_file, save_manifest_file_forked)
@@ -203,6 +204,12 @@ def run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool
              master_scan: tuple[ScanResult, bool] | None = None) -> RunSummary:
     """Mirror cfg.master to every replica. Fatal problems with the master raise; a fatal problem
     with one replica is recorded in its summary and the other replicas still run."""
+    with gc_paused():
+        return _run_sync(cfg, reporter, should_stop, master_scan)
+
+
+def _run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], bool],
+              master_scan: tuple[ScanResult, bool] | None) -> RunSummary:
     watch = Stopwatch()
     master_real = check_master(cfg.master)
     for r in cfg.replicas:

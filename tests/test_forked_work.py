@@ -271,3 +271,30 @@ def test_with_a_remote_replica_the_master_is_walked_by_a_child(sshd, tmp_path, s
     run = run_sync(cfg, Reporter(quiet=True))
     assert run.replicas[0].exit_code == 0 and read(r / "sub/b.txt") == b"BETA\n"
     assert len(spy_prewalks) == n + 1 and _reaped(spy_prewalks[-1].pid)
+
+
+def test_a_run_pauses_the_garbage_collector_and_restores_it(tmp_path):
+    """runtime.gc_paused around run_sync: off while the run works, as it was afterwards."""
+    import gc
+
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    m = tmp_path / "m"
+    build_tree(m, TREE)
+    seen: list[bool] = []
+
+    def should_stop() -> bool:
+        seen.append(gc.isenabled())
+        return False
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            run = run_sync(SyncConfig(master=str(m), replicas=(str(tmp_path / f"r{enabled}"),), init=True),
+                           Reporter(quiet=True), should_stop)
+            assert run.replicas[0].exit_code == 0 and seen and not any(seen)
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+        seen.clear()

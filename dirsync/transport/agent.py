@@ -27,6 +27,7 @@ from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import FileEntry, encode_rows
 from dirsync.plan import Action, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
+from dirsync.runtime import gc_paused
 from dirsync.scan import Excluder
 from dirsync.transport import proto
 from dirsync.transport.wire import (
@@ -591,4 +592,5 @@ def main() -> int:
     wfd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return Agent(rfd, wfd).run()
+    with gc_paused():  # a session is one run (see runtime.gc_paused)
+        return Agent(rfd, wfd).run()

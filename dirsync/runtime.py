@@ -1,0 +1,27 @@
+"""Process-wide settings for the span of a run."""
+
+from __future__ import annotations
+
+import gc
+
+
+class gc_paused:
+    """Pause Python's cyclic garbage collector for a `with` block (a run).
+
+    A run builds a few objects per path (scans, caches, plans, the entries it writes) and
+    hardly any reference cycles, yet the collector keeps walking all of them as they pile up:
+    measured, planning an initial copy of 100,000 files took 0.9 s without it and 2.0 s with
+    it; a two-way 1% change on 10,000 files spent 0.13 s of 1.2 s in 183 collections. At the
+    end the block's survivors are moved to the oldest generation in one step (freeze, then
+    unfreeze) instead of being traversed by the first collection after it; the few cycles a
+    run leaves go at the next full collection (watch mode runs many)."""
+
+    def __enter__(self) -> None:
+        self._was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        gc.freeze()
+        gc.unfreeze()
+        if self._was:
+            gc.enable()
