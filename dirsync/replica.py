@@ -435,7 +435,9 @@ class Replica:
         else:
             total, digests = self._build(w, tmp, sends)
             if w.derive:  # the content check passed: these are the digests of what was sent
-                w = w.replace(target=w.target.replace(digests=digests), derive=False)
+                t = w.target  # (constructors, not .replace(): this runs once per file written)
+                w = WriteFile(FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes, digests,
+                                        t.ino, t.ctime_ns, t.trusted), w.ops, w.expect, w.move, False)
         old = self.staged.pop(path, None)
         if old:
             self._unlink_tmp(old[0])

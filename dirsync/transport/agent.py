@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
-from dirsync.manifest import FileEntry, encode_rows
+from dirsync.manifest import Entry, FileEntry, encode_rows
 from dirsync.plan import Action, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
 from dirsync.runtime import gc_paused
@@ -364,13 +364,16 @@ class Agent:
             removed = [os.fsencode(p) for p in scanned if p not in current]
             # A file now exactly as the master sent it goes back as its path only: the master
             # still has the row (for a large file, thousands of chunk digests).
-            written = self.written
-            for p in self._derived:  # the master holds the real digests; we computed the same
-                w, e = written.get(p), current.get(p)
-                if isinstance(w, FileEntry) and isinstance(e, FileEntry) and (w.size, w.digest) == (e.size, e.digest):
-                    written[p] = w.replace(digests=e.digests)
-            as_sent = [os.fsencode(e.path) for e in changed if written.get(e.path) == e]
-            changed = [e for e in changed if written.get(e.path) != e]
+            written, derived = self.written, self._derived
+            as_sent: list[bytes] = []
+            rest: list = []
+            for e in changed:
+                w = written.get(e.path)
+                if w is not None and (w == e or e.path in derived and _same_but_digests(w, e)):
+                    as_sent.append(os.fsencode(e.path))
+                else:
+                    rest.append(e)
+            changed = rest
             self._send_rows(changed, removed)
             for i in range(0, len(as_sent), proto.ROWS_PER_FRAME):
                 self.send({"t": "written", "paths": as_sent[i:i + proto.ROWS_PER_FRAME]})
@@ -584,6 +587,13 @@ def _excluder(patterns: list[str]) -> Excluder:
         raise
     except Exception as e:  # pathspec's own errors for a malformed pattern
         raise ProtocolError(f"bad exclude pattern: {e}"[:300]) from None
+
+
+def _same_but_digests(w: FileEntry, e: Entry) -> bool:
+    """A derived write (its chunk digests were a placeholder; the master holds the real ones,
+    which the writer computed again) that ended up exactly as sent."""
+    return (e.__class__ is FileEntry and w.size == e.size and w.digest == e.digest  # type: ignore[union-attr]
+            and (w.path, w.mode, w.mtime_ns, w.avg, w.sizes) == (e.path, e.mode, e.mtime_ns, e.avg, e.sizes))  # type: ignore[union-attr]
 
 
 def main() -> int:
