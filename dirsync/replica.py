@@ -153,6 +153,7 @@ class Replica:
         self._linked: dict[str, str] = {}  # old name -> new name of files moved by a hard link
         self._dirfds: dict[str, int] = {}
         self._tmp_seq = 0
+        self._tmp_tag = os.urandom(4).hex()  # this session's temp names: TMP_PREFIX + seq + tag
         self.write_start_ns = time.time_ns()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -428,7 +429,7 @@ class Replica:
         except ValueError as e:
             raise InvalidPathError(path, "write", str(e)) from None
         self._tmp_seq += 1
-        tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{os.urandom(4).hex()}")
+        tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
         if w.move and self.backup is None and self._link_moved(w, tmp):
             total = w.target.size
             self._linked[w.ops[0].src] = path  # type: ignore[union-attr]
@@ -585,7 +586,8 @@ class Replica:
         for p, (tmp, w) in c.todo:
             del self.staged[p]
             try:
-                dfd, name = self._at(p, "commit")
+                # (p was checked by stage: a staged path needs no second check_relpath)
+                dfd, name = self._dirfd(parent_of(p)), p.rsplit("/", 1)[-1]
                 self._check_expect(p, dfd, name, w.expect, "commit")
                 self._retire(p, dfd, name, w.expect)
                 try:
@@ -615,7 +617,7 @@ class Replica:
 
     def _commit_across_devices(self, p: str, tmp: str, dfd: int, name: str) -> None:
         """The target directory is another mount inside the replica: copy beside it, then rename."""
-        side = f"{TMP_PREFIX}x{self._tmp_seq}-{os.urandom(4).hex()}"
+        side = f"{TMP_PREFIX}x{self._tmp_seq}-{self._tmp_tag}"
         try:
             src = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.tmp_fd)  # a temp in .dirsync/tmp
             try:
@@ -640,7 +642,7 @@ class Replica:
     def make_link(self, a: MakeLink) -> None:
         dfd, name = self._at(a.path, "link")
         self._tmp_seq += 1
-        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{os.urandom(4).hex()}"
+        tmp = f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}"
         try:
             os.symlink(a.target, tmp, dir_fd=self.tmp_fd)
             os.utime(tmp, ns=(a.mtime_ns, a.mtime_ns), dir_fd=self.tmp_fd, follow_symlinks=False)
