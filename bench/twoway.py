@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -303,13 +304,28 @@ class Bench:
         os.sync()  # untimed: no run pays for the previous one's writeback
         so = open(os.path.join(self.results, "last.out"), "w+")
         se = open(os.path.join(self.results, "last.err"), "w+")
+        # A blocking wait, the timeout on a timer: subprocess.run(timeout=...) polls with sleeps
+        # of up to 50 ms, which rounded every wall time up to the next 50 ms step.
+        timed_out = threading.Event()
         t = time.perf_counter()
+        # cwd: the work dir, not the checkout the bench was started in: `python -m` puts the
+        # current directory first on sys.path, which made --ref time this checkout's dirsync.
+        p = subprocess.Popen(argv, env=env, stdout=so, stderr=se, stdin=subprocess.DEVNULL, cwd=self.work)
+
+        def kill() -> None:
+            timed_out.set()
+            p.kill()
+
+        timer = threading.Timer(self.args.timeout, kill)
+        timer.daemon = True
+        timer.start()
         try:
-            p = subprocess.run(argv, env=env, stdout=so, stderr=se, timeout=self.args.timeout)
+            rc = p.wait()
             wall = time.perf_counter() - t
-            rc = p.returncode
-        except subprocess.TimeoutExpired:
-            wall, rc = time.perf_counter() - t, "timeout"
+        finally:
+            timer.cancel()
+        if timed_out.is_set():
+            rc = "timeout"
         so.seek(0)
         se.seek(0)
         stdout, stderr = so.read(), se.read()
