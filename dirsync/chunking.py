@@ -62,8 +62,8 @@ def _import_pyfastcdc():
 def cutter(avg: int):
     c = _cutters.get(avg)
     if c is None:
-        c = _cutters[avg] = _import_pyfastcdc().FastCDC(avg, min_size=max(64, avg // 4), max_size=max(1024, avg * 4),
-                                    normalized_chunking=1)
+        fastcdc = _import_pyfastcdc().FastCDC
+        c = _cutters[avg] = fastcdc(avg, min_size=max(64, avg // 4), max_size=max(1024, avg * 4), normalized_chunking=1)
     return c
 
 

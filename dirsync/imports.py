@@ -1,7 +1,7 @@
 """Importing a third-party package without the costly imports it makes for no use of ours.
 
 Start-up is on the critical path of every run (a no-op sync of a 10,000-file tree takes about
-0.3 s, of which imports are a third), so tens of milliseconds of imports that only serve type
+0.2 s, of which imports are half), so tens of milliseconds of imports that only serve type
 hints or a version string are worth hiding.
 """
 

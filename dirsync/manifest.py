@@ -74,7 +74,7 @@ class FileEntry(Record):
     @property
     def sizes(self) -> tuple[int, ...]:
         s = self.held_sizes
-        if s.__class__ is not tuple:
+        if s.__class__ is bytes:
             s = self.held_sizes = unpack_sizes(s, len(self.digests) // DIGEST_SIZE)  # type: ignore[arg-type]
         return s  # type: ignore[return-value]
 
@@ -293,11 +293,11 @@ def encode_rows(entries, *, cache_fields: bool = True, packed: bool = False) -> 
             if cache_fields:
                 sz = e.held_sizes
                 if packed:
-                    if sz.__class__ is tuple:
+                    if sz.__class__ is not bytes:
                         p = pack_sizes(sz)  # type: ignore[arg-type]
                         if p is not None:
                             sz = p
-                elif sz.__class__ is not tuple:
+                elif sz.__class__ is bytes:
                     sz = e.sizes
                 rows.append((0, e.path.encode(fs, "surrogateescape"), e.size, e.mode, e.mtime_ns, e.digest, e.avg,
                              sz, e.digests, e.ino, e.ctime_ns, e.trusted))

@@ -8,8 +8,9 @@ equality, hashing, repr, replace() and asdict() from the field list it names.
 
 A subclass sets `_fields` (every field, in __init__ order, inherited ones included), and
 `__slots__ = _fields` when it has no other attributes; `_compare` names the fields equality
-and hashing use when not all of them do (a subclass compares its base's and its own new ones). Records are not frozen: the ones documented as
-immutable are treated so by convention (use replace()).
+and hashing use when not all of them do (by default: the base's compared fields and every
+field the subclass adds). Records are not frozen: the ones documented as immutable are
+treated so by convention (use replace()).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Record:
         super().__init_subclass__(**kw)
         if "_compare" not in cls.__dict__:  # the base's compared fields and every field added here
             base = cls.__mro__[1]
-            cls._compare = base._compare + tuple(f for f in cls._fields if f not in base._fields)  # type: ignore[attr-defined]
+            added = tuple(f for f in cls._fields if f not in base._fields)  # type: ignore[attr-defined]
+            cls._compare = base._compare + added  # type: ignore[attr-defined]
         cls._key = staticmethod(_key_getter(cls._compare))
 
     def __eq__(self, other: object) -> bool:

@@ -592,8 +592,11 @@ def _excluder(patterns: list[str]) -> Excluder:
 def _same_but_digests(w: FileEntry, e: Entry) -> bool:
     """A derived write (its chunk digests were a placeholder; the master holds the real ones,
     which the writer computed again) that ended up exactly as sent."""
-    return (e.__class__ is FileEntry and w.size == e.size and w.digest == e.digest  # type: ignore[union-attr]
-            and (w.path, w.mode, w.mtime_ns, w.avg, w.sizes) == (e.path, e.mode, e.mtime_ns, e.avg, e.sizes))  # type: ignore[union-attr]
+    if e.__class__ is not FileEntry:
+        return False
+    f: FileEntry = e  # type: ignore[assignment]
+    return (w.size == f.size and w.digest == f.digest
+            and (w.path, w.mode, w.mtime_ns, w.avg, w.sizes) == (f.path, f.mode, f.mtime_ns, f.avg, f.sizes))
 
 
 def main() -> int:
