@@ -975,7 +975,6 @@ class Bench:
     def table_cells(self, row: Row) -> list[str]:
         d, r = row.tools.get("dirsync"), row.tools.get("rsync")
         floor = row.tools.get("cp")
-        ssh = row.transport == "ssh"
 
         def time_cell(res: ToolResult | None) -> str:
             if not res:

@@ -16,7 +16,6 @@ from dirsync.plan import (
     Commit,
     CopyOp,
     Delete,
-    MakeDir,
     MakeLink,
     PlanOptions,
     SendOp,

@@ -17,9 +17,9 @@ from dirsync.manifest import DirEntry, FileEntry, Manifest, entry_key, parent_of
 from dirsync.plan import CopyOp, Delete, PlanOptions, SendOp, WriteFile, diff
 
 try:
-    from strategies import NOW, chunk_ids_of, file_entry, manifests, protect_sets, simulate
+    from strategies import chunk_ids_of, file_entry, manifests, protect_sets, simulate
 except ImportError:  # tests/ imported as a package
-    from tests.strategies import NOW, chunk_ids_of, file_entry, manifests, protect_sets, simulate
+    from tests.strategies import chunk_ids_of, file_entry, manifests, protect_sets, simulate
 
 # DIRSYNC_PROP_EXAMPLES=5000 for a long bug hunt; the default keeps the tier fast.
 EXAMPLES = int(os.environ.get("DIRSYNC_PROP_EXAMPLES", "120"))

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import stat
-import time
 
 import pytest
 import xxhash
@@ -36,11 +35,11 @@ from dirsync.twoway import (
 
 try:
     import treecmp
-    from helpers import (File, Link, Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, read, run_cli,
+    from helpers import (File, Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, read, run_cli,
                          stray_temps, wait_for, world_dir, write)
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import (File, Link, Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, read,
+    from tests.helpers import (File, Unprivileged, build_tree, can_drop_to, kill_group, popen_cli, read,
                                run_cli, stray_temps, wait_for, world_dir, write)
 
 S = 1_000_000_000

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tempfile
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dirsync.manifest import DirEntry, FileEntry, LinkEntry, Manifest, parent_of
 from dirsync.progress import Reporter
-from dirsync.twoway import A, B, ReconcileOptions, TwoWayConfig, reconcile, run_twoway, side_plans
+from dirsync.twoway import ReconcileOptions, TwoWayConfig, reconcile, run_twoway, side_plans
 
 try:
     import treecmp
