@@ -479,35 +479,20 @@ def file_delta(target: FileEntry, have: ChunkIndex) -> tuple[Op, ...]:
     return tuple(ops)
 
 
-class _Acc(Record):
-    _fields = (
-        "early_dirs", "writes", "clears", "late_dirs", "links", "file_meta", "dir_meta", "touched_dirs",
-        "deletes", "skipped",
-    )
+class _Acc:
+    """What diff collects, by kind, before ordering it into a plan (always starts empty)."""
 
-    def __init__(
-        self,
-        early_dirs: list[MakeDir] | None = None,
-        writes: list[tuple[WriteFile, bool]] | None = None,  # (write, can commit early)
-        clears: list[Delete] | None = None,
-        late_dirs: list[MakeDir] | None = None,
-        links: list[MakeLink] | None = None,
-        file_meta: list[SetMeta] | None = None,
-        dir_meta: dict[str, SetMeta] | None = None,
-        touched_dirs: set[str] | None = None,
-        deletes: list[Delete] | None = None,
-        skipped: list[tuple[str, str]] | None = None,
-    ) -> None:
-        self.early_dirs = [] if early_dirs is None else early_dirs
-        self.writes = [] if writes is None else writes
-        self.clears = [] if clears is None else clears
-        self.late_dirs = [] if late_dirs is None else late_dirs
-        self.links = [] if links is None else links
-        self.file_meta = [] if file_meta is None else file_meta
-        self.dir_meta = {} if dir_meta is None else dir_meta
-        self.touched_dirs = set() if touched_dirs is None else touched_dirs
-        self.deletes = [] if deletes is None else deletes
-        self.skipped = [] if skipped is None else skipped
+    def __init__(self) -> None:
+        self.early_dirs: list[MakeDir] = []
+        self.writes: list[tuple[WriteFile, bool]] = []  # (write, can commit early)
+        self.clears: list[Delete] = []
+        self.late_dirs: list[MakeDir] = []
+        self.links: list[MakeLink] = []
+        self.file_meta: list[SetMeta] = []
+        self.dir_meta: dict[str, SetMeta] = {}
+        self.touched_dirs: set[str] = set()
+        self.deletes: list[Delete] = []
+        self.skipped: list[tuple[str, str]] = []
 
 
 def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions()) -> Plan:

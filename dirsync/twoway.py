@@ -74,6 +74,7 @@ from dirsync.errors import (
 from dirsync.manifest import DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, is_under, parent_of
 from dirsync.plan import Commit, Plan, PlanOptions, SendOp, WriteFile, diff
 from dirsync.record import Record
+from dirsync.runtime import gc_paused
 from dirsync.state import _sha256  # the built-in SHA-256 (no OpenSSL load), as for state keys
 
 CONFLICT_TAG = ".sync-conflict-"
@@ -1286,25 +1287,11 @@ def _guard_markers(x: TwoWaySide, y: TwoWaySide, chunker: str) -> None:
 
 
 def run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool] = lambda: False) -> TwoWaySummary:
-    """One two-way run between cfg.a and cfg.b (see the module docstring).
-
-    Python's cyclic garbage collector is paused for the run: a run builds a few entries per
-    path (two scans, their caches, the base, the target) and hardly any reference cycles, yet
-    the collector kept walking all of them (measured: 0.13 s of a 1.2 s run after 1% changes
-    on a 10,000-file pair, 183 collections). At the end the run's survivors are moved to the
-    oldest generation in one step (gc.freeze + gc.unfreeze) instead of being traversed by the
-    first collection after it; cycles the run left (few) go at the next full collection."""
-    import gc
-
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    """One two-way run between cfg.a and cfg.b (see the module docstring), with the cyclic
+    garbage collector paused (runtime.gc_paused: 0.13 s of a 1.2 s run after 1% changes on a
+    10,000-file pair, 183 collections, went to walking objects that hold no cycles)."""
+    with gc_paused():
         return _run_twoway(cfg, reporter, should_stop)
-    finally:
-        gc.freeze()
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
 
 
 def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) -> TwoWaySummary:
