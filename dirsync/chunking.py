@@ -96,21 +96,29 @@ def chunk_stream(f: BinaryIO, avg: int) -> tuple[tuple[int, ...], bytes, bytes, 
             sizes.append(total)
             digests.append(_digest(data))
     else:
-        for ch in cutter(avg).cut_stream(_Reader(f)):
+        reader = _Reader(f, whole)
+        for ch in cutter(avg).cut_stream(reader):
             sizes.append(ch.length)
             digests.append(_digest(ch.data))
-            whole.update(ch.data)
-            total += ch.length
+        total = reader.total
     return tuple(sizes), b"".join(digests), whole.digest(), total
 
 
 class _Reader:
-    """Feeds pyfastcdc in large reads (its own default read size is small)."""
+    """Feeds pyfastcdc in large reads (its own default read size is small), hashing the whole
+    file as it is read (the chunks cover every byte read, in order: one update a read instead
+    of one a chunk)."""
 
-    __slots__ = ("_f",)
+    __slots__ = ("_f", "_whole", "total")
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, whole) -> None:
         self._f = f
+        self._whole = whole
+        self.total = 0
 
     def readinto(self, b: memoryview) -> int:
-        return self._f.readinto(b)  # type: ignore[attr-defined]
+        n = self._f.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self._whole.update(b[:n])
+            self.total += n
+        return n

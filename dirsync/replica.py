@@ -3,19 +3,22 @@
 Every path operation is relative to a directory fd reached from the root fd one component at
 a time with O_NOFOLLOW, so a replica directory swapped for a symlink cannot redirect a write
 outside the root. Files are built in `.dirsync/tmp/` (same filesystem as the tree), verified
-against the whole-file digest, made durable, and only then renamed to their final name.
+(against the whole-file digest, or chunk by chunk plus the stat facts of trusted reuse
+sources: see Replica._build), made durable, and only then renamed to their final name.
 Staging in one folder rather than beside the target lets a file be staged before its
 directory exists, keeps type changes and swaps simple, and makes stale temps easy to find.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
 import stat
 import threading
 import time
+from itertools import accumulate
 from typing import Iterator
 
 import xxhash
@@ -472,8 +475,16 @@ class Replica:
 
     def _build(self, w: WriteFile, tmp: Tmp, sends: Iterator[bytes]) -> tuple[int, bytes]:
         """Write w.target into temp `tmp` from its copy ops and `sends`, verified (see stage).
-        Returns (bytes written, the chunk digests of the sent bytes when w.derive else b"")."""
+        Returns (bytes written, the chunk digests of the sent bytes when w.derive else b"").
+
+        Two ways to verify. When every reuse source is a cache entry the scan trusted (racy-clean,
+        inode known), its ranges are copied in the kernel (copy_file_range: no byte through
+        Python) and proven by the source's stat facts staying those of the entry from before the
+        first copy to after the last, the proof the scan itself uses to skip rereading a file;
+        the sent bytes are checked chunk by chunk against the target's digests. Otherwise every
+        byte written is hashed and checked against the whole-file digest."""
         path = w.path
+        sent_check = self._sent_check(w)
         try:
             fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=self._tmp_dirfd(tmp))
@@ -481,32 +492,28 @@ class Replica:
             raise ItemIOError(path, "write", e) from None
         ok = False
         srcs: dict[str, int] = {}
-        cut = _ChunkHasher(w.target.sizes) if w.derive else None
+        cut = _ChunkHasher(w.target.sizes) if w.derive else sent_check[0] if sent_check else None
         try:
-            h = xxhash.xxh3_128()
+            h = None if sent_check else xxhash.xxh3_128()
             pending = b""
             total = 0
             for op in w.ops:
                 if isinstance(op, CopyOp):
                     sfd = srcs.get(op.src)
                     if sfd is None:
-                        sdfd, sname = self._at(op.src, "read")
-                        try:  # O_NONBLOCK: a FIFO swapped in since the scan must not block the open
-                            sfd = srcs[op.src] = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                                                         | os.O_CLOEXEC, dir_fd=sdfd)
-                        except OSError as e:
-                            raise ConflictError(path, "write", f"reuse source {op.src} unreadable: {e.strerror}") from None
-                        if not stat.S_ISREG(os.fstat(sfd).st_mode):
-                            raise ConflictError(path, "write", f"reuse source {op.src} is no longer a regular file")
-                    off, left = op.offset, op.size
-                    while left:
-                        buf = os.pread(sfd, min(left, COPY_BLOCK), off)
-                        if not buf:
-                            raise ConflictError(path, "write", f"reuse source {op.src} shrank since it was scanned")
-                        h.update(buf)
-                        _write_all(fd, buf)
-                        off += len(buf)
-                        left -= len(buf)
+                        sfd = srcs[op.src] = self._open_source(w, op.src, h is None)
+                    if h is None:
+                        _copy_range(sfd, fd, op.offset, op.size, path, op.src)
+                    else:
+                        off, left = op.offset, op.size
+                        while left:
+                            buf = os.pread(sfd, min(left, COPY_BLOCK), off)
+                            if not buf:
+                                raise ConflictError(path, "write", f"reuse source {op.src} shrank since it was scanned")
+                            h.update(buf)
+                            _write_all(fd, buf)
+                            off += len(buf)
+                            left -= len(buf)
                     total += op.size
                 else:
                     left = op.size
@@ -517,7 +524,8 @@ class Replica:
                                 raise ConflictError(path, "write", "master sent too little data")
                         piece = pending[:left]
                         pending = pending[len(piece):]
-                        h.update(piece)
+                        if h is not None:
+                            h.update(piece)
                         if cut is not None:
                             cut.update(piece)
                         _write_all(fd, piece)
@@ -525,7 +533,11 @@ class Replica:
                     total += op.size
             if pending or next(sends, b""):
                 raise ConflictError(path, "write", "master sent too much data")
-            if total != w.target.size or h.digest() != w.target.digest or (cut is not None and not cut.complete):
+            if h is None:
+                for src, sfd in srcs.items():
+                    self._check_source(w, src, sfd)
+            if total != w.target.size or (h is not None and h.digest() != w.target.digest) or (
+                    cut is not None and not cut.complete) or (sent_check and cut.digests() != sent_check[1]):
                 self._forget_sources(w)
                 raise ConflictError(path, "write",
                                     "content check failed (the replica changed during the sync); retry")
@@ -540,7 +552,63 @@ class Replica:
                 os.close(sfd)
             if not ok:
                 self._unlink_tmp(tmp)
-        return total, cut.digests() if cut is not None else b""
+        return total, cut.digests() if w.derive else b""
+
+    def _sent_check(self, w: WriteFile) -> "tuple[_ChunkHasher, bytes] | None":
+        """For a write that reuses only trusted sources (see _build): a hasher over the chunks
+        its send ops cover and the digests they must give. None: hash the whole file instead
+        (a derived write, no reuse, an untrusted source, or a send op off the chunk grid)."""
+        t = w.target
+        if w.derive or not t.digests or _copy_file_range is None:
+            return None
+        sizes, digests = [], []
+        offsets: list[int] | None = None
+        nsizes = t.sizes
+        any_copy = False
+        for op in w.ops:
+            if isinstance(op, CopyOp):
+                e = self.current.get(op.src)
+                if not (isinstance(e, FileEntry) and e.trusted and e.ino):
+                    return None
+                any_copy = True
+            elif op.size:
+                if offsets is None:
+                    offsets = list(accumulate(nsizes, initial=0))
+                i = bisect.bisect_left(offsets, op.offset)
+                j = bisect.bisect_left(offsets, op.offset + op.size)
+                if j >= len(offsets) or offsets[i] != op.offset or offsets[j] != op.offset + op.size:
+                    return None
+                sizes.extend(nsizes[i:j])
+                digests.append(t.digests[i << 4:j << 4])
+        if not any_copy:
+            return None
+        return _ChunkHasher(tuple(sizes)), b"".join(digests)
+
+    def _open_source(self, w: WriteFile, src: str, trusted: bool) -> int:
+        """Open reuse source `src` of w for reading; with `trusted`, it must still be its entry."""
+        sdfd, sname = self._at(src, "read")
+        try:  # O_NONBLOCK: a FIFO swapped in since the scan must not block the open
+            sfd = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=sdfd)
+        except OSError as e:
+            raise ConflictError(w.path, "write", f"reuse source {src} unreadable: {e.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(sfd).st_mode):
+                raise ConflictError(w.path, "write", f"reuse source {src} is no longer a regular file")
+            if trusted:
+                self._check_source(w, src, sfd)
+        except BaseException:
+            os.close(sfd)
+            raise
+        return sfd
+
+    def _check_source(self, w: WriteFile, src: str, sfd: int) -> None:
+        """A trusted reuse source still has its cache entry's stat facts (so its bytes)."""
+        e = self.current.get(src)
+        st = os.fstat(sfd)
+        if not (isinstance(e, FileEntry) and (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                == (e.size, e.mtime_ns, e.ctime_ns, e.ino)):
+            self._forget_sources(w)
+            raise ConflictError(w.path, "write", f"reuse source {src} changed on the replica during the sync; retry")
 
     def discard(self, path: str) -> None:
         """Forget a staged file (its master changed after staging)."""
@@ -950,3 +1018,31 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+_copy_file_range = getattr(os, "copy_file_range", None)
+_NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def _copy_range(sfd: int, fd: int, off: int, size: int, path: str, src: str) -> None:
+    """Append `size` bytes of `sfd` at `off` to `fd` (at its file position), in the kernel when
+    the file system allows (on ext4 the pages are copied without passing through Python)."""
+    global _copy_file_range
+    while size:
+        n = 0
+        if _copy_file_range is not None:
+            try:
+                n = _copy_file_range(sfd, fd, size, off)
+            except OSError as e:
+                if e.errno not in _NO_CFR:
+                    raise
+                if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                    _copy_file_range = None  # (not this kernel: stop asking)
+        if not n:  # not copied in the kernel (or at the end of the source): read and write
+            buf = os.pread(sfd, min(size, COPY_BLOCK), off)
+            if not buf:
+                raise ConflictError(path, "write", f"reuse source {src} shrank since it was scanned")
+            n = len(buf)
+            _write_all(fd, buf)
+        off += n
+        size -= n

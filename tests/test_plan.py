@@ -180,6 +180,75 @@ def test_chunks_from_other_files_are_found_after_want(n):
     assert file_delta(fresh, idx) == (SendOp(0, fresh.size),)
 
 
+def _delta_chunk_by_chunk(target, have):
+    """file_delta's rule, one chunk at a time (the model the block-wise run extension must match)."""
+    ops, src, src_ci, src_off, run, send_off, send, off = [], None, 0, 0, 0, 0, 0, 0
+    N = 16
+    for i, n in enumerate(target.sizes):
+        dg = target.digests[i * N:(i + 1) * N]
+        if src is not None:
+            if src_ci < len(src.sizes) and src.sizes[src_ci] == n and src.digests[src_ci * N:(src_ci + 1) * N] == dg:
+                src_ci, run, off = src_ci + 1, run + n, off + n
+                continue
+            ops.append(CopyOp(src.path, src_off, run))
+            src = None
+        loc = have.find(dg, target.path)
+        if loc is not None and loc[0].sizes[loc[1]] == n:
+            if send:
+                ops.append(SendOp(send_off, send))
+                send = 0
+            src, src_ci, src_off, run = loc[0], loc[1] + 1, loc[2], n
+        else:
+            if not send:
+                send_off = off
+            send += n
+        off += n
+    if src is not None:
+        ops.append(CopyOp(src.path, src_off, run))
+    if send:
+        ops.append(SendOp(send_off, send))
+    return tuple(ops)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_long_runs_are_extended_a_block_at_a_time_with_the_same_ops(seed):
+    """Files of thousands of chunks (a 1 GiB file has ~130,000): edits, inserts, deletes and
+    moves at random places, next to block edges and at the ends, give exactly the ops of the
+    chunk-by-chunk rule, and those ops rebuild the target."""
+    import random
+
+    rnd = random.Random(seed)
+    base = list(range(rnd.choice([1, 255, 256, 257, 1024, 3000])))
+    new = list(base)
+    for _ in range(rnd.randrange(0, 8)):
+        at = rnd.choice([0, len(new), rnd.randrange(len(new) + 1), 256, 257, 255, 1020])
+        at = min(at, len(new))
+        how = rnd.choice(["edit", "insert", "delete", "move"])
+        if how == "edit" and at < len(new):
+            new[at] = 100_000 + rnd.randrange(1000)
+        elif how == "insert":
+            new[at:at] = [200_000 + rnd.randrange(1000) for _ in range(rnd.randrange(1, 5))]
+        elif how == "delete":
+            del new[at:at + rnd.randrange(1, 300)]
+        elif new:
+            cut = new[at:at + rnd.randrange(1, 600)]
+            del new[at:at + len(cut)]
+            pos = rnd.randrange(len(new) + 1)
+            new[pos:pos] = cut
+    other = _fe("other", [100_000 + k for k in range(0, 1000, 7)])
+    old, target = _fe("f", base), _fe("f", new)
+    idx = ChunkIndex(tree(old, other))
+    idx.want([target])
+    ops = file_delta(target, idx)
+    assert ops == _delta_chunk_by_chunk(target, idx)
+    content = {"f": b"".join(b"chunk-%d;" % i for i in base), "other": b"".join(b"chunk-%d;" % k for k in range(100_000, 101_000, 7))}
+    want = b"".join(b"chunk-%d;" % i for i in new)
+    built = b"".join(content[o.src][o.offset:o.offset + o.size] if isinstance(o, CopyOp) else want[o.offset:o.offset + o.size]
+                     for o in ops)
+    assert built == want
+    assert sum(o.size for o in ops) == target.size
+
+
 def test_metadata_only_changes():
     r = tree(f("a", [0]), ln("l", "a"), d("d"))
     m = tree(f("a", [0], mode=0o600, mtime=T + 5), ln("l", "a", mtime=T + 6), d("d", mode=0o700))

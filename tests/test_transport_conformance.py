@@ -28,12 +28,13 @@ from dirsync.transport.local import LocalTransport
 try:  # plain `pytest` puts tests/ on sys.path; `python -m pytest` also has the repo root
     import sshd as _sshd_plugin
     import treecmp
-    from helpers import Link, build_tree, random_bytes, read, stray_temps, text_lines, tmp_entries, write
+    from helpers import Link, build_tree, random_bytes, read, settle, stray_temps, text_lines, tmp_entries, write
     from remote_helpers import pipe_transport, ssh_transport
 except ImportError:
     from tests import sshd as _sshd_plugin
     from tests import treecmp
-    from tests.helpers import Link, build_tree, random_bytes, read, stray_temps, text_lines, tmp_entries, write
+    from tests.helpers import (Link, build_tree, random_bytes, read, settle, stray_temps, text_lines, tmp_entries,
+                               write)
     from tests.remote_helpers import pipe_transport, ssh_transport
 
 pytest_plugins = [_sshd_plugin.__name__]
@@ -313,6 +314,93 @@ def test_conflict_replica_changed_between_scan_and_commit(make, tmp_path):
     s = sync_with(make(r), m)
     assert s.errors == []
     treecmp.assert_trees_equal(m, r)
+
+
+def _moved_and_edited(m, r, make) -> bytes:
+    """old.bin synced and settled (trusted on both sides), then moved on the master to
+    moved/new.bin with two small edits: planned as a write that copies most of its bytes from
+    the replica's old.bin and sends the edited chunks."""
+    data = random_bytes(3 * MiB, 21)
+    build_tree(m, {"old.bin": data, "keep.txt": b"k\n"})
+    assert sync_with(make(r), m).errors == []
+    os.makedirs(m / "moved")
+    os.rename(m / "old.bin", m / "moved" / "new.bin")
+    new = data[:MiB] + b"<edit one>" + data[MiB + 10:2 * MiB] + b"<edit two>" + data[2 * MiB + 10:]
+    write(m / "moved" / "new.bin", new)
+    settle(m, r)
+    return new
+
+
+def test_a_write_from_trusted_reuse_sources_is_exact(make, tmp_path):
+    """Reuse sources the scan trusted are copied without rereading them in Python; what lands
+    is still byte-exact, and the run sends only the edited chunks."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    new = _moved_and_edited(m, r, make)
+    s = sync_with(make(r), m)
+    assert s.errors == [] and s.files_written == 1
+    assert 0 < s.bytes_sent < 512 * KiB and s.bytes_reused > 2 * MiB, (s.bytes_sent, s.bytes_reused)
+    assert read(r / "moved" / "new.bin") == new
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_a_reuse_source_changed_behind_its_stat_fails_the_write_copying_it(make, tmp_path):
+    """The replica's old.bin is rewritten after the scan with its size and mtime put back (only
+    its ctime tells): the write that copies from it fails as a conflict instead of landing the
+    wrong bytes, and the next run converges. (Deleting old.bin then goes ahead: a delete checks
+    size, mtime and type, which the tamper kept; only a write proves content.)"""
+    m, r = tmp_path / "m", tmp_path / "r"
+    _moved_and_edited(m, r, make)
+    tampered = random_bytes(3 * MiB, 22)
+
+    def tamper():
+        st = os.stat(r / "old.bin")
+        write(r / "old.bin", tampered)
+        os.utime(r / "old.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    s = sync_with(make(r), m, tamper=tamper)
+    assert ("moved/new.bin", "CONFLICT") in codes(s), s.errors
+    assert not (r / "moved" / "new.bin").exists()
+    assert tmp_entries(r) == [] and stray_temps(r) == []
+    s = sync_with(make(r), m)
+    assert s.errors == []
+    treecmp.assert_trees_equal(m, r)
+
+
+class _LyingReader(MasterReader):
+    """A master that sends other bytes than its manifest promises (a fault the real reader
+    cannot produce: it checks every chunk it reads), of the right length."""
+
+    def sends(self, w):
+        for buf in super().sends(w):
+            yield bytes(b ^ 0x5A for b in buf)
+
+
+def test_sent_bytes_that_do_not_match_the_target_fail_the_write(make, tmp_path):
+    """The replica checks what it was sent against the target's chunk digests, also when the
+    rest of the file is copied from trusted sources without being hashed."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    _moved_and_edited(m, r, make)
+    mman = scan_tree(str(m)).manifest
+    summary = ReplicaSummary(replica=str(r))
+    t = make(r)
+    with opened(t):
+        plan = diff(mman, t.scan([]).manifest, PlanOptions())
+        t.apply(plan.actions, _LyingReader(os.path.realpath(m)), summary)
+    assert ("moved/new.bin", "CONFLICT") in codes(summary), summary.errors
+    assert not (r / "moved" / "new.bin").exists()
+    assert tmp_entries(r) == [] and stray_temps(r) == []
+
+
+def test_reuse_without_copy_file_range_reads_and_writes(tmp_path, monkeypatch):
+    """Where the kernel has no copy_file_range the trusted path copies through a buffer."""
+    from dirsync import replica as replica_mod
+
+    monkeypatch.setattr(replica_mod, "_copy_file_range", None)
+    m, r = tmp_path / "m", tmp_path / "r"
+    new = _moved_and_edited(m, r, lambda root, **kw: LocalTransport(str(root), TransportOptions(**kw)))
+    s = sync_with(LocalTransport(str(r)), m)
+    assert s.errors == [] and s.bytes_reused > 2 * MiB
+    assert read(r / "moved" / "new.bin") == new
 
 
 def test_source_vanishing_on_the_master_is_an_item_error(make, tmp_path):
