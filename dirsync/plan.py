@@ -358,6 +358,8 @@ class ChunkIndex:
         Set arithmetic on 8-byte digest prefixes (C-level; a 1 GiB file has 130,000 chunks):
         a prefix shared by chunks that differ only costs a send, find() checks whole digests."""
         wanted: set[int] = set()
+        if not self.files:  # an empty replica (an initial copy): nothing to index
+            return
         for t in targets:
             if not t.size or (t.size, t.digest) in self.wholes:
                 continue

@@ -32,10 +32,11 @@ from dirsync.errors import (
     ItemError,
     ItemIOError,
     RefusedError,
+    SourceChangedError,
 )
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath,
                               fingerprint, fingerprint_update, is_under, parent_of)
-from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SetMeta, WriteFile
+from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
 from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
 from dirsync.state import FileLock, load_manifest_file, save_manifest_file, write_atomic
@@ -87,14 +88,76 @@ class _Commit:
         self.flush: threading.Thread | None = None
 
 
-def _syncfs(fd: int) -> None:
+def _load_libc():
     global _libc
     if _libc is None:
         import ctypes  # here: a run that commits nothing in batches never needs it (~4 ms)
 
         _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.syncfs(fd) != 0:
+        for name, types in (("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)),
+                            ("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))):
+            try:
+                getattr(_libc, name).argtypes = types
+            except AttributeError:  # not Linux (or an old libc): callers fall back
+                pass
+    return _libc
+
+
+def _syncfs(fd: int) -> None:
+    if _load_libc().syncfs(fd) != 0:
         os.sync()
+
+
+def _create_modes() -> int:
+    """The permission bits a new file keeps under this process's umask (read from
+    /proc/self/status: setting the umask to read it would race other threads). 0 when
+    unknown: every file is created 0600 and given its mode with fchmod."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+_noreplace = True  # renameat2(RENAME_NOREPLACE) works here (cleared at the first ENOSYS/EINVAL)
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(sdfd: int, src: str, ddfd: int, dst: str) -> int:
+    """renameat2(..., RENAME_NOREPLACE): 0, or the errno (EEXIST: `dst` exists, left alone).
+    -1: not available on this system or file system (the caller checks and renames instead)."""
+    global _noreplace
+    f = getattr(_load_libc(), "renameat2", None)
+    if f is None:
+        _noreplace = False
+        return -1
+    if f(sdfd, os.fsencode(src), ddfd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return 0
+    import ctypes
+
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        _noreplace = False
+        return -1
+    return err
+
+
+KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _kick)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _kick(fd: int) -> None:
+    """Start writing back `fd`'s dirty pages now, without waiting (sync_file_range WRITE).
+    Durability still comes from the fsync/syncfs before the rename; this only keeps the disk
+    busy while the next bytes are copied, instead of idle until that flush (the kernel's own
+    writeback starts only at a tenth of memory dirty)."""
+    libc = _load_libc()
+    f = getattr(libc, "sync_file_range", None)
+    if f is not None:
+        f(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class BackupOptions(Record):
@@ -151,6 +214,7 @@ class Replica:
         self.scan_unchanged = False
         self.closed_fingerprint = b""  # set by close: the fingerprint of the cache it left (b"": none)
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
+        self._create_modes = _create_modes()  # (read per session: the umask could change between)
         self._flushing: threading.Thread | None = None  # a commit's syncfs in flight (see commit_start)
         self._renames_unflushed = False  # renames made since the last syncfs (flushed at the latest by close)
         self._linked: dict[str, str] = {}  # old name -> new name of files moved by a hard link
@@ -482,28 +546,40 @@ class Replica:
         Python) and proven by the source's stat facts staying those of the entry from before the
         first copy to after the last, the proof the scan itself uses to skip rereading a file;
         the sent bytes are checked chunk by chunk against the target's digests. Otherwise every
-        byte written is hashed and checked against the whole-file digest."""
+        byte written is hashed and checked against the whole-file digest.
+
+        `sends` from a master in this process may offer the master file itself (apply.DirectSends,
+        for a file the master scan trusted): then the sent ranges are copied from it in the
+        kernel too, proven the same way by its check(), and no byte is hashed."""
         path = w.path
-        sent_check = self._sent_check(w)
+        direct = getattr(sends, "fd", None)
+        if direct is not None and (w.derive or _copy_file_range is None or not self._trusted_sources(w)):
+            direct = None  # read the bytes it yields (checked by the master reader) instead
+        sent_check = None if direct is not None else self._sent_check(w)
+        mode = w.target.mode
+        plain = mode == mode & self._create_modes  # created with its final mode: no fchmod
         try:
-            fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=self._tmp_dirfd(tmp))
+            fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode if plain else 0o600, dir_fd=self._tmp_dirfd(tmp))
         except OSError as e:
             raise ItemIOError(path, "write", e) from None
         ok = False
         srcs: dict[str, int] = {}
         cut = _ChunkHasher(w.target.sizes) if w.derive else sent_check[0] if sent_check else None
         try:
-            h = None if sent_check else xxhash.xxh3_128()
+            h = None if sent_check or direct is not None else xxhash.xxh3_128()
             pending = b""
             total = 0
+            big = w.target.size > KICK_BYTES
+            kicked = 0  # bytes of the current op written when writeback was last started
             for op in w.ops:
                 if isinstance(op, CopyOp):
                     sfd = srcs.get(op.src)
                     if sfd is None:
                         sfd = srcs[op.src] = self._open_source(w, op.src, h is None)
                     if h is None:
-                        _copy_range(sfd, fd, op.offset, op.size, path, op.src)
+                        if not _copy_range(sfd, fd, op.offset, op.size, big):
+                            raise ConflictError(path, "write", f"reuse source {op.src} shrank since it was scanned")
                     else:
                         off, left = op.offset, op.size
                         while left:
@@ -514,6 +590,15 @@ class Replica:
                             _write_all(fd, buf)
                             off += len(buf)
                             left -= len(buf)
+                            if big and off - op.offset >= kicked + KICK_BYTES:
+                                _kick(fd)
+                                kicked = off - op.offset
+                        kicked = 0
+                    total += op.size
+                elif direct is not None:
+                    if not _copy_range(direct, fd, op.offset, op.size, big):
+                        raise SourceChangedError(path, "read", "shrank on the master since it was scanned; "
+                                                 "it will be synced next run")
                     total += op.size
                 else:
                     left = op.size
@@ -530,8 +615,14 @@ class Replica:
                             cut.update(piece)
                         _write_all(fd, piece)
                         left -= len(piece)
+                        if big and op.size - left >= kicked + KICK_BYTES:
+                            _kick(fd)
+                            kicked = op.size - left
+                    kicked = 0
                     total += op.size
-            if pending or next(sends, b""):
+            if direct is not None:
+                sends.check()  # type: ignore[attr-defined]
+            elif pending or next(sends, b""):
                 raise ConflictError(path, "write", "master sent too much data")
             if h is None:
                 for src, sfd in srcs.items():
@@ -541,8 +632,11 @@ class Replica:
                 self._forget_sources(w)
                 raise ConflictError(path, "write",
                                     "content check failed (the replica changed during the sync); retry")
-            os.fchmod(fd, w.target.mode)
+            if not plain:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(w.target.mtime_ns, w.target.mtime_ns))
+            if total >= BESIDE_MAX:
+                _kick(fd)
             ok = True
         except OSError as e:
             raise ItemIOError(path, "write", e) from None
@@ -558,20 +652,17 @@ class Replica:
         """For a write that reuses only trusted sources (see _build): a hasher over the chunks
         its send ops cover and the digests they must give. None: hash the whole file instead
         (a derived write, no reuse, an untrusted source, or a send op off the chunk grid)."""
-        t = w.target
-        if w.derive or not t.digests or _copy_file_range is None:
+        t, ops = w.target, w.ops
+        if len(ops) == 1 and type(ops[0]) is SendOp:  # (a new file's usual plan: decided at once)
+            return None
+        if w.derive or not t.digests or _copy_file_range is None or not any(isinstance(o, CopyOp) for o in ops) \
+                or not self._trusted_sources(w):
             return None
         sizes, digests = [], []
         offsets: list[int] | None = None
         nsizes = t.sizes
-        any_copy = False
         for op in w.ops:
-            if isinstance(op, CopyOp):
-                e = self.current.get(op.src)
-                if not (isinstance(e, FileEntry) and e.trusted and e.ino):
-                    return None
-                any_copy = True
-            elif op.size:
+            if isinstance(op, SendOp) and op.size:
                 if offsets is None:
                     offsets = list(accumulate(nsizes, initial=0))
                 i = bisect.bisect_left(offsets, op.offset)
@@ -580,9 +671,17 @@ class Replica:
                     return None
                 sizes.extend(nsizes[i:j])
                 digests.append(t.digests[i << 4:j << 4])
-        if not any_copy:
-            return None
         return _ChunkHasher(tuple(sizes)), b"".join(digests)
+
+    def _trusted_sources(self, w: WriteFile) -> bool:
+        """Every reuse source of w is a replica entry the scan trusted, with its inode known."""
+        cur = self.current
+        for op in w.ops:
+            if isinstance(op, CopyOp):
+                e = cur.get(op.src)
+                if not (isinstance(e, FileEntry) and e.trusted and e.ino):
+                    return False
+        return True
 
     def _open_source(self, w: WriteFile, src: str, trusted: bool) -> int:
         """Open reuse source `src` of w for reading; with `trusted`, it must still be its entry."""
@@ -656,13 +755,26 @@ class Replica:
             try:
                 # (p was checked by stage: a staged path needs no second check_relpath)
                 dfd, name = self._dirfd(parent_of(p)), p.rsplit("/", 1)[-1]
-                self._check_expect(p, dfd, name, w.expect, "commit")
-                self._retire(p, dfd, name, w.expect)
-                try:
-                    os.replace(tmp[1], name, src_dir_fd=self._tmp_dirfd(tmp), dst_dir_fd=dfd)
-                except OSError as e:
-                    if e.errno != errno.EXDEV or tmp[0] is not None:
-                        raise ItemIOError(p, "commit", e) from None
+                tdfd = self._tmp_dirfd(tmp)
+                err = -1
+                if w.expect is None and _noreplace:
+                    # A new name: one atomic rename that fails if anything appeared there since
+                    # the scan (no check-then-rename window, one syscall fewer).
+                    err = _rename_noreplace(tdfd, tmp[1], dfd, name)
+                    if err == errno.EEXIST:
+                        raise ConflictError(p, "commit", "appeared on the replica since it was scanned; left alone")
+                if err < 0:  # a replacement, or no RENAME_NOREPLACE here
+                    self._check_expect(p, dfd, name, w.expect, "commit")
+                    self._retire(p, dfd, name, w.expect)
+                    try:
+                        os.replace(tmp[1], name, src_dir_fd=tdfd, dst_dir_fd=dfd)
+                        err = 0
+                    except OSError as e:
+                        err = e.errno
+                if err:
+                    if err != errno.EXDEV or tmp[0] is not None:
+                        raise ItemIOError(p, "commit", OSError(err, os.strerror(err))) from None
+                    self._check_expect(p, dfd, name, w.expect, "commit")  # (again after a replace: harmless)
                     self._commit_across_devices(p, tmp[1], dfd, name)
                 st = os.lstat(name, dir_fd=dfd)
                 trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
@@ -1024,15 +1136,17 @@ _copy_file_range = getattr(os, "copy_file_range", None)
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 
 
-def _copy_range(sfd: int, fd: int, off: int, size: int, path: str, src: str) -> None:
+def _copy_range(sfd: int, fd: int, off: int, size: int, kick: bool = False) -> bool:
     """Append `size` bytes of `sfd` at `off` to `fd` (at its file position), in the kernel when
-    the file system allows (on ext4 the pages are copied without passing through Python)."""
+    the file system allows (on ext4 the pages are copied without passing through Python).
+    `kick`: start writeback every KICK_BYTES. False: `sfd` ended first."""
     global _copy_file_range
+    since = 0
     while size:
         n = 0
         if _copy_file_range is not None:
             try:
-                n = _copy_file_range(sfd, fd, size, off)
+                n = _copy_file_range(sfd, fd, min(size, KICK_BYTES) if kick else size, off)
             except OSError as e:
                 if e.errno not in _NO_CFR:
                     raise
@@ -1041,8 +1155,13 @@ def _copy_range(sfd: int, fd: int, off: int, size: int, path: str, src: str) -> 
         if not n:  # not copied in the kernel (or at the end of the source): read and write
             buf = os.pread(sfd, min(size, COPY_BLOCK), off)
             if not buf:
-                raise ConflictError(path, "write", f"reuse source {src} shrank since it was scanned")
+                return False
             n = len(buf)
             _write_all(fd, buf)
         off += n
         size -= n
+        since += n
+        if kick and since >= KICK_BYTES:
+            _kick(fd)
+            since = 0
+    return True

@@ -279,6 +279,22 @@ def test_modes_including_special_bits_round_trip(tmp_path, mode):
     synced(m, r)
 
 
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077, 0o777])
+def test_modes_are_exact_whatever_the_umask(tmp_path, umask):
+    """New files are created with their final mode when the umask keeps it (no fchmod), and
+    given it otherwise: either way every mode lands exactly."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    modes = {"a": 0o644, "b": 0o600, "c": 0o755, "d": 0o444, "e": 0o000, "f": 0o4755, "g": 0o666, "h": 0o777}
+    build_tree(m, {name: name.encode() * 100 for name in modes})
+    for name, mode in modes.items():
+        os.chmod(m / name, mode)
+    cp = run_cli("sync", m, r, preexec_fn=lambda: os.umask(umask))
+    assert cp.returncode == 0, cp.stderr
+    got = {name: os.stat(r / name).st_mode & 0o7777 for name in modes}
+    assert got == modes
+    treecmp.assert_trees_equal(m, r)
+
+
 def test_hard_links_are_copied_as_separate_files(tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"a.txt": b"shared content\n", "d": {}})

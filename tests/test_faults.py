@@ -25,13 +25,13 @@ try:
     import treecmp
     from helpers import (
         build_tree, kill_group, popen_cli, random_bytes, read, remove, run_cli,
-        stray_temps, sync_json, tmp_entries, wait_for, write,
+        settle, stray_temps, sync_json, tmp_entries, wait_for, write,
     )
 except ImportError:
     from tests import treecmp
     from tests.helpers import (
         build_tree, kill_group, popen_cli, random_bytes, read, remove, run_cli,
-        stray_temps, sync_json, tmp_entries, wait_for, write,
+        settle, stray_temps, sync_json, tmp_entries, wait_for, write,
     )
 
 from dirsync.apply import MasterReader, ReplicaSummary
@@ -77,17 +77,23 @@ def converges(m, r) -> None:
 # -- a master file that changes while it is read --------------------------------------------
 
 
+@pytest.mark.parametrize("trusted", [False, True], ids=["racy", "trusted"])
 @pytest.mark.parametrize("change", ["append", "same-size-same-mtime", "truncate", "delete", "replace-by-dir"])
-def test_master_file_changed_between_scan_and_read_is_not_committed(tmp_path, change):
-    """Deterministic: scan the master, change a file, then run the sync on that (stale) scan."""
+def test_master_file_changed_between_scan_and_read_is_not_committed(tmp_path, change, trusted):
+    """Deterministic: scan the master, change a file, then run the sync on that (stale) scan.
+    `trusted`: the scan saw the file settled, so the local writer copies it straight from the
+    master file in the kernel (apply.DirectSends) and proves it by stat facts, not by reading."""
     m, r = tmp_path / "m", tmp_path / "r"
     v1 = random_bytes(600_000, 1)
     build_tree(m, {"f.bin": v1, "other.txt": b"o1\n"})
     sync_json(m, r)
     write(m / "f.bin", random_bytes(600_000, 2))  # v2: what the scan will see
     write(m / "other.txt", b"o2\n")
+    if trusted:
+        settle(m, r)
     rep = quiet_reporter()
     mscan = scan_master(check_master(str(m)), [], rep)
+    assert mscan[0].manifest.entries["f.bin"].trusted == trusted
 
     if change == "append":
         with open(m / "f.bin", "ab") as f:
@@ -115,6 +121,48 @@ def test_master_file_changed_between_scan_and_read_is_not_committed(tmp_path, ch
     assert read(r / "other.txt") == b"o2\n"  # the rest of the run went on
     assert tmp_entries(r) == []
     converges(m, r)  # the next run picks it up
+
+
+def test_master_file_changed_while_copied_in_the_kernel_is_not_committed(tmp_path):
+    """A trusted master file is copied straight from the master (apply.DirectSends): when it
+    changes after the writer opened it (same size, mtime put back; only ctime tells), the
+    proof by stat facts after the copy fails and the file is not committed."""
+    from dirsync.apply import DirectSends
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    v1, v2 = random_bytes(600_000, 1), random_bytes(600_000, 2)
+    build_tree(m, {"f.bin": v1, "other.txt": b"o1\n"})
+    sync_json(m, r)
+    write(m / "f.bin", v2)
+    write(m / "other.txt", b"o2\n")
+    settle(m, r)
+    mscan = scan_tree(str(m))
+    used = []
+
+    class ChangesAfterOpen(MasterReader):
+        def local_sends(self, w):
+            s = super().local_sends(w)
+            if w.path == "f.bin":
+                used.append(isinstance(s, DirectSends))
+                st = os.stat(m / "f.bin")
+                write(m / "f.bin", v2[:1000] + b"X" * 10 + v2[1010:])
+                os.utime(m / "f.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+            return s
+
+    t = LocalTransport(str(r))
+    t.open()
+    summary = ReplicaSummary(str(r))
+    try:
+        plan = diff(mscan.manifest, t.scan([]).manifest, PlanOptions())
+        t.apply(plan.actions, ChangesAfterOpen(str(m)), summary)
+    finally:
+        t.close()
+    assert used == [True], "the file was not offered for a copy in the kernel"
+    assert [(e.path, e.code) for e in summary.errors] == [("f.bin", "CHANGED")], summary.errors
+    assert read(r / "f.bin") == v1
+    assert read(r / "other.txt") == b"o2\n"
+    assert tmp_entries(r) == []
+    converges(m, r)
 
 
 @pytest.mark.slow

@@ -374,6 +374,9 @@ class _LyingReader(MasterReader):
         for buf in super().sends(w):
             yield bytes(b ^ 0x5A for b in buf)
 
+    def local_sends(self, w):
+        return self.sends(w)  # bytes, not the master file to copy from (that is proven by stat)
+
 
 def test_sent_bytes_that_do_not_match_the_target_fail_the_write(make, tmp_path):
     """The replica checks what it was sent against the target's chunk digests, also when the
@@ -401,6 +404,41 @@ def test_reuse_without_copy_file_range_reads_and_writes(tmp_path, monkeypatch):
     s = sync_with(LocalTransport(str(r)), m)
     assert s.errors == [] and s.bytes_reused > 2 * MiB
     assert read(r / "moved" / "new.bin") == new
+
+
+def test_a_file_appearing_at_a_new_name_before_the_commit_is_left_alone(make, tmp_path):
+    """Someone creates a file at a path the plan writes as new (small ones are staged beside
+    it, large ones in .dirsync/tmp): the commit refuses to replace it (an atomic no-replace
+    rename where the system has one), reports a conflict, and the other files land."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"keep.txt": b"k\n"})
+    assert sync_with(make(r), m).errors == []
+    build_tree(m, {"new-small.txt": b"from the master\n", "new-big.bin": random_bytes(3 * MiB, 23),
+                   "other.txt": b"unrelated\n"})
+
+    def tamper():
+        write(r / "new-small.txt", b"someone else's\n")
+        write(r / "new-big.bin", b"someone else's big file\n")
+
+    s = sync_with(make(r), m, tamper=tamper)
+    assert codes(s) == [("new-big.bin", "CONFLICT"), ("new-small.txt", "CONFLICT")], s.errors
+    assert read(r / "new-small.txt") == b"someone else's\n"
+    assert read(r / "new-big.bin") == b"someone else's big file\n"
+    assert read(r / "other.txt") == b"unrelated\n"
+    assert tmp_entries(r) == [] and stray_temps(r) == []
+
+
+def test_new_names_commit_without_renameat2_too(tmp_path, monkeypatch):
+    """Where the system has no RENAME_NOREPLACE the commit checks the name, then renames."""
+    from dirsync import replica as replica_mod
+
+    monkeypatch.setattr(replica_mod, "_noreplace", False)
+    test_a_file_appearing_at_a_new_name_before_the_commit_is_left_alone(
+        lambda root, **kw: LocalTransport(str(root), TransportOptions(**kw)), tmp_path)
+    m, r = tmp_path / "m", tmp_path / "r"
+    s = sync_with(LocalTransport(str(r)), m)  # the next run replaces them with the master's
+    assert s.errors == []
+    treecmp.assert_trees_equal(m, r)
 
 
 def test_source_vanishing_on_the_master_is_an_item_error(make, tmp_path):

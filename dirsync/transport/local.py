@@ -64,7 +64,8 @@ class LocalTransport:
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
               should_stop: Callable[[], bool] = lambda: False) -> None:
         assert self.replica is not None
-        apply_actions(self.replica, actions, master.sends, sink, should_stop)
+        # (a MasterReader may offer a master file to copy in the kernel; a two-way PairReader sends bytes)
+        apply_actions(self.replica, actions, getattr(master, "local_sends", master.sends), sink, should_stop)
 
     def close(self, *, save: bool = True) -> str:
         """Replica.close: returns the generation of the cache it left ("" when none)."""
