@@ -180,7 +180,6 @@ class MasterReader:
         finally:
             os.close(fd)
 
-
     def local_sends(self, w: WriteFile) -> Iterator[bytes]:
         """sends(w) for a replica writer in this process: for a file the master scan trusted
         (racy-clean), larger than DIRECT_MIN and not throttled, a DirectSends whose master file
@@ -215,7 +214,6 @@ class DirectSends:
         self.fd = fd
         self._w = w
         self._inner = inner
-        self._checked = False
 
     def __iter__(self) -> "DirectSends":
         return self
