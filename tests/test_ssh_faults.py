@@ -10,6 +10,7 @@ behind holding the replica lock, and a rerun converges. Waits are on conditions 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -274,6 +275,33 @@ def test_connection_failures_are_distinct_and_write_nothing(sshd, tmp_path):
         assert not r.exists(), f"{name}: the replica was created"
     assert len(set(lines.values())) == len(lines), lines
     assert "unknown host key" in lines["unknown"]
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no OpenSSH client (ssh) installed")
+def test_dirsync_rsh_runs_the_session_through_the_system_ssh_client(sshd, tmp_path):
+    """DIRSYNC_RSH=ssh: a whole sync through OpenSSH's client (its config, keys and
+    known_hosts); a refused connection and a missing client are one-line errors, exit 10,
+    and nothing is written."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"f.txt": b"x\n", "big.bin": random_bytes(3 << 20, 31), "d": {"g.txt": b"g\n"}})
+    cp = run_cli("sync", *ssh_cli_args(sshd), m, ssh_spec(sshd, r), env={"DIRSYNC_RSH": "ssh"})
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, r)
+
+    refused_cfg = tmp_path / "refused_config"
+    refused_cfg.write_text(open(sshd.ssh_config_path).read().replace(f"Port {sshd.port}", f"Port {_free_port()}"))
+    r2 = tmp_path / "r2"
+    cp = run_cli("sync", "--ssh-config", str(refused_cfg), "--remote-cmd", remote_cmd(), m, ssh_spec(sshd, r2),
+                 env={"DIRSYNC_RSH": "ssh"})
+    assert cp.returncode == 10, cp.stderr
+    assert "refused" in _error_line(cp).lower(), cp.stderr
+    assert not r2.exists()
+
+    cp = run_cli("sync", *ssh_cli_args(sshd), m, ssh_spec(sshd, r2), env={"DIRSYNC_RSH": "/nonexistent/ssh -v"})
+    assert cp.returncode == 10, cp.stderr
+    assert "/nonexistent/ssh" in _error_line(cp), cp.stderr
+    assert not r2.exists()
 
 
 @pytest.mark.ssh

@@ -1,7 +1,8 @@
 """One conformance suite for the transport contract (dirsync/transport/__init__.py), run against
 every implementation: `local` (LocalTransport, in-process), `pipe` (RemoteTransport talking to
-`python -m dirsync agent` over a subprocess pipe) and `ssh` (RemoteTransport through a real
-OpenSSH sshd on 127.0.0.1, tests/sshd.py). Real files, real processes, no mocks.
+`python -m dirsync agent` over a subprocess pipe), `ssh` (RemoteTransport through a real
+OpenSSH sshd on 127.0.0.1, tests/sshd.py, with paramiko) and `openssh` (the same sshd reached
+through the system's `ssh` client, DIRSYNC_RSH). Real files, real processes, no mocks.
 
 Each case drives the contract the way sync.py does: open, scan, plan.diff, apply, close.
 """
@@ -40,7 +41,9 @@ except ImportError:
 pytest_plugins = [_sshd_plugin.__name__]
 
 KiB, MiB = 1 << 10, 1 << 20
-KINDS = ["local", "pipe", pytest.param("ssh", marks=pytest.mark.ssh)]
+KINDS = ["local", "pipe", pytest.param("ssh", marks=pytest.mark.ssh),
+         pytest.param("openssh", marks=[pytest.mark.ssh, pytest.mark.skipif(
+             shutil.which("ssh") is None, reason="no OpenSSH client (ssh) installed")])]
 
 
 @pytest.fixture(params=KINDS)
@@ -52,6 +55,8 @@ def make(request):
     if kind == "pipe":
         return lambda root, **kw: pipe_transport(root, TransportOptions(**kw))
     sshd = request.getfixturevalue("sshd")
+    if kind == "openssh":  # the session through the system's ssh client (DIRSYNC_RSH), not paramiko
+        return lambda root, **kw: ssh_transport(sshd, root, rsh="ssh", **kw)
     return lambda root, **kw: ssh_transport(sshd, root, **kw)
 
 

@@ -48,7 +48,7 @@ from dirsync.scan import ScanResult
 class TransportOptions(Record):
     _fields = (
         "port", "identity", "ssh_config", "remote_cmd", "accept_new_host_key", "compress", "connect_timeout",
-        "backup_dir", "backup_keep",
+        "backup_dir", "backup_keep", "rsh",
     )
 
     def __init__(
@@ -62,6 +62,7 @@ class TransportOptions(Record):
         connect_timeout: float = 15.0,
         backup_dir: str | None = None,  # absolute, or relative to the replica root
         backup_keep: int | None = None,  # keep the newest N backup run folders
+        rsh: str | None = None,  # an external ssh client command line; None: $DIRSYNC_RSH, else paramiko
     ) -> None:
         self.port = port
         self.identity = identity
@@ -72,6 +73,7 @@ class TransportOptions(Record):
         self.connect_timeout = connect_timeout
         self.backup_dir = backup_dir
         self.backup_keep = backup_keep
+        self.rsh = rsh
 
 
 def backup_options(opts: TransportOptions) -> BackupOptions | None:

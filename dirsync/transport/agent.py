@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import contextlib
 import os
 import select
 import sys
@@ -604,6 +605,18 @@ def main() -> int:
     rfd = os.dup(0)
     wfd = os.dup(1)
     os.dup2(2, 1)
+    _widen_pipes(rfd, wfd)
     sys.stdout = sys.stderr
     with gc_paused():  # a session is one run (see runtime.gc_paused)
         return Agent(rfd, wfd).run()
+
+
+def _widen_pipes(*fds: int) -> None:
+    """Give the pipes to sshd (or the master) 1 MiB buffers instead of 64 KiB: each side then
+    wakes the other once a MiB, not every 64 KiB (bulk copies over SSH measured ~20% faster).
+    Not a pipe, or not allowed (the per-user pipe quota): left as they are."""
+    import fcntl
+
+    for fd in fds:
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)

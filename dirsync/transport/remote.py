@@ -113,6 +113,14 @@ class RemoteTransport:
         if self._factory is not None:
             self.chan = self._factory()
             return
+        rsh = (self.opts.rsh if self.opts.rsh is not None else os.environ.get("DIRSYNC_RSH", "")).strip()
+        if rsh:  # an external ssh client (OpenSSH) carries the session, as rsync's -e / RSYNC_RSH
+            from dirsync.transport.pipe import SubprocessChannel, rsh_argv
+
+            cmd = f"{self.opts.remote_cmd or 'dirsync'} agent"
+            argv = rsh_argv(rsh, self.ep, self.opts, cmd)
+            self.chan = SubprocessChannel(argv, label=f"{self.ep} (through {argv[0]})")
+            return
         from dirsync.transport.ssh import ParamikoChannel, connect
 
         self.client = connect(self.ep, port=self.opts.port, identity=self.opts.identity,
