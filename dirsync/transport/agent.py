@@ -12,10 +12,10 @@ possible), 1 after an internal error (also reported in a `fatal` frame).
 
 from __future__ import annotations
 
-import json
-import re
 import contextlib
+import json
 import os
+import re
 import select
 import sys
 import threading

@@ -45,10 +45,6 @@ def rsh_argv(rsh: str, ep: Any, opts: Any, command: str) -> list[str]:
     return argv + ["--", ep.host, command]
 
 
-def _closed() -> int:
-    raise EOFError("the channel was closed")
-
-
 def _lost(label: str, why: str, stderr: str = "") -> ConnectError:
     tail = stderr.strip().splitlines()[-1:] if stderr.strip() else []
     msg = f"connection lost to {label}: {why}"

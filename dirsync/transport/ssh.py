@@ -46,7 +46,7 @@ import types
 
 from dirsync.imports import import_hiding, stand_in
 from dirsync.record import Record
-from dirsync.transport.pipe import STDERR_KEEP, SubprocessChannel, _closed, _lost  # (SubprocessChannel: re-exported)
+from dirsync.transport.pipe import STDERR_KEEP, SubprocessChannel, _lost  # (SubprocessChannel: re-exported)
 
 
 def _dist_version(name: str) -> str:
@@ -945,6 +945,10 @@ class Channel(Protocol):
 
     def close(self) -> None:
         """Release the pipe (and stop the command if it is still running)."""
+
+
+def _closed() -> int:
+    raise EOFError("the channel was closed")
 
 
 class ParamikoChannel:
