@@ -571,7 +571,7 @@ class Replica:
             pending = b""
             total = 0
             big = w.target.size > KICK_BYTES
-            kicked = 0  # bytes of the current op written when writeback was last started
+            unkicked = 0  # bytes written through Python since writeback was last started
             for op in w.ops:
                 if isinstance(op, CopyOp):
                     sfd = srcs.get(op.src)
@@ -590,10 +590,10 @@ class Replica:
                             _write_all(fd, buf)
                             off += len(buf)
                             left -= len(buf)
-                            if big and off - op.offset >= kicked + KICK_BYTES:
+                            unkicked += len(buf)
+                            if big and unkicked >= KICK_BYTES:
                                 _kick(fd)
-                                kicked = off - op.offset
-                        kicked = 0
+                                unkicked = 0
                     total += op.size
                 elif direct is not None:
                     if not _copy_range(direct, fd, op.offset, op.size, big):
@@ -615,10 +615,10 @@ class Replica:
                             cut.update(piece)
                         _write_all(fd, piece)
                         left -= len(piece)
-                        if big and op.size - left >= kicked + KICK_BYTES:
+                        unkicked += len(piece)
+                        if big and unkicked >= KICK_BYTES:
                             _kick(fd)
-                            kicked = op.size - left
-                    kicked = 0
+                            unkicked = 0
                     total += op.size
             if direct is not None:
                 sends.check()  # type: ignore[attr-defined]

@@ -400,15 +400,26 @@ def test_sent_bytes_that_do_not_match_the_target_fail_the_write(make, tmp_path):
 
 
 def test_reuse_without_copy_file_range_reads_and_writes(tmp_path, monkeypatch):
-    """Where the kernel has no copy_file_range the trusted path copies through a buffer."""
+    """Where copy_file_range refuses a pair of files (EXDEV: they are on two file systems, a
+    fault one tmp dir cannot hold, so a stand-in raises it), the trusted path copies through a
+    buffer instead, still without hashing, and the result is exact."""
+    import errno
+
     from dirsync import replica as replica_mod
 
-    monkeypatch.setattr(replica_mod, "_copy_file_range", None)
+    refused = []
+
+    def cross_device(*args):
+        refused.append(args[2])
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
     m, r = tmp_path / "m", tmp_path / "r"
     new = _moved_and_edited(m, r, lambda root, **kw: LocalTransport(str(root), TransportOptions(**kw)))
+    monkeypatch.setattr(replica_mod, "_copy_file_range", cross_device)
     s = sync_with(LocalTransport(str(r)), m)
     assert s.errors == [] and s.bytes_reused > 2 * MiB
     assert read(r / "moved" / "new.bin") == new
+    assert sum(refused) >= 2 * MiB, "the reused ranges did not go through copy_file_range first"
 
 
 def test_a_file_appearing_at_a_new_name_before_the_commit_is_left_alone(make, tmp_path):

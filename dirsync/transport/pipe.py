@@ -6,7 +6,6 @@ paramiko imported (about 170 ms).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import select
@@ -16,8 +15,8 @@ import tempfile
 from typing import IO, Any, Sequence
 
 from dirsync.errors import ConnectError
+from dirsync.runtime import widen_pipe
 
-PIPE_SIZE = 1 << 20
 STDERR_KEEP = 64 * 1024
 """Bytes of the remote stderr kept for error messages (the tail)."""
 
@@ -88,9 +87,8 @@ class SubprocessChannel:
         self._in = self._proc.stdin
         self._out = self._proc.stdout
         os.set_blocking(self._in.fileno(), False)
-        for f in (self._in, self._out):  # 1 MiB pipes: fewer wake-ups of both processes per MiB
-            with contextlib.suppress(OSError, AttributeError):
-                fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        widen_pipe(self._in.fileno())
+        widen_pipe(self._out.fileno())
 
     def settimeout(self, seconds: float | None) -> None:
         self._timeout = seconds

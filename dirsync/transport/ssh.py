@@ -1000,8 +1000,8 @@ class ParamikoChannel:
                 return
             view = memoryview(data)
             pos, end = 0, len(data)
+            n = max(SEND_PIECE, getattr(chan, "out_max_packet_size", 0) or 0)
             while pos < end:
-                n = max(SEND_PIECE, getattr(chan, "out_max_packet_size", 0) or 0)
                 pos += chan.send(bytes(view[pos:pos + n])) or _closed()
         except (socket.timeout, TimeoutError) as e:
             raise _lost(self.label, f"could not send for {self._timeout:g} s", self.stderr_text()) from e
