@@ -319,7 +319,7 @@ class Replica:
             self._prewalk_for = excluder
             if self.reserved:
                 excluder = _Reserved(excluder, self.reserved)
-            self._prewalk = Prewalk.start(self.root, excluder, self.cache.fingerprint if self.cache else b"")
+            self._prewalk = Prewalk.start(self.root, excluder, self.cache.fingerprint if self.cache else b"", self.cache)
 
     def manifest(self, excluder: Excluder, *, fresh: bool = False) -> ScanResult:
         """Scan the replica (reusing its cache unless `fresh`) and remember the result."""

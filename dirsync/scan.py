@@ -8,9 +8,11 @@ a write landing in the same timestamp tick as our read is never hidden.
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
 import time
+from itertools import repeat
 
 from xxhash import xxh3_128_intdigest as _intdigest
 from typing import Callable, Iterable, NamedTuple
@@ -126,6 +128,11 @@ def scan_tree(
         res.manifest = Manifest(s.entries, rows=cm.rows if cm is not None else None)
         return res
     got = walked.result() if walked is not None else None
+    if got is not None and len(got) == 8:
+        done = _take_classified(got, cache, res)
+        if done is not None:
+            return done
+        got = None
     if got is not None:
         fp, items, res.temps, s.links = got
     else:
@@ -154,23 +161,27 @@ class Prewalk:
     forked child while this process walks another tree: a walk is mostly lstat calls, and two
     threads cannot overlap them (the GIL hands over on every call; tried: slower than one).
     The child sends back only the fingerprint when it equals `known_fp` (the cache's: the usual
-    no-op), else every stat. Anything unusual there (an unreadable path, a child that died)
-    makes result() None and scan_tree walks the tree itself, so the child never decides
-    anything. Fork only while this process has a single thread (start() returns None else):
-    a lock held by another thread would stay held in the child."""
+    no-op). Else, given the cache, it also classifies the walk against it (scan_tree's own code)
+    when at most an eighth of the files need reading, and sends back the paths in walk order
+    with only the entries that are not the cache's own (see _take_classified: this process
+    then neither unpickles a stat per path nor compares them); else every stat. Anything
+    unusual there (an unreadable path, a child that died) makes result() None and scan_tree
+    walks the tree itself. Fork only while this process has a single thread (start() returns
+    None else): a lock held by another thread would stay held in the child."""
 
     def __init__(self, pid: int, fd: int) -> None:
         self.pid, self.fd = pid, fd
 
     @classmethod
-    def start(cls, root: str, excluder: Excluder, known_fp: bytes) -> Prewalk | None:
+    def start(cls, root: str, excluder: Excluder, known_fp: bytes,
+              cache: Manifest | SavedManifest | None = None) -> Prewalk | None:
         import pickle  # here: the child imports nothing
 
         r, w = os.pipe()
 
         def walk() -> int:
             os.close(r)
-            _prewalk_child(root, excluder, known_fp, w, pickle.dumps)
+            _prewalk_child(root, excluder, known_fp, w, pickle.dumps, cache)
             return 0
 
         pid = fork_child(walk)
@@ -180,8 +191,9 @@ class Prewalk:
             return None
         return cls(pid, r)
 
-    def result(self) -> tuple[bytes, list | None, list[str], dict[str, str]] | None:
-        """(fingerprint, items or None when it matched known_fp, temps, link targets), or None."""
+    def result(self) -> tuple | None:
+        """(fingerprint, items or None when it matched known_fp, temps, link targets), or the
+        classified form (see _classified), or None."""
         import pickle
 
         if self.fd < 0:
@@ -201,7 +213,7 @@ class Prewalk:
             got = pickle.loads(b"".join(chunks)) if chunks else None
         except Exception:
             return None
-        return got if isinstance(got, tuple) and len(got) == 4 else None
+        return got if isinstance(got, tuple) and len(got) in (4, 8) else None
 
     def cancel(self) -> None:
         self._reap(kill=True)
@@ -222,15 +234,66 @@ class Prewalk:
             pass
 
 
-def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dumps) -> None:
+def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dumps,
+                   cache: Manifest | SavedManifest | None = None) -> None:
     s = _Scanner(root, excluder, None)
     items, fp = s.walk_root()
     if s.result.errors or not s.fp_ok:
         return  # nothing written: the parent walks itself and reports the problem
-    out = (fp, None if fp and fp == known_fp else items, s.result.temps, s.links)
+    if fp and fp == known_fp:
+        out: tuple = (fp, None, s.result.temps, s.links)
+    else:
+        out = _classified(s, items, fp, cache) or (fp, items, s.result.temps, s.links)
     view = memoryview(dumps(out, protocol=5))
     while view:
         view = view[os.write(fd, view):]
+
+
+def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedManifest | None) -> tuple | None:
+    """In the prewalk child: scan_tree's classification of the walk against `cache`, as
+    ("classified", fingerprint, temps, paths in walk order, {path: entry} of the entries that
+    are not the cache's own objects, changed, warnings, (files read, bytes read)); None when
+    there is no usable cache, more than an eighth of the files need reading (a cold cache:
+    the parent reads them, with progress) or anything went wrong."""
+    if cache is None:
+        return None
+    try:
+        cm = cache.manifest if isinstance(cache, SavedManifest) else cache
+    except ManifestFormatError:
+        return None
+    s.set_cache(cm)
+    if not s.classify(items, read_limit=len(items) >> 3) or s.result.errors:
+        return None
+    entries, get = s.entries, cm.entries.get
+    fresh = {p: e for p, e in entries.items() if get(p) is not e}
+    if not (fp and s.fp_exact and len(entries) == len(items)
+            and all(e.trusted for e in entries.values() if e.__class__ is FileEntry)):
+        fp = b""
+    return ("classified", fp, s.result.temps, list(entries), fresh, s.changed, s.result.warnings,
+            (s.result.files_read, s.result.bytes_read))
+
+
+def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: ScanResult) -> ScanResult | None:
+    """scan_tree's result from the prewalk child's classification (see _classified): the
+    entries of unchanged paths are this process's own decoded cache objects, the others the
+    child's. None when it does not fit this cache (scan_tree then walks itself)."""
+    tag, fp, temps, paths, fresh, changed, warnings, (files_read, bytes_read) = got
+    if tag != "classified" or cache is None:
+        return None
+    cm = _decoded(cache, res)
+    if cm is None:
+        return None
+    get = cm.entries.get
+    entries = dict(zip(paths, map(get, paths)))
+    entries.update(fresh)
+    if len(entries) != len(paths) or any(map(operator.is_, entries.values(), repeat(None))):
+        return None  # a path the child took from its cache is not in this one: cannot happen
+    res.temps, res.warnings = temps, res.warnings + warnings
+    res.files_read, res.bytes_read = files_read, bytes_read
+    res.unchanged = not changed and len(entries) == len(cm.entries)
+    res.manifest = Manifest(entries, rows=cm.rows)
+    res.fingerprint = fp
+    return res
 
 
 def _decoded(cache: Manifest | SavedManifest | None, res: ScanResult) -> Manifest | None:
@@ -346,10 +409,13 @@ class _Scanner:
         acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + self.gather("", items)
         return items, (fp_final(acc, len(items)) if self.fp_ok and not self.result.errors else b"")
 
-    def classify(self, items: list) -> None:
-        """Turn gathered (relpath, stat) pairs into entries, reusing cache entries that hold."""
+    def classify(self, items: list, read_limit: int | None = None) -> bool:
+        """Turn gathered (relpath, stat) pairs into entries (in walk order), reusing cache
+        entries that hold. With `read_limit`: when more files than that would have to be read,
+        read none and return False (the entries are then unusable)."""
         cache_get = self.cache.get
         entries = self.entries
+        misses = []
         for rel, st in items:
             if st.st_mode & 0o170000 == 0o100000:
                 # Hot path of a run with few changes: an unchanged regular file whose cache entry holds.
@@ -359,7 +425,15 @@ class _Scanner:
                         and c.ctime_ns == st.st_ctime_ns and c.mode == st.st_mode & 0o7777):
                     entries[rel] = c
                     continue
+            entries[rel] = None  # a place holder: entries stay in walk order
+            misses.append((rel, st))
+        if read_limit is not None and sum(st.st_mode & 0o170000 == 0o100000 for _, st in misses) > read_limit:
+            return False
+        for rel, st in misses:
             self.add(rel, st)
+            if entries.get(rel) is None:  # vanished, unreadable or skipped: not part of the tree
+                entries.pop(rel, None)
+        return True
 
     def walk(self, top: str) -> None:
         items: list = []

@@ -296,7 +296,7 @@ def _prewalk_master(cfg: SyncConfig, master_real: str, patterns: list[str]) -> t
     if not any(is_remote_spec(r) for r in cfg.replicas):
         return None
     load = load_manifest_file(master_cache_path(master_real), chunking.CHUNKER_ID, lazy=True)
-    return load, Prewalk.start(master_real, Excluder(patterns), load.saved.fingerprint if load.saved else b"")
+    return load, Prewalk.start(master_real, Excluder(patterns), load.saved.fingerprint if load.saved else b"", load.saved)
 
 
 def _pair_lock(cfg: SyncConfig, master_real: str, spec: str) -> FileLock:

@@ -2,9 +2,10 @@
 beside the master's (scan.Prewalk), and the master cache's save beside the replicas' work
 (state.save_manifest_file_forked).
 
-A prewalk child only lists and lstats; the parent decides everything. A prewalked scan must
-equal a plain scan for every kind of change, a child that meets a problem must leave the walk
-(and the report) to the parent, and no child may outlive the run it served, even when the run
+A prewalk child lists and lstats, and given the cache classifies the walk against it when few
+files need reading. A prewalked scan must equal a plain scan for every kind of change (entries,
+walk order, fingerprint, and the parent's own cache objects where a plain scan reuses them), a
+child that meets a problem must leave the walk (and the report) to the parent, and no child may outlive the run it served, even when the run
 stops. A cache saved by a child is complete when the run returns, and a failed save is reported.
 """
 
@@ -68,6 +69,50 @@ def test_prewalked_scan_sees_every_change(tmp_path, mutate):
     assert res.fingerprint == plain.fingerprint != first.fingerprint
     assert not res.unchanged
     assert _reaped(pw.pid)
+
+
+@pytest.mark.parametrize("mutate", [m for m in MUTATIONS if m.__name__ != "_fifo"],
+                         ids=[m.__name__.strip("_") for m in MUTATIONS if m.__name__ != "_fifo"])
+def test_child_given_the_cache_classifies_and_the_parent_keeps_its_own_entries(tmp_path, mutate):
+    """With the cache, the child also classifies (few files to read) and sends the paths and
+    only the entries that are not the cache's: the parent's scan must equal a plain one in
+    entries, walk order, fingerprint and reads, with the parent's own cache objects wherever a
+    plain scan reuses them (saving and the two-way scope rely on that identity)."""
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    _, saved = saved_scan(root)
+    mutate(root)
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
+    got = pw.result()
+    assert got is not None and got[0] == "classified"
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
+    res = scan_tree(str(root), cache=saved, walked=pw)
+    plain = scan_tree(str(root), cache=saved)
+    assert res.manifest == plain.manifest == scan_tree(str(root)).manifest
+    assert list(res.manifest.entries) == list(plain.manifest.entries)
+    assert (res.fingerprint, res.unchanged, res.files_read, res.bytes_read) == \
+        (plain.fingerprint, plain.unchanged, plain.files_read, plain.bytes_read)
+    cached = saved.manifest.entries
+    reused = [p for p, e in res.manifest.entries.items() if cached.get(p) is e]
+    assert reused and reused == [p for p, e in plain.manifest.entries.items() if cached.get(p) is e]
+    assert _reaped(pw.pid)
+
+
+def test_child_leaves_a_mostly_changed_tree_to_the_parent(tmp_path):
+    """More than an eighth of the files to read (a cold or stale cache): the child reads none
+    and sends the stats, and the parent reads them (with its progress), as before."""
+    root = tmp_path / "t"
+    tree = {f"d{i}/f{j}.txt": f"{i} {j}\n" for i in range(4) for j in range(8)}
+    build_tree(root, tree)
+    _, saved = saved_scan(root)
+    for name in list(tree)[:8]:
+        write(root / name, "changed\n")
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
+    fp, items, temps, links = pw.result()
+    assert items is not None and len(items) == 1 + 4 + 32
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
+    res = scan_tree(str(root), cache=saved, walked=pw)
+    assert res.manifest == scan_tree(str(root)).manifest and res.files_read == 8
 
 
 def test_excluded_paths_stay_out(tmp_path):
