@@ -396,8 +396,9 @@ class _Scanner:
                         acc += fp_link(rel, target, st.st_mtime_ns)
                     else:
                         self.fp_ok = False  # a special file: skipped with a warning on every scan
-                # A compact stand-in for the stat result: a 100,000-file walk holds one per entry.
-                append((rel, _St(m, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)))
+                # A compact stand-in for the stat result (a 100,000-file walk holds one per entry):
+                # a plain tuple in _St's order, cheaper to build and to pickle than the _St itself.
+                append((rel, (m, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)))
         return acc
 
     def walk_root(self) -> tuple[list, bytes]:
@@ -405,32 +406,32 @@ class _Scanner:
         is followed when it is a symlink (a replica may be reached through one): it is the
         directory being synced, never a link inside a tree."""
         st = os.stat(self.root)
-        items: list[tuple[str, os.stat_result]] = [("", st)]  # then _St, which reads alike
+        items: list[tuple[str, tuple]] = [("", (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))]
         acc = fp_dir("", st.st_mode & 0o7777, st.st_mtime_ns) + self.gather("", items)
         return items, (fp_final(acc, len(items)) if self.fp_ok and not self.result.errors else b"")
 
     def classify(self, items: list, read_limit: int | None = None) -> bool:
-        """Turn gathered (relpath, stat) pairs into entries (in walk order), reusing cache
-        entries that hold. With `read_limit`: when more files than that would have to be read,
-        read none and return False (the entries are then unusable)."""
+        """Turn gathered (relpath, stat tuple in _St's order) pairs into entries (in walk order),
+        reusing cache entries that hold. With `read_limit`: when more files than that would have
+        to be read, read none and return False (the entries are then unusable)."""
         cache_get = self.cache.get
         entries = self.entries
         misses = []
-        for rel, st in items:
-            if st.st_mode & 0o170000 == 0o100000:
+        for item in items:
+            rel, (m, size, mtime, ino, ctime) = item
+            if m & 0o170000 == 0o100000:
                 # Hot path of a run with few changes: an unchanged regular file whose cache entry holds.
                 c = cache_get(rel)
-                if (c is not None and c.__class__ is FileEntry and c.trusted and c.size == st.st_size
-                        and c.mtime_ns == st.st_mtime_ns and c.ino == st.st_ino
-                        and c.ctime_ns == st.st_ctime_ns and c.mode == st.st_mode & 0o7777):
+                if (c is not None and c.__class__ is FileEntry and c.trusted and c.size == size
+                        and c.mtime_ns == mtime and c.ino == ino and c.ctime_ns == ctime and c.mode == m & 0o7777):
                     entries[rel] = c
                     continue
             entries[rel] = None  # a place holder: entries stay in walk order
-            misses.append((rel, st))
-        if read_limit is not None and sum(st.st_mode & 0o170000 == 0o100000 for _, st in misses) > read_limit:
+            misses.append(item)
+        if read_limit is not None and sum(st[0] & 0o170000 == 0o100000 for _, st in misses) > read_limit:
             return False
         for rel, st in misses:
-            self.add(rel, st)
+            self.add(rel, _St._make(st))
             if entries.get(rel) is None:  # vanished, unreadable or skipped: not part of the tree
                 entries.pop(rel, None)
         return True
