@@ -318,15 +318,18 @@ class RowSource:
     by copying its bytes (see _body_reusing). Paths and objects are kept as tuples of their own:
     whatever later happens to the decoded dict, row i stays paired with what it encodes."""
 
-    __slots__ = ("chunker", "packed", "body", "paths", "objs")
+    __slots__ = ("chunker", "packed", "body", "paths", "objs", "_offs")
 
-    def __init__(self, chunker: str, packed: bool, body, entries: dict[str, Entry]) -> None:
+    def __init__(self, chunker: str, packed: bool, body, entries: dict[str, Entry], offs: array | None = None) -> None:
         self.chunker, self.packed, self.body = chunker, packed, body
         self.paths, self.objs = tuple(entries), tuple(entries.values())
+        self._offs = offs if offs is not None and len(offs) == len(self.paths) + 1 else None
 
     def offsets(self) -> array:
         """Where each row starts, and the end of the last: row i is body[offs[i]:offs[i + 1]].
-        Found when saving (skipping rows is 3x cheaper than decoding them), not on every load."""
+        Noted while decoding (two C calls a row); else found by skipping the rows."""
+        if self._offs is not None:
+            return self._offs
         up = msgpack.Unpacker(max_buffer_size=len(self.body) + 1)
         up.feed(self.body)
         up.read_array_header()
@@ -341,14 +344,15 @@ class RowSource:
         return offs
 
 
-def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, generation: str, packed: bool) -> bytes:
-    """The body msgpack.packb((chunker, rows, generation)) would give, up to row order: rows of
-    entries that are the very objects `src` decoded are copied, the others encoded (new paths
-    at the end, sorted). Costs a few C-level passes over the old rows, not an encode of each."""
+def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, generation: str, packed: bool) -> list:
+    """The body msgpack.packb((chunker, rows, generation)) would give, up to row order, as a
+    list of pieces to join: rows of entries that are the very objects `src` decoded are views
+    of its body, the others encoded (new paths at the end, sorted). Costs a few C-level passes
+    over the old rows, not an encode of each."""
     pk = msgpack.Packer(use_bin_type=True)
     body, offs, paths = src.body, src.offsets(), src.paths
     if len(offs) != len(paths) + 1:  # cannot happen (decoded from this body); never guess
-        return msgpack.packb((chunker, encode_rows(entries.values(), packed=packed), generation), use_bin_type=True)
+        return [msgpack.packb((chunker, encode_rows(entries.values(), packed=packed), generation), use_bin_type=True)]
     parts = [pk.pack_array_header(3), pk.pack(chunker), pk.pack_array_header(len(entries))]
     # Rows whose entry is no longer the same object, found without a Python-level loop.
     news = list(map(entries.get, paths))
@@ -363,7 +367,7 @@ def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, gener
     for p in sorted(entries.keys() - set(paths)):
         parts.append(pk.pack(encode_rows((entries[p],), packed=packed)[0]))
     parts.append(pk.pack(generation))
-    return b"".join(parts)
+    return parts
 
 
 def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"", packed: bool = False) -> bytes:
@@ -375,21 +379,21 @@ def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"", packed: bool =
     if src is not None and src.chunker == chunker and src.packed == packed:
         body = _body_reusing(m.entries, src, chunker, m.generation, packed)
     else:
-        body = msgpack.packb((chunker, encode_rows(m.entries.values(), packed=packed), m.generation),
-                             use_bin_type=True)
+        body = [msgpack.packb((chunker, encode_rows(m.entries.values(), packed=packed), m.generation),
+                              use_bin_type=True)]
     header = msgpack.packb((chunker, m.generation, fingerprint, len(m.entries)), use_bin_type=True)
-    rest = len(header).to_bytes(4, "little") + header + body
+    rest = [len(header).to_bytes(4, "little"), header, *body]
     version = FORMAT_VERSION if packed else _UNPACKED_VERSION
-    return MAGIC + bytes([version]) + _checksum(version, rest) + rest
+    # One join of the pieces (a cache is megabytes: each concatenation would copy it again).
+    return b"".join([MAGIC, bytes([version]), _checksum(version, *rest), *rest])
 
 
-def _checksum(version: int, rest: bytes | memoryview) -> bytes:
-    """xxh3-64 of what follows it; from format 3 on, of the version byte too (2 and 3 differ
-    in how rows hold chunk sizes: a flipped bit there must not pass)."""
-    if version < 3:
-        return xxhash.xxh3_64_digest(rest)
-    h = xxhash.xxh3_64(bytes([version]))
-    h.update(rest)
+def _checksum(version: int, *rest: bytes | memoryview) -> bytes:
+    """xxh3-64 of what follows it (given in pieces); from format 3 on, of the version byte too
+    (2 and 3 differ in how rows hold chunk sizes: a flipped bit there must not pass)."""
+    h = xxhash.xxh3_64(bytes([version])) if version >= 3 else xxhash.xxh3_64()
+    for piece in rest:
+        h.update(piece)
     return h.digest()
 
 
@@ -468,13 +472,19 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
         if got_chunker != chunker:
             raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
         nrows = up.read_array_header()
-        entries = (_decode_own_rows if own else decode_rows)(up.unpack() for _ in range(nrows))
+        offs = array("Q")
+        if own:  # note where each row starts, for saving the rows again (RowSource.offsets)
+            mark, tell, unpack = offs.append, up.tell, up.unpack
+            entries = _decode_own_rows(unpack() for _ in range(nrows) if mark(tell()) is None)
+            mark(up.tell())
+        else:
+            entries = decode_rows(up.unpack() for _ in range(nrows))
         generation = up.unpack() if nparts == 3 else ""
         if up.tell() != len(body):
             raise ManifestFormatError("trailing bytes after the manifest body")
         m = Manifest(entries=entries, generation=str(generation))
         if own and len(entries) == nrows:  # (a repeated path would break row i <-> entry i)
-            m.rows = RowSource(chunker, packed, body, entries)
+            m.rows = RowSource(chunker, packed, body, entries, offs)
         return m
     except ManifestFormatError:
         raise

@@ -18,6 +18,7 @@ from dirsync.manifest import (
     LinkEntry,
     Manifest,
     ManifestFormatError,
+    RowSource,
     encode_rows,
     load,
     pack_sizes,
@@ -370,6 +371,12 @@ def test_save_reusing_rows_decodes_to_the_entries(m, other, data):
     was_packed, packed = data.draw(st.booleans()), data.draw(st.booleans())
     decoded = load(to_bytes(m, CHUNKER, packed=was_packed), CHUNKER, own=True).manifest
     assert decoded.rows is not None
+    # The row offsets noted while decoding are those found by skipping the rows.
+    src = decoded.rows
+    assert list(src.offsets()) == list(RowSource(src.chunker, src.packed, src.body, decoded.entries).offsets())
+    # Saved again unchanged: the very bytes an encode of every row gives.
+    assert to_bytes(Manifest(dict(decoded.entries), generation="g", rows=src), CHUNKER, b"f", packed=was_packed) \
+        == to_bytes(Manifest(dict(decoded.entries), generation="g"), CHUNKER, b"f", packed=was_packed)
     edited = _edit(decoded, other, data)
     saved = to_bytes(Manifest(edited, generation="g2", rows=decoded.rows), CHUNKER, b"fp", packed=packed)
     # a file of either format holds rows of its own form only (copied rows of the other are not)
