@@ -127,6 +127,8 @@ def scan_tree(
         s.rescan(only)
         res.manifest = Manifest(s.entries, rows=cm.rows if cm is not None else None)
         return res
+    if walked is not None and walked.first_news() and isinstance(cache, SavedManifest):
+        _decoded(cache, res)  # needed whatever the child finds: decode it while the child classifies
     got = walked.result() if walked is not None else None
     if got is not None and len(got) == 8:
         done = _take_classified(got, cache, res)
@@ -171,6 +173,19 @@ class Prewalk:
 
     def __init__(self, pid: int, fd: int) -> None:
         self.pid, self.fd = pid, fd
+        self._head = b""  # what first_news() read ahead of the result
+
+    def first_news(self) -> bool:
+        """Wait for the child's first byte: True when it says the walk did not match the
+        fingerprint and it now classifies (the caller may decode the cache meanwhile: it will be
+        needed), False when the result (or nothing) follows."""
+        if self.fd < 0 or self._head:
+            return self._head == _CLASSIFYING
+        try:
+            self._head = os.read(self.fd, 1)
+        except OSError:
+            return False
+        return self._head == _CLASSIFYING
 
     @classmethod
     def start(cls, root: str, excluder: Excluder, known_fp: bytes,
@@ -198,7 +213,7 @@ class Prewalk:
 
         if self.fd < 0:
             return None
-        chunks = []
+        chunks = [self._head]
         try:
             while True:
                 b = os.read(self.fd, 1 << 20)
@@ -209,8 +224,11 @@ class Prewalk:
             chunks = []
         finally:
             self._reap(kill=False)
+        data = b"".join(chunks)
+        if data[:1] == _CLASSIFYING:
+            data = data[1:]
         try:
-            got = pickle.loads(b"".join(chunks)) if chunks else None
+            got = pickle.loads(data) if data else None
         except Exception:
             return None
         return got if isinstance(got, tuple) and len(got) in (4, 8) else None
@@ -234,6 +252,9 @@ class Prewalk:
             pass
 
 
+_CLASSIFYING = b"C"  # a prewalk child's first byte when it goes on to classify (a pickle starts b"\x80")
+
+
 def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dumps,
                    cache: Manifest | SavedManifest | None = None) -> None:
     s = _Scanner(root, excluder, None)
@@ -243,6 +264,8 @@ def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dump
     if fp and fp == known_fp:
         out: tuple = (fp, None, s.result.temps, s.links)
     else:
+        if cache is not None:
+            os.write(fd, _CLASSIFYING)  # the parent may decode its copy of the cache meanwhile
         out = _classified(s, items, fp, cache) or (fp, items, s.result.temps, s.links)
     view = memoryview(dumps(out, protocol=5))
     while view:

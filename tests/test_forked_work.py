@@ -45,8 +45,9 @@ def test_unchanged_tree_sends_only_the_fingerprint(tmp_path):
     root = tmp_path / "t"
     build_tree(root, TREE)
     first, saved = saved_scan(root)
-    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint)
+    pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
     assert pw is not None
+    assert not pw.first_news()  # no classifying to wait for: the cache need not be decoded
     fp, items, temps, links = pw.result()
     assert fp == first.fingerprint and items is None and temps == []
     assert _reaped(pw.pid)
@@ -83,6 +84,7 @@ def test_child_given_the_cache_classifies_and_the_parent_keeps_its_own_entries(t
     _, saved = saved_scan(root)
     mutate(root)
     pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
+    assert pw.first_news()  # it says so before it classifies (the parent decodes meanwhile)
     got = pw.result()
     assert got is not None and got[0] == "classified"
     pw = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved)
