@@ -49,6 +49,9 @@ O_PORT = typer.Option(None, "--port", "-p", help="SSH port for remote replicas."
 O_IDENTITY = typer.Option(None, "--identity", "-i", help="SSH private key file.")
 O_SSH_CONFIG = typer.Option(None, "--ssh-config", help="SSH config file (default ~/.ssh/config).")
 O_REMOTE_CMD = typer.Option(None, "--remote-cmd", help="Command that runs dirsync on the remote side.")
+O_RSH = typer.Option(None, "--rsh", metavar="CMD",
+                     help="Run SSH sessions through this ssh client, e.g. 'ssh' (OpenSSH, its own config and "
+                          "known_hosts), as rsync -e; default: $DIRSYNC_RSH, else the built-in client.")
 O_ACCEPT = typer.Option(False, "--accept-new-host-key", help="Trust and record an unknown SSH host key.")
 O_COMPRESS = typer.Option(False, "--compress", "-z", help="Compress data sent to remote replicas (zstd).")
 O_BACKUP_DIR = typer.Option(None, "--backup-dir", metavar="DIR",
@@ -85,6 +88,7 @@ def sync(
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
+    rsh: Optional[str] = O_RSH,
     accept_new_host_key: bool = O_ACCEPT,
     compress: bool = O_COMPRESS,
     backup_dir: Optional[str] = O_BACKUP_DIR,
@@ -102,7 +106,7 @@ def sync(
         allow_mass_delete=allow_mass_delete, dry_run=dry_run, quiet=quiet, verbose=verbose, as_json=as_json,
         log_file=log_file, wait=wait, port=port, identity=identity, ssh_config=ssh_config, remote_cmd=remote_cmd,
         accept_new_host_key=accept_new_host_key, compress=compress, backup_dir=backup_dir, backup_keep=backup_keep,
-        bwlimit=bwlimit, two_way=two_way, prefer=prefer))  # type: ignore[arg-type] # bwlimit: parsed by its callback
+        bwlimit=bwlimit, two_way=two_way, prefer=prefer, rsh=rsh))  # type: ignore[arg-type] # bwlimit: parsed by its callback
 
 
 @app.command()
@@ -119,6 +123,7 @@ def plan(
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
+    rsh: Optional[str] = O_RSH,
     accept_new_host_key: bool = O_ACCEPT,
     two_way: bool = O_TWO_WAY,
     prefer: Optional[str] = O_PREFER,
@@ -130,7 +135,7 @@ def plan(
     raise typer.Exit(commands.plan(
         master=master, replicas=replicas, delete=delete, exclude=exclude, init=init, max_delete=max_delete,
         allow_mass_delete=allow_mass_delete, as_json=as_json, port=port, identity=identity, ssh_config=ssh_config,
-        remote_cmd=remote_cmd, accept_new_host_key=accept_new_host_key, two_way=two_way, prefer=prefer))
+        remote_cmd=remote_cmd, accept_new_host_key=accept_new_host_key, two_way=two_way, prefer=prefer, rsh=rsh))
 
 
 @app.command()
@@ -145,6 +150,7 @@ def verify(
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
+    rsh: Optional[str] = O_RSH,
     accept_new_host_key: bool = O_ACCEPT,
     backup_dir: Optional[str] = typer.Option(None, "--backup-dir", metavar="DIR",
                                              help="The --backup-dir used by sync (left out when inside a replica)."),
@@ -165,7 +171,7 @@ def verify(
     def job() -> int:
         results = run_verify(master, list(replicas), list(exclude or ()),
                              transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
-                                            backup_dir),
+                                            backup_dir, rsh=rsh),
                              reporter, quick=quick)
         if as_json:
             print(json.dumps({"replicas": [{"replica": r.replica, "equal": r.equal,
@@ -221,6 +227,7 @@ def run(
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
+    rsh: Optional[str] = O_RSH,
     accept_new_host_key: bool = O_ACCEPT,
     compress: Optional[bool] = typer.Option(None, "--compress/--no-compress", "-z",
                                             help="Compress data sent to remote replicas (zstd)."),
@@ -245,7 +252,7 @@ def run(
       bwlimit     = "10M"
       wait        = 300
     Other keys: delete, init, allow_mass_delete, compress, log_file, quiet, verbose, json,
-    port, identity, ssh_config, remote_cmd, accept_new_host_key, connect_timeout,
+    port, identity, ssh_config, remote_cmd, rsh ("ssh": OpenSSH), accept_new_host_key, connect_timeout,
     two_way (true: sync master and its one replica both ways), prefer ("a", "b" or "newer").
 
     \b
@@ -272,6 +279,7 @@ def run(
     reporter = make_reporter(quiet=quiet or as_json and not verbose, log_file=_or(log_file, prof, "log_file"),
                              verbose=verbose)
     more = {"connect_timeout": prof.get("connect_timeout")} if prof.get("connect_timeout") is not None else {}
+    more["rsh"] = _or(rsh, prof, "rsh")
     cfg = SyncConfig(
         master=prof.get("master"), replicas=tuple(prof.get("replicas")), delete=_or(delete, prof, "delete", True),
         init=init or prof.get("init", False), excludes=tuple(prof.get("exclude", [])) + tuple(exclude or ()),
@@ -318,6 +326,7 @@ def status(
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
+    rsh: Optional[str] = O_RSH,
     accept_new_host_key: bool = O_ACCEPT,
 ) -> None:
     """For each replica: when it was last synced successfully, by which run, and whether it is
@@ -344,7 +353,7 @@ def status(
         if len(targets) >= 2:
             cfg = SyncConfig(master=targets[0], replicas=tuple(targets[1:]), excludes=tuple(exclude or ()),
                              transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key,
-                                                      False, backup_dir))
+                                                      False, backup_dir, rsh=rsh))
             if not two_way and len(targets) == 2 and load_twoway_record(targets[0], targets[1]) is not None:
                 two_way = load_record(os.path.realpath(targets[0]), _replica_key(targets[1])) is None
             groups.append((None, cfg, None, two_way))
@@ -359,7 +368,7 @@ def status(
                     allow_mass_delete=p.get("allow_mass_delete", False), profile=n,
                     transport=transport_opts(p.get("port"), p.get("identity"), p.get("ssh_config"),
                                              p.get("remote_cmd"), p.get("accept_new_host_key", False), False,
-                                             p.get("backup_dir"), p.get("backup_keep"))),
+                                             p.get("backup_dir"), p.get("backup_keep"), rsh=_or(rsh, p, "rsh"))),
                                p.get("prefer"), p.get("two_way", False)))
         twc = {i: two_way_config(g[1], True, g[2]) for i, g in enumerate(groups) if g[3]}
     except DirsyncError as e:
@@ -416,6 +425,7 @@ def watch(
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
     remote_cmd: Optional[str] = O_REMOTE_CMD,
+    rsh: Optional[str] = O_RSH,
     accept_new_host_key: bool = O_ACCEPT,
     compress: bool = O_COMPRESS,
     backup_dir: Optional[str] = O_BACKUP_DIR,
@@ -452,7 +462,7 @@ def watch(
                      excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
                      bwlimit=bwlimit,  # type: ignore[arg-type] # parsed by its callback
                      transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
-                                              backup_dir, backup_keep))
+                                              backup_dir, backup_keep, rsh=rsh))
     stop = threading.Event()
 
     def on_signal(signum, frame):  # first: finish cleanly; second: unwind now (temps removed, 130)

@@ -33,6 +33,7 @@ def on_sigterm(signum, frame):  # SIGTERM unwinds like Ctrl-C so temps are remov
 
 def transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
                    backup_dir=None, backup_keep=None, **more):
+    # more: connect_timeout, rsh (None: $DIRSYNC_RSH, else the built-in client)
     from dirsync.transport import TransportOptions
 
     return TransportOptions(port=port, identity=identity, ssh_config=ssh_config, remote_cmd=remote_cmd,
@@ -98,7 +99,7 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
          as_json: bool, log_file: Optional[str], wait: float, port: Optional[int], identity: Optional[str],
          ssh_config: Optional[str], remote_cmd: Optional[str], accept_new_host_key: bool, compress: bool,
          backup_dir: Optional[str], backup_keep: Optional[int], bwlimit: Optional[int], two_way: bool,
-         prefer: Optional[str]) -> int:
+         prefer: Optional[str], rsh: Optional[str]) -> int:
     """`dirsync sync`: the exit code. Installs the SIGTERM handler (SIGTERM unwinds like Ctrl-C)."""
     import signal
 
@@ -110,7 +111,7 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
                      excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
                      dry_run=dry_run, lock_wait_s=wait, bwlimit=bwlimit,
                      transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
-                                              backup_dir, backup_keep))
+                                              backup_dir, backup_keep, rsh=rsh))
 
     def job() -> int:
         if two_way or prefer:
@@ -129,7 +130,7 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
 def plan(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optional[Sequence[str]], init: bool,
          max_delete: Optional[int], allow_mass_delete: bool, as_json: bool, port: Optional[int],
          identity: Optional[str], ssh_config: Optional[str], remote_cmd: Optional[str], accept_new_host_key: bool,
-         two_way: bool, prefer: Optional[str]) -> int:
+         two_way: bool, prefer: Optional[str], rsh: Optional[str]) -> int:
     """`dirsync plan`: the exit code."""
     from dirsync.progress import make_reporter
     from dirsync.sync import SyncConfig, run_sync
@@ -138,7 +139,8 @@ def plan(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
     cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
                      excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
                      dry_run=True,
-                     transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False))
+                     transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, False,
+                                              rsh=rsh))
 
     def job() -> int:
         if two_way or prefer:

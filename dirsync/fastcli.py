@@ -50,6 +50,7 @@ _SHARED = (  # options of both sync and plan
     Opt("identity", ("--identity", "-i"), STR),
     Opt("ssh_config", ("--ssh-config",), STR),
     Opt("remote_cmd", ("--remote-cmd",), STR),
+    Opt("rsh", ("--rsh",), STR),
     Opt("accept_new_host_key", ("--accept-new-host-key",), FLAG, False),
     Opt("two_way", ("--two-way",), FLAG, False),
     Opt("prefer", ("--prefer",), STR),

@@ -16,8 +16,8 @@ The file is `--config FILE`, else `$XDG_CONFIG_HOME/dirsync/config.toml` (defaul
     compress = true
     wait     = 300             # wait up to 300 s for a lock held by another run
     log_file = "~/.local/state/dirsync/backup.log"
-    port     = 2222            # SSH options: port, identity, ssh_config, remote_cmd,
-    identity = "~/.ssh/backup_ed25519"  #   accept_new_host_key, connect_timeout
+    port     = 2222            # SSH options: port, identity, ssh_config, remote_cmd, rsh
+    identity = "~/.ssh/backup_ed25519"  #   ("ssh": OpenSSH), accept_new_host_key, connect_timeout
 
     [profile.notes]            # two-way: master is side a, the one replica side b
     master   = "~/notes"
@@ -133,6 +133,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "identity": _str,
     "ssh_config": _str,
     "remote_cmd": _str,
+    "rsh": _str,
     "accept_new_host_key": _bool,
     "connect_timeout": _seconds,
     "two_way": _bool,

@@ -9,7 +9,9 @@ behind holding the replica lock, and a rerun converges. Waits are on conditions 
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -302,6 +304,46 @@ def test_dirsync_rsh_runs_the_session_through_the_system_ssh_client(sshd, tmp_pa
     assert cp.returncode == 10, cp.stderr
     assert "/nonexistent/ssh" in _error_line(cp), cp.stderr
     assert not r2.exists()
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no OpenSSH client (ssh) installed")
+def test_rsh_option_and_profile_key_choose_the_ssh_client(sshd, tmp_path):
+    """--rsh CMD (sync, and a profile's `rsh` key for run) carries the session through that
+    client, and wins over DIRSYNC_RSH; --rsh '' keeps the built-in client. The client here is
+    a wrapper that notes its arguments before it runs OpenSSH's ssh."""
+    m = tmp_path / "m"
+    build_tree(m, {"f.txt": b"x\n", "d": {"g.bin": random_bytes(200_000, 7)}})
+    log = tmp_path / "rsh.log"
+    wrapper = tmp_path / "my ssh"  # a space: the command is split like a shell would
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(log))}\nexec ssh "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"DIRSYNC_RSH": "/nonexistent/ssh"}  # would fail: the option must win
+
+    cp = run_cli("sync", "--rsh", shlex.quote(str(wrapper)), *ssh_cli_args(sshd), m, ssh_spec(sshd, tmp_path / "r1"),
+                 env=env)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, tmp_path / "r1")
+    assert "BatchMode=yes" in log.read_text() and sshd.alias in log.read_text()
+
+    log.unlink()
+    cp = run_cli("sync", "--rsh", "", *ssh_cli_args(sshd), m, ssh_spec(sshd, tmp_path / "r2"), env=env)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, tmp_path / "r2")
+    assert not log.exists()
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"""[profile.p]
+master = {json.dumps(str(m))}
+replicas = [{json.dumps(ssh_spec(sshd, tmp_path / "r3"))}]
+ssh_config = {json.dumps(sshd.ssh_config_path)}
+remote_cmd = {json.dumps(remote_cmd())}
+rsh = {json.dumps(shlex.quote(str(wrapper)))}
+""")
+    cp = run_cli("run", "--config", str(cfg), "p", env=env)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, tmp_path / "r3")
+    assert "BatchMode=yes" in log.read_text()
 
 
 @pytest.mark.ssh

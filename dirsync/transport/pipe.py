@@ -28,7 +28,7 @@ def rsh_argv(rsh: str, ep: Any, opts: Any, command: str) -> list[str]:
     known_hosts, not dirsync's) and reads its own config; it never prompts (BatchMode)."""
     argv = shlex.split(rsh)
     if not argv:
-        raise ConnectError("DIRSYNC_RSH is empty")
+        raise ConnectError("the ssh client command (--rsh or DIRSYNC_RSH) is empty")
     argv += ["-T", "-x", "-a", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, math.ceil(opts.connect_timeout))}"]
     if opts.accept_new_host_key:
         argv += ["-o", "StrictHostKeyChecking=accept-new"]
