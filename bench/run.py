@@ -463,7 +463,7 @@ class Bench:
 
     def make_room(self, need: int, where: str) -> None:
         if free_bytes(self.run_dir) < need + (2 << 30):
-            self.empty_trash(f"{where} (free space low)", note=not self.loop)
+            self.empty_trash(f"{where} (free space low)")
 
     # -- environment ----------------------------------------------------------
     def make_home(self, path: str) -> str:
