@@ -128,7 +128,10 @@ def scan_tree(
         res.manifest = Manifest(s.entries, rows=cm.rows if cm is not None else None)
         return res
     if walked is not None and walked.first_news() and isinstance(cache, SavedManifest):
-        _decoded(cache, res)  # needed whatever the child finds: decode it while the child classifies
+        try:  # needed whatever the child finds: decode it while the child classifies
+            cache.manifest
+        except ManifestFormatError:
+            pass  # reported below, once
     got = walked.result() if walked is not None else None
     if got is not None and len(got) == 8:
         done = _take_classified(got, cache, res)
@@ -303,9 +306,10 @@ def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: Sc
     tag, fp, temps, paths, fresh, changed, warnings, (files_read, bytes_read) = got
     if tag != "classified" or cache is None:
         return None
-    cm = _decoded(cache, res)
-    if cm is None:
-        return None
+    try:
+        cm = cache.manifest if isinstance(cache, SavedManifest) else cache
+    except ManifestFormatError:
+        return None  # (the child decoded it: cannot happen) scan_tree walks and reports it
     get = cm.entries.get
     entries = dict(zip(paths, map(get, paths)))
     entries.update(fresh)

@@ -30,6 +30,8 @@ except ImportError:  # tests/ imported as a package
 pytest_plugins = [_sshd_plugin.__name__]
 
 from dirsync import scan as scan_mod
+from dirsync.chunking import CHUNKER_ID
+from dirsync.manifest import SavedManifest
 from dirsync.scan import Excluder, Prewalk, scan_tree
 
 
@@ -97,6 +99,24 @@ def test_child_given_the_cache_classifies_and_the_parent_keeps_its_own_entries(t
     cached = saved.manifest.entries
     reused = [p for p, e in res.manifest.entries.items() if cached.get(p) is e]
     assert reused and reused == [p for p, e in plain.manifest.entries.items() if cached.get(p) is e]
+    assert _reaped(pw.pid)
+
+
+def test_a_cache_whose_rows_do_not_decode_is_reported_once(tmp_path):
+    """A cache that passes its checksum but whose rows do not decode (only by tampering): the
+    child cannot classify and hands over the stats, the parent's early decode stays quiet, and
+    the scan reports it once, reads every file and takes nothing from it."""
+    root = tmp_path / "t"
+    build_tree(root, TREE)
+    settle(root)
+    bad = SavedManifest(CHUNKER_ID, "g", b"\0" * 24, 3, b"\x93\xa1x\xc1", own=True)
+    pw = Prewalk.start(str(root), Excluder(), bad.fingerprint, bad)
+    assert pw.first_news()
+    res = scan_tree(str(root), cache=bad, walked=pw)
+    assert res.cache_failed and [w for w in res.warnings if "scan cache unusable" in w] == res.warnings
+    assert len(res.warnings) == 1
+    plain = scan_tree(str(root))
+    assert res.manifest == plain.manifest and res.files_read == plain.files_read == 4
     assert _reaped(pw.pid)
 
 
