@@ -472,13 +472,16 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
         if got_chunker != chunker:
             raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
         nrows = up.read_array_header()
-        offs = array("Q")
-        if own:  # note where each row starts, for saving the rows again (RowSource.offsets)
+        offs = array("Q")  # where each row starts (own caches: for saving the rows again, RowSource)
+
+        def own_rows() -> Iterator:
             mark, tell, unpack = offs.append, up.tell, up.unpack
-            entries = _decode_own_rows(unpack() for _ in range(nrows) if mark(tell()) is None)
-            mark(up.tell())
-        else:
-            entries = decode_rows(up.unpack() for _ in range(nrows))
+            for _ in range(nrows):
+                mark(tell())
+                yield unpack()
+            mark(tell())
+
+        entries = _decode_own_rows(own_rows()) if own else decode_rows(up.unpack() for _ in range(nrows))
         generation = up.unpack() if nparts == 3 else ""
         if up.tell() != len(body):
             raise ManifestFormatError("trailing bytes after the manifest body")
