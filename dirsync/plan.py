@@ -533,11 +533,12 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
 
     acc = _Acc()
     r_children: dict[str, list[str]] = {}
-    for p in R:
-        if p:
-            r_children.setdefault(parent_of(p), []).append(p)
 
     def r_subtree(p: str) -> list[str]:
+        if not r_children:  # built for the first type change only: most plans have none
+            for q in R:
+                if q:
+                    r_children.setdefault(parent_of(q), []).append(q)
         out, stack = [], [p]
         while stack:
             q = stack.pop()
