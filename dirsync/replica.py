@@ -572,6 +572,16 @@ class Replica:
             total = 0
             big = w.target.size > KICK_BYTES
             unkicked = 0  # bytes written through Python since writeback was last started
+
+            def write(data: bytes) -> None:
+                """Write through Python; a large file's writeback is started every KICK_BYTES."""
+                nonlocal unkicked
+                _write_all(fd, data)
+                unkicked += len(data)
+                if big and unkicked >= KICK_BYTES:
+                    _kick(fd)
+                    unkicked = 0
+
             for op in w.ops:
                 if isinstance(op, CopyOp):
                     sfd = srcs.get(op.src)
@@ -587,13 +597,9 @@ class Replica:
                             if not buf:
                                 raise ConflictError(path, "write", f"reuse source {op.src} shrank since it was scanned")
                             h.update(buf)
-                            _write_all(fd, buf)
+                            write(buf)
                             off += len(buf)
                             left -= len(buf)
-                            unkicked += len(buf)
-                            if big and unkicked >= KICK_BYTES:
-                                _kick(fd)
-                                unkicked = 0
                     total += op.size
                 elif direct is not None:
                     if not _copy_range(direct, fd, op.offset, op.size, big):
@@ -613,12 +619,8 @@ class Replica:
                             h.update(piece)
                         if cut is not None:
                             cut.update(piece)
-                        _write_all(fd, piece)
+                        write(piece)
                         left -= len(piece)
-                        unkicked += len(piece)
-                        if big and unkicked >= KICK_BYTES:
-                            _kick(fd)
-                            unkicked = 0
                     total += op.size
             if direct is not None:
                 sends.check()  # type: ignore[attr-defined]
