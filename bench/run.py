@@ -942,6 +942,13 @@ class Bench:
             if not self.args.keep:
                 self.log(f"cleaned up (unmounted and deleted {self.loop.image}) in {now() - t:.1f}s; "
                          f"results kept in {self.results_dir}")
+            else:
+                try:
+                    held = os.stat(self.loop.image).st_blocks * 512
+                    self.log(f"--keep: the image holds {held / 2**30:.1f} GiB of the host's disk "
+                             f"(delete {self.loop.image} when done)")
+                except OSError:
+                    pass
             return
         if self.args.keep:
             self.log(f"--keep: data and replicas left in {self.base}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 
@@ -13,7 +15,8 @@ def _private_state_home(tmp_path_factory, monkeypatch):
     """
     d = tmp_path_factory.mktemp("xdg-state")
     monkeypatch.setenv("XDG_STATE_HOME", str(d))
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)  # caches can be large; /tmp may be a shared, full disk
 
 
 @pytest.fixture
