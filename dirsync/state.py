@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import time
-from typing import Callable
 
 from dirsync.errors import LockedError
 from dirsync.manifest import Manifest, ManifestFormatError, SavedManifest, fingerprint, load, to_bytes
 from dirsync.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import Callable
 
 
 try:  # the built-in SHA-256: hashlib would load OpenSSL (~5 ms) for these few short keys
@@ -65,7 +69,7 @@ def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheL
     `lazy`: check only framing, checksum and header now; the rows decode on first use."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = _map_or_read(f)
     except FileNotFoundError:
         return CacheLoad(None, "missing")
     except OSError as e:
@@ -77,6 +81,26 @@ def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheL
         return CacheLoad(saved, "ok")
     except (ManifestFormatError, ValueError) as e:
         return CacheLoad(None, "unusable", str(e))
+
+
+MAP_MIN = 64 << 10  # smaller files are simply read
+
+
+def _map_or_read(f) -> bytes | mmap.mmap:
+    """The whole file, mapped when it is large. A cache is megabytes, and read() into a fresh
+    process's heap costs a zero-filled page fault per 4 KiB before the copy: reading two
+    5.5 MB caches took ~12 ms of a 0.2 s no-op here, mapping them (page-cache pages, mapped
+    a block at a time) ~2 ms. A no-op whose walk matches the fingerprint then touches
+    little more than the header and the checksum's single pass. Caches are only ever replaced
+    by rename (write_atomic), never rewritten in place, so the mapped file does not change
+    under the mapping."""
+    size = os.fstat(f.fileno()).st_size
+    if size < MAP_MIN:
+        return f.read()
+    try:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    except (OSError, ValueError):  # a file system that cannot map: read it
+        return f.read()
 
 
 def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> None:

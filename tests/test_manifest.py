@@ -408,3 +408,38 @@ def test_rows_stay_paired_with_their_entries_when_the_decoded_dict_changes():
     edited = dict(decoded.entries)
     back = load(to_bytes(Manifest(edited, rows=decoded.rows), CHUNKER), CHUNKER).manifest
     assert back.entries == edited and cache_facts(back) == cache_facts(Manifest(edited))
+
+
+def test_a_large_cache_file_is_mapped_and_outlives_its_replacement(tmp_path):
+    """Caches of MAP_MIN bytes or more are mapped, not read (state._map_or_read). The rows
+    decode, and a later save copies row bytes from the mapping, even after the file was
+    replaced (as every save replaces it: by rename); a corrupted file is still refused."""
+    import mmap
+
+    from dirsync.state import MAP_MIN, load_manifest_file, save_manifest_file, write_atomic
+
+    entries = {"": DirEntry("", 0o755, 1)}
+    for i in range(3000):
+        e = file_entry(f"d{i % 7}/f{i}", [i % 5, (i + 1) % 5])
+        entries[e.path] = e.replace(ino=i + 1, ctime_ns=5, trusted=True)
+    for d in range(7):
+        entries[f"d{d}"] = DirEntry(f"d{d}", 0o755, 1)
+    path = str(tmp_path / "manifest")
+    save_manifest_file(path, Manifest(entries), CHUNKER)
+    assert os.path.getsize(path) >= MAP_MIN
+    got = load_manifest_file(path, CHUNKER, lazy=True)
+    assert got.status == "ok" and isinstance(got.saved._body.obj, mmap.mmap)
+
+    save_manifest_file(path, Manifest({"": DirEntry("", 0o700, 2)}), CHUNKER)  # replaced underneath
+    decoded = got.saved.manifest
+    assert decoded.entries == entries and cache_facts(decoded) == cache_facts(Manifest(entries))
+    edited = dict(decoded.entries)
+    edited["d1/f1"] = edited["d1/f1"].replace(mtime_ns=7)
+    save_manifest_file(path, Manifest(edited, rows=decoded.rows), CHUNKER)  # rows copied from the map
+    back = load_manifest_file(path, CHUNKER)
+    assert back.status == "ok" and back.saved.manifest.entries == edited
+
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x40
+    write_atomic(path, bytes(data))
+    assert load_manifest_file(path, CHUNKER, lazy=True).status == "unusable"
