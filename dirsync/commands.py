@@ -7,10 +7,12 @@ The option declarations, help and usage errors live in dirsync.cli only.
 
 from __future__ import annotations
 
-import json
-from typing import Callable, Optional, Sequence
 
 from dirsync.errors import DirsyncError, ExitCode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import Callable, Optional, Sequence
 
 
 def run_job(job: Callable[[], int], reporter) -> int:
@@ -82,6 +84,8 @@ def print_plans(run, as_json: bool) -> None:
             t = plan.totals()
             r["plan"] = {"lines": plan.render().splitlines(), "send_bytes": t.send_bytes,
                          "reuse_bytes": t.reuse_bytes, "writes": t.writes, "deletes": t.deletes}
+        import json
+
         print(json.dumps(out, indent=2))
         return
     for name, plan in run.plans:
@@ -120,6 +124,8 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
         if dry_run:
             print_plans(run, as_json)
         elif as_json:
+            import json
+
             print(json.dumps(run.to_json(), indent=2))
         return run.exit_code
 

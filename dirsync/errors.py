@@ -6,7 +6,10 @@ import errno as _errno
 import os
 from contextlib import contextmanager
 from enum import IntEnum
-from typing import Iterator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import Iterator
 
 
 class ExitCode(IntEnum):

@@ -17,7 +17,6 @@ import sys
 from collections import Counter
 from bisect import bisect_right
 from itertools import accumulate
-from typing import Union
 
 from dirsync.errors import display_path
 from dirsync.manifest import DIGEST_SIZE, DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
@@ -47,7 +46,7 @@ class SendOp(Record):
         self.size = size
 
 
-Op = Union[CopyOp, SendOp]
+Op = CopyOp | SendOp
 
 
 def expect_of(e: Entry | None) -> tuple | None:
@@ -156,7 +155,7 @@ class Delete(Record):
         self.obstruction = obstruction
 
 
-Action = Union[MakeDir, WriteFile, Commit, MakeLink, SetMeta, Delete]
+Action = MakeDir | WriteFile | Commit | MakeLink | SetMeta | Delete
 
 
 class PlanOptions(Record):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from typing import Callable
 
 from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
@@ -22,6 +21,10 @@ from dirsync.scan import Excluder, Prewalk, ScanResult, read_ignore_file, scan_t
 from dirsync.state import (CacheLoad, FileLock, PendingSave, load_manifest_file, master_cache_path, pair_lock_path,
                            save_manifest_file, save_manifest_file_forked)
 from dirsync.transport import Transport, TransportOptions, is_remote_spec, open_transport
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import Callable
 
 MASS_DELETE_MIN = 10  # the default guard ignores runs deleting fewer entries than this
 

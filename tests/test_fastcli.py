@@ -236,6 +236,8 @@ def test_sync_takes_the_fast_path_and_mirrors(tmp_path):
     # start-up: no dataclasses (exec at import), and the chunker's type-hint imports are hidden
     assert not {"dataclasses", "inspect", "typing_extensions"} & imported, sorted(imported)
     treecmp.assert_trees_equal(d / "m", d / "r")
+    cp, imported = dirsync("sync", "m", "r", cwd=d)  # a no-op reads no file: not even typing (~6 ms)
+    assert cp.returncode == 0 and "dirsync" in imported and "typing" not in imported, sorted(imported)
     _, imported = dirsync("sync", "m", "r", cwd=d, typer_path=True)
     assert {"typer", "click"} <= imported  # DIRSYNC_NO_FASTCLI=1 does force typer
 

@@ -19,7 +19,6 @@ import select
 import sys
 import threading
 import traceback
-from typing import Any, Iterator
 
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
@@ -43,6 +42,10 @@ from dirsync.transport.wire import (
     v_map,
     v_str,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import Any, Iterator
 
 IDLE_S = 900.0  # no input for this long: the master is gone
 IDLE_ENV = "DIRSYNC_AGENT_IDLE"  # seconds; overrides IDLE_S (tests)

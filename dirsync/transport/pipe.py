@@ -12,10 +12,13 @@ import select
 import shlex
 import subprocess
 import tempfile
-from typing import IO, Any, Sequence
 
 from dirsync.errors import ConnectError
 from dirsync.runtime import widen_pipe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import IO, Any, Sequence
 
 STDERR_KEEP = 64 * 1024
 """Bytes of the remote stderr kept for error messages (the tail)."""

@@ -7,7 +7,6 @@ Both sides use these functions, so a message is described in one place. See PROT
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
 
 import msgpack
 
@@ -26,6 +25,10 @@ from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, Send
 from dirsync.replica import OpenInfo
 from dirsync.scan import STATE_DIR
 from dirsync.transport.wire import v_bool, v_bytes, v_code, v_int, v_list, v_map, v_relpath as _v_relpath, v_str
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+    from typing import Any, Callable
 
 MAX_OPS = 1 << 22
 MAX_ROWS = 1 << 16  # rows per frame
