@@ -755,6 +755,13 @@ class Replica:
             self._renames_unflushed = False  # that syncfs also made the earlier batches' renames durable
         out: list[tuple[str, ItemError | None]] = []
         dirs: set[int] = set()
+        # A file written here is trusted (its next scan takes it from the cache unread) when its
+        # mtime is clearly older than this moment: whoever changes it after the lstat below
+        # stamps a later mtime, so a stale entry cannot match (a stamp in the same tick as the
+        # master's mtime is ruled out). Measured from here, not from the session's start: a
+        # file edited on the master just before the run (watch mode, a 1 GiB edit) is then
+        # not reread on the replica next run because the run's own hashing took a while.
+        racy_limit = time.time_ns() - RACY_NS
         for p, (tmp, w) in c.todo:
             del self.staged[p]
             try:
@@ -782,7 +789,7 @@ class Replica:
                     self._check_expect(p, dfd, name, w.expect, "commit")  # (again after a replace: harmless)
                     self._commit_across_devices(p, tmp[1], dfd, name)
                 st = os.lstat(name, dir_fd=dfd)
-                trusted = w.target.mtime_ns < self.write_start_ns - RACY_NS
+                trusted = w.target.mtime_ns < racy_limit
                 t = w.target  # the constructor, not .replace(): this runs once per file written
                 self.current[p] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes,
                                             t.digests, st.st_ino, st.st_ctime_ns, trusted)
@@ -872,6 +879,7 @@ class Replica:
                     if not (isinstance(e, FileEntry) and stat.S_ISREG(st.st_mode) and st.st_size == e.size
                             and st.st_mtime_ns == e.mtime_ns and st.st_ctime_ns == e.ctime_ns):
                         raise ConflictError(rel, "set metadata", "changed on the replica since it was scanned")
+                    racy_limit = time.time_ns() - RACY_NS  # (as in commit_finish)
                     os.fchmod(fd, a.mode)
                     os.utime(fd, ns=(a.mtime_ns, a.mtime_ns))
                     st = os.fstat(fd)
@@ -879,7 +887,7 @@ class Replica:
                     os.close(fd)
                 # Content untouched since the scan (ctime matched), so the digest stays valid.
                 self.current[rel] = e.replace(mode=a.mode, mtime_ns=a.mtime_ns, ctime_ns=st.st_ctime_ns,
-                                            trusted=e.trusted and a.mtime_ns < self.write_start_ns - RACY_NS)
+                                            trusted=e.trusted and a.mtime_ns < racy_limit)
         except OSError as e:
             raise ItemIOError(rel, "set metadata", e) from None
 

@@ -8,6 +8,7 @@ tree comparison (tests/treecmp.py) that the replica equals the master: bytes, mo
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -378,3 +379,34 @@ def test_no_delete_keeps_replica_extras_and_syncs_the_rest(tmp_path):
     assert read(r / "dir" / "x") == b"x\n" and any("dir" in w for w in rep["warnings"]), rep
     assert read(r / "keep") == b"k2\n" and read(r / "f" / "y") == b"y\n"
     synced(m, r)
+
+
+def test_a_file_edited_just_before_the_run_is_trusted_once_written(tmp_path):
+    """The replica trusts the entry of a file it wrote when the file's mtime is clearly older
+    than the commit (not than the run's start), so the next run does not reread it: a file
+    saved on the master right before the run (watch mode, a big edit) used to be reread on
+    the replica every following run."""
+    from dirsync import chunking
+    from dirsync.progress import Reporter
+    from dirsync.scan import RACY_NS
+    from dirsync.state import load_manifest_file
+    from dirsync.sync import SyncConfig, run_sync
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"a.bin": random_bytes(300_000, 40), "future.bin": random_bytes(1000, 41)})
+    os.utime(m / "future.bin", ns=(time.time_ns() + 10**10,) * 2)  # stamped ahead of the clock
+    edited = os.stat(m / "a.bin").st_mtime_ns  # just now: inside the racy window at the start
+
+    class WaitingReporter(Reporter):
+        def advance(self, n: int) -> None:  # called as files are staged, before any commit
+            deadline = time.monotonic() + 5
+            while time.time_ns() <= edited + RACY_NS + 1_000_000:
+                assert time.monotonic() < deadline, "clock does not advance"
+                time.sleep(0.01)
+
+    run = run_sync(SyncConfig(master=str(m), replicas=(str(r),), init=True), WaitingReporter(quiet=True))
+    assert run.replicas[0].exit_code == 0 and run.replicas[0].files_written == 2
+    cache = load_manifest_file(str(r / ".dirsync" / "manifest"), chunking.CHUNKER_ID).manifest.entries
+    assert cache["a.bin"].trusted
+    assert not cache["future.bin"].trusted  # an mtime in the future stays untrusted
+    treecmp.assert_trees_equal(m, r)
