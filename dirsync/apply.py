@@ -111,9 +111,11 @@ def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], si
 class MasterReader:
     """Reads send-op bytes from master files, checking every chunk against the scanned digest."""
 
-    def __init__(self, root: str, throttle: Callable[[int], None] | None = None) -> None:
+    def __init__(self, root: str, throttle: Callable[[int], None] | None = None,
+                 held: dict[str, tuple[bytes, bytes]] | None = None) -> None:
         self.root = root
         self.throttle = throttle
+        self.held = held or {}  # path -> (whole digest, bytes) the master scan kept (ScanResult.held)
         # Throttled reads go in smaller runs (about 1/4 s of data each) so the pace stays even.
         rate = getattr(throttle, "rate", 0)
         self.block = min(READ_BLOCK, max(64 << 10, int(rate) // 4)) if rate else READ_BLOCK
@@ -126,6 +128,16 @@ class MasterReader:
             return
         t = w.target
         path = w.path
+        held = self.held.get(path)
+        if held is not None and held[0] == t.digest and len(held[1]) == t.size:
+            # The very bytes the scan read and computed t.digest from: send those (the file
+            # as scanned, as its manifest entry says) instead of opening and reading it again.
+            buf = held[1]
+            for op in ops:
+                if self.throttle:
+                    self.throttle(op.size)
+                yield buf if op.size == len(buf) else buf[op.offset:op.offset + op.size]
+            return
         try:
             fd = os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -32,6 +32,7 @@ STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synce
 TMP_PREFIX = ".dirsync-tmp-"
 RACY_NS = 100_000_000  # ext4 stamps come from a coarse clock (1-10 ms); stay well clear
 BUFFER_MAX = 1 << 20  # files up to this size are read in one go
+HOLD_MAX = 64 << 10  # larger files are copied in the kernel (apply.DIRECT_MIN), not sent from memory
 
 
 class Excluder:
@@ -87,6 +88,9 @@ class ScanResult:
         self.temps: list[str] = []  # dirsync temp files found (stale after a crash)
         self.fingerprint = b""  # of the tree as scanned, when every file entry in it is trusted
         self.cache_failed = False  # the saved cache's rows did not decode (treated as no cache)
+        # path -> (whole-file digest, bytes): small files this scan read, kept (scan_tree's
+        # `hold`) so that sending them does not open and read them again (apply.MasterReader).
+        self.held: dict[str, tuple[bytes, bytes]] = {}
 
     @property
     def manifest(self) -> Manifest:
@@ -112,6 +116,7 @@ def scan_tree(
     only: Iterable[str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     walked: Prewalk | None = None,
+    hold: int = 0,
 ) -> ScanResult:
     """Scan `root` (an existing directory) into a ScanResult.
 
@@ -120,10 +125,13 @@ def scan_tree(
     of `cache` outside those relpaths are taken as they are and only the named paths (and the
     metadata of their parent directories) are looked at again. `walked`: the same tree's walk
     already under way in a child (see Prewalk); scan_tree walks itself if that fails.
+    `hold`: keep the bytes of files of up to HOLD_MAX bytes it reads, up to `hold` bytes in
+    all, in `held` (a master scan: an initial copy then reads each small file once, not twice).
     Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
     paths in `protect`; the root itself must be readable (checked by the caller).
     """
     s = _Scanner(root, excluder or Excluder(), on_bytes)
+    s.hold_left = hold
     res = s.result
     if only is not None:
         cm = _decoded(cache, res)
@@ -352,6 +360,7 @@ class _Scanner:
         self.links: dict[str, str] = {}  # link targets read while walking
         self.fp_ok = True  # False: the walk met something the fingerprint cannot stand for
         self.fp_exact = True  # False: an entry's stat facts differ from what the walk saw
+        self.hold_left = 0  # bytes of small files' content still to keep (ScanResult.held)
 
     def set_cache(self, cache: Manifest | None) -> None:
         self.cache = cache.entries if cache is not None else {}
@@ -568,6 +577,9 @@ class _Scanner:
             self.on_bytes(nread)
         limit = self.start_ns - RACY_NS
         trusted = st1.st_ctime_ns < limit and st1.st_mtime_ns < limit
+        if nread <= HOLD_MAX and nread <= self.hold_left:
+            self.hold_left -= nread
+            self.result.held[rel] = (whole, buf)  # exactly the bytes `whole` was computed from
         return FileEntry(rel, nread, stat.S_IMODE(st1.st_mode), st1.st_mtime_ns, whole, avg, sizes, digests,
                          st1.st_ino, st1.st_ctime_ns, trusted)
 

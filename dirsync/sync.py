@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations ar
     from typing import Callable
 
 MASS_DELETE_MIN = 10  # the default guard ignores runs deleting fewer entries than this
+# The master scan keeps the bytes of up to this much of the small files it reads, so that an
+# initial copy sends them from memory instead of opening and reading each one again (20,000
+# small files here: 0.8 s of a 4.4 s copy went to reading them a second time).
+HOLD_BYTES = 64 << 20
 
 # When several replicas end differently, the run's exit code is the most serious one.
 _SEVERITY = [ExitCode.INTERRUPTED, ExitCode.ERROR, ExitCode.CONNECT, ExitCode.PROTOCOL, ExitCode.LOCKED,
@@ -183,7 +187,7 @@ def scan_master(master_real: str, patterns: list[str], reporter: Reporter,
     cache_ok = load.status != "unusable"
     if not cache_ok:
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
-    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved, walked=walked)
+    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved, walked=walked, hold=HOLD_BYTES)
     cache_ok = cache_ok and not res.cache_failed
     try:
         # Save a changed tree, and an unchanged one whose cache lacks the fingerprint it now has
@@ -440,7 +444,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         reporter.begin(str(t.name), totals.send_bytes + totals.reuse_bytes)
         try:
             throttle = TokenBucket(cfg.bwlimit) if cfg.bwlimit else None  # one bucket per replica
-            t.apply(plan.actions, MasterReader(os.path.realpath(cfg.master), throttle), summary, should_stop)
+            t.apply(plan.actions, MasterReader(os.path.realpath(cfg.master), throttle, mscan.held), summary,
+                    should_stop)
         finally:
             reporter.end()
         for e in summary.errors:

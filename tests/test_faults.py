@@ -123,6 +123,29 @@ def test_master_file_changed_between_scan_and_read_is_not_committed(tmp_path, ch
     converges(m, r)  # the next run picks it up
 
 
+def test_small_files_read_by_the_scan_are_sent_as_scanned(tmp_path):
+    """The master scan keeps the bytes of small files it reads (sync.HOLD_BYTES): they are sent
+    from memory, so a small file changed after the scan reaches the replica as scanned, whole
+    and matching its manifest entry (the old path reread it and refused it as changed); the
+    next run sends the new content. A file the scan did not read is read again, as before."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"small.txt": b"scanned\n" * 100, "kept.txt": b"k1\n"})
+    settle(m)
+    sync_json(m, r)  # (the master cache now trusts both files)
+    write(m / "small.txt", b"SCANNED\n" * 100)
+    rep = quiet_reporter()
+    mscan = scan_master(check_master(str(m)), [], rep)
+    assert set(mscan[0].held) == {"small.txt"}  # read by this scan; kept.txt came from the cache
+    write(m / "small.txt", b"late one\n" * 100)  # same size, after the scan
+
+    run = run_sync(SyncConfig(master=str(m), replicas=(str(r),)), rep, master_scan=mscan)
+    assert run.exit_code == 0 and run.replicas[0].errors == []
+    assert read(r / "small.txt") == b"SCANNED\n" * 100
+    assert os.stat(r / "small.txt").st_mtime_ns == mscan[0].manifest.entries["small.txt"].mtime_ns
+    assert tmp_entries(r) == []
+    converges(m, r)
+
+
 def test_master_file_changed_while_copied_in_the_kernel_is_not_committed(tmp_path):
     """A trusted master file is copied straight from the master (apply.DirectSends): when it
     changes after the writer opened it (same size, mtime put back; only ctime tells), the
