@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -398,6 +399,39 @@ def test_completely_full_replica_fails_cleanly(tmp_path):
         leftovers = [n for n in os.listdir(os.path.join(r, ".dirsync")) if ".tmp-" in n]
         assert leftovers == [], f"a half-written state file was left: {leftovers}"
         os.unlink(filler)
+        converges(m, r)
+
+
+def test_a_full_replica_reports_each_kind_of_failure_a_few_times_not_once_per_file(tmp_path):
+    """Every new file fails the same way on a full disk: stderr shows the first ERRORS_SHOWN and
+    one line counting the rest (a cron mail of 100,000 identical lines helps nobody); --json
+    still lists every path, and room again converges."""
+    from dirsync.sync import ERRORS_SHOWN
+
+    m = tmp_path / "m"
+    build_tree(m, {"a.txt": b"a1\n"})
+    with tiny_tmpfs("1m") as r:
+        sync_json(m, r)
+        build_tree(m / "new", {f"f{i:02d}.bin": random_bytes(20_000, 50 + i) for i in range(3 * ERRORS_SHOWN)})
+        filler = os.path.join(r, ".dirsync", "filler")  # never synced, never deleted: ours to fill
+        with open(filler, "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        cp = run_cli("sync", m, r)
+        assert cp.returncode == PARTIAL, (cp.returncode, cp.stderr)
+        errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+        per_file = [ln for ln in errs if "new/f" in ln and "No space left on device" in ln and "more paths" not in ln]
+        rest = [ln for ln in errs if "more paths failed the same way (No space left on device)" in ln]
+        assert len(per_file) == ERRORS_SHOWN and len(rest) == 1, cp.stderr
+        assert f"{2 * ERRORS_SHOWN} more paths" in rest[0] and "new/f29.bin" in rest[0], rest
+        cp = run_cli("sync", "--json", m, r)
+        out = json.loads(cp.stdout)
+        failed = {e["path"] for e in out["replicas"][0]["errors"]}
+        assert {f"new/f{i:02d}.bin" for i in range(3 * ERRORS_SHOWN)} <= failed
+        assert tmp_entries(r) == [] and stray_temps(r) == []
+        os.unlink(filler)
+        shutil.rmtree(m / "new")  # (the tmpfs is too small for all of them anyway)
         converges(m, r)
 
 
