@@ -350,7 +350,8 @@ class ChunkIndex:
         self._by_key: dict[int, int] | None = None  # digest prefix -> chunk number over all files
         self._starts: list[int] = []  # first chunk number of each file
         self._offs: dict[int, list[int]] = {}
-        self._basis: tuple[int, dict[bytes, int]] = (-1, {})  # the last basis: file number, digest -> chunk
+        # The last basis: its file number, its digest -> chunk dict (once built), lookups so far.
+        self._basis: tuple[int, dict[bytes, int] | None, int] = (-1, None, 0)
 
     def want(self, targets: "list[FileEntry]") -> None:
         """Index only the chunks these files could reuse from other files (call before file_delta).
@@ -373,7 +374,7 @@ class ChunkIndex:
         """(file, chunk number in it, offset) of a chunk in the replica with this digest: in the
         file at `path` if it has one, else the first in the replica."""
         j = self._num.get(path, -1) if path else -1
-        i = self._basis_index(j).get(digest) if j >= 0 else None
+        i = self._basis_find(j, digest) if j >= 0 else None
         if i is None:
             if self._by_key is None:
                 self._build(None)
@@ -387,11 +388,22 @@ class ChunkIndex:
             offs = self._offs[j] = list(accumulate(self.files[j].sizes, initial=0))
         return self.files[j], i, offs[i]
 
-    def _basis_index(self, j: int) -> dict[bytes, int]:
-        if self._basis[0] != j:
-            d, n = self.files[j].digests, DIGEST_SIZE
-            self._basis = (j, {d[i:i + n]: i // n for i in range(len(d) - n, -1, -n)})
-        return self._basis[1]
+    def _basis_find(self, j: int, digest: bytes) -> int | None:
+        """The first chunk of file j with this digest. A scattered edit of a big file needs a
+        lookup or two per changed spot: each scans its digests (memmem); only after
+        BASIS_SCANS lookups in one file is a dict of them built (for a 1 GiB file's 107,000
+        chunks that took 84 ms of a 153 ms plan)."""
+        _, index, scans = self._basis if self._basis[0] == j else (j, None, 0)
+        d, n = self.files[j].digests, DIGEST_SIZE
+        if index is None and scans >= BASIS_SCANS:
+            index = {d[i:i + n]: i // n for i in range(len(d) - n, -1, -n)}  # (backwards: the first wins)
+        self._basis = (j, index, scans + 1)
+        if index is not None:
+            return index.get(digest)
+        pos = d.find(digest)
+        while pos > 0 and pos % n:
+            pos = d.find(digest, pos + 1)
+        return pos // n if pos >= 0 else None
 
     def _build(self, wanted: "set[int] | None") -> None:
         # Chunk numbers map back to files by bisect; offsets are summed per file only when a
@@ -420,6 +432,7 @@ class ChunkIndex:
 
 
 _ORDER = sys.byteorder
+BASIS_SCANS = 64  # lookups by scanning one basis file's digests before indexing them
 
 
 def _prefix_view(digests: bytes) -> memoryview:

@@ -249,3 +249,20 @@ def test_swap_example():
     writes = [a for a in plan.actions if isinstance(a, WriteFile)]
     assert {w.path: {o.src for o in w.ops} for w in writes} == {"a": {"b"}, "b": {"a"}}
     assert final_keys(simulate(plan, master, replica)) == master.keys()
+
+
+@SETTINGS
+@given(manifests(), manifests())
+def test_basis_lookups_by_scan_and_by_index_plan_alike(master, replica):
+    """ChunkIndex looks a digest up in the same path's old file by scanning its digests for the
+    first BASIS_SCANS lookups, then through a dict: both give the same plan."""
+    import dirsync.plan as plan_mod
+
+    scanned = diff(master, replica)
+    saved = plan_mod.BASIS_SCANS
+    plan_mod.BASIS_SCANS = 0  # index from the first lookup
+    try:
+        indexed = diff(master, replica)
+    finally:
+        plan_mod.BASIS_SCANS = saved
+    assert indexed.actions == scanned.actions
