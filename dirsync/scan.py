@@ -562,8 +562,12 @@ class _Scanner:
                 sizes, digests, whole = chunking.chunk_buffer(buf, avg)
                 nread = len(buf)
             else:
-                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                    sizes, digests, whole, nread = chunking.chunk_stream(f, avg)
+                got = chunking.chunk_file_parallel(fd, st0.st_size, avg, fork_child) \
+                    if avg and st0.st_size >= chunking.PARALLEL_MIN else None
+                if got is None:
+                    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                        got = chunking.chunk_stream(f, avg)
+                sizes, digests, whole, nread = got
             st1 = os.fstat(fd)
         finally:
             os.close(fd)

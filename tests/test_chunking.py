@@ -391,3 +391,65 @@ def test_the_writers_chunk_hasher_matches_the_chunker():
     h = _ChunkHasher(sizes)
     h.update(data[:-1])
     assert not h.complete
+
+
+# -- two processes on one large file (chunking.chunk_file_parallel) ---------------------------
+
+
+def _parallel(path, avg, fork=None):
+    from dirsync.state import fork_child
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return chunking.chunk_file_parallel(fd, os.path.getsize(path), avg, fork or fork_child)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("avg", [MIN_AVG, 2048, MAX_AVG])
+@pytest.mark.parametrize("kind", ["random", "periodic", "zeros"])
+def test_two_processes_chunk_a_file_exactly_as_one(avg, kind, tmp_path):
+    """Same sizes, digests, whole digest and byte count as chunk_stream, whatever the content:
+    random (the halves meet after a chunk or two), a short period (boundaries repeat) and zeros
+    (no content-defined boundary at all: only the maximum size cuts)."""
+    r = random.Random(hash((avg, kind)) & 0xFFFF)
+    for size in (1 << 20, (3 << 20) + 777, 6 << 20):
+        data = {"random": lambda: r.randbytes(size),
+                "periodic": lambda: (r.randbytes(3000) * (size // 3000 + 1))[:size],
+                "zeros": lambda: bytes(size)}[kind]()
+        p = tmp_path / f"{kind}-{size}"
+        p.write_bytes(data)
+        with open(p, "rb", buffering=0) as f:
+            want = chunk_stream(f, avg)
+        assert _parallel(p, avg) == want
+
+
+def test_two_processes_without_a_usable_child_chunk_alone(tmp_path):
+    """No fork (None: the caller chunks), or a child that sends nothing (this process goes on
+    to the end by itself): the result is still chunk_stream's."""
+    from dirsync.state import fork_child
+
+    p = tmp_path / "f"
+    p.write_bytes(random.Random(7).randbytes(3 << 20))
+    with open(p, "rb", buffering=0) as f:
+        want = chunk_stream(f, 2048)
+    assert _parallel(p, 2048, fork=lambda work: None) is None
+    assert _parallel(p, 2048, fork=lambda work: fork_child(lambda: 0)) == want
+
+
+def test_a_large_file_is_scanned_by_two_processes_alike(tmp_path, monkeypatch):
+    """scan_tree uses both processes for files of PARALLEL_MIN bytes or more; the entries are
+    those of a scan by one process."""
+    from dirsync.scan import scan_tree
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "big.bin").write_bytes(random.Random(8).randbytes(5 << 20))
+    one = scan_tree(str(tmp_path / "t")).manifest.entries
+    calls = []
+    real = chunking.chunk_file_parallel
+    monkeypatch.setattr(chunking, "PARALLEL_MIN", 1 << 20)
+    monkeypatch.setattr(chunking, "chunk_file_parallel", lambda *a: calls.append(a[1]) or real(*a))
+    two = scan_tree(str(tmp_path / "t")).manifest.entries
+    assert calls == [5 << 20]
+    assert two["big.bin"].sizes == one["big.bin"].sizes and two["big.bin"].digests == one["big.bin"].digests
+    assert two["big.bin"].digest == one["big.bin"].digest
