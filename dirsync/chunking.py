@@ -166,8 +166,8 @@ def _cut_range(fd: int, start: int, avg: int) -> tuple[list[int], bytes]:
 
 def chunk_file_parallel(fd: int, size: int, avg: int, fork) -> tuple[tuple[int, ...], bytes, bytes, int] | None:
     """chunk_stream's result for the open file `fd` of `size` bytes, computed by two processes:
-    a child (`fork`: state.fork_child) chunks the second half as if a chunk began at its
-    start, while this process chunks from the beginning. Chunk boundaries depend only on the
+    a child (`fork`: state.fork_child) chunks the file from 3/7 of its size on as if a chunk
+    began there, while this process chunks from the beginning. Chunk boundaries depend only on the
     bytes since the previous boundary, so from the first boundary both found the chunks are
     the same: this process stops there and takes the child's from then on (then only hashes
     the rest for the whole-file digest). Where they never meet, this process simply goes on
@@ -238,9 +238,9 @@ def _read_child(fd: int) -> tuple[list[int], bytes]:
             break
         chunks.append(b)
     data = b"".join(chunks)
-    if len(data) < 8:
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if n < 0 or n % 8 or len(data) < 8 + n:  # (a child that died while writing)
         return [], b""
-    n = int.from_bytes(data[:8], "little")
     sizes = array("Q")
     sizes.frombytes(data[8:8 + n])
     digests = data[8 + n:]

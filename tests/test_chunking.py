@@ -453,3 +453,27 @@ def test_a_large_file_is_scanned_by_two_processes_alike(tmp_path, monkeypatch):
     assert calls == [5 << 20]
     assert two["big.bin"].sizes == one["big.bin"].sizes and two["big.bin"].digests == one["big.bin"].digests
     assert two["big.bin"].digest == one["big.bin"].digest
+
+
+def test_a_child_that_dies_mid_answer_leaves_the_work_to_this_process(tmp_path):
+    """A truncated answer (a child killed while writing) is no answer: the result is still
+    chunk_stream's, with no exception."""
+    from dirsync.state import fork_child
+
+    p = tmp_path / "f"
+    p.write_bytes(random.Random(9).randbytes(3 << 20))
+    with open(p, "rb", buffering=0) as f:
+        want = chunk_stream(f, 2048)
+    real = os.write
+
+    def dying(work):
+        def half() -> int:
+            def write_then_die(fd, data):  # the child writes part of its answer, then dies
+                real(fd, bytes(data[:13]))
+                raise OSError("killed")
+
+            os.write = write_then_die
+            return work()
+        return fork_child(half)
+
+    assert _parallel(p, 2048, fork=dying) == want
