@@ -13,6 +13,9 @@ if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations ar
     from typing import TextIO
 
 
+ITEMS_SHOWN = 10  # item errors printed per kind (Reporter.item_errors); the rest in one line
+
+
 class Reporter:
     """Plain reporter: warnings and item errors as lines on stderr (what cron mail should hold)."""
 
@@ -47,6 +50,30 @@ class Reporter:
         self._print(f"error: {msg}")
         if hint:
             self._print(f"hint: {hint}")
+
+    def item_errors(self, prefix: str, errors, skip=()) -> None:
+        """Report a replica's item errors (not those in `skip`): each kind (code and cause) is
+        printed ITEMS_SHOWN times, then one line counts the rest and names the last; a full
+        disk fails every file the same way, and a cron mail of 100,000 identical lines helps
+        nobody (--json keeps them all). A master file that changed while it was sent is a
+        warning: the next run picks it up (still exit 23), and a watcher under churn must not
+        cry error."""
+        from dirsync.errors import describe, display_path
+
+        kinds: dict[tuple[str, str], list] = {}  # (code, cause) -> [count, last error]
+        for e in errors:
+            if e in skip:
+                continue
+            seen = kinds.setdefault((e.code, describe(e.cause)), [0, e])
+            seen[0] += 1
+            seen[1] = e
+            if seen[0] <= ITEMS_SHOWN:
+                (self.warn if e.code == "CHANGED" else self.error)(f"{prefix}: {e}")
+        for (code, cause), (n, last) in kinds.items():
+            if n > ITEMS_SHOWN:
+                (self.warn if code == "CHANGED" else self.error)(
+                    f"{prefix}: {n - ITEMS_SHOWN} more paths failed the same way ({cause}), the last: "
+                    f"{display_path(last.path) or '.'}; --json lists every one")
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)

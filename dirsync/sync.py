@@ -11,7 +11,7 @@ import time
 
 from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
-from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, describe, display_path
+from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, display_path
 from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import Plan, PlanOptions, diff
 from dirsync.progress import Reporter
@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations ar
     from typing import Callable
 
 MASS_DELETE_MIN = 10  # the default guard ignores runs deleting fewer entries than this
-ERRORS_SHOWN = 10  # item errors printed per kind (code and cause); the rest are counted in one line
 # The master scan keeps the bytes of up to this much of the small files it reads, so that an
 # initial copy sends them from memory instead of opening and reading each one again (20,000
 # small files here: 0.8 s of a 4.4 s copy went to reading them a second time).
@@ -449,23 +448,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
                     should_stop)
         finally:
             reporter.end()
-        shown: dict[tuple[str, str], list] = {}  # (code, cause) -> [count, last error]
-        for e in summary.errors:
-            if e not in rscan.errors:
-                seen = shown.setdefault((e.code, describe(e.cause)), [0, e])
-                seen[0] += 1
-                seen[1] = e
-                if seen[0] > ERRORS_SHOWN:
-                    continue  # (a full disk fails every file the same way: not 100,000 lines)
-                # A master file that changed while it was sent is picked up by the next run: say
-                # so as a warning (still exit 23), so a watcher under churn does not cry error.
-                say = reporter.warn if e.code == "CHANGED" else reporter.error
-                say(f"{t.name}: {e}")
-        for (code, cause), (n, last) in shown.items():
-            if n > ERRORS_SHOWN:
-                say = reporter.warn if code == "CHANGED" else reporter.error
-                say(f"{t.name}: {n - ERRORS_SHOWN} more paths failed the same way ({cause}), the last: "
-                    f"{display_path(last.path) or '.'}; --json lists every one")
+        reporter.item_errors(str(t.name), summary.errors, skip=rscan.errors)
         for w in summary.warnings:
             if w not in info.warnings:
                 reporter.warn(f"{t.name}: {w}")

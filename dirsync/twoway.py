@@ -66,6 +66,7 @@ from dirsync.errors import (
     ConfigError,
     ExitCode,
     ItemError,
+    ItemIOError,
     RefusedError,
     SourceChangedError,
     display_path,
@@ -946,21 +947,33 @@ class TwoWaySide:
             return None
 
     def write_state(self, name: str, data: bytes) -> None:
+        """Atomic and durable. A failure (a full disk) ends the run with that one error: before
+        applying (the .pending marker) nothing has changed; after (the base record) the sides
+        hold their new content and the next run, finding both alike, records it."""
         from dirsync.state import write_atomic
 
-        write_atomic(self._state(name), data)
+        try:
+            write_atomic(self._state(name), data)
+        except OSError as e:
+            raise ItemIOError(f".dirsync/{name}", "write two-way state", e) from None
 
     def write_hint(self, name: str, data: bytes) -> None:
         """write_state for a file that is only a shortcut (the .step note): atomic, not fsynced.
         One lost or left stale by a crash names ids and fingerprints that no longer match, and
-        one torn does not decode: either way the next run just does the whole work."""
-        _write_unsynced(self._state(name), data)
+        one torn does not decode: either way the next run just does the whole work (and so
+        when it cannot be written at all)."""
+        try:
+            _write_unsynced(self._state(name), data)
+        except OSError:
+            pass
 
     def remove_state(self, name: str) -> None:
         try:
             os.unlink(self._state(name))
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise ItemIOError(f".dirsync/{name}", "remove two-way state", e) from None
 
     def prune_snapshots(self, pid: str, keep: str) -> None:
         """Remove the pair's base snapshot files other than `keep` (no record names them)."""
@@ -1533,8 +1546,7 @@ def _run_twoway(cfg: TwoWayConfig, reporter, should_stop: Callable[[], bool]) ->
             finally:
                 reporter.end()
                 sm.seconds = sw.elapsed()
-            for e in sm.errors:
-                reporter.error(f"{s.spec}: {e}")
+            reporter.item_errors(s.spec, sm.errors)
             for w in sm.warnings:
                 reporter.warn(f"{s.spec}: {w}")
 

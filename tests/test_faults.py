@@ -403,16 +403,16 @@ def test_completely_full_replica_fails_cleanly(tmp_path):
 
 
 def test_a_full_replica_reports_each_kind_of_failure_a_few_times_not_once_per_file(tmp_path):
-    """Every new file fails the same way on a full disk: stderr shows the first ERRORS_SHOWN and
+    """Every new file fails the same way on a full disk: stderr shows the first ITEMS_SHOWN and
     one line counting the rest (a cron mail of 100,000 identical lines helps nobody); --json
     still lists every path, and room again converges."""
-    from dirsync.sync import ERRORS_SHOWN
+    from dirsync.progress import ITEMS_SHOWN
 
     m = tmp_path / "m"
     build_tree(m, {"a.txt": b"a1\n"})
     with tiny_tmpfs("1m") as r:
         sync_json(m, r)
-        build_tree(m / "new", {f"f{i:02d}.bin": random_bytes(20_000, 50 + i) for i in range(3 * ERRORS_SHOWN)})
+        build_tree(m / "new", {f"f{i:02d}.bin": random_bytes(20_000, 50 + i) for i in range(3 * ITEMS_SHOWN)})
         filler = os.path.join(r, ".dirsync", "filler")  # never synced, never deleted: ours to fill
         with open(filler, "wb", buffering=0) as f:
             with contextlib.suppress(OSError):
@@ -423,16 +423,75 @@ def test_a_full_replica_reports_each_kind_of_failure_a_few_times_not_once_per_fi
         errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
         per_file = [ln for ln in errs if "new/f" in ln and "No space left on device" in ln and "more paths" not in ln]
         rest = [ln for ln in errs if "more paths failed the same way (No space left on device)" in ln]
-        assert len(per_file) == ERRORS_SHOWN and len(rest) == 1, cp.stderr
-        assert f"{2 * ERRORS_SHOWN} more paths" in rest[0] and "new/f29.bin" in rest[0], rest
+        assert len(per_file) == ITEMS_SHOWN and len(rest) == 1, cp.stderr
+        assert f"{2 * ITEMS_SHOWN} more paths" in rest[0] and "new/f29.bin" in rest[0], rest
         cp = run_cli("sync", "--json", m, r)
         out = json.loads(cp.stdout)
         failed = {e["path"] for e in out["replicas"][0]["errors"]}
-        assert {f"new/f{i:02d}.bin" for i in range(3 * ERRORS_SHOWN)} <= failed
+        assert {f"new/f{i:02d}.bin" for i in range(3 * ITEMS_SHOWN)} <= failed
         assert tmp_entries(r) == [] and stray_temps(r) == []
         os.unlink(filler)
         shutil.rmtree(m / "new")  # (the tmpfs is too small for all of them anyway)
         converges(m, r)
+
+
+def _fill(root: str, leave: int = 0) -> str:
+    """Fill the file system of `root` through a file in its .dirsync/ (never synced), then free
+    `leave` bytes of it again. Returns the filler's path."""
+    filler = os.path.join(root, ".dirsync", "filler")
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    if leave:
+        os.truncate(filler, max(0, os.path.getsize(filler) - leave))
+    return filler
+
+
+def test_two_way_reports_a_full_side_the_same_few_lines(tmp_path):
+    """Two-way prints item errors through the same Reporter.item_errors: ITEMS_SHOWN lines and
+    one counting the rest."""
+    from dirsync.progress import ITEMS_SHOWN
+
+    a = tmp_path / "a"
+    build_tree(a, {"a.txt": b"a1\n"})
+    with tiny_tmpfs("1m") as b:
+        cp = run_cli("sync", "--two-way", a, b)
+        assert cp.returncode == 0, cp.stderr
+        build_tree(a / "new", {f"f{i:02d}.bin": random_bytes(20_000, 80 + i) for i in range(2 * ITEMS_SHOWN + 3)})
+        filler = _fill(b, leave=16 << 10)  # room for the run's small state files, not for a new file
+        cp = run_cli("sync", "--two-way", a, b)
+        assert cp.returncode == PARTIAL, (cp.returncode, cp.stderr)
+        errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:") and "new/f" in ln]
+        assert len(errs) == ITEMS_SHOWN + 1, cp.stderr
+        assert f"{ITEMS_SHOWN + 3} more paths failed the same way (No space left on device)" in errs[-1], errs
+        assert tmp_entries(b) == [] and stray_temps(b) == []
+        os.unlink(filler)
+        shutil.rmtree(a / "new")
+        cp = run_cli("sync", "--two-way", a, b)
+        assert cp.returncode == 0, cp.stderr
+        treecmp.assert_trees_equal(a, b)
+
+
+def test_two_way_with_a_side_too_full_for_its_state_stops_cleanly(tmp_path):
+    """Not even the run's .pending marker fits: one clear error, no traceback, exit 23, nothing
+    changed on either side; with room again the next run converges."""
+    a = tmp_path / "a"
+    build_tree(a, {"a.txt": b"a1\n"})
+    with tiny_tmpfs("1m") as b:
+        assert run_cli("sync", "--two-way", a, b).returncode == 0
+        write(a / "a.txt", b"a2\n")
+        filler = _fill(b)
+        cp = run_cli("sync", "--two-way", a, b)  # (run_cli asserts there is no traceback)
+        assert cp.returncode == PARTIAL, (cp.returncode, cp.stderr)
+        errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errs) == 1 and "write two-way state" in errs[0] and "No space left on device" in errs[0], errs
+        assert read(os.path.join(b, "a.txt")) == b"a1\n" and read(a / "a.txt") == b"a2\n"
+        assert tmp_entries(b) == [] and stray_temps(b) == []
+        os.unlink(filler)
+        cp = run_cli("sync", "--two-way", a, b)
+        assert cp.returncode == 0, cp.stderr
+        treecmp.assert_trees_equal(a, b)
 
 
 # -- permissions on the replica ------------------------------------------------------------------

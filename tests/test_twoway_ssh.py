@@ -131,3 +131,40 @@ def test_remote_side_keeps_the_base_snapshot_and_a_small_change_moves_only_the_d
         assert moved < len(snap) // 2, (moved, len(snap))
     finally:
         proxy.close()
+
+
+def test_a_remote_side_too_full_for_its_state_stops_cleanly(sshd, tmp_path):
+    """The agent cannot write the run's .pending marker (its disk is full): the master reports
+    that one error (exit 23), nothing changed on either side, the link stays usable, and with
+    room again the next run converges."""
+    import contextlib
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    a = tmp_path / "a"
+    build_tree(a, {"a.txt": b"a1\n"})
+    b = tempfile.mkdtemp(prefix="dirsync-tmpfs-")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", b]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        spec = ssh_spec(sshd, b)
+        tw(sshd, str(a), spec, "--init")
+        write(a / "a.txt", b"a2\n")
+        filler = os.path.join(b, ".dirsync", "filler")
+        with open(filler, "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        cp = run_cli("sync", "--two-way", *ssh_cli_args(sshd), a, spec)
+        assert cp.returncode == 23, cp.stderr
+        errs = [ln for ln in cp.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errs) == 1 and "write two-way state" in errs[0] and "No space left on device" in errs[0], errs
+        assert read(os.path.join(b, "a.txt")) == b"a1\n"
+        os.unlink(filler)
+        tw(sshd, str(a), spec)
+        same(a, b)
+    finally:
+        subprocess.run(["umount", "-l", b], check=False)
+        os.rmdir(b)

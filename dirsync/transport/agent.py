@@ -449,7 +449,10 @@ class Agent:
         elif op == "write":
             if self.replica is None or self.replica.readonly:
                 raise ProtocolError("two-way state written without an open, writable side")
-            write_atomic(os.path.join(state, name), v_bytes(m.get("data"), DATA_MAX))
+            try:
+                write_atomic(os.path.join(state, name), v_bytes(m.get("data"), DATA_MAX))
+            except OSError as e:  # (a full disk): the master reports it, the session goes on
+                raise ItemIOError(f".dirsync/{name}", "write two-way state", e) from None
         elif op == "remove":
             if self.replica is None or self.replica.readonly:
                 raise ProtocolError("two-way state removed without an open, writable side")
@@ -457,6 +460,8 @@ class Agent:
                 os.unlink(os.path.join(state, name))
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                raise ItemIOError(f".dirsync/{name}", "remove two-way state", e) from None
         elif op == "empty":
             try:
                 v = all(n == STATE_DIR for n in os.listdir(root))
