@@ -166,7 +166,7 @@ def _cut_range(fd: int, start: int, avg: int) -> tuple[list[int], bytes]:
 
 def chunk_file_parallel(fd: int, size: int, avg: int, fork) -> tuple[tuple[int, ...], bytes, bytes, int] | None:
     """chunk_stream's result for the open file `fd` of `size` bytes, computed by two processes:
-    a child (`fork`: state.fork_child) chunks the file from 3/7 of its size on as if a chunk
+    a child (`fork`: state.fork_answering) chunks the file from 3/7 of its size on as if a chunk
     began there, while this process chunks from the beginning. Chunk boundaries depend only on the
     bytes since the previous boundary, so from the first boundary both found the chunks are
     the same: this process stops there and takes the child's from then on (then only hashes
@@ -176,22 +176,18 @@ def chunk_file_parallel(fd: int, size: int, avg: int, fork) -> tuple[tuple[int, 
     # The parent also hashes the child's part for the whole-file digest (about a quarter of
     # the cost of chunking it): splitting at 3/7 has both sides finish together.
     start = (size * 3 // 7) & ~((1 << 20) - 1)
-    r, w = os.pipe()
 
-    def work() -> int:
-        os.close(r)
+    def work(w: int) -> None:
         sizes, digests = _cut_range(fd, start, avg)
         sz = array("Q", sizes).tobytes()
         view = memoryview(len(sz).to_bytes(8, "little") + sz + digests)
         while view:
             view = view[os.write(w, view):]
-        return 0
 
-    pid = fork(work)
-    os.close(w)
-    if pid is None:
-        os.close(r)
+    got = fork(work)
+    if got is None:
         return None
+    pid, r = got
     try:
         whole = xxhash.xxh3_128()
         reader = _PReader(fd, 0, whole)

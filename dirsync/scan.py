@@ -22,7 +22,7 @@ from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_p
 from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, ManifestFormatError, SavedManifest,
                               covered, fp_dir, fp_final, fp_link, parent_of)
 from dirsync.manifest import _FSENC, FP_FILE
-from dirsync.state import fork_child
+from dirsync.state import fork_answering
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
@@ -207,19 +207,8 @@ class Prewalk:
               cache: Manifest | SavedManifest | None = None) -> Prewalk | None:
         import pickle  # here: the child imports nothing
 
-        r, w = os.pipe()
-
-        def walk() -> int:
-            os.close(r)
-            _prewalk_child(root, excluder, known_fp, w, pickle.dumps, cache)
-            return 0
-
-        pid = fork_child(walk)
-        os.close(w)
-        if pid is None:
-            os.close(r)
-            return None
-        return cls(pid, r)
+        got = fork_answering(lambda w: _prewalk_child(root, excluder, known_fp, w, pickle.dumps, cache))
+        return None if got is None else cls(*got)
 
     def result(self) -> tuple | None:
         """(fingerprint, items or None when it matched known_fp, temps, link targets), or the
@@ -562,7 +551,7 @@ class _Scanner:
                 sizes, digests, whole = chunking.chunk_buffer(buf, avg)
                 nread = len(buf)
             else:
-                got = chunking.chunk_file_parallel(fd, st0.st_size, avg, fork_child) \
+                got = chunking.chunk_file_parallel(fd, st0.st_size, avg, fork_answering) \
                     if avg and st0.st_size >= chunking.PARALLEL_MIN else None
                 if got is None:
                     with os.fdopen(os.dup(fd), "rb", buffering=0) as f:

@@ -148,6 +148,25 @@ def fork_child(work: Callable[[], int]) -> int | None:
     return pid
 
 
+def fork_answering(work: Callable[[int], object]) -> tuple[int, int] | None:
+    """fork_child for work that answers through a pipe: work(fd) runs in the child and writes
+    its answer to fd. Returns (pid, the fd to read the answer from until EOF; the caller closes
+    it and reaps the pid), or None when no child was forked (the caller does the work itself)."""
+    r, w = os.pipe()
+
+    def child() -> int:
+        os.close(r)
+        work(w)
+        return 0
+
+    pid = fork_child(child)
+    os.close(w)
+    if pid is None:
+        os.close(r)
+        return None
+    return pid, r
+
+
 def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> PendingSave | None:
     """save_manifest_file in a forked child (fork_child), so that encoding, writing and fsync
     overlap what the caller does next (a cache is megabytes); None when it cannot fork: save it

@@ -397,11 +397,11 @@ def test_the_writers_chunk_hasher_matches_the_chunker():
 
 
 def _parallel(path, avg, fork=None):
-    from dirsync.state import fork_child
+    from dirsync.state import fork_answering
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        return chunking.chunk_file_parallel(fd, os.path.getsize(path), avg, fork or fork_child)
+        return chunking.chunk_file_parallel(fd, os.path.getsize(path), avg, fork or fork_answering)
     finally:
         os.close(fd)
 
@@ -427,14 +427,14 @@ def test_two_processes_chunk_a_file_exactly_as_one(avg, kind, tmp_path):
 def test_two_processes_without_a_usable_child_chunk_alone(tmp_path):
     """No fork (None: the caller chunks), or a child that sends nothing (this process goes on
     to the end by itself): the result is still chunk_stream's."""
-    from dirsync.state import fork_child
+    from dirsync.state import fork_answering
 
     p = tmp_path / "f"
     p.write_bytes(random.Random(7).randbytes(3 << 20))
     with open(p, "rb", buffering=0) as f:
         want = chunk_stream(f, 2048)
     assert _parallel(p, 2048, fork=lambda work: None) is None
-    assert _parallel(p, 2048, fork=lambda work: fork_child(lambda: 0)) == want
+    assert _parallel(p, 2048, fork=lambda work: fork_answering(lambda fd: None)) == want
 
 
 def test_a_large_file_is_scanned_by_two_processes_alike(tmp_path, monkeypatch):
@@ -458,7 +458,7 @@ def test_a_large_file_is_scanned_by_two_processes_alike(tmp_path, monkeypatch):
 def test_a_child_that_dies_mid_answer_leaves_the_work_to_this_process(tmp_path):
     """A truncated answer (a child killed while writing) is no answer: the result is still
     chunk_stream's, with no exception."""
-    from dirsync.state import fork_child
+    from dirsync.state import fork_answering
 
     p = tmp_path / "f"
     p.write_bytes(random.Random(9).randbytes(3 << 20))
@@ -467,13 +467,13 @@ def test_a_child_that_dies_mid_answer_leaves_the_work_to_this_process(tmp_path):
     real = os.write
 
     def dying(work):
-        def half() -> int:
+        def half(fd: int) -> None:
             def write_then_die(fd, data):  # the child writes part of its answer, then dies
                 real(fd, bytes(data[:13]))
                 raise OSError("killed")
 
             os.write = write_then_die
-            return work()
-        return fork_child(half)
+            work(fd)
+        return fork_answering(half)
 
     assert _parallel(p, 2048, fork=dying) == want
