@@ -64,6 +64,7 @@ from collections import Counter
 from dirsync.apply import ReplicaSummary
 from dirsync.errors import (
     ConfigError,
+    DirsyncError,
     ExitCode,
     ItemError,
     ItemIOError,
@@ -1099,7 +1100,12 @@ class RemoteTwoWaySide(TwoWaySide):
         self._tw("write", name=name, data=data)
 
     def write_hint(self, name: str, data: bytes) -> None:
-        self.write_state(name, data)
+        try:
+            self.write_state(name, data)
+        except DirsyncError as e:
+            if e.exit_code != ExitCode.PARTIAL:  # (the link failed: the next request says so)
+                raise
+            # the far side could not write it (a full disk): only a shortcut, as on a local side
 
     def remove_state(self, name: str) -> None:
         if not _STATE_NAME.fullmatch(name):
