@@ -7,11 +7,10 @@ The option declarations, help and usage errors live in dirsync.cli only.
 
 from __future__ import annotations
 
-
 from dirsync.errors import DirsyncError, ExitCode
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Optional, Sequence
 
 

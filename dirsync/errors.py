@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from enum import IntEnum
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Iterator
 
 

@@ -19,14 +19,14 @@ import os
 import sys
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Optional
 
 FLAG, STR, STRS, INT, FLOAT = "flag", "str", "strs", "int", "float"  # STRS: repeatable STR (a list or None)
 
 
 class Opt:
-    """One option (a plain class: typing.NamedTuple would cost this fast path ~6 ms of imports)."""
+    """One option (a plain class: typing.NamedTuple would import typing on this fast path)."""
 
     __slots__ = ("name", "flags", "kind", "default", "off", "min", "convert")
 

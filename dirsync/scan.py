@@ -25,7 +25,7 @@ from dirsync.manifest import _FSENC, FP_FILE
 from dirsync.state import fork_answering
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Iterable
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted

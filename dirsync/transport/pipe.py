@@ -17,7 +17,7 @@ from dirsync.errors import ConnectError
 from dirsync.runtime import widen_pipe
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import IO, Any, Sequence
 
 STDERR_KEEP = 64 * 1024

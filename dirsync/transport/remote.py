@@ -33,7 +33,7 @@ from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hel
                                    v_list, v_map, v_str)
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Any, Callable, Iterator, Sequence
 
 PULL_WINDOW = 8 << 20  # two-way: bytes requested from a remote side at a time

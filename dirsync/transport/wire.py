@@ -23,7 +23,7 @@ import msgpack
 from dirsync.errors import ProtocolError
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs ~6 ms of every start; annotations are never evaluated
+if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Any
 
 __all__ = [
