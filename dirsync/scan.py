@@ -167,9 +167,8 @@ def scan_tree(
     entries = s.entries
     res.unchanged = cm is not None and not s.changed and len(entries) == len(cm.entries)
     res.manifest = Manifest(entries, rows=cm.rows if cm is not None else None)
-    if fp and s.fp_exact and len(entries) == len(items) and not res.errors and all(
-            e.trusted for e in entries.values() if e.__class__ is FileEntry):
-        res.fingerprint = fp
+    if not res.errors:
+        res.fingerprint = s.fingerprint_holds(fp, items)
     return res
 
 
@@ -282,22 +281,16 @@ def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedMani
     are not the cache's own objects, changed, warnings, (files read, bytes read)); None when
     there is no usable cache, more than an eighth of the files need reading (a cold cache:
     the parent reads them, with progress) or anything went wrong."""
-    if cache is None:
-        return None
-    try:
-        cm = cache.manifest if isinstance(cache, SavedManifest) else cache
-    except ManifestFormatError:
+    cm = _manifest_of(cache)
+    if cm is None:
         return None
     s.set_cache(cm)
     if not s.classify(items, read_limit=len(items) >> 3) or s.result.errors:
         return None
     entries, get = s.entries, cm.entries.get
     fresh = {p: e for p, e in entries.items() if get(p) is not e}
-    if not (fp and s.fp_exact and len(entries) == len(items)
-            and all(e.trusted for e in entries.values() if e.__class__ is FileEntry)):
-        fp = b""
-    return ("classified", fp, s.result.temps, list(entries), fresh, s.changed, s.result.warnings,
-            (s.result.files_read, s.result.bytes_read))
+    return ("classified", s.fingerprint_holds(fp, items), s.result.temps, list(entries), fresh, s.changed,
+            s.result.warnings, (s.result.files_read, s.result.bytes_read))
 
 
 def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: ScanResult) -> ScanResult | None:
@@ -305,12 +298,9 @@ def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: Sc
     entries of unchanged paths are this process's own decoded cache objects, the others the
     child's. None when it does not fit this cache (scan_tree then walks itself)."""
     tag, fp, temps, paths, fresh, changed, warnings, (files_read, bytes_read) = got
-    if tag != "classified" or cache is None:
-        return None
-    try:
-        cm = cache.manifest if isinstance(cache, SavedManifest) else cache
-    except ManifestFormatError:
-        return None  # (the child decoded it: cannot happen) scan_tree walks and reports it
+    cm = _manifest_of(cache)  # (None when it does not decode: the child decoded it, cannot happen)
+    if tag != "classified" or cm is None:
+        return None  # scan_tree walks and reports it
     get = cm.entries.get
     entries = dict(zip(paths, map(get, paths)))
     entries.update(fresh)
@@ -322,6 +312,14 @@ def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: Sc
     res.manifest = Manifest(entries, rows=cm.rows)
     res.fingerprint = fp
     return res
+
+
+def _manifest_of(cache: Manifest | SavedManifest | None) -> Manifest | None:
+    """The cache's manifest, or None when there is none or its rows do not decode."""
+    try:
+        return cache.manifest if isinstance(cache, SavedManifest) else cache
+    except ManifestFormatError:
+        return None
 
 
 def _decoded(cache: Manifest | SavedManifest | None, res: ScanResult) -> Manifest | None:
@@ -464,6 +462,15 @@ class _Scanner:
             if entries.get(rel) is None:  # vanished, unreadable or skipped: not part of the tree
                 entries.pop(rel, None)
         return True
+
+    def fingerprint_holds(self, fp: bytes, items: list) -> bytes:
+        """`fp` (the walk's) when it stands for the entries classify() made from `items`: every
+        walked path is an entry, none changed while read, every file entry is trusted; else b""."""
+        entries = self.entries
+        if fp and self.fp_exact and len(entries) == len(items) and all(
+                e.trusted for e in entries.values() if e.__class__ is FileEntry):
+            return fp
+        return b""
 
     def walk(self, top: str) -> None:
         items: list = []
