@@ -321,30 +321,15 @@ class RowSource:
     by copying its bytes (see _body_reusing). Paths and objects are kept as tuples of their own:
     whatever later happens to the decoded dict, row i stays paired with what it encodes."""
 
-    __slots__ = ("chunker", "packed", "body", "paths", "objs", "_offs")
+    __slots__ = ("chunker", "packed", "body", "paths", "objs", "offs")
 
-    def __init__(self, chunker: str, packed: bool, body, entries: dict[str, Entry], offs: array | None = None) -> None:
+    def __init__(self, chunker: str, packed: bool, body, entries: dict[str, Entry], offs: array) -> None:
         self.chunker, self.packed, self.body = chunker, packed, body
         self.paths, self.objs = tuple(entries), tuple(entries.values())
-        self._offs = offs if offs is not None and len(offs) == len(self.paths) + 1 else None
-
-    def offsets(self) -> array:
-        """Where each row starts, and the end of the last: row i is body[offs[i]:offs[i + 1]].
-        Noted while decoding (two C calls a row); else found by skipping the rows."""
-        if self._offs is not None:
-            return self._offs
-        up = msgpack.Unpacker(max_buffer_size=len(self.body) + 1)
-        up.feed(self.body)
-        up.read_array_header()
-        up.skip()  # the chunker
-        n = up.read_array_header()
-        offs = array("Q")
-        mark, tell, skip = offs.append, up.tell, up.skip
-        for _ in range(n):
-            mark(tell())
-            skip()
-        mark(tell())
-        return offs
+        # Where each row starts, and the end of the last (noted while decoding, two C calls a
+        # row): row i is body[offs[i]:offs[i + 1]].
+        assert len(offs) == len(self.paths) + 1
+        self.offs = offs
 
 
 def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, generation: str, packed: bool) -> list:
@@ -353,7 +338,7 @@ def _body_reusing(entries: dict[str, Entry], src: RowSource, chunker: str, gener
     of its body, the others encoded (new paths at the end, sorted). Costs a few C-level passes
     over the old rows, not an encode of each."""
     pk = msgpack.Packer(use_bin_type=True)
-    body, offs, paths = src.body, src.offsets(), src.paths
+    body, offs, paths = src.body, src.offs, src.paths
     if len(offs) != len(paths) + 1:  # cannot happen (decoded from this body); never guess
         return [msgpack.packb((chunker, encode_rows(entries.values(), packed=packed), generation), use_bin_type=True)]
     parts = [pk.pack_array_header(3), pk.pack(chunker), pk.pack_array_header(len(entries))]
