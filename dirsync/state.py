@@ -69,7 +69,7 @@ def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheL
     `lazy`: check only framing, checksum and header now; the rows decode on first use."""
     try:
         with open(path, "rb") as f:
-            data = _map_or_read(f)
+            data = map_or_read(f)
     except FileNotFoundError:
         return CacheLoad(None, "missing")
     except OSError as e:
@@ -86,7 +86,7 @@ def load_manifest_file(path: str, chunker: str, *, lazy: bool = False) -> CacheL
 MAP_MIN = 64 << 10  # smaller files are simply read
 
 
-def _map_or_read(f) -> bytes | mmap.mmap:
+def map_or_read(f) -> bytes | mmap.mmap:
     """The whole file, mapped when it is large. A cache is megabytes, and read() into a fresh
     process's heap costs a zero-filled page fault per 4 KiB before the copy: reading two
     5.5 MB caches took ~12 ms of a 0.2 s no-op here, mapping them (page-cache pages, mapped

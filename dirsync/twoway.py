@@ -928,13 +928,13 @@ class TwoWaySide:
 
     def read_state(self, name: str) -> bytes | None:
         """The file's bytes; a base snapshot (megabytes, written only by rename) is mapped
-        instead (see state._map_or_read)."""
+        instead (see state.map_or_read)."""
         try:
             with open(self._state(name), "rb") as f:
                 if ".snap-" in name:
-                    from dirsync.state import _map_or_read
+                    from dirsync.state import map_or_read
 
-                    return _map_or_read(f)  # type: ignore[return-value]
+                    return map_or_read(f)  # type: ignore[return-value]
                 return f.read()
         except FileNotFoundError:
             return None
