@@ -365,3 +365,20 @@ def test_a_run_pauses_the_garbage_collector_and_restores_it(tmp_path):
         finally:
             gc.enable()
         seen.clear()
+
+
+def test_a_progress_bar_starts_no_thread(tmp_path):
+    """A terminal's progress bar must not start tqdm's monitor thread: a second thread rules
+    out every forked child (walks, parallel chunking, cache saves) for the rest of the process."""
+    import io
+
+    from dirsync.progress import TqdmReporter
+
+    before = threading.active_count()
+    rep = TqdmReporter(io.StringIO())
+    rep.begin("replica", 1 << 20)
+    try:
+        rep.advance(1 << 19)
+        assert threading.active_count() == before
+    finally:
+        rep.close()
