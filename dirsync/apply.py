@@ -57,6 +57,14 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
                 staged_ok.pop(p, None)
                 sink.failed(p, err)
 
+    published = False
+
+    def publish() -> None:  # the directories made under temp names go in place (Replica.publish)
+        nonlocal published
+        published = True
+        for p, err in replica.publish():
+            sink.failed(p, err)
+
     try:
         for a in actions:
             if should_stop():
@@ -64,6 +72,8 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
             if pending is not None and not (isinstance(a, WriteFile)
                                             and not any(isinstance(o, CopyOp) for o in a.ops)):
                 finish()
+            if not published and not isinstance(a, (WriteFile, Commit, MakeDir)):
+                publish()
             if isinstance(a, Commit):
                 try:
                     pending = replica.commit_start(a.paths)
@@ -71,8 +81,11 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
                     sink.failed("", e)
                 continue
             _apply_one(replica, a, sends_for, sink, staged_ok)
-    finally:
         finish()
+        if not published:
+            publish()
+    finally:
+        finish()  # (an interrupted run: close() publishes what was committed)
 
 
 def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], sink: Sink,

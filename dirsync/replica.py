@@ -7,6 +7,12 @@ outside the root. Files are built in `.dirsync/tmp/` (same filesystem as the tre
 sources: see Replica._build), made durable, and only then renamed to their final name.
 Staging in one folder rather than beside the target lets a file be staged before its
 directory exists, keeps type changes and swaps simple, and makes stale temps easy to find.
+
+A directory the run creates is built under a temp name (a "fresh" directory, see make_dir):
+files inside it are written at their final names, and the whole directory is renamed into
+place once they are durable (publish). A file is still never visible at its final path before
+its data is durable, and an initial copy saves a rename per file (~25 us of kernel time here,
+a third of what creating a small file costs).
 """
 
 from __future__ import annotations
@@ -221,6 +227,9 @@ class Replica:
         self._renames_unflushed = False  # renames made since the last syncfs (flushed at the latest by close)
         self._linked: dict[str, str] = {}  # old name -> new name of files moved by a hard link
         self._dirfds: dict[str, int] = {}
+        self._fresh: dict[str, str] = {}  # directory made under a temp name -> that name (see publish)
+        self._in_fresh: set[str] = set()  # those directories and every one made inside them
+        self._published = False  # publish() ran: directories are made at their final names now
         self._tmp_seq = 0
         self._tmp_tag = os.urandom(4).hex()  # this session's temp names: TMP_PREFIX + seq + tag
         self.write_start_ns = time.time_ns()
@@ -339,7 +348,10 @@ class Replica:
             for rel in res.temps:  # left by an interrupted run; we hold the replica lock
                 try:
                     dfd, name = self._at(rel, "remove stale temp")
-                    os.unlink(name, dir_fd=dfd)
+                    try:
+                        os.unlink(name, dir_fd=dfd)
+                    except IsADirectoryError:  # a fresh directory (see publish) never put in place
+                        _remove_tree(dfd, name)
                 except (OSError, ItemError):
                     pass
         self._scan = res
@@ -376,12 +388,14 @@ class Replica:
             if self._flushing is not None:  # a commit left unfinished (interrupted): its temps go below
                 self._flushing.join()
                 self._flushing = None
+            for tmp, _ in self.staged.values():
+                self._unlink_tmp(tmp)  # (first: an uncommitted file in a fresh directory too)
+            self.staged.clear()
+            if self._fresh and self.root_fd >= 0:
+                self.publish()  # what was committed in them (an interrupted run keeps it, as ever)
             if self._renames_unflushed and self.root_fd >= 0:
                 _syncfs(self.root_fd)  # before the cache that records those renames is saved
                 self._renames_unflushed = False
-            for tmp, _ in self.staged.values():
-                self._unlink_tmp(tmp)
-            self.staged.clear()
             untouched = (self._scan is not None and self.scan_unchanged and self.cache is not None
                          and self.cache.generation
                          and (not self._scan.fingerprint or self._scan.fingerprint == self.cache.fingerprint)
@@ -427,7 +441,7 @@ class Replica:
             self._dirfds[rel] = fd  # most recently used last
             return fd
         parent = self._dirfd(parent_of(rel))
-        name = rel.rsplit("/", 1)[-1]
+        name = self._fresh.get(rel) or rel.rsplit("/", 1)[-1]
         try:
             fd = os.open(name, _O_DIR, dir_fd=parent)
         except OSError as e:
@@ -478,7 +492,26 @@ class Replica:
     # -- actions -------------------------------------------------------------------
 
     def make_dir(self, a: MakeDir) -> None:
+        """Make a directory. Until publish(), one whose parent exists is made under a temp name
+        (the directories made inside it get their own names): see publish."""
         dfd, name = self._at(a.path, "mkdir")
+        parent = parent_of(a.path)
+        if not self._published and _noreplace:
+            if a.path in self._in_fresh:
+                return  # made already (a plan names a directory once; a peer might twice)
+            if parent in self._in_fresh:
+                self._in_fresh.add(a.path)  # inside a fresh directory: its own name (fall through)
+            else:
+                self._tmp_seq += 1
+                tmp = f"{TMP_PREFIX}d{self._tmp_seq}-{self._tmp_tag}"
+                try:
+                    os.mkdir(tmp, 0o700, dir_fd=dfd)
+                except OSError as e:
+                    raise ItemIOError(a.path, "mkdir", e) from None
+                self._fresh[a.path] = tmp
+                self._in_fresh.add(a.path)
+                self.current[a.path] = DirEntry(a.path, a.mode, 0)
+                return
         try:
             os.mkdir(name, 0o700, dir_fd=dfd)
         except FileExistsError:
@@ -498,8 +531,15 @@ class Replica:
             check_relpath(path)
         except ValueError as e:
             raise InvalidPathError(path, "write", str(e)) from None
-        self._tmp_seq += 1
-        tmp: Tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
+        parent = parent_of(path)
+        if parent in self._in_fresh:  # in a directory not yet in place: build it at its own name
+            tmp: Tmp = (parent, path.rsplit("/", 1)[-1])
+            old = self.staged.pop(path, None)
+            if old:
+                self._unlink_tmp(old[0])  # (before: the new build takes the same name)
+        else:
+            self._tmp_seq += 1
+            tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
         if w.move and self.backup is None and self._link_moved(w, tmp):
             total = w.target.size
             self._linked[w.ops[0].src] = path  # type: ignore[union-attr]
@@ -769,7 +809,9 @@ class Replica:
                 dfd, name = self._dirfd(parent_of(p)), p.rsplit("/", 1)[-1]
                 tdfd = self._tmp_dirfd(tmp)
                 err = -1
-                if w.expect is None and _noreplace:
+                if tmp[1] == name and tmp[0] in self._in_fresh:
+                    err = 0  # built at its own name in a fresh directory: in place once that is
+                elif w.expect is None and _noreplace:
                     # A new name: one atomic rename that fails if anything appeared there since
                     # the scan (no check-then-rename window, one syscall fewer).
                     err = _rename_noreplace(tdfd, tmp[1], dfd, name)
@@ -806,6 +848,96 @@ class Replica:
             for dfd in dirs:
                 os.fsync(dfd)
         return out
+
+    def publish(self) -> list[tuple[str, ItemError]]:
+        """Rename the fresh directories (made under temp names by make_dir) into place, after
+        one syncfs has made everything committed in them durable; from now on directories are
+        made at their final names. Call it once the files staged in them are committed (or
+        discarded): apply_actions does before the first action that is not a MakeDir, a
+        WriteFile or a Commit, close() at the latest. Returns the paths that could not be
+        put in place (something appeared there since the scan): they are not on the replica."""
+        self._published = True
+        if not self._fresh:
+            return []
+        if self._flushing is not None:
+            self._flushing.join()
+            self._flushing = None
+        _syncfs(self.root_fd)
+        self._renames_unflushed = False
+        failed: list[tuple[str, ItemError]] = []
+        fresh, self._fresh = self._fresh, {}
+        self._in_fresh.clear()
+        for rel, tmp in fresh.items():
+            try:
+                dfd = self._dirfd(parent_of(rel))
+            except ItemError as e:
+                failed.append((rel, e))
+                continue
+            name = rel.rsplit("/", 1)[-1]
+            err = _rename_noreplace(dfd, tmp, dfd, name)
+            if err < 0:  # no RENAME_NOREPLACE here: check, then rename (a directory would replace an empty one)
+                err = errno.EEXIST if os.access(name, os.F_OK, dir_fd=dfd, follow_symlinks=False) else 0
+                if not err:
+                    try:
+                        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                    except OSError as e:
+                        err = e.errno or errno.EIO
+            if err:
+                failed += self._merge_fresh(rel, dfd, tmp, name, err)
+            self._renames_unflushed = True
+        for rel, _ in failed:
+            self._drop_tree(rel)
+        return failed
+
+    def _merge_fresh(self, rel: str, dfd: int, tmp: str, name: str, err: int) -> list[tuple[str, ItemError]]:
+        """A fresh directory whose name was taken since the scan: when a directory took it, move
+        our entries into that one without replacing anything (_merge_into); what is left is
+        removed and returned as failed."""
+        try:
+            taken_by_dir = err == errno.EEXIST and stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode)
+        except OSError:
+            taken_by_dir = False
+        failed = self._merge_into(rel, dfd, tmp, dfd, name) if taken_by_dir else [(rel, _appeared(rel))]
+        _remove_tree(dfd, tmp)
+        return failed
+
+    def _merge_into(self, rel: str, sdfd: int, sname: str, ddfd: int, dname: str) -> list[tuple[str, ItemError]]:
+        """Move the entries of directory sname (in sdfd) into directory dname (in ddfd), each by
+        a rename that replaces nothing, recursing where both hold a directory of one name.
+        Returns the relpaths left behind, as conflicts."""
+        failed: list[tuple[str, ItemError]] = []
+        try:
+            src = os.open(sname, _O_DIR, dir_fd=sdfd)
+        except OSError:
+            return [(rel, _appeared(rel))]
+        try:
+            dst = os.open(dname, _O_DIR, dir_fd=ddfd)
+        except OSError:
+            os.close(src)
+            return [(rel, _appeared(rel))]
+        try:
+            for child in os.listdir(src):
+                sub = f"{rel}/{child}"
+                err = _rename_noreplace(src, child, dst, child)
+                if err == 0:
+                    continue
+                try:
+                    both_dirs = err == errno.EEXIST and stat.S_ISDIR(os.lstat(child, dir_fd=src).st_mode) \
+                        and stat.S_ISDIR(os.lstat(child, dir_fd=dst).st_mode)
+                except OSError:
+                    both_dirs = False
+                failed += self._merge_into(sub, src, child, dst, child) if both_dirs else [(sub, _appeared(sub))]
+        finally:
+            os.close(src)
+            os.close(dst)
+        return failed
+
+    def _drop_tree(self, rel: str) -> None:
+        """Forget `rel` and everything under it (not on the replica after all)."""
+        self._drop_dirfds(rel)
+        cur = self.current
+        for p in [p for p in cur if is_under(p, rel)]:
+            del cur[p]
 
     def _commit_across_devices(self, p: str, tmp: str, dfd: int, name: str) -> None:
         """The target directory is another mount inside the replica: copy beside it, then rename."""
@@ -1066,6 +1198,20 @@ class Replica:
             os.unlink(tmp[1], dir_fd=self._tmp_dirfd(tmp))
         except (OSError, ItemError):
             pass
+
+
+def _appeared(rel: str) -> ConflictError:
+    return ConflictError(rel, "commit", "appeared on the replica since it was scanned; left alone")
+
+
+def _remove_tree(dfd: int, name: str) -> None:
+    """Remove directory `name` in dfd and everything in it, never following a symlink."""
+    import shutil  # here: only a conflict or a crashed run's leftovers need it
+
+    try:
+        shutil.rmtree(name, dir_fd=dfd)
+    except OSError:
+        pass
 
 
 class _Reserved:

@@ -209,7 +209,8 @@ def _make_handler(root: str, q: "queue.SimpleQueue", ignore: tuple[str, ...]):
         if not p.startswith(prefix):
             return None
         rel = p[len(prefix):]
-        if rel == STATE_DIR or rel.startswith(STATE_DIR + "/") or rel.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+        if rel == STATE_DIR or rel.startswith(STATE_DIR + "/") or rel.startswith(TMP_PREFIX) or \
+                "/" + TMP_PREFIX in rel:  # (a temp, or anything in a directory under a temp name)
             return None
         if any(is_under(rel, i) for i in ignore):
             return None
