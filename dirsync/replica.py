@@ -229,6 +229,7 @@ class Replica:
         self._dirfds: dict[str, int] = {}
         self._fresh: dict[str, str] = {}  # directory made under a temp name -> that name (see publish)
         self._in_fresh: set[str] = set()  # those directories and every one made inside them
+        self._tainted: set[str] = set()  # fresh directories holding a failed file we could not remove
         self._published = False  # publish() ran: directories are made at their final names now
         self._tmp_seq = 0
         self._tmp_tag = os.urandom(4).hex()  # this session's temp names: TMP_PREFIX + seq + tag
@@ -874,6 +875,11 @@ class Replica:
                 failed.append((rel, e))
                 continue
             name = rel.rsplit("/", 1)[-1]
+            if any(is_under(t, rel) for t in self._tainted):
+                _remove_tree(dfd, tmp)  # (what it cannot remove stays under the temp name, unseen)
+                failed.append((rel, ItemIOError(rel, "commit", "a file that failed in this new directory could "
+                                                                "not be removed; the directory was not put in place")))
+                continue
             err = _rename_noreplace(dfd, tmp, dfd, name)
             if err < 0:  # no RENAME_NOREPLACE here: check, then rename (a directory would replace an empty one)
                 err = errno.EEXIST if os.access(name, os.F_OK, dir_fd=dfd, follow_symlinks=False) else 0
@@ -887,6 +893,7 @@ class Replica:
             self._renames_unflushed = True
         for rel, _ in failed:
             self._drop_tree(rel)
+        self._tainted.clear()
         return failed
 
     def _merge_fresh(self, rel: str, dfd: int, tmp: str, name: str, err: int) -> list[tuple[str, ItemError]]:
@@ -1196,8 +1203,11 @@ class Replica:
     def _unlink_tmp(self, tmp: Tmp) -> None:
         try:
             os.unlink(tmp[1], dir_fd=self._tmp_dirfd(tmp))
-        except (OSError, ItemError):
+        except FileNotFoundError:
             pass
+        except (OSError, ItemError):
+            if tmp[0] in self._in_fresh and not tmp[1].startswith(TMP_PREFIX):
+                self._tainted.add(tmp[0])  # it sits at its final name: publish must not show it
 
 
 def _appeared(rel: str) -> ConflictError:

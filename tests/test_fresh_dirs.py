@@ -200,3 +200,41 @@ def test_watch_ignores_everything_inside_a_directory_under_a_temp_name(tmp_path)
     while not q.empty():
         seen.append(q.get())
     assert seen == ["a/b.txt"]
+
+
+def test_a_failed_file_that_cannot_be_removed_keeps_its_new_directory_out_of_sight(tmp_path):
+    """A file built at its own name in a new directory failed and could not be removed (here:
+    made immutable, which even root cannot unlink): the directory is never put in place, so the
+    file is never seen at its final path."""
+    import subprocess
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"d": {"ok": b"ok", "bad": b"bad"}})
+    mscan = scan_tree(str(m))
+    rep = Replica(str(r))
+    rep.open(init=True)
+    plan = diff(mscan.manifest, rep.manifest(Excluder()).manifest, PlanOptions())
+    writes = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
+    rep.make_dir(next(a for a in plan.actions if isinstance(a, MakeDir)))
+    reader = MasterReader(str(m))
+    for p in ("d/ok", "d/bad"):
+        rep.stage(writes[p], reader.sends(writes[p]))
+    (fresh,) = _fresh_names(r)
+    bad = r / fresh / "bad"
+    try:
+        if subprocess.run(["chattr", "+i", str(bad)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+        rep.discard("d/bad")  # (what a write whose master file changed meanwhile gets)
+        assert os.path.exists(bad)
+        assert rep.commit(("d/ok",)) == [("d/ok", None)]
+        failed = rep.publish()
+        assert [p for p, _ in failed] == ["d"]
+        assert not os.path.lexists(r / "d")
+        assert "d" not in rep.current and "d/ok" not in rep.current
+    finally:
+        subprocess.run(["chattr", "-i", str(bad)], capture_output=True)
+        rep.close()
+    cp = run_cli("sync", m, r)
+    assert cp.returncode == 0, cp.stderr
+    treecmp.assert_trees_equal(m, r)
+    assert stray_temps(r) == []
