@@ -101,7 +101,7 @@ class TqdmReporter(Reporter):
         from tqdm import tqdm
 
         self.end()
-        tqdm.monitor_interval = 0  # no monitor thread: a process with one thread may fork (apply._Helper)
+        tqdm.monitor_interval = 0  # no monitor thread: forked children need a process with one thread
         self.bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=self.stream,
                         leave=False, dynamic_ncols=True)
 

@@ -863,9 +863,14 @@ class Replica:
         if self._flushing is not None:
             self._flushing.join()
             self._flushing = None
+        failed: list[tuple[str, ItemError]] = []
+        for p, (tmp, _w) in list(self.staged.items()):  # (a plan commits what it stages first)
+            if tmp[0] in self._in_fresh and not tmp[1].startswith(TMP_PREFIX):
+                del self.staged[p]
+                self._unlink_tmp(tmp)
+                failed.append((p, ItemIOError(p, "commit", "not committed before its directory was put in place")))
         _syncfs(self.root_fd)
         self._renames_unflushed = False
-        failed: list[tuple[str, ItemError]] = []
         fresh, self._fresh = self._fresh, {}
         self._in_fresh.clear()
         for rel, tmp in fresh.items():
@@ -890,6 +895,7 @@ class Replica:
                         err = e.errno or errno.EIO
             if err:
                 failed += self._merge_fresh(rel, dfd, tmp, name, err)
+                self._drop_dirfds(rel)  # (they were the removed temp's)
             self._renames_unflushed = True
         for rel, _ in failed:
             self._drop_tree(rel)

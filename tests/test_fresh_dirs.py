@@ -96,6 +96,9 @@ def test_a_directory_that_appears_meanwhile_is_merged_and_keeps_its_entries(tmp_
         assert read(r / "d" / "sub" / "x") == b"x"
         assert _fresh_names(r) == []
         assert "d/ours" in rep.current and "d/sub/deep" in rep.current and "d/both" not in rep.current
+        # Later writes into d go to the directory now there, not to the removed temp.
+        assert os.fstat(rep._dirfd("d")).st_ino == os.stat(r / "d").st_ino
+        assert os.fstat(rep._dirfd("d/sub")).st_ino == os.stat(r / "d" / "sub").st_ino
     finally:
         rep.close()
 
@@ -111,6 +114,27 @@ def test_a_file_that_appears_at_the_directorys_name_wins(tmp_path):
         assert read(r / "d") == b"a file took the name"
         assert _fresh_names(r) == []
         assert not [p for p in rep.current if p == "d" or p.startswith("d/")]
+    finally:
+        rep.close()
+
+
+def test_a_file_staged_but_not_committed_is_never_published(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"d": {"a": b"a", "b": b"b"}})
+    mscan = scan_tree(str(m))
+    rep = Replica(str(r))
+    rep.open(init=True)
+    plan = diff(mscan.manifest, rep.manifest(Excluder()).manifest, PlanOptions())
+    writes = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
+    rep.make_dir(next(a for a in plan.actions if isinstance(a, MakeDir)))
+    reader = MasterReader(str(m))
+    for p in ("d/a", "d/b"):
+        rep.stage(writes[p], reader.sends(writes[p]))
+    assert rep.commit(("d/a",)) == [("d/a", None)]
+    try:
+        assert [p for p, _ in rep.publish()] == ["d/b"]
+        assert sorted(os.listdir(r / "d")) == ["a"]
+        assert "d/b" not in rep.current and "d/b" not in rep.staged
     finally:
         rep.close()
 
