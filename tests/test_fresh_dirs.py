@@ -58,6 +58,23 @@ def _stage_and_commit(m, r) -> Replica:
     return rep
 
 
+def _open_and_stage(m, r, paths: tuple[str, ...]) -> Replica:
+    """Open replica r, make the plan's directories (from master m) and stage `paths`, committing
+    nothing."""
+    mscan = scan_tree(str(m))
+    rep = Replica(str(r))
+    rep.open(init=True)
+    plan = diff(mscan.manifest, rep.manifest(Excluder()).manifest, PlanOptions())
+    writes = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
+    for a in plan.actions:
+        if isinstance(a, MakeDir):
+            rep.make_dir(a)
+    reader = MasterReader(str(m))
+    for p in paths:
+        rep.stage(writes[p], reader.sends(writes[p]))
+    return rep
+
+
 def test_new_directories_appear_only_when_published(tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"top.txt": b"t", "d": {"f": b"one", "e": {"g": random_bytes(3 << 20, 1)}}, "d2": {"h": b"h"}})
@@ -121,15 +138,7 @@ def test_a_file_that_appears_at_the_directorys_name_wins(tmp_path):
 def test_a_file_staged_but_not_committed_is_never_published(tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"d": {"a": b"a", "b": b"b"}})
-    mscan = scan_tree(str(m))
-    rep = Replica(str(r))
-    rep.open(init=True)
-    plan = diff(mscan.manifest, rep.manifest(Excluder()).manifest, PlanOptions())
-    writes = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
-    rep.make_dir(next(a for a in plan.actions if isinstance(a, MakeDir)))
-    reader = MasterReader(str(m))
-    for p in ("d/a", "d/b"):
-        rep.stage(writes[p], reader.sends(writes[p]))
+    rep = _open_and_stage(m, r, ("d/a", "d/b"))
     assert rep.commit(("d/a",)) == [("d/a", None)]
     try:
         assert [p for p, _ in rep.publish()] == ["d/b"]
@@ -144,17 +153,7 @@ def test_close_without_publish_puts_committed_files_in_place_and_drops_the_rest(
     committed is never seen."""
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"d": {"a": b"a", "b": b"b"}})
-    mscan = scan_tree(str(m))
-    rep = Replica(str(r))
-    rep.open(init=True)
-    plan = diff(mscan.manifest, rep.manifest(Excluder()).manifest, PlanOptions())
-    writes = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
-    for a in plan.actions:
-        if isinstance(a, MakeDir):
-            rep.make_dir(a)
-    reader = MasterReader(str(m))
-    for p in ("d/a", "d/b"):
-        rep.stage(writes[p], reader.sends(writes[p]))
+    rep = _open_and_stage(m, r, ("d/a", "d/b"))
     assert rep.commit(("d/a",)) == [("d/a", None)]
     rep.close()
     assert sorted(os.listdir(r / "d")) == ["a"] and read(r / "d" / "a") == b"a"
@@ -234,15 +233,7 @@ def test_a_failed_file_that_cannot_be_removed_keeps_its_new_directory_out_of_sig
 
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"d": {"ok": b"ok", "bad": b"bad"}})
-    mscan = scan_tree(str(m))
-    rep = Replica(str(r))
-    rep.open(init=True)
-    plan = diff(mscan.manifest, rep.manifest(Excluder()).manifest, PlanOptions())
-    writes = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
-    rep.make_dir(next(a for a in plan.actions if isinstance(a, MakeDir)))
-    reader = MasterReader(str(m))
-    for p in ("d/ok", "d/bad"):
-        rep.stage(writes[p], reader.sends(writes[p]))
+    rep = _open_and_stage(m, r, ("d/ok", "d/bad"))
     (fresh,) = _fresh_names(r)
     bad = r / fresh / "bad"
     try:
