@@ -810,7 +810,7 @@ class Replica:
                 dfd, name = self._dirfd(parent_of(p)), p.rsplit("/", 1)[-1]
                 tdfd = self._tmp_dirfd(tmp)
                 err = -1
-                if tmp[1] == name and tmp[0] in self._in_fresh:
+                if self._in_place(tmp):
                     err = 0  # built at its own name in a fresh directory: in place once that is
                 elif w.expect is None and _noreplace:
                     # A new name: one atomic rename that fails if anything appeared there since
@@ -865,7 +865,7 @@ class Replica:
             self._flushing = None
         failed: list[tuple[str, ItemError]] = []
         for p, (tmp, _w) in list(self.staged.items()):  # (a plan commits what it stages first)
-            if tmp[0] in self._in_fresh and not tmp[1].startswith(TMP_PREFIX):
+            if self._in_place(tmp):
                 del self.staged[p]
                 self._unlink_tmp(tmp)
                 failed.append((p, ItemIOError(p, "commit", "not committed before its directory was put in place")))
@@ -1203,6 +1203,11 @@ class Replica:
             return None
         return parent
 
+    def _in_place(self, tmp: Tmp) -> bool:
+        """A file staged at its own name in a fresh directory (see stage): it needs no rename,
+        and is seen as soon as that directory is published."""
+        return tmp[0] in self._in_fresh and not tmp[1].startswith(TMP_PREFIX)
+
     def _tmp_dirfd(self, tmp: Tmp) -> int:
         return self.tmp_fd if tmp[0] is None else self._dirfd(tmp[0])
 
@@ -1212,7 +1217,7 @@ class Replica:
         except FileNotFoundError:
             pass
         except (OSError, ItemError):
-            if tmp[0] in self._in_fresh and not tmp[1].startswith(TMP_PREFIX):
+            if self._in_place(tmp):
                 self._tainted.add(tmp[0])  # it sits at its final name: publish must not show it
 
 
