@@ -61,6 +61,9 @@ O_BACKUP_KEEP = typer.Option(None, "--backup-keep", min=1, metavar="N",
                              help="With --backup-dir: keep only the newest N run folders (default: all).")
 O_BWLIMIT = typer.Option(None, "--bwlimit", metavar="RATE", callback=_rate_option,
                          help="Limit master data sent to each replica, bytes/second: 500K, 10M (1024-based).")
+O_JOBS = typer.Option(None, "--jobs", "-j", min=1, metavar="N",
+                      help="Local replicas synced at the same time, each by its own process "
+                           "(default: one per core, at least 4; 1: one after another).")
 O_TWO_WAY = typer.Option(False, "--two-way", help="Sync MASTER and one REPLICA both ways (three-way against the last "
                                                  "run; differing changes are kept as .sync-conflict- copies, exit 4).")
 O_PREFER = typer.Option(None, "--prefer", metavar="a|b|newer",
@@ -94,6 +97,7 @@ def sync(
     backup_dir: Optional[str] = O_BACKUP_DIR,
     backup_keep: Optional[int] = O_BACKUP_KEEP,
     bwlimit: Optional[str] = O_BWLIMIT,
+    jobs: Optional[int] = O_JOBS,
     two_way: bool = O_TWO_WAY,
     prefer: Optional[str] = O_PREFER,
 ) -> None:
@@ -106,7 +110,7 @@ def sync(
         allow_mass_delete=allow_mass_delete, dry_run=dry_run, quiet=quiet, verbose=verbose, as_json=as_json,
         log_file=log_file, wait=wait, port=port, identity=identity, ssh_config=ssh_config, remote_cmd=remote_cmd,
         accept_new_host_key=accept_new_host_key, compress=compress, backup_dir=backup_dir, backup_keep=backup_keep,
-        bwlimit=bwlimit, two_way=two_way, prefer=prefer, rsh=rsh))  # type: ignore[arg-type] # bwlimit: parsed by its callback
+        bwlimit=bwlimit, jobs=jobs, two_way=two_way, prefer=prefer, rsh=rsh))  # type: ignore[arg-type] # bwlimit: parsed by its callback
 
 
 @app.command()
@@ -223,6 +227,7 @@ def run(
     backup_dir: Optional[str] = O_BACKUP_DIR,
     backup_keep: Optional[int] = O_BACKUP_KEEP,
     bwlimit: Optional[str] = O_BWLIMIT,
+    jobs: Optional[int] = O_JOBS,
     port: Optional[int] = O_PORT,
     identity: Optional[str] = O_IDENTITY,
     ssh_config: Optional[str] = O_SSH_CONFIG,
@@ -251,7 +256,7 @@ def run(
       backup_keep = 14
       bwlimit     = "10M"
       wait        = 300
-    Other keys: delete, init, allow_mass_delete, compress, log_file, quiet, verbose, json,
+    Other keys: delete, init, allow_mass_delete, compress, jobs, log_file, quiet, verbose, json,
     port, identity, ssh_config, remote_cmd, rsh ("ssh": OpenSSH), accept_new_host_key, connect_timeout,
     two_way (true: sync master and its one replica both ways), prefer ("a", "b" or "newer").
 
@@ -286,6 +291,7 @@ def run(
         max_delete=_or(max_delete, prof, "max_delete"),
         allow_mass_delete=allow_mass_delete or prof.get("allow_mass_delete", False), dry_run=dry_run,
         lock_wait_s=_or(wait, prof, "wait", 0.0), bwlimit=_or(bwlimit, prof, "bwlimit"), profile=name,
+        jobs=_or(jobs, prof, "jobs", 0),
         transport=transport_opts(_or(port, prof, "port"), _or(identity, prof, "identity"),
                                  _or(ssh_config, prof, "ssh_config"), _or(remote_cmd, prof, "remote_cmd"),
                                  accept_new_host_key or prof.get("accept_new_host_key", False),

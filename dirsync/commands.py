@@ -101,8 +101,8 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
          max_delete: Optional[int], allow_mass_delete: bool, dry_run: bool, quiet: bool, verbose: bool,
          as_json: bool, log_file: Optional[str], wait: float, port: Optional[int], identity: Optional[str],
          ssh_config: Optional[str], remote_cmd: Optional[str], accept_new_host_key: bool, compress: bool,
-         backup_dir: Optional[str], backup_keep: Optional[int], bwlimit: Optional[int], two_way: bool,
-         prefer: Optional[str], rsh: Optional[str]) -> int:
+         backup_dir: Optional[str], backup_keep: Optional[int], bwlimit: Optional[int], jobs: Optional[int],
+         two_way: bool, prefer: Optional[str], rsh: Optional[str]) -> int:
     """`dirsync sync`: the exit code. Installs the SIGTERM handler (SIGTERM unwinds like Ctrl-C)."""
     import signal
 
@@ -112,7 +112,7 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
     reporter = make_reporter(quiet=quiet or as_json and not verbose, log_file=log_file, verbose=verbose)
     cfg = SyncConfig(master=master, replicas=tuple(replicas), delete=delete, init=init,
                      excludes=tuple(exclude or ()), max_delete=max_delete, allow_mass_delete=allow_mass_delete,
-                     dry_run=dry_run, lock_wait_s=wait, bwlimit=bwlimit,
+                     dry_run=dry_run, lock_wait_s=wait, bwlimit=bwlimit, jobs=jobs or 0,
                      transport=transport_opts(port, identity, ssh_config, remote_cmd, accept_new_host_key, compress,
                                               backup_dir, backup_keep, rsh=rsh))
 

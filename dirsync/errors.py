@@ -76,6 +76,9 @@ class ItemError(DirsyncError):
         self.cause = cause
         super().__init__(f"{op} {display_path(path) or '.'}: {describe(cause)}")
 
+    def __reduce__(self):  # pickled by fan-out workers (dirsync.fanout): rebuilt from its own fields
+        return self.__class__, (self.path, self.op, self.cause)
+
 
 class SourceChangedError(ItemError):
     """The master file changed while it was read; it is picked up on the next run."""

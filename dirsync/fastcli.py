@@ -76,6 +76,7 @@ OPTIONS: dict[str, tuple[Opt, ...]] = {  # command -> its options (both take MAS
         Opt("backup_dir", ("--backup-dir",), STR),
         Opt("backup_keep", ("--backup-keep",), INT, min=1),
         Opt("bwlimit", ("--bwlimit",), STR, convert=_parse_rate),
+        Opt("jobs", ("--jobs", "-j"), INT, min=1),
     ),
     "plan": _SHARED,
 }

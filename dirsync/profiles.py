@@ -14,6 +14,7 @@ The file is `--config FILE`, else `$XDG_CONFIG_HOME/dirsync/config.toml` (defaul
     backup_keep = 14           # keep the newest 14 backup run folders
     bwlimit  = "10M"           # bytes/second to each replica (K/M/G = 1024-based)
     compress = true
+    jobs     = 2               # local replicas synced at once (default: one per core, at least 4)
     wait     = 300             # wait up to 300 s for a lock held by another run
     log_file = "~/.local/state/dirsync/backup.log"
     port     = 2222            # SSH options: port, identity, ssh_config, remote_cmd, rsh
@@ -123,6 +124,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "backup_dir": _str,
     "backup_keep": _int_min(1),
     "bwlimit": _rate,
+    "jobs": _int_min(1),
     "compress": _bool,
     "wait": _seconds,
     "log_file": _str,

@@ -81,6 +81,7 @@ class Reporter:
     # progress hooks: no-ops unless a bar is shown
     def begin(self, label: str, total: int) -> None: ...
     def advance(self, n: int) -> None: ...
+    def grow(self, n: int) -> None: ...  # n more bytes to go (fan-out workers begin one by one)
     def end(self) -> None: ...
 
     def close(self) -> None:
@@ -108,6 +109,11 @@ class TqdmReporter(Reporter):
     def advance(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+
+    def grow(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
 
     def end(self) -> None:
         if self.bar is not None:

@@ -431,6 +431,22 @@ class Replica:
                 self.lock = None
         return generation
 
+    def forget(self) -> None:
+        """A forked worker took this replica over (dirsync.fanout) and has finished with it:
+        close this process's descriptors and reap the walk it started, without unlocking,
+        saving or removing anything (the worker did all of that, or its end did)."""
+        if self._prewalk is not None:
+            self._prewalk.cancel()
+            self._prewalk = None
+        for fd in (*self._dirfds.values(), self.tmp_fd, self.root_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._dirfds.clear()
+        self.tmp_fd = self.root_fd = -1
+        if self.lock:
+            self.lock.forget()
+            self.lock = None
+
     # -- path resolution -----------------------------------------------------------
 
     def _dirfd(self, rel: str) -> int:

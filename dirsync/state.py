@@ -260,6 +260,13 @@ class FileLock:
             os.close(self.fd)
             self.fd = None
 
+    def forget(self) -> None:
+        """Close this process's descriptor without unlocking: a forked child holding a copy
+        keeps the lock (and releases it); once no copy is open, the kernel drops it."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def __enter__(self) -> "FileLock":
         return self.acquire()
 

@@ -40,7 +40,7 @@ _SEVERITY = [ExitCode.INTERRUPTED, ExitCode.ERROR, ExitCode.CONNECT, ExitCode.PR
 class SyncConfig(Record):
     _fields = (
         "master", "replicas", "delete", "init", "excludes", "max_delete", "allow_mass_delete", "dry_run",
-        "lock_wait_s", "transport", "bwlimit", "profile",
+        "lock_wait_s", "transport", "bwlimit", "profile", "jobs",
     )
 
     def __init__(
@@ -57,6 +57,7 @@ class SyncConfig(Record):
         transport: TransportOptions = TransportOptions(),  # also carries --backup-dir/--backup-keep
         bwlimit: int | None = None,  # bytes per second of master data sent to each replica
         profile: str | None = None,  # the profile name, recorded in the pair status record
+        jobs: int = 0,  # local replicas synced at once (dirsync.fanout); 0: fanout.default_jobs()
     ) -> None:
         self.master = master
         self.replicas = replicas
@@ -70,6 +71,7 @@ class SyncConfig(Record):
         self.transport = transport
         self.bwlimit = bwlimit
         self.profile = profile
+        self.jobs = jobs
 
 
 def new_run_id() -> str:
@@ -256,44 +258,77 @@ def _sync_all(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: Sca
         reporter.warn(w)
     for e in mscan.errors:
         reporter.error(str(e))
+    fanned = _fan_out(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
     for spec in cfg.replicas:
-        summary = ReplicaSummary(replica=spec)
-        sw = Stopwatch()
-        started = time.time()
-        lock = None
-        try:
-            try:
-                info = None
-                opened = early.pop(spec, None)
-                if opened is not None:
-                    lock, transport = opened.lock, opened.transport
-                    if opened.error is not None:
-                        raise opened.error
-                    info = transport.open_finish()  # type: ignore[union-attr]
-                else:
-                    if not cfg.dry_run:
-                        lock = _pair_lock(cfg, master_real, spec)
-                    transport = open_transport(spec, cfg.transport)
-                _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop, info)
-            except DirsyncError as e:
-                summary.fatal = str(e)
-                summary.exit_code = int(e.exit_code)
-                summary.status = "refused" if e.exit_code in (ExitCode.REFUSED, ExitCode.DELETE_LIMIT) else "failed"
-                reporter.fatal(f"{spec}: {e}", e.hint)
-            summary.seconds = sw.elapsed()
-            if summary.exit_code == 0 and summary.errors:
-                summary.exit_code = int(ExitCode.PARTIAL)
-                summary.status = "partial"
-            if lock:  # still held: the status record and the run it describes are one step
-                _record_status(master_real, spec, summary, run, started, cfg, reporter)
-        finally:
-            if lock:
-                lock.release()
+        got = fanned.get(spec)
+        if got is None:
+            summary = _replica_turn(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop,
+                                    spec)
+        else:
+            summary, said = got
+            for name, args in said:  # what its worker said, after all the replicas before it
+                getattr(reporter, name)(*args)
         run.replicas.append(summary)
         if not cfg.dry_run and summary.fatal is None:
             t = summary
             reporter.info(f"{spec}: {t.files_written} written, {t.files_deleted} deleted, "
                           f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
+
+
+def _fan_out(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: ScanResult, cache_ok: bool,
+             early: dict[str, "_EarlyReplica"], run: RunSummary, reporter: Reporter,
+             should_stop: Callable[[], bool]) -> dict:
+    """Two or more local replicas opened early: their turns run at the same time in forked
+    workers (dirsync.fanout). Returns spec -> (summary, what its worker said) for those."""
+    specs = [s for s in cfg.replicas if s in early and early[s].transport is not None]
+    if cfg.dry_run or cfg.jobs == 1 or len(specs) < 2 or any(is_remote_spec(s) for s in cfg.replicas):
+        return {}
+    from dirsync.fanout import run_turns
+
+    def turn(spec: str, opened: dict, rep: Reporter) -> ReplicaSummary:
+        return _replica_turn(cfg, master_real, patterns, mscan, cache_ok, opened, run, rep, should_stop, spec)
+
+    return run_turns(specs, turn, early, reporter, cfg.jobs)
+
+
+def _replica_turn(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: ScanResult, cache_ok: bool,
+                  early: dict[str, "_EarlyReplica"], run: RunSummary, reporter: Reporter,
+                  should_stop: Callable[[], bool], spec: str) -> ReplicaSummary:
+    """One replica's whole turn: lock, open (or take it opened early), sync, record its status,
+    unlock. Its failures end up in the summary it returns."""
+    summary = ReplicaSummary(replica=spec)
+    sw = Stopwatch()
+    started = time.time()
+    lock = None
+    try:
+        try:
+            info = None
+            opened = early.pop(spec, None)
+            if opened is not None:
+                lock, transport = opened.lock, opened.transport
+                if opened.error is not None:
+                    raise opened.error
+                info = transport.open_finish()  # type: ignore[union-attr]
+            else:
+                if not cfg.dry_run:
+                    lock = _pair_lock(cfg, master_real, spec)
+                transport = open_transport(spec, cfg.transport)
+            _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop, info)
+        except DirsyncError as e:
+            summary.fatal = str(e)
+            summary.exit_code = int(e.exit_code)
+            summary.status = "refused" if e.exit_code in (ExitCode.REFUSED, ExitCode.DELETE_LIMIT) else "failed"
+            reporter.fatal(f"{spec}: {e}", e.hint)
+        summary.seconds = sw.elapsed()
+        if summary.exit_code == 0 and summary.errors:
+            summary.exit_code = int(ExitCode.PARTIAL)
+            summary.status = "partial"
+        if lock:  # still held: the status record and the run it describes are one step
+            _record_status(master_real, spec, summary, run, started, cfg, reporter)
+    finally:
+        if lock:
+            lock.release()
+    return summary
 
 
 def _prewalk_master(cfg: SyncConfig, master_real: str, patterns: list[str]) -> tuple[CacheLoad, Prewalk | None] | None:
@@ -323,6 +358,14 @@ class _EarlyReplica:
         self.lock: FileLock | None = None
         self.transport = None
         self.error: DirsyncError | None = None
+
+    def forget(self) -> None:
+        """Drop this process's copy of a replica a forked worker took over (dirsync.fanout):
+        descriptors closed, nothing unlocked, nothing on the replica touched."""
+        if self.transport is not None:
+            self.transport.forget()
+        if self.lock is not None:
+            self.lock.forget()
 
     def abandon(self) -> None:
         if self.transport is not None:

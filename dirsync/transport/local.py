@@ -70,6 +70,12 @@ class LocalTransport:
         # (a MasterReader may offer a master file to copy in the kernel; a two-way PairReader sends bytes)
         apply_actions(self.replica, actions, getattr(master, "local_sends", master.sends), sink, should_stop)
 
+    def forget(self) -> None:
+        """A forked worker took this replica over: Replica.forget."""
+        if self.replica is not None:
+            self.replica.forget()
+            self.replica = None
+
     def close(self, *, save: bool = True) -> str:
         """Replica.close: returns the generation of the cache it left ("" when none)."""
         if self.replica is None:
