@@ -129,7 +129,8 @@ class _Worker:
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             code = None
-        self.opened.forget()
+        if self.opened is not None:
+            self.opened.forget()
         if self.answer is not None:
             return self.answer
         how = ("vanished" if code is None else f"was killed by signal {-code}" if code < 0
@@ -160,13 +161,13 @@ def run_turns(specs: list[str], turn: Callable[[str, dict, Reporter], ReplicaSum
         while pending or running:
             while pending and len(running) < jobs:
                 spec = pending[0]
-                opened = {spec: early[spec]}
+                opened = {spec: early[spec]} if spec in early else {}  # (a remote one: its worker connects)
                 got = fork_answering(lambda fd, spec=spec, opened=opened: _work(fd, spec, opened, turn))
                 if got is None:
                     pending.clear()  # (a thread appeared: the rest go one by one, in the caller)
                     break
                 pending.pop(0)
-                running[got[1]] = _Worker(spec, got[0], early.pop(spec))
+                running[got[1]] = _Worker(spec, got[0], early.pop(spec, None))
             if not running:
                 break
             for fd in select.select(list(running), [], [])[0]:

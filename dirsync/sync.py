@@ -275,13 +275,23 @@ def _sync_all(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: Sca
                           f"sent {t.bytes_sent} B, reused {t.bytes_reused} B in {t.seconds:.2f}s")
 
 
+def _fans_out(cfg: SyncConfig) -> bool:
+    """Whether the replicas' turns may run at the same time (dirsync.fanout): two or more, not a
+    dry run (its plans are printed by this process), and --jobs other than 1."""
+    return len(cfg.replicas) >= 2 and not cfg.dry_run and cfg.jobs != 1
+
+
 def _fan_out(cfg: SyncConfig, master_real: str, patterns: list[str], mscan: ScanResult, cache_ok: bool,
              early: dict[str, "_EarlyReplica"], run: RunSummary, reporter: Reporter,
              should_stop: Callable[[], bool]) -> dict:
-    """Two or more local replicas opened early: their turns run at the same time in forked
-    workers (dirsync.fanout). Returns spec -> (summary, what its worker said) for those."""
-    specs = [s for s in cfg.replicas if s in early and early[s].transport is not None]
-    if cfg.dry_run or cfg.jobs == 1 or len(specs) < 2 or any(is_remote_spec(s) for s in cfg.replicas):
+    """Run the replicas' turns at the same time in forked workers (dirsync.fanout): each local
+    one opened early, each remote one (connected by its worker: this process has no thread to
+    fork with). Returns spec -> (summary, what its worker said) for those."""
+    if not _fans_out(cfg):
+        return {}
+    specs = [s for s in cfg.replicas
+             if early.get(s) is not None and early[s].transport is not None or is_remote_spec(s) and s not in early]
+    if len(specs) < 2:
         return {}
     from dirsync.fanout import run_turns
 
@@ -350,7 +360,8 @@ class _EarlyReplica:
     """A replica locked and opened, its scan under way, before the master scan starts, so that
     its tree is walked while this side walks the master: the first remote replica (connected
     and sent open and scan; answers read later), or else every local one (walked by a child
-    process, scan.Prewalk). A failure is kept and raised when the replica's turn comes
+    process, scan.Prewalk); when the turns fan out (_fans_out), every local one and no remote
+    one (connecting starts threads, and the fan-out workers are forked later). A failure is kept and raised when the replica's turn comes
     (reported like any other)."""
 
     def __init__(self, spec: str) -> None:
@@ -381,9 +392,13 @@ class _EarlyReplica:
 
 def _open_early(cfg: SyncConfig, master_real: str, patterns: list[str]) -> dict[str, _EarlyReplica]:
     remote = next((r for r in cfg.replicas if is_remote_spec(r)), None)
+    if _fans_out(cfg):  # every local one; the remote ones are connected by their fan-out workers
+        specs = [r for r in cfg.replicas if not is_remote_spec(r)]
+    else:
+        specs = [remote] if remote is not None else list(cfg.replicas)
     early: dict[str, _EarlyReplica] = {}
     try:
-        for spec in [remote] if remote is not None else cfg.replicas:
+        for spec in specs:
             e = early[spec] = _EarlyReplica(spec)
             t = None
             try:

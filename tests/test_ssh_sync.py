@@ -33,6 +33,8 @@ except ImportError:
     )
     from tests.remote_helpers import REPO_ROOT, TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 
+from dirsync.status import load_record
+
 pytest_plugins = [_sshd_plugin.__name__]
 pytestmark = pytest.mark.ssh
 
@@ -158,6 +160,10 @@ def test_fan_out_to_two_ssh_replicas_and_a_local_one(sshd, tmp_path):
             os.rename(m / "data/big.bin", m / "big-moved.bin")
     sent = [x["bytes_sent"] for x in out["replicas"]]
     assert sent[0] == sent[1] == sent[2] < 1 * KiB, sent  # the edited file; the move reuses bytes
+    # Each replica's turn ran in its own fan-out worker, the remote ones connected by theirs.
+    pids = {load_record(os.path.realpath(m), spec if ":" in spec else os.path.abspath(spec))["last_run"]["pid"]
+            for spec in specs}
+    assert len(pids) == 3 and os.getpid() not in pids, pids
 
 
 def test_compress_sends_less_and_converges(sshd, tmp_path):
