@@ -1,13 +1,14 @@
-"""Fan-out to local replicas at the same time: one forked worker per replica, a few at once.
+"""Fan-out to several replicas at the same time: one forked worker per replica, a few at once.
 
-A run to several local replicas used to take its replicas one after another. Their turns share
-nothing but the master's scan (read-only here), and each is mostly its own CPU and disk work
-(its cache, its plan, its writes and flushes), so sync.py hands them to forked workers,
-default_jobs() at once (--jobs). A worker gets this process's memory as it is (the
-master scan, the replica opened early, its pair lock) and does the replica's whole turn
-(sync._replica_turn: sync, status record, unlock); what it has to say goes to this process,
-which alone prints (see WorkerReporter). Remote replicas are not fanned out: their transports
-run threads, and a process with threads must not fork (state.fork_child).
+A run to several replicas used to take them one after another. Their turns share nothing but
+the master's scan (read-only here), and each is mostly its own CPU, disk or link work (its
+cache, its plan, its writes and flushes, its agent), so sync.py hands them to forked workers,
+default_jobs() at once (--jobs). A worker gets this process's memory as it is (the master
+scan; a local replica opened early, with its pair lock) and does the replica's whole turn
+(sync._replica_turn: connect if remote, sync, status record, unlock); what it has to say goes
+to this process, which alone prints (see WorkerReporter). A remote replica is connected by its
+worker, never before the fork: paramiko runs threads, and a process with threads must not
+fork (state.fork_child).
 
 Worker -> parent, over a pipe, frames of one kind byte and an 8-byte little-endian number:
   b"b" n     the worker's progress bar would begin with n bytes to go
