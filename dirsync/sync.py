@@ -57,7 +57,7 @@ class SyncConfig(Record):
         transport: TransportOptions = TransportOptions(),  # also carries --backup-dir/--backup-keep
         bwlimit: int | None = None,  # bytes per second of master data sent to each replica
         profile: str | None = None,  # the profile name, recorded in the pair status record
-        jobs: int = 0,  # local replicas synced at once (dirsync.fanout); 0: fanout.default_jobs()
+        jobs: int = 0,  # replicas synced at once (dirsync.fanout); 0: fanout.default_jobs()
     ) -> None:
         self.master = master
         self.replicas = replicas
@@ -343,8 +343,10 @@ def _replica_turn(cfg: SyncConfig, master_real: str, patterns: list[str], mscan:
 
 def _prewalk_master(cfg: SyncConfig, master_real: str, patterns: list[str]) -> tuple[CacheLoad, Prewalk | None] | None:
     """With a remote replica, start the master's walk in a child (scan.Prewalk) before this
-    process imports paramiko and connects (~0.3 s here), which then overlap it. Local replicas
-    are walked by children instead (_open_early), beside the master's walk here."""
+    process imports paramiko and connects (~0.3 s here), which then overlap it (when the turns
+    fan out, the workers connect after the scan; the walk still overlaps this process decoding
+    the master cache). Local replicas are walked by children instead (_open_early), beside the
+    master's walk here."""
     if not any(is_remote_spec(r) for r in cfg.replicas):
         return None
     load = load_manifest_file(master_cache_path(master_real), chunking.CHUNKER_ID, lazy=True)
