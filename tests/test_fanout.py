@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 
 try:
@@ -204,3 +205,31 @@ def test_a_worker_killed_by_a_signal_fails_its_replica_only():
     assert summary.status == "failed" and summary.exit_code == 1 and "killed by signal 9" in summary.fatal
     assert said[0][0] == "fatal" and said[0][1][0].startswith("dies: ")
     assert all(o.forgotten for o in opened.values())
+
+
+def test_a_locked_replica_and_an_unreachable_one_fail_alone(tmp_path):
+    """One replica's pair lock is held by another run (exit 3) and one is a remote that refuses
+    the connection (exit 10): the two others are synced by their workers, and the run's exit
+    code is the most serious one; once the lock is free, the next run brings the rest along."""
+    from dirsync.state import FileLock, pair_lock_path
+
+    m = tmp_path / "m"
+    build_tree(m, TREE)
+    rs = [tmp_path / f"r{i}" for i in range(3)]
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unreachable = f"127.0.0.1:{tmp_path / 'far'}"
+    held = FileLock(pair_lock_path(os.path.realpath(m), os.path.abspath(rs[1])), "held by the test").acquire()
+    try:
+        cp, out = sync_json(m, rs[0], rs[1], unreachable, rs[2], args=("-p", str(port)), expect=None)
+    finally:
+        held.release()
+    assert cp.returncode == 10, cp.stderr  # CONNECT outranks LOCKED
+    assert [x["exit_code"] for x in out["replicas"]] == [0, 3, 10, 0]
+    for r in (rs[0], rs[2]):
+        treecmp.assert_trees_equal(m, r)
+    assert not rs[1].exists() or not any(e.name != ".dirsync" for e in os.scandir(rs[1]))
+    _, out = sync_json(m, *rs)
+    for r in rs:
+        treecmp.assert_trees_equal(m, r)
