@@ -58,3 +58,50 @@ def test_stand_ins_serve_the_import_and_are_taken_out(tmp_path):
         print(m.NEEDED, "helpery" in sys.modules)
     """, str(tmp_path))
     assert out == "5 False"
+
+
+def test_the_ssh_client_module_does_not_import_pathlib():
+    """Every SSH run imports dirsync.transport.ssh before connecting; pathlib (with urllib.parse)
+    cost ~10 ms of that, for paths plain strings serve as well."""
+    out = _run("""
+        import sys
+        names = ("pathlib", "urllib.parse")
+        before = {k for k in names if k in sys.modules}  # an editable install's finder imports pathlib
+        import dirsync.transport.ssh
+        print(sorted(k for k in names if k in sys.modules and k not in before))
+    """)
+    assert out == "[]", out
+
+
+def test_an_agent_session_without_writes_imports_no_json_traceback_or_zstandard(tmp_path):
+    """The agent's start-up is on the critical path of every SSH run: what only a crash
+    (traceback), a new replica's marker or a two-way state peek (json), or compressed data
+    (zstandard) needs is imported then, not at start. Checked on a second session (the first
+    one made the replica)."""
+    import time
+
+    from dirsync.transport import TransportOptions
+    from dirsync.transport.pipe import SubprocessChannel
+    from dirsync.transport.remote import RemoteTransport
+
+    try:
+        from remote_helpers import agent_env
+    except ImportError:
+        from tests.remote_helpers import agent_env
+    root = tmp_path / "replica"
+    for n, init in ((1, True), (2, False)):
+        out = tmp_path / f"modules{n}"
+        code = (f"import atexit, sys; atexit.register(lambda: open({str(out)!r}, 'w').write(' '.join(sys.modules))); "
+                "from dirsync.__main__ import main; main()")
+        t = RemoteTransport(f"localhost:{root}", TransportOptions(),
+                            channel_factory=lambda: SubprocessChannel([sys.executable, "-c", code, "agent"],
+                                                                      env=agent_env()))
+        t.open(init=init)
+        t.scan([])
+        t.close()
+        deadline = time.monotonic() + 30
+        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:  # (it exits after close)
+            time.sleep(0.01)
+    modules = set(out.read_text().split())
+    assert "dirsync.transport.agent" in modules  # it did run the agent
+    assert not {"json", "traceback", "zstandard"} & modules, sorted({"json", "traceback", "zstandard"} & modules)

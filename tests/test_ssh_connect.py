@@ -293,14 +293,14 @@ def test_unknown_host_key_is_refused_with_hint(sshd: SshdInfo, tmp_path: Path) -
     assert f"[127.0.0.1]:{sshd.port}" in str(ei.value)
     assert "SHA256:" in str(ei.value)
     assert ei.value.exit_code == ExitCode.CONNECT
-    assert not dirsync_known_hosts_path().exists()
+    assert not Path(dirsync_known_hosts_path()).exists()
 
 
 @pytest.mark.ssh
 def test_accept_new_host_key_records_in_own_file(sshd: SshdInfo, tmp_path: Path) -> None:
     user_kh = _empty(tmp_path)
     kw = {**sshd.connect_kwargs(), "known_hosts_files": [user_kh]}
-    own = dirsync_known_hosts_path()
+    own = Path(dirsync_known_hosts_path())
     assert str(own).startswith(os.environ["XDG_STATE_HOME"])
     with connect(sshd.url("/"), accept_new_host_key=True, **kw):
         pass
@@ -321,13 +321,13 @@ def test_changed_host_key_is_always_refused(sshd: SshdInfo, tmp_path: Path, acce
         connect(sshd.url("/"), accept_new_host_key=accept_new, **kw)
     assert f"{kh}:1" in str(ei.value)
     assert kh.read_text() == f"[127.0.0.1]:{sshd.port} {other}\n"
-    assert not dirsync_known_hosts_path().exists()
+    assert not Path(dirsync_known_hosts_path()).exists()
 
 
 @pytest.mark.ssh
 def test_changed_key_in_own_file_is_refused(sshd: SshdInfo, tmp_path: Path) -> None:
     other = make_keypair(tmp_path / "impostor")
-    own = dirsync_known_hosts_path()
+    own = Path(dirsync_known_hosts_path())
     own.parent.mkdir(parents=True)
     own.write_text(f"[127.0.0.1]:{sshd.port} {other}\n")
     kw = {**sshd.connect_kwargs(), "known_hosts_files": [_empty(tmp_path)]}
@@ -453,7 +453,7 @@ def test_ssh_config_strict_accept_new(sshd: SshdInfo, tmp_path: Path) -> None:
     )
     with connect("t:/", ssh_config_file=str(cfg)):
         pass
-    assert dirsync_known_hosts_path().read_text().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
+    assert Path(dirsync_known_hosts_path()).read_text().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
 
 
 def _jump_config(sshd: SshdInfo, tmp_path: Path, target_port: int | None = None) -> Path:

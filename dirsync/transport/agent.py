@@ -12,13 +12,11 @@ possible), 1 after an internal error (also reported in a `fatal` frame).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
 import sys
 import threading
-import traceback
 
 from dirsync import __version__, chunking
 from dirsync.apply import apply_actions
@@ -91,7 +89,8 @@ class Agent:
         self.inbox: list[Any] = []
         self.wlock = threading.Lock()
         self._held = bytearray()  # outcome frames not written yet (see send)
-        self._zb: Any = None  # zstd stream for held outcomes, once the master's hello lists "zb"
+        self._zb: Any = None  # zstd stream for held outcomes: True once the master's hello lists "zb",
+        # the stream itself from the first batch on (importing zstandard costs ~10 ms: a no-op need not)
         self.replica: Replica | None = None
         self.written: dict[str, FileEntry] = {}  # write targets received this session
         self._derived: set[str] = set()  # writes whose chunk digests this side computed
@@ -137,6 +136,8 @@ class Agent:
             return data
         import zstandard
 
+        if self._zb is True:
+            self._zb = zstandard.ZstdCompressor(level=3).compressobj()
         return encode({"t": "zb", "b": self._zb.compress(data) + self._zb.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)})
 
     def _write(self, data: bytes) -> None:
@@ -173,9 +174,7 @@ class Agent:
             self.send(hello(__version__, chunker=chunking.CHUNKER_ID, features=list(FEATURES)))
             peer = check_hello(self.recv())
             if "zb" in v_list(peer.get("features", []), 64):
-                import zstandard
-
-                self._zb = zstandard.ZstdCompressor(level=3).compressobj()
+                self._zb = True
             ping_ms = peer.get("ping_ms")
             if ping_ms is not None:
                 self.ping_s = max(PING_MIN_S, min(PING_S, v_int(ping_ms, 0, 3_600_000) / 1000))
@@ -201,6 +200,8 @@ class Agent:
             print(f"dirsync agent: {e}", file=sys.stderr)
             return 11
         except Exception as e:  # a bug: tell the master in one line, keep the traceback on stderr
+            import traceback
+
             traceback.print_exc(file=sys.stderr)
             self._last_word(_InternalError(f"internal error in the agent: {type(e).__name__}: {e}"[:1000]))
             return 1
@@ -424,6 +425,8 @@ class Agent:
         v: Any = None
         if op == "peek":
             try:
+                import json  # (here: importing it costs every agent ~5 ms)
+
                 with open(os.path.join(state, MARKER), "rb") as f:
                     v = str(json.loads(f.read())["id"])
             except (OSError, ValueError, KeyError, TypeError):

@@ -36,11 +36,10 @@ import os
 import re
 import shlex
 import socket
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import sys
+import tempfile
 import types
 
 from dirsync.imports import import_hiding, stand_in
@@ -253,10 +252,11 @@ def remote_command(argv: Sequence[str]) -> str:
 # Known hosts
 
 
-def dirsync_known_hosts_path() -> Path:
-    """dirsync's own known_hosts: ``$XDG_STATE_HOME/dirsync/known_hosts`` (default ``~/.local/state/...``)."""
+def dirsync_known_hosts_path() -> str:
+    """dirsync's own known_hosts: ``$XDG_STATE_HOME/dirsync/known_hosts`` (default ``~/.local/state/...``).
+    (Paths here are plain strings: pathlib costs every SSH run ~10 ms of imports.)"""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "dirsync" / "known_hosts"
+    return os.path.join(state, "dirsync", "known_hosts")
 
 
 def host_key_name(host: str, port: int) -> str:
@@ -378,8 +378,8 @@ class KnownHosts:
     """
 
     def __init__(self, files: Iterable[str | os.PathLike[str]], own_file: str | os.PathLike[str]) -> None:
-        self.own_file = Path(own_file)
-        self.files = [Path(f) for f in files]
+        self.own_file = os.fspath(own_file)
+        self.files = [os.fspath(f) for f in files]
         if self.own_file not in self.files:
             self.files.append(self.own_file)
         self.entries: list[KnownHostEntry] = []
@@ -387,9 +387,10 @@ class KnownHosts:
             self.entries.extend(self._load(f))
 
     @staticmethod
-    def _load(path: Path) -> list[KnownHostEntry]:
+    def _load(path: str) -> list[KnownHostEntry]:
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return []
         except OSError as e:
@@ -440,17 +441,19 @@ class KnownHosts:
         """Append ``name key`` to the own known_hosts file: lock, temp file, fsync, rename."""
         line = f"{name} {key.get_name()} {key.get_base64()}\n"
         path = self.own_file
+        parent = os.path.dirname(path) or "."
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(path.parent / (path.name + ".lock"), "a") as lock:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            with open(path + ".lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
-                    old = path.read_bytes()
+                    with open(path, "rb") as f:
+                        old = f.read()
                 except FileNotFoundError:
                     old = b""
                 if old and not old.endswith(b"\n"):
                     old += b"\n"
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".known_hosts.", suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=parent, prefix=".known_hosts.", suffix=".tmp")
                 try:
                     with os.fdopen(fd, "wb") as f:
                         f.write(old + line.encode())
@@ -461,7 +464,7 @@ class KnownHosts:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
                     raise
-                dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.fsync(dfd)
                 finally:
@@ -574,9 +577,10 @@ _MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
 def load_ssh_config(path: str | os.PathLike[str] | None) -> SshConfig:
     """Read ``path`` (default ``~/.ssh/config`` if it exists). Raises ``ConfigError`` if it cannot be read or parsed."""
     explicit = path is not None
-    p = Path(path) if path is not None else Path(os.path.expanduser("~/.ssh/config"))
+    p = os.fspath(path) if path is not None else os.path.expanduser("~/.ssh/config")
     try:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        with open(p, encoding="utf-8", errors="replace") as f:
+            text = f.read()
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"ssh config file not found: {p}") from None
@@ -708,7 +712,7 @@ class _Options(Record):
         keepalive: int,
         compress: bool = False,
         identity: str | None = None,
-        own_known_hosts: Path | None = None,
+        own_known_hosts: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.known_hosts_files = known_hosts_files
