@@ -217,6 +217,7 @@ class Replica:
         self.cache: SavedManifest | None = None  # the saved cache (rows decoded only when needed)
         self._scan: ScanResult | None = None  # the last scan
         self._prewalk: Prewalk | None = None  # a walk started by prewalk(), taken by manifest()
+        self.split_walk = False  # scans walk with two processes (scan.gather_split): set by the agent
         self._prewalk_for: Excluder | None = None  # ... only when called with this very excluder
         self._current: dict[str, Entry] | None = None  # made from the scan on first use
         self.scan_unchanged = False
@@ -344,7 +345,8 @@ class Replica:
             return ScanResult(Manifest())
         if self.reserved:
             excluder = _Reserved(excluder, self.reserved)
-        res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache, walked=walked)
+        res = scan_tree(self.root, excluder=excluder, cache=None if fresh else self.cache, walked=walked,
+                        split=self.split_walk and walked is None)
         if not self.readonly:
             for rel in res.temps:  # left by an interrupted run; we hold the replica lock
                 try:

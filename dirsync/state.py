@@ -126,17 +126,26 @@ class PendingSave:
         return f"killed by signal {-code}" if code < 0 else os.strerror(code) if code < 254 else "it failed"
 
 
-def fork_child(work: Callable[[], int]) -> int | None:
+def fork_child(work: Callable[[], int], threads_ok: bool = False) -> int | None:
     """Run work() in a forked child, which leaves with its return value as exit status (255 on
     an exception) and without any of this process's cleanup (os._exit). Returns the child's
     pid, or None when forking is not safe here (another thread runs: a lock it holds would stay
-    held in the child) or fails: the caller then does the work itself."""
+    held in the child) or fails: the caller then does the work itself. `threads_ok`: the
+    caller vouches that work() takes no lock another thread may hold (it only makes syscalls
+    and plain Python objects), so other threads do not rule the fork out."""
     import threading
 
-    if threading.active_count() != 1 or not hasattr(os, "fork"):
+    if threading.active_count() != 1 and not threads_ok or not hasattr(os, "fork"):
         return None
     try:
-        pid = os.fork()
+        if threading.active_count() != 1:
+            import warnings
+
+            with warnings.catch_warnings():  # (Python 3.12 warns of forking with threads: vouched for)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        else:
+            pid = os.fork()
     except OSError:
         return None
     if pid == 0:
@@ -148,7 +157,7 @@ def fork_child(work: Callable[[], int]) -> int | None:
     return pid
 
 
-def fork_answering(work: Callable[[int], object]) -> tuple[int, int] | None:
+def fork_answering(work: Callable[[int], object], threads_ok: bool = False) -> tuple[int, int] | None:
     """fork_child for work that answers through a pipe: work(fd) runs in the child and writes
     its answer to fd. Returns (pid, the fd to read the answer from until EOF; the caller closes
     it and reaps the pid), or None when no child was forked (the caller does the work itself)."""
@@ -159,7 +168,7 @@ def fork_answering(work: Callable[[int], object]) -> tuple[int, int] | None:
         work(w)
         return 0
 
-    pid = fork_child(child)
+    pid = fork_child(child, threads_ok)
     os.close(w)
     if pid is None:
         os.close(r)

@@ -18,12 +18,12 @@ import pytest
 
 try:
     import sshd as _sshd_plugin
-    from helpers import build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
+    from helpers import Link, build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
     from remote_helpers import ssh_options, ssh_spec
     from test_fingerprint import MUTATIONS, TREE, saved_scan
 except ImportError:  # tests/ imported as a package
     from tests import sshd as _sshd_plugin
-    from tests.helpers import build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
+    from tests.helpers import Link, build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
     from tests.remote_helpers import ssh_options, ssh_spec
     from tests.test_fingerprint import MUTATIONS, TREE, saved_scan
 
@@ -382,3 +382,86 @@ def test_a_progress_bar_starts_no_thread(tmp_path):
         assert threading.active_count() == before
     finally:
         rep.close()
+
+
+# -- the agent's walk with two processes (scan._Scanner.gather_split) --------------------------
+
+SPLIT_TREE = {
+    **TREE,
+    **{f"top{i}/d{j}/f{k}.txt": f"{i} {j} {k}\n" for i in range(5) for j in range(3) for k in range(4)},
+    "top1/d0/ln": Link("f0.txt"),
+    "top3/.dirsync-tmp-3-abcd": "a temp a crashed run left\n",
+    "top4/d2/empty": {},
+}
+
+
+def _walk(root, split: bool):
+    s = scan_mod._Scanner(str(root), Excluder(), None)
+    s.split = split
+    items, fp = s.walk_root()
+    return s, items, fp
+
+
+def _same_walk(root) -> None:
+    one, items1, fp1 = _walk(root, False)
+    two, items2, fp2 = _walk(root, True)
+    assert sorted(items2) == sorted(items1) and len(items2) == len(items1)
+    pos = {rel: i for i, (rel, _) in enumerate(items2)}
+    assert all(pos[rel.rpartition("/")[0]] < pos[rel] for rel in pos if rel)  # a directory before its contents
+    assert fp2 == fp1 and two.links == one.links and sorted(two.result.temps) == sorted(one.result.temps)
+    assert [e.path for e in two.result.errors] == [e.path for e in one.result.errors] and two.fp_ok == one.fp_ok
+
+
+@pytest.mark.parametrize("mutate", [None, *MUTATIONS], ids=["as-is", *(m.__name__.strip("_") for m in MUTATIONS)])
+def test_a_split_walk_finds_what_one_process_finds(tmp_path, mutate):
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    if mutate is not None:
+        mutate(root)
+    _same_walk(root)
+    _, items, _ = _walk(root, True)
+    assert "top3/.dirsync-tmp-3-abcd" not in dict(items)
+
+
+def test_a_split_walk_forks_beside_another_thread_and_survives_its_child_dying(tmp_path, monkeypatch):
+    """The agent's pinger thread runs while it scans: the split walk forks all the same (its
+    child takes no lock). A child that dies before answering leaves its share to the parent."""
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    forks = []
+    real = scan_mod.fork_answering
+
+    def counting(work, threads_ok=False):
+        got = real(work, threads_ok)
+        forks.append(got is not None)
+        return got
+
+    monkeypatch.setattr(scan_mod, "fork_answering", counting)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        _same_walk(root)
+        assert forks == [True]
+        monkeypatch.setattr(scan_mod._Scanner, "_walk_child", lambda self, dirs, w, dumps: os.kill(os.getpid(), 9))
+        _same_walk(root)
+        assert forks == [True, True]
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_scan_tree_splits_only_a_large_tree_and_only_when_asked(tmp_path, monkeypatch):
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    first, saved = saved_scan(root)
+    calls = []
+    real = scan_mod._Scanner.gather_split
+    monkeypatch.setattr(scan_mod._Scanner, "gather_split", lambda self, items: calls.append(1) or real(self, items))
+    write(root / "top0/d0/f0.txt", "changed\n")
+    assert scan_tree(str(root), cache=saved, split=True).manifest == scan_tree(str(root), cache=saved).manifest
+    assert calls == []  # fewer entries than SPLIT_MIN: one process
+    monkeypatch.setattr(scan_mod, "SPLIT_MIN", 10)
+    res = scan_tree(str(root), cache=saved, split=True)
+    assert calls == [1] and res.manifest == scan_tree(str(root), cache=saved).manifest
+    assert res.manifest.entries["top0/d0/f0.txt"].size == len("changed\n")

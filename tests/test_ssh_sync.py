@@ -400,3 +400,26 @@ def test_replica_path_is_never_seen_by_the_remote_shell(sshd, tmp_path):
     assert out["replicas"][0]["status"] == "ok", out
     treecmp.assert_trees_equal(m, r)
     assert not os.path.exists(os.path.join(os.path.expanduser("~"), "PWNED")) and not (tmp_path / "PWNED").exists()
+
+
+def test_a_large_replica_walked_by_the_agent_in_two_processes_stays_exact(sshd, tmp_path):
+    """From SPLIT_MIN cached entries on, the agent walks its replica with two processes (each
+    takes every other top-level directory): a change on either side, in either half, is seen."""
+    from dirsync.scan import SPLIT_MIN
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    per = SPLIT_MIN // 6 + 50
+    build_tree(m, {f"top{i}/f{k:04d}.txt": f"{i}/{k}\n" for i in range(6) for k in range(per)})
+    spec = ssh_spec(sshd, r)
+    ssh_synced(sshd, m, spec, r)
+    for i in range(6):  # the master changes a file in every top directory
+        write(m / f"top{i}/f0001.txt", b"changed on the master\n")
+    remove(m / "top2/f0002.txt")
+    rep = ssh_synced(sshd, m, spec, r)
+    assert rep["files_written"] == 6 and rep["files_deleted"] == 1
+    for i in range(6):  # now the replica drifts, in both halves of the walk
+        write(r / f"top{i}/f0003.txt", b"changed on the replica\n")
+    write(r / "top5/stray.txt", b"not on the master\n")
+    settle(r)
+    rep = ssh_synced(sshd, m, spec, r)
+    assert rep["files_written"] == 6 and rep["files_deleted"] == 1

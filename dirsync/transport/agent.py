@@ -264,6 +264,7 @@ class Agent:
             backup = BackupOptions(os.fsdecode(proto.v_path(bdir) or b"."),
                                    None if keep is None else v_int(keep, 1, 1 << 30))
         replica = Replica(root, readonly=v_bool(m.get("readonly", False)), backup=backup)
+        replica.split_walk = True  # the master waits while this agent walks: the second core is free
         try:
             info = replica.open(init=v_bool(m.get("init", False)))
         except BaseException:
