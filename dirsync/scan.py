@@ -118,6 +118,7 @@ def scan_tree(
     walked: Prewalk | None = None,
     hold: int = 0,
     split: bool = False,
+    split_reads: bool = False,
 ) -> ScanResult:
     """Scan `root` (an existing directory) into a ScanResult.
 
@@ -129,13 +130,16 @@ def scan_tree(
     `hold`: keep the bytes of files of up to HOLD_MAX bytes it reads, up to `hold` bytes in
     all, in `held` (a master scan: an initial copy then reads each small file once, not twice).
     `split`: walk with two processes when the cache says the tree is large (see gather_split;
-    for a caller whose other processes are idle meanwhile: the agent).
+    for a caller whose other processes are idle meanwhile: the agent). `split_reads`: read and
+    hash the files that need it with two processes when there are many (see classify; the
+    master scan, which other work waits for).
     Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
     paths in `protect`; the root itself must be readable (checked by the caller).
     """
     s = _Scanner(root, excluder or Excluder(), on_bytes)
     s.hold_left = hold
     s.split = split and cache is not None and _count(cache) >= SPLIT_MIN
+    s.split_reads = split_reads
     res = s.result
     if only is not None:
         cm = _decoded(cache, res)
@@ -177,6 +181,7 @@ def scan_tree(
 
 
 SPLIT_MIN = 4000  # entries in a tree's cache from which scan_tree(split=True) walks with two processes
+READ_SPLIT_MIN = 1000  # files to read from which scan_tree(split_reads=True) reads with two processes
 
 
 def _count(cache: Manifest | SavedManifest) -> int:
@@ -360,6 +365,7 @@ class _Scanner:
         self.fp_exact = True  # False: an entry's stat facts differ from what the walk saw
         self.hold_left = 0  # bytes of small files' content still to keep (ScanResult.held)
         self.split = False  # walk_root walks with two processes (gather_split)
+        self.split_reads = False  # classify reads many files with two processes (_read_share)
 
     def set_cache(self, cache: Manifest | None) -> None:
         self.cache = cache.entries if cache is not None else {}
@@ -533,11 +539,101 @@ class _Scanner:
             misses.append(item)
         if read_limit is not None and sum(st[0] & 0o170000 == 0o100000 for _, st in misses) > read_limit:
             return False
+        share = self._read_share(misses) if self.split_reads else None
+        theirs = share[2] if share is not None else ()
         for rel, st in misses:
+            if rel in theirs:
+                continue
             self.add(rel, _St._make(st))
             if entries.get(rel) is None:  # vanished, unreadable or skipped: not part of the tree
                 entries.pop(rel, None)
+        if share is not None:
+            self._take_share(*share)
         return True
+
+    def _read_share(self, misses: list) -> tuple | None:
+        """With READ_SPLIT_MIN or more files to read (an initial copy, a big change), fork a child
+        that reads and hashes the second half of them (in walk order: whole directories, which
+        two processes read faster than every other file, 3.4 s against 4.0 s for 100,000 small
+        files on tmpfs), with half of what may still be held, while this process does the first:
+        a scan reading many small files is Python CPU per file (~35 us each), and the second
+        core has nothing else to do then (one process: 4.3 s). Returns (pid, fd, the
+        child's relpaths, its files, its hold budget) or None. The child reads, chunks, hashes
+        and pickles, writes its own pipe and leaves by os._exit: it takes no lock another
+        thread may hold (paramiko's, when a remote replica was connected first), hence
+        threads_ok."""
+        files = [(rel, st) for rel, st in misses if st[0] & 0o170000 == 0o100000]
+        if len(files) < READ_SPLIT_MIN:
+            return None
+        import pickle
+
+        mine = files[len(files) // 2:]  # (the child's)
+        hold = self.hold_left // 2
+        got = fork_answering(lambda w: self._read_child(mine, hold, w, pickle.dumps), threads_ok=True)
+        if got is None:
+            return None
+        self.hold_left -= hold
+        return got[0], got[1], {rel for rel, _ in mine}, mine, hold
+
+    def _read_child(self, files: list, hold: int, w: int, dumps) -> None:
+        """_read_share's child: classify `files` as add() does, and write what came of it to `w`:
+        the entries as plain rows, errors, protected paths, held bytes, warnings, counters."""
+        res = self.result
+        self.entries, res.errors, res.protect, res.held, res.warnings = {}, [], set(), {}, []
+        res.files_read = res.bytes_read = 0
+        self.changed, self.fp_exact, self.hold_left, self.on_bytes = False, True, hold, None
+        for rel, st in files:
+            self.add(rel, _St._make(st))
+        rows = [(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.held_sizes, e.digests, e.ino, e.ctime_ns,
+                 e.trusted) for e in self.entries.values()]
+        data = memoryview(dumps((rows, res.errors, res.protect, res.held, res.warnings, res.files_read,
+                                 res.bytes_read, self.changed, self.fp_exact, self.hold_left)))
+        while data:
+            data = data[os.write(w, data):]
+
+    def _take_share(self, pid: int, fd: int, rels: set, files: list, hold: int) -> None:
+        """Wait for _read_share's child and take its results in; if it failed, read its files here."""
+        import pickle
+
+        chunks = []
+        try:
+            while b := os.read(fd, 1 << 20):
+                chunks.append(b)
+        except OSError:
+            chunks = []
+        finally:
+            os.close(fd)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        entries, res = self.entries, self.result
+        try:
+            rows, errors, protect, held, warnings, files_read, bytes_read, changed, fp_exact, left = \
+                pickle.loads(b"".join(chunks))
+        except Exception:  # the child died or said nothing usable: read its files here
+            self.hold_left += hold
+            for rel, st in files:
+                self.add(rel, _St._make(st))
+                if entries.get(rel) is None:
+                    entries.pop(rel, None)
+            return
+        for row in rows:
+            entries[row[0]] = FileEntry(*row)
+        for rel in rels:
+            if entries.get(rel) is None:  # vanished, unreadable or skipped there
+                entries.pop(rel, None)
+        res.errors.extend(errors)
+        res.protect |= protect
+        res.held.update(held)
+        res.warnings.extend(warnings)
+        res.files_read += files_read
+        res.bytes_read += bytes_read
+        self.changed = self.changed or changed
+        self.fp_exact = self.fp_exact and fp_exact
+        self.hold_left += left
+        if self.on_bytes and bytes_read:
+            self.on_bytes(bytes_read)
 
     def fingerprint_holds(self, fp: bytes, items: list) -> bytes:
         """`fp` (the walk's) when it stands for the entries classify() made from `items`: every

@@ -189,7 +189,8 @@ def scan_master(master_real: str, patterns: list[str], reporter: Reporter,
     cache_ok = load.status != "unusable"
     if not cache_ok:
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
-    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved, walked=walked, hold=HOLD_BYTES)
+    res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved, walked=walked, hold=HOLD_BYTES,
+                    split_reads=True)
     cache_ok = cache_ok and not res.cache_failed
     try:
         # Save a changed tree, and an unchanged one whose cache lacks the fingerprint it now has

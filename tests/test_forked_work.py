@@ -18,11 +18,13 @@ import pytest
 
 try:
     import sshd as _sshd_plugin
+    import treecmp
     from helpers import Link, build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
     from remote_helpers import ssh_options, ssh_spec
     from test_fingerprint import MUTATIONS, TREE, saved_scan
 except ImportError:  # tests/ imported as a package
     from tests import sshd as _sshd_plugin
+    from tests import treecmp
     from tests.helpers import Link, build_tree, overwrite_same_size_and_mtime, read, settle, sync_json, write
     from tests.remote_helpers import ssh_options, ssh_spec
     from tests.test_fingerprint import MUTATIONS, TREE, saved_scan
@@ -465,3 +467,98 @@ def test_scan_tree_splits_only_a_large_tree_and_only_when_asked(tmp_path, monkey
     res = scan_tree(str(root), cache=saved, split=True)
     assert calls == [1] and res.manifest == scan_tree(str(root), cache=saved).manifest
     assert res.manifest.entries["top0/d0/f0.txt"].size == len("changed\n")
+
+
+# -- the master scan's reads with two processes (scan._Scanner._read_share) ------------------------
+
+def _entries_equal(a, b) -> None:
+    assert list(a.manifest.entries) == list(b.manifest.entries)  # the same paths, in walk order
+    for p, e in a.manifest.entries.items():
+        f = b.manifest.entries[p]
+        assert e == f and getattr(e, "trusted", None) == getattr(f, "trusted", None), p
+
+
+def _held_ok(res, root, limit) -> None:
+    assert sum(len(buf) for _, buf in res.held.values()) <= limit
+    for rel, (whole, buf) in res.held.items():
+        assert buf == read(root / rel) and whole == res.manifest.entries[rel].digest
+
+
+@pytest.fixture
+def small_split(monkeypatch):
+    monkeypatch.setattr(scan_mod, "READ_SPLIT_MIN", 8)
+
+
+def test_split_reads_give_the_entries_one_process_gives(tmp_path, small_split):
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    os.mkfifo(root / "top2/pipe")
+    settle(root)
+    plain = scan_tree(str(root), hold=1 << 20)
+    split = scan_tree(str(root), hold=1 << 20, split_reads=True)
+    _entries_equal(plain, split)
+    assert (split.files_read, split.bytes_read) == (plain.files_read, plain.bytes_read) and split.files_read > 60
+    assert split.warnings == plain.warnings and len(split.warnings) == 1  # the FIFO, once
+    _held_ok(split, root, 1 << 20)
+    assert set(split.held) == set(plain.held)  # (everything fits)
+    small = scan_tree(str(root), hold=5000, split_reads=True)  # a budget both processes share
+    _held_ok(small, root, 5000)
+    assert small.held
+
+
+def test_split_reads_report_files_replaced_while_scanned_in_either_share(tmp_path, small_split):
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    s = scan_mod._Scanner(str(root), Excluder(), None)
+    s.split_reads = True
+    items, _ = s.walk_root()
+    files = [rel for rel, st in items if st[0] & 0o170000 == 0o100000]
+    swapped = files[10:12] + files[-12:-10]  # two in each process's share (the first half, the second)
+    for rel in swapped:  # a new inode under the walked name: "replaced while being scanned"
+        write(root / (rel + ".new"), "new\n")
+        os.replace(root / (rel + ".new"), root / rel)
+    s.classify(items)
+    assert sorted(e.path for e in s.result.errors) == sorted(swapped)
+    assert set(swapped) <= s.result.protect and not set(swapped) & set(s.entries)
+    assert len(s.entries) == len(items) - len(swapped)
+
+
+def test_split_reads_fork_beside_a_thread_and_survive_their_child_dying(tmp_path, small_split, monkeypatch):
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    settle(root)
+    plain = scan_tree(str(root), hold=1 << 20)
+    forks = []
+    real = scan_mod.fork_answering
+
+    def counting(work, threads_ok=False):
+        got = real(work, threads_ok)
+        forks.append(got is not None)
+        return got
+
+    monkeypatch.setattr(scan_mod, "fork_answering", counting)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)  # as when a remote replica was connected first
+    t.start()
+    try:
+        _entries_equal(plain, scan_tree(str(root), hold=1 << 20, split_reads=True))
+        monkeypatch.setattr(scan_mod._Scanner, "_read_child", lambda *a: os.kill(os.getpid(), 9))
+        exact = sum(len(buf) for _, buf in plain.held.values())  # just enough to hold every small file
+        again = scan_tree(str(root), hold=exact, split_reads=True)
+        _entries_equal(plain, again)
+        _held_ok(again, root, exact)
+        # the dead child's half of the budget came back (the parent's own half holds at most half)
+        assert sum(len(buf) for _, buf in again.held.values()) > exact // 2
+    finally:
+        stop.set()
+        t.join()
+    assert forks == [True, True]
+
+
+def test_an_initial_copy_of_many_files_read_by_two_processes_converges(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    n = scan_mod.READ_SPLIT_MIN + 200
+    build_tree(m, {f"d{i % 7}/f{i:05d}.txt": f"file {i}\n" * (i % 50) for i in range(n)})
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == n and out["master_scan"]["files_hashed"] == n
+    treecmp.assert_trees_equal(m, r)
