@@ -184,6 +184,26 @@ SPLIT_MIN = 4000  # entries in a tree's cache from which scan_tree(split=True) w
 READ_SPLIT_MIN = 1000  # files to read from which scan_tree(split_reads=True) reads with two processes
 
 
+def _child_answer(pid: int, fd: int):
+    """Read a forked child's pickled answer to its end, close the pipe, reap the child, and
+    unpickle it (our own child's). Raises when the child died or said nothing usable."""
+    import pickle
+
+    chunks = []
+    try:
+        while b := os.read(fd, 1 << 20):
+            chunks.append(b)
+    except OSError:
+        chunks = []
+    finally:
+        os.close(fd)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return pickle.loads(b"".join(chunks))
+
+
 def _count(cache: Manifest | SavedManifest) -> int:
     return cache.count if isinstance(cache, SavedManifest) else len(cache.entries)
 
@@ -481,21 +501,8 @@ class _Scanner:
             acc += self.gather(d, items)
         if got is None:
             return acc
-        pid, fd = got
-        chunks = []
         try:
-            while b := os.read(fd, 1 << 20):
-                chunks.append(b)
-        except OSError:
-            chunks = []
-        finally:
-            os.close(fd)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        try:
-            c_acc, c_items, links, temps, errors, fp_ok = pickle.loads(b"".join(chunks))
+            c_acc, c_items, links, temps, errors, fp_ok = _child_answer(*got)
         except Exception:  # the child died or said nothing usable: walk its share here
             for d in theirs:
                 acc += self.gather(d, items)
@@ -593,24 +600,10 @@ class _Scanner:
 
     def _take_share(self, pid: int, fd: int, rels: set, files: list, hold: int) -> None:
         """Wait for _read_share's child and take its results in; if it failed, read its files here."""
-        import pickle
-
-        chunks = []
-        try:
-            while b := os.read(fd, 1 << 20):
-                chunks.append(b)
-        except OSError:
-            chunks = []
-        finally:
-            os.close(fd)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
         entries, res = self.entries, self.result
         try:
             rows, errors, protect, held, warnings, files_read, bytes_read, changed, fp_exact, left = \
-                pickle.loads(b"".join(chunks))
+                _child_answer(pid, fd)
         except Exception:  # the child died or said nothing usable: read its files here
             self.hold_left += hold
             for rel, st in files:

@@ -425,12 +425,9 @@ def test_a_split_walk_finds_what_one_process_finds(tmp_path, mutate):
     assert "top3/.dirsync-tmp-3-abcd" not in dict(items)
 
 
-def test_a_split_walk_forks_beside_another_thread_and_survives_its_child_dying(tmp_path, monkeypatch):
-    """The agent's pinger thread runs while it scans: the split walk forks all the same (its
-    child takes no lock). A child that dies before answering leaves its share to the parent."""
-    root = tmp_path / "t"
-    build_tree(root, SPLIT_TREE)
-    forks = []
+def _count_forks(monkeypatch) -> list[bool]:
+    """scan's forks from now on: True for each child forked, False for each refused."""
+    forks: list[bool] = []
     real = scan_mod.fork_answering
 
     def counting(work, threads_ok=False):
@@ -439,6 +436,15 @@ def test_a_split_walk_forks_beside_another_thread_and_survives_its_child_dying(t
         return got
 
     monkeypatch.setattr(scan_mod, "fork_answering", counting)
+    return forks
+
+
+def test_a_split_walk_forks_beside_another_thread_and_survives_its_child_dying(tmp_path, monkeypatch):
+    """The agent's pinger thread runs while it scans: the split walk forks all the same (its
+    child takes no lock). A child that dies before answering leaves its share to the parent."""
+    root = tmp_path / "t"
+    build_tree(root, SPLIT_TREE)
+    forks = _count_forks(monkeypatch)
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)
     t.start()
@@ -528,15 +534,7 @@ def test_split_reads_fork_beside_a_thread_and_survive_their_child_dying(tmp_path
     build_tree(root, SPLIT_TREE)
     settle(root)
     plain = scan_tree(str(root), hold=1 << 20)
-    forks = []
-    real = scan_mod.fork_answering
-
-    def counting(work, threads_ok=False):
-        got = real(work, threads_ok)
-        forks.append(got is not None)
-        return got
-
-    monkeypatch.setattr(scan_mod, "fork_answering", counting)
+    forks = _count_forks(monkeypatch)
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)  # as when a remote replica was connected first
     t.start()
