@@ -184,6 +184,13 @@ SPLIT_MIN = 4000  # entries in a tree's cache from which scan_tree(split=True) w
 READ_SPLIT_MIN = 1000  # files to read from which scan_tree(split_reads=True) reads with two processes
 
 
+def _send(fd: int, answer: object, dumps) -> None:
+    """A forked child's answer, pickled (by `dumps`, pickle.dumps imported by the parent) to fd."""
+    view = memoryview(dumps(answer, protocol=5))
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _child_answer(pid: int, fd: int):
     """Read a forked child's pickled answer to its end, close the pipe, reap the child, and
     unpickle it (our own child's). Raises when the child died or said nothing usable."""
@@ -306,9 +313,7 @@ def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dump
         if cache is not None:
             os.write(fd, _CLASSIFYING)  # the parent may decode its copy of the cache meanwhile
         out = _classified(s, items, fp, cache) or (fp, items, s.result.temps, s.links)
-    view = memoryview(dumps(out, protocol=5))
-    while view:
-        view = view[os.write(fd, view):]
+    _send(fd, out, dumps)
 
 
 def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedManifest | None) -> tuple | None:
@@ -522,9 +527,7 @@ class _Scanner:
         acc = 0
         for d in dirs:
             acc += self.gather(d, items)
-        data = memoryview(dumps((acc, items, self.links, self.result.temps, self.result.errors, self.fp_ok)))
-        while data:
-            data = data[os.write(w, data):]
+        _send(w, (acc, items, self.links, self.result.temps, self.result.errors, self.fp_ok), dumps)
 
     def classify(self, items: list, read_limit: int | None = None) -> bool:
         """Turn gathered (relpath, stat tuple in _St's order) pairs into entries (in walk order),
@@ -593,10 +596,8 @@ class _Scanner:
             self.add(rel, _St._make(st))
         rows = [(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.held_sizes, e.digests, e.ino, e.ctime_ns,
                  e.trusted) for e in self.entries.values()]
-        data = memoryview(dumps((rows, res.errors, res.protect, res.held, res.warnings, res.files_read,
-                                 res.bytes_read, self.changed, self.fp_exact, self.hold_left)))
-        while data:
-            data = data[os.write(w, data):]
+        _send(w, (rows, res.errors, res.protect, res.held, res.warnings, res.files_read, res.bytes_read,
+                  self.changed, self.fp_exact, self.hold_left), dumps)
 
     def _take_share(self, pid: int, fd: int, rels: set, files: list, hold: int) -> None:
         """Wait for _read_share's child and take its results in; if it failed, read its files here."""

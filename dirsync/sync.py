@@ -364,8 +364,8 @@ class _EarlyReplica:
     its tree is walked while this side walks the master: the first remote replica (connected
     and sent open and scan; answers read later), or else every local one (walked by a child
     process, scan.Prewalk); when the turns fan out (_fans_out), every local one and no remote
-    one (connecting starts threads, and the fan-out workers are forked later). A failure is kept and raised when the replica's turn comes
-    (reported like any other)."""
+    one (connecting starts threads, and the fan-out workers are forked later). A failure is
+    kept and raised when the replica's turn comes (reported like any other)."""
 
     def __init__(self, spec: str) -> None:
         self.spec = spec

@@ -36,10 +36,10 @@ import os
 import re
 import shlex
 import socket
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import sys
-import tempfile
 import types
 
 from dirsync.imports import import_hiding, stand_in
