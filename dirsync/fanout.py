@@ -24,6 +24,7 @@ import pickle
 import select
 import signal
 
+from dirsync import apply
 from dirsync.apply import ReplicaSummary
 from dirsync.errors import ExitCode
 from dirsync.progress import Reporter
@@ -202,5 +203,6 @@ def run_turns(specs: list[str], turn: Callable[[str, dict, Reporter], ReplicaSum
 
 def _work(fd: int, spec: str, opened: dict, turn: Callable[[str, dict, Reporter], ReplicaSummary]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards an interrupt once (run_turns)
+    apply.split_writers = False  # (the sibling workers keep the other cores busy)
     out = WorkerReporter(fd)
     out.answer(turn(spec, opened, out))

@@ -234,6 +234,7 @@ class Replica:
         self._published = False  # publish() ran: directories are made at their final names now
         self._tmp_seq = 0
         self._tmp_tag = os.urandom(4).hex()  # this session's temp names: TMP_PREFIX + seq + tag
+        self._helper = False  # this is a forked helper writer's copy (see become_helper)
         self.write_start_ns = time.time_ns()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -448,6 +449,52 @@ class Replica:
         if self.lock:
             self.lock.forget()
             self.lock = None
+
+    # -- a second writer process (apply._Helper) ----------------------------------------
+    # The helper is forked by apply_actions with this object as it is, and writes new files
+    # only (each at a path nothing else in the plan touches). It never publishes, saves or
+    # unlocks: it tells the parent what it committed, and the parent records it here.
+
+    def can_fork_helper(self) -> bool:
+        """No commit in flight (its flush thread would be lost in a fork) and nothing staged."""
+        return self._flushing is None and not self.staged and self.root_fd >= 0
+
+    def become_helper(self) -> None:
+        """In the forked helper: temps get names of their own (the parent goes on naming its own)."""
+        self._tmp_tag = os.urandom(4).hex()
+        self._helper = True
+
+    def end_helper(self) -> list[str]:
+        """The helper's end: remove the temps of files it staged but did not commit, make its
+        renames durable; returns the fresh directories it could not clean (see _unlink_tmp)."""
+        if self._flushing is not None:
+            self._flushing.join()
+            self._flushing = None
+        for tmp, _ in self.staged.values():
+            self._unlink_tmp(tmp)
+        self.staged.clear()
+        if self._renames_unflushed:
+            _syncfs(self.root_fd)
+            self._renames_unflushed = False
+        return sorted(self._tainted)
+
+    def adopt(self, w: WriteFile, ino: int, ctime_ns: int, trusted: bool) -> None:
+        """Record a file the helper committed, as commit_finish records its own."""
+        t = w.target
+        self.current[t.path] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes,
+                                         t.digests, ino, ctime_ns, trusted)
+
+    def taint(self, rel: str) -> None:
+        """A fresh directory in which the helper left a failed file it could not remove."""
+        self._tainted.add(rel)
+
+    def orphaned(self, w: WriteFile) -> None:
+        """The helper died without a word on `w`: in a fresh directory (not yet published, so
+        only the helper can have put it there) remove what may be at its name, complete or
+        not. Its temps elsewhere are an interrupted run's, removed by the next run."""
+        parent = parent_of(w.path)
+        if parent in self._in_fresh:
+            self._unlink_tmp((parent, w.path.rsplit("/", 1)[-1]))
 
     # -- path resolution -----------------------------------------------------------
 
@@ -874,7 +921,10 @@ class Replica:
         made at their final names. Call it once the files staged in them are committed (or
         discarded): apply_actions does before the first action that is not a MakeDir, a
         WriteFile or a Commit, close() at the latest. Returns the paths that could not be
-        put in place (something appeared there since the scan): they are not on the replica."""
+        put in place (something appeared there since the scan): they are not on the replica.
+        A helper writer never publishes: the parent does, once the helper is done."""
+        if self._helper:
+            return []
         self._published = True
         if not self._fresh:
             return []

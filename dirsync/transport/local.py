@@ -68,7 +68,10 @@ class LocalTransport:
               should_stop: Callable[[], bool] = lambda: False) -> None:
         assert self.replica is not None
         # (a MasterReader may offer a master file to copy in the kernel; a two-way PairReader sends bytes)
-        apply_actions(self.replica, actions, getattr(master, "local_sends", master.sends), sink, should_stop)
+        # A MasterReader's reads work in a forked helper writer too (apply._Helper); a throttled
+        # one would pace each process on its own, twice the rate.
+        split = master.__class__ is MasterReader and master.throttle is None
+        apply_actions(self.replica, actions, getattr(master, "local_sends", master.sends), sink, should_stop, split)
 
     def forget(self) -> None:
         """A forked worker took this replica over: Replica.forget."""

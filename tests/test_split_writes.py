@@ -1,0 +1,321 @@
+"""A second writer process (apply._Helper): a plan that writes many new files hands a share of
+them to a forked helper, which writes and commits them while the parent writes the rest.
+
+What must hold: the helper gets only files nothing else in the plan depends on, in whole
+directories; everything it commits reaches the parent's record of the replica (so the cache
+saved at close is exact); a helper that dies leaves no file at its final name that is not the
+master's, and its unwritten files are reported, not silently lost; a parent that stops early
+stops the helper too; the helper's item errors reach the parent's summary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+try:
+    import treecmp
+    from helpers import build_tree, random_bytes, read, settle, stray_temps, sync_json, write
+except ImportError:  # tests/ imported as a package
+    from tests import treecmp
+    from tests.helpers import build_tree, random_bytes, read, settle, stray_temps, sync_json, write
+
+from dirsync import apply as apply_mod
+from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
+from dirsync.manifest import parent_of
+from dirsync.plan import Commit, CopyOp, MakeDir, WriteFile, diff
+from dirsync.replica import Replica
+from dirsync.scan import Excluder, scan_tree
+
+N = apply_mod.SPLIT_MIN + 400  # enough new files to share
+
+
+def _tree(n: int = N, dirs: int = 12) -> dict:
+    return {f"d{i % dirs:02d}/f{i:05d}.txt": f"file {i}\n" * (1 + i % 40) for i in range(n)}
+
+
+class _Spy:
+    """Records the helpers apply_actions starts (their pids)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.pids: list[int] = []
+        real = apply_mod._Helper.start.__func__
+
+        def start(cls, *a, **kw):
+            h = real(cls, *a, **kw)
+            if h is not None:
+                self.pids.append(h.pid)
+            return h
+
+        monkeypatch.setattr(apply_mod._Helper, "start", classmethod(start))
+
+
+def _open(m, r):
+    """The master's scan, an opened replica, its scan and the plan between them."""
+    ms = scan_tree(str(m), hold=64 << 20)
+    rep = Replica(str(r))
+    rep.open(init=True)
+    rs = rep.manifest(Excluder())
+    return ms, rep, diff(ms.manifest, rs.manifest)
+
+
+def _apply(m, r, sends=None, should_stop=lambda: False) -> tuple[ReplicaSummary, Replica, object]:
+    ms, rep, plan = _open(m, r)
+    reader = MasterReader(str(m), None, ms.held)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, sends or reader.local_sends, summary, should_stop, split=True)
+    return summary, rep, plan
+
+
+def _cached_inodes(r) -> dict[str, int]:
+    from dirsync.chunking import CHUNKER_ID
+    from dirsync.state import load_manifest_file
+
+    load = load_manifest_file(os.path.join(r, ".dirsync", "manifest"), CHUNKER_ID)
+    return {p: e.ino for p, e in load.manifest.entries.items() if e.kind == "f"}
+
+
+def _files_match_master(m, r) -> int:
+    """Every file under r (outside .dirsync) has the master's bytes; returns how many there are."""
+    n = 0
+    for d, dirs, files in os.walk(r):
+        dirs[:] = [x for x in dirs if x != ".dirsync"]
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), r)
+            assert read(os.path.join(m, rel)) == read(os.path.join(r, rel)), rel
+            n += 1
+    return n
+
+
+# -- the share --------------------------------------------------------------------------
+
+
+def test_the_helper_gets_whole_directories_of_new_files_that_nothing_else_depends_on(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    spec = _tree()
+    spec["d11/replaced.bin"] = random_bytes(5000, 1)
+    spec["d11/copied.bin"] = random_bytes(300_000, 2) + b"tail"  # reuses the replica's old.bin
+    build_tree(m, spec)
+    build_tree(r, {"d11/replaced.bin": random_bytes(5000, 3), "old.bin": random_bytes(300_000, 2)})
+    ms, rep, plan = _open(m, r)
+    rep.close(save=False)
+    actions = plan.actions
+    share = apply_mod._split_share(actions)
+    assert share is not None
+    mine, theirs, start, wait_at = share
+    n = len(actions)
+    end = n - len(mine) + wait_at  # where the shared stretch ends in the plan
+    assert mine[:start] == list(actions[:start]) and all(isinstance(a, MakeDir) for a in actions[:start])
+    assert mine[wait_at:] == list(actions[end:])
+    writes = [a for a in actions if isinstance(a, WriteFile)]
+    mw = [a for a in mine if isinstance(a, WriteFile)]
+    tw = [a for a in theirs if isinstance(a, WriteFile)]
+    assert sorted(a.path for a in mw + tw) == sorted(a.path for a in writes)  # each once
+    assert len(tw) >= apply_mod.SPLIT_MIN // 3 and len(mw) >= apply_mod.SPLIT_MIN // 3
+    for a in tw:  # new paths, sent bytes only
+        assert a.expect is None and not a.move and not any(isinstance(o, CopyOp) for o in a.ops)
+    by_path = {a.path: a for a in writes}
+    assert by_path["d11/replaced.bin"] in mw and by_path["d11/copied.bin"] in mw
+    assert any(isinstance(o, CopyOp) for o in by_path["d11/copied.bin"].ops)
+    # Whole directories: no directory has new files of the shareable kind in both shares.
+    assert not {parent_of(a.path) for a in tw} & {parent_of(a.path) for a in mw if apply_mod._independent(a)}
+    # Each side commits exactly its own files, each once.
+    for side, ws in ((mine, mw), (theirs, tw)):
+        committed = [p for a in side if isinstance(a, Commit) for p in a.paths]
+        assert sorted(committed) == sorted(a.path for a in ws)
+        for i, a in enumerate(side):  # and a file is staged before its commit
+            if isinstance(a, Commit):
+                staged = {b.path for b in side[:i] if isinstance(b, WriteFile)}
+                assert set(a.paths) <= staged
+
+
+def test_a_plan_with_few_new_files_is_not_shared(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree(apply_mod.SPLIT_MIN - 1))
+    ms, rep, plan = _open(m, r)
+    rep.close(save=False)
+    assert apply_mod._split_share(plan.actions) is None
+
+
+# -- the helper at work ------------------------------------------------------------------
+
+
+def test_an_initial_copy_shared_with_a_helper_converges_and_its_cache_is_exact(tmp_path, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    spy = _Spy(monkeypatch)
+    summary, rep, _ = _apply(m, r)
+    rep.close()
+    assert len(spy.pids) == 1 and spy.pids[0] != os.getpid()
+    assert summary.errors == [] and summary.files_written == N
+    assert summary.bytes_sent == sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(m) for f in fs)
+    treecmp.assert_trees_equal(m, r)
+    assert stray_temps(r) == []
+    # The cache the parent saved holds the helper's files as they are on disk.
+    inodes = _cached_inodes(str(r))
+    assert len(inodes) == N
+    for p, ino in inodes.items():
+        assert os.lstat(os.path.join(r, p)).st_ino == ino, p
+    settle(m, r)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == 0
+
+
+def test_the_cli_shares_an_initial_copy_and_the_next_run_writes_nothing(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == N and out["replicas"][0]["errors"] == []
+    treecmp.assert_trees_equal(m, r)
+    settle(m, r)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == 0
+
+
+def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_reported(tmp_path, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    ms, rep, plan = _open(m, r)
+    reader = MasterReader(str(m), None, ms.held)
+    parent = os.getpid()
+    count = [0]
+
+    def sends(w):
+        if os.getpid() != parent:
+            count[0] += 1
+            if count[0] == 300:  # the helper dies mid-share, mid-file
+                gen = reader.local_sends(w)
+                next(iter(gen), None)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return reader.local_sends(w)
+
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, sends, summary, split=True)
+    rep.close()
+    assert len(spy.pids) == 1
+    died = [e for e in summary.errors if "writer process died" in str(e)]
+    assert died and len(died) == len(summary.errors)
+    assert summary.files_written + len(died) == N
+    # Whatever is on the replica is the master's, whole; nothing half-made is left anywhere.
+    assert _files_match_master(m, r) == summary.files_written
+    assert stray_temps(r) == [] or all(b"/.dirsync/tmp/" in p for p in stray_temps(r))
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == len(died)
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_a_parent_that_stops_early_stops_its_helper_too(tmp_path, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    parent = os.getpid()
+    asked = [0]
+
+    def should_stop():
+        if os.getpid() == parent:
+            asked[0] += 1
+        return asked[0] > 200  # (the helper's own should_stop is its SIGTERM flag)
+
+    ms, rep, plan = _open(m, r)
+    reader = MasterReader(str(m), None, ms.held)
+    slow = threading.Event()
+
+    def sends(w):  # the helper takes its time, so the parent's stop finds it still at work
+        if os.getpid() != parent:
+            slow.wait(0.002)
+        return reader.local_sends(w)
+
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, sends, summary, should_stop, split=True)
+    rep.close()
+    assert len(spy.pids) == 1
+    try:
+        os.waitpid(spy.pids[0], os.WNOHANG)
+        raise AssertionError("the helper was not reaped")
+    except ChildProcessError:
+        pass
+    # (as when one process stops: files staged but not yet committed are dropped, and said so)
+    assert all("not committed before its directory was put in place" in str(e) for e in summary.errors)
+    theirs = [a for a in apply_mod._split_share(plan.actions)[1] if isinstance(a, WriteFile)]
+    assert summary.files_written < len(theirs) // 2  # the helper stopped well before its share's end
+    assert _files_match_master(m, r) == summary.files_written
+    assert stray_temps(r) == []
+    _, out = sync_json(m, r)
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_a_file_the_helper_finds_changed_on_the_master_is_reported_and_left_out(tmp_path, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    spec = _tree()
+    spec["d11/zz-big.bin"] = random_bytes(200_000, 5)  # not held by the scan: read again when sent
+    build_tree(m, spec)
+    ms, rep, plan = _open(m, r)
+    share = apply_mod._split_share(plan.actions)
+    assert any(isinstance(a, WriteFile) and a.path == "d11/zz-big.bin" for a in share[1])
+    write(m / "d11" / "zz-big.bin", random_bytes(200_001, 6))  # changed since the scan
+    reader = MasterReader(str(m), None, ms.held)
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, reader.local_sends, summary, split=True)
+    rep.close()
+    assert len(spy.pids) == 1
+    assert [e.path for e in summary.errors] == ["d11/zz-big.bin"]
+    assert "changed" in str(summary.errors[0])
+    assert not (r / "d11" / "zz-big.bin").exists()
+    assert summary.files_written == len(spec) - 1
+    assert _files_match_master(m, r) == len(spec) - 1
+
+
+def test_no_helper_is_forked_while_another_thread_runs_and_the_copy_still_converges(tmp_path, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    spy = _Spy(monkeypatch)
+    done = threading.Event()
+    t = threading.Thread(target=done.wait)
+    t.start()
+    try:
+        summary, rep, _ = _apply(m, r)
+        rep.close()
+    finally:
+        done.set()
+        t.join()
+    assert spy.pids == [] and summary.errors == [] and summary.files_written == N
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_fan_out_workers_write_alone(tmp_path, monkeypatch):
+    m = tmp_path / "m"
+    build_tree(m, _tree())
+    rs = [tmp_path / "r1", tmp_path / "r2"]
+    _, out = sync_json(m, *rs)
+    for rep in out["replicas"]:
+        assert rep["files_written"] == N
+    for r in rs:
+        treecmp.assert_trees_equal(m, r)
+    # (the worker side of it: the module switch a worker turns off)
+    from dirsync import fanout
+
+    seen = []
+    monkeypatch.setattr(apply_mod, "split_writers", True)
+
+    def turn(spec, opened, rep):
+        seen.append(apply_mod.split_writers)
+        return ReplicaSummary(replica=spec)
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fanout._work(w, "x", {}, turn)
+            os.write(w, b"1" if seen == [False] else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert data.endswith(b"1")
