@@ -617,8 +617,11 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
 
     if deltas:
         index = ChunkIndex(replica)
-        index.want([m for m, _, _ in deltas])
-        acc.writes = [(WriteFile(m, file_delta(m, index), e), early) for m, e, early in deltas]
+        if index.files:
+            index.want([m for m, _, _ in deltas])
+            acc.writes = [(WriteFile(m, file_delta(m, index), e), early) for m, e, early in deltas]
+        else:  # nothing to reuse (an initial copy): file_delta's answer, without a call per file
+            acc.writes = [(WriteFile(m, (SendOp(0, m.size),) if m.size else (), e), early) for m, e, early in deltas]
 
     if opts.delete:
         for p in sorted(R, reverse=True):
@@ -677,22 +680,23 @@ def _deepest_first(metas: dict[str, SetMeta]) -> list[SetMeta]:
 
 def _writes_with_commits(writes: list[tuple[WriteFile, bool]], opts: PlanOptions) -> list[Action]:
     """WriteFiles in order with Commit batches; a path is never committed while a later write copies from it."""
+    srcs = [{o.src for o in w.ops if o.__class__ is CopyOp} for w, _ in writes]
     need: Counter[str] = Counter()
-    for w, _ in writes:
-        for src in {o.src for o in w.ops if isinstance(o, CopyOp)}:
+    for s in srcs:
+        for src in s:
             need[src] += 1
     out: list[Action] = []
     pending: list[WriteFile] = []
     pending_bytes = 0
-    for w, early in writes:
+    for (w, early), s in zip(writes, srcs):
         out.append(w)
-        for src in {o.src for o in w.ops if isinstance(o, CopyOp)}:
+        for src in s:
             need[src] -= 1
         if early:
             pending.append(w)
             pending_bytes += w.target.size
         if pending and (pending_bytes >= opts.commit_bytes or len(pending) >= opts.commit_files):
-            ready = [x for x in pending if need[x.path] <= 0]
+            ready = [x for x in pending if need[x.path] <= 0] if need else pending
             if ready:
                 out.append(Commit(tuple(x.path for x in ready)))
                 pending = [x for x in pending if need[x.path] > 0]
