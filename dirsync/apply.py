@@ -230,7 +230,8 @@ _FRAME = 4  # the helper's frames: a 4-byte little-endian length, then a pickled
 class _HelperSink:
     """The helper's sink: each outcome goes to the parent as an event (sent in batches):
     (0, i) theirs[i] staged; (1, i, ino, ctime_ns, trusted) theirs[i] committed; (2, path, error)
-    failed; (3, rel) a fresh directory tainted; (4,) the helper ended normally; (5, msg) warning."""
+    failed; (3, rel) a fresh directory tainted; (4,) the helper ended normally; (5, msg) warning;
+    (6, why) the helper failed as a whole (an exception left its loop)."""
 
     def __init__(self, fd: int, theirs: list, replica) -> None:
         import pickle
@@ -279,13 +280,21 @@ def _helper_main(fd: int, replica, theirs: list, sends_for) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     replica.become_helper()
     out = _HelperSink(fd, theirs, replica)
+    ended = False
     try:
         apply_actions(replica, theirs, sends_for, out, lambda: bool(stop))
+        ended = True
+    except BaseException as e:  # (a bug, or a fatal error: the parent reports its files failed)
+        out.events.append((6, f"{type(e).__name__}: {e}"))
+        raise
     finally:
-        for rel in replica.end_helper():
-            out.events.append((3, rel))
-        out.events.append((4,))
-        out.flush()
+        try:
+            for rel in replica.end_helper():
+                out.events.append((3, rel))
+        finally:
+            if ended:
+                out.events.append((4,))
+            out.flush()
 
 
 class _Helper:
@@ -297,6 +306,7 @@ class _Helper:
         self.heard: set[int] = set()  # theirs[i] with an outcome (committed or failed)
         self.failures: list[tuple[str, ItemError]] = []  # said after the parent's own, at join
         self.ended = False
+        self.why = "its writer process died before committing it"  # for files it said nothing of
         self._index: dict[str, int] | None = None
 
     @classmethod
@@ -322,8 +332,8 @@ class _Helper:
 
     def join(self, replica, sink: Sink, stop: bool = False) -> None:
         """Wait for the helper's end (`stop`: ask it to stop first) and take in all it said.
-        Files it died without a word on failed: what it may have left of them at their names
-        in fresh directories is removed (Replica.orphaned)."""
+        Files a helper that died or failed said nothing of are reported failed, and what it may
+        have left of them at their names in fresh directories is removed (Replica.orphaned)."""
         try:
             if stop:
                 self._stop()
@@ -344,7 +354,7 @@ class _Helper:
             for i, a in enumerate(self.theirs):
                 if a.__class__ is WriteFile and i not in self.heard:
                     replica.orphaned(a)
-                    sink.failed(a.path, ItemIOError(a.path, "write", "its writer process died before committing it"))
+                    sink.failed(a.path, ItemIOError(a.path, "write", self.why))
         for path, err in self.failures:
             sink.failed(path, err)
 
@@ -393,6 +403,8 @@ class _Helper:
             self.ended = True
         elif kind == 5:
             sink.warn(ev[1])
+        elif kind == 6:
+            self.why = f"its writer process failed before committing it ({ev[1]})"
 
 
 class MasterReader:

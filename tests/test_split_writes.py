@@ -206,6 +206,35 @@ def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_re
     treecmp.assert_trees_equal(m, r)
 
 
+def test_a_helper_that_fails_as_a_whole_has_its_unfinished_files_reported(tmp_path, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    ms, rep, plan = _open(m, r)
+    reader = MasterReader(str(m), None, ms.held)
+    parent = os.getpid()
+    count = [0]
+
+    def sends(w):
+        if os.getpid() != parent:
+            count[0] += 1
+            if count[0] == 250:
+                raise RuntimeError("a bug in the helper")
+        return reader.local_sends(w)
+
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, sends, summary, split=True)
+    rep.close()
+    assert len(spy.pids) == 1
+    assert summary.errors and all("failed before committing it (RuntimeError: a bug in the helper)" in str(e)
+                                  for e in summary.errors)
+    assert summary.files_written + len(summary.errors) == N
+    assert _files_match_master(m, r) == summary.files_written
+    assert stray_temps(r) == []
+    _, out = sync_json(m, r)
+    treecmp.assert_trees_equal(m, r)
+
+
 def test_a_parent_that_stops_early_stops_its_helper_too(tmp_path, monkeypatch):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, _tree())
