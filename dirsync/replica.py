@@ -223,6 +223,7 @@ class Replica:
         self.scan_unchanged = False
         self.closed_fingerprint = b""  # set by close: the fingerprint of the cache it left (b"": none)
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
+        self.building: Tmp | None = None  # the temp stage() is making (see there)
         self._create_modes = _create_modes()  # (read per session: the umask could change between)
         self._flushing: threading.Thread | None = None  # a commit's syncfs in flight (see commit_start)
         self._renames_unflushed = False  # renames made since the last syncfs (flushed at the latest by close)
@@ -395,6 +396,7 @@ class Replica:
             for tmp, _ in self.staged.values():
                 self._unlink_tmp(tmp)  # (first: an uncommitted file in a fresh directory too)
             self.staged.clear()
+            self._drop_building()
             if self._fresh and self.root_fd >= 0:
                 self.publish()  # what was committed in them (an interrupted run keeps it, as ever)
             if self._renames_unflushed and self.root_fd >= 0:
@@ -473,6 +475,7 @@ class Replica:
         for tmp, _ in self.staged.values():
             self._unlink_tmp(tmp)
         self.staged.clear()
+        self._drop_building()
         if self._renames_unflushed:
             _syncfs(self.root_fd)
             self._renames_unflushed = False
@@ -606,6 +609,11 @@ class Replica:
         else:
             self._tmp_seq += 1
             tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
+        # Until it is in `staged`, the temp is `building`: an interrupt can land anywhere between
+        # its creation and its registration (even between open() and the try that would remove
+        # it), and close() removes it then. Measured: Ctrl-C during an initial copy left an
+        # empty file at its final name in a new directory, which close() then published.
+        self.building = tmp
         if w.move and self.backup is None and self._link_moved(w, tmp):
             total = w.target.size
             self._linked[w.ops[0].src] = path  # type: ignore[union-attr]
@@ -619,6 +627,7 @@ class Replica:
         if old:
             self._unlink_tmp(old[0])
         self.staged[path] = (tmp, w)
+        self.building = None
         return total
 
     def _link_moved(self, w: WriteFile, tmp: Tmp) -> bool:
@@ -1270,6 +1279,12 @@ class Replica:
         except ItemError:
             return None
         return parent
+
+    def _drop_building(self) -> None:
+        """Remove the temp of a stage() an interrupt cut short (see stage)."""
+        tmp, self.building = self.building, None
+        if tmp is not None:
+            self._unlink_tmp(tmp)
 
     def _in_place(self, tmp: Tmp) -> bool:
         """A file staged at its own name in a fresh directory (see stage): it needs no rename,

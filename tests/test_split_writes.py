@@ -16,10 +16,11 @@ import threading
 
 try:
     import treecmp
-    from helpers import build_tree, random_bytes, read, settle, stray_temps, sync_json, write
+    from helpers import build_tree, popen_cli, random_bytes, read, settle, stray_temps, sync_json, wait_for, write
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, read, settle, stray_temps, sync_json, write
+    from tests.helpers import (build_tree, popen_cli, random_bytes, read, settle, stray_temps, sync_json, wait_for,
+                               write)
 
 from dirsync import apply as apply_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
@@ -275,6 +276,45 @@ def test_a_parent_that_stops_early_stops_its_helper_too(tmp_path, monkeypatch):
     treecmp.assert_trees_equal(m, r)
 
 
+def test_ctrl_c_stops_the_run_and_its_helper_and_the_next_run_converges(tmp_path):
+    m, r = tmp_path / "m", tmp_path / "r"
+    n = 24_000
+    build_tree(m, {f"d{i % 40:02d}/f{i:05d}.txt": f"{i}\n" * (1 + i % 30) for i in range(n)})
+
+    def written() -> list[int]:  # indexes of the files on the replica, in new directories or not
+        out = []
+        for d, dirs, files in os.walk(r):
+            dirs[:] = [x for x in dirs if x != ".dirsync"]
+            out += [int(f[1:6]) for f in files if f.startswith("f")]
+        return out
+
+    p = popen_cli("sync", "-q", m, r)
+    try:
+        # (the helper takes directories d20..d39: files i with i % 40 >= 20)
+        wait_for(lambda: len([i for i in written() if i % 40 >= 20]) >= 5000 and len(written()) >= 10000,
+                 timeout=60, what="both writers past their first commit batch")
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole group: the run and its helper
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    assert b"Traceback" not in err, err
+    try:  # nothing of the run is left: the helper was stopped and reaped
+        os.killpg(p.pid, 0)
+        raise AssertionError("a process of the run outlived it")
+    except ProcessLookupError:
+        pass
+    got = written()  # (what was committed stays; what was only staged is gone)
+    assert len(got) < n
+    assert stray_temps(r) == []
+    assert _files_match_master(m, r) == len(got)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == n - len(got)
+    treecmp.assert_trees_equal(m, r)
+
+
 def test_a_file_the_helper_finds_changed_on_the_master_is_reported_and_left_out(tmp_path, monkeypatch):
     m, r = tmp_path / "m", tmp_path / "r"
     spec = _tree()
@@ -348,3 +388,36 @@ def test_fan_out_workers_write_alone(tmp_path, monkeypatch):
     os.close(r)
     os.waitpid(pid, 0)
     assert data.endswith(b"1")
+
+
+def test_an_interrupt_between_creating_a_file_and_guarding_it_leaves_nothing_at_its_name(tmp_path, monkeypatch):
+    """The window stage() guards with `building`: a new file is created at its own name in a
+    new directory, and the interrupt lands before the writer's cleanup covers it (it did: Ctrl-C
+    during an initial copy left an empty file at its final name, published by close())."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"d/f1.txt": "one\n", "d/f2.txt": "two\n", "d/f3.txt": "three\n"})
+    ms, rep, plan = _open(m, r)
+    real_open = os.open
+
+    def open_then_interrupt(path, flags, mode=0o777, *, dir_fd=None):
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        if path == "f2.txt" and flags & os.O_CREAT:
+            os.close(fd)
+            raise KeyboardInterrupt  # as if Ctrl-C came right after open() returned
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    reader = MasterReader(str(m), None, ms.held)
+    try:
+        apply_actions(rep, plan.actions, reader.local_sends, ReplicaSummary(replica=str(r)))
+        raise AssertionError("the interrupt did not reach the loop")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        monkeypatch.setattr(os, "open", real_open)
+    rep.close()
+    assert not (r / "d" / "f2.txt").exists()
+    assert _files_match_master(m, r) == 0  # (f1 was staged, never committed: gone too)
+    assert stray_temps(r) == []
+    _, out = sync_json(m, r)
+    treecmp.assert_trees_equal(m, r)
