@@ -234,3 +234,47 @@ def test_random_mutation_sequences_converge_longer():
         settings=settings(max_examples=80, stateful_step_count=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
+
+
+class HelperSyncMachine(SyncMachine):
+    """SyncMachine with bursts of new files over several directories (what a helper writer takes)."""
+
+    @rule(d=st.integers(0, 50), names=st.lists(st.sampled_from(NAMES), min_size=2, max_size=3, unique=True),
+          data=st.lists(small, min_size=2, max_size=6))
+    def burst(self, d, names, data):
+        parent = self._pick(self._entries()[0], d)
+        for k, name in enumerate(names):
+            sub = os.path.join(parent, f"n{name}") if parent else f"n{name}"
+            if os.path.lexists(self._abs(sub)):
+                continue
+            os.mkdir(self._abs(sub))
+            for j, blob in enumerate(data):
+                with open(os.path.join(self._abs(sub), f"f{k}{j}"), "wb") as f:
+                    f.write(blob + bytes([k, j]))
+
+
+def test_random_mutation_sequences_converge_with_a_helper_writer(monkeypatch):
+    """The machine with bursts of new files, and the second writer taking a share of any plan
+    with two or more new files (apply._split_share: normally from 1,000 on), so that its share
+    meets type changes, renames, deletes and moves in the same plans."""
+    from dirsync import apply
+
+    started = []
+    real = apply._Helper.start.__func__
+
+    def start(cls, *a, **kw):
+        h = real(cls, *a, **kw)
+        if h is not None:
+            started.append(h.pid)
+        return h
+
+    monkeypatch.setattr(apply, "SPLIT_MIN", 2)
+    monkeypatch.setattr(apply._Helper, "start", classmethod(start))
+    SyncMachine.total_syncs = 0
+    run_state_machine_as_test(
+        HelperSyncMachine,
+        settings=settings(max_examples=60, stateful_step_count=30, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
+    )
+    assert SyncMachine.total_syncs >= 25, SyncMachine.total_syncs
+    assert started, "no plan gave the helper a share"
