@@ -174,7 +174,9 @@ def test_the_cli_shares_an_initial_copy_and_the_next_run_writes_nothing(tmp_path
     assert out["replicas"][0]["files_written"] == 0
 
 
-def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_reported(tmp_path, monkeypatch):
+def _helper_faulted(tmp_path, monkeypatch, at: int, fault) -> tuple:
+    """An initial copy shared with a helper that meets fault(reader, write) at the at-th file it
+    writes (in its own process); returns (master, replica, the run's summary)."""
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, _tree())
     ms, rep, plan = _open(m, r)
@@ -185,10 +187,8 @@ def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_re
     def sends(w):
         if os.getpid() != parent:
             count[0] += 1
-            if count[0] == 300:  # the helper dies mid-share, mid-file
-                gen = reader.local_sends(w)
-                next(iter(gen), None)
-                os.kill(os.getpid(), signal.SIGKILL)
+            if count[0] == at:
+                fault(reader, w)
         return reader.local_sends(w)
 
     spy = _Spy(monkeypatch)
@@ -196,6 +196,15 @@ def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_re
     apply_actions(rep, plan.actions, sends, summary, split=True)
     rep.close()
     assert len(spy.pids) == 1
+    return m, r, summary
+
+
+def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_reported(tmp_path, monkeypatch):
+    def die(reader, w):  # mid-share, with a file's bytes read
+        next(iter(reader.local_sends(w)), None)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    m, r, summary = _helper_faulted(tmp_path, monkeypatch, 300, die)
     died = [e for e in summary.errors if "writer process died" in str(e)]
     assert died and len(died) == len(summary.errors)
     assert summary.files_written + len(died) == N
@@ -208,25 +217,10 @@ def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_re
 
 
 def test_a_helper_that_fails_as_a_whole_has_its_unfinished_files_reported(tmp_path, monkeypatch):
-    m, r = tmp_path / "m", tmp_path / "r"
-    build_tree(m, _tree())
-    ms, rep, plan = _open(m, r)
-    reader = MasterReader(str(m), None, ms.held)
-    parent = os.getpid()
-    count = [0]
+    def bug(reader, w):
+        raise RuntimeError("a bug in the helper")
 
-    def sends(w):
-        if os.getpid() != parent:
-            count[0] += 1
-            if count[0] == 250:
-                raise RuntimeError("a bug in the helper")
-        return reader.local_sends(w)
-
-    spy = _Spy(monkeypatch)
-    summary = ReplicaSummary(replica=str(r))
-    apply_actions(rep, plan.actions, sends, summary, split=True)
-    rep.close()
-    assert len(spy.pids) == 1
+    m, r, summary = _helper_faulted(tmp_path, monkeypatch, 250, bug)
     assert summary.errors and all("failed before committing it (RuntimeError: a bug in the helper)" in str(e)
                                   for e in summary.errors)
     assert summary.files_written + len(summary.errors) == N
