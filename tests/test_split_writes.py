@@ -415,3 +415,30 @@ def test_an_interrupt_between_creating_a_file_and_guarding_it_leaves_nothing_at_
     assert stray_temps(r) == []
     _, out = sync_json(m, r)
     treecmp.assert_trees_equal(m, r)
+
+
+def test_a_full_disk_under_both_writers_loses_nothing_and_room_again_converges(tmp_path):
+    """Both writers run out of space: each file either arrives whole or is reported, the
+    cache stays usable, and once there is room the next run writes exactly the rest."""
+    import subprocess
+
+    try:
+        from test_faults import tiny_tmpfs
+    except ImportError:
+        from tests.test_faults import tiny_tmpfs
+
+    m = tmp_path / "m"
+    build_tree(m, _tree())  # N small files: N pages of tmpfs, more than it holds
+    with tiny_tmpfs("3m") as r:
+        _, out = sync_json(m, r, expect=None)
+        rep = out["replicas"][0]
+        assert out["exit_code"] == 23, out
+        failed = {e["path"] for e in rep["errors"] if e["path"].startswith("d")}
+        assert failed and all("No space left on device" in e["message"] for e in rep["errors"]), rep["errors"][:3]
+        assert rep["files_written"] + len(failed) == N
+        assert _files_match_master(m, r) == rep["files_written"]
+        assert stray_temps(r) == []
+        subprocess.run(["mount", "-o", "remount,size=64m", r], check=True)
+        _, out = sync_json(m, r)
+        assert out["replicas"][0]["files_written"] == len(failed)
+        treecmp.assert_trees_equal(m, r)
