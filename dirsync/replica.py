@@ -390,13 +390,7 @@ class Replica:
             self._prewalk.cancel()
             self._prewalk = None
         try:
-            if self._flushing is not None:  # a commit left unfinished (interrupted): its temps go below
-                self._flushing.join()
-                self._flushing = None
-            for tmp, _ in self.staged.values():
-                self._unlink_tmp(tmp)  # (first: an uncommitted file in a fresh directory too)
-            self.staged.clear()
-            self._drop_building()
+            self._drop_uncommitted()  # (first: an uncommitted file in a fresh directory too)
             if self._fresh and self.root_fd >= 0:
                 self.publish()  # what was committed in them (an interrupted run keeps it, as ever)
             if self._renames_unflushed and self.root_fd >= 0:
@@ -469,13 +463,7 @@ class Replica:
     def end_helper(self) -> list[str]:
         """The helper's end: remove the temps of files it staged but did not commit, make its
         renames durable; returns the fresh directories it could not clean (see _unlink_tmp)."""
-        if self._flushing is not None:
-            self._flushing.join()
-            self._flushing = None
-        for tmp, _ in self.staged.values():
-            self._unlink_tmp(tmp)
-        self.staged.clear()
-        self._drop_building()
+        self._drop_uncommitted()
         if self._renames_unflushed:
             _syncfs(self.root_fd)
             self._renames_unflushed = False
@@ -1280,8 +1268,16 @@ class Replica:
             return None
         return parent
 
-    def _drop_building(self) -> None:
-        """Remove the temp of a stage() an interrupt cut short (see stage)."""
+    def _drop_uncommitted(self) -> None:
+        """Remove what was staged and not committed (a commit left unfinished by an interrupt
+        included: its flush is waited for, its files are still staged), and the temp of a
+        stage() an interrupt cut short (see stage)."""
+        if self._flushing is not None:
+            self._flushing.join()
+            self._flushing = None
+        for tmp, _ in self.staged.values():
+            self._unlink_tmp(tmp)
+        self.staged.clear()
         tmp, self.building = self.building, None
         if tmp is not None:
             self._unlink_tmp(tmp)
