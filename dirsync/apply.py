@@ -303,11 +303,10 @@ class _Helper:
     def __init__(self, pid: int, fd: int, theirs: list) -> None:
         self.pid, self.fd, self.theirs = pid, fd, theirs
         self.buf = b""
-        self.heard: set[int] = set()  # theirs[i] with an outcome (committed or failed)
+        self.heard: set[str] = set()  # paths of its files with an outcome (committed or failed)
         self.failures: list[tuple[str, ItemError]] = []  # said after the parent's own, at join
         self.ended = False
         self.why = "its writer process died before committing it"  # for files it said nothing of
-        self._index: dict[str, int] | None = None
 
     @classmethod
     def start(cls, replica, theirs: list, sends_for) -> "_Helper | None":
@@ -351,8 +350,8 @@ class _Helper:
             except ChildProcessError:
                 pass
         if not self.ended:
-            for i, a in enumerate(self.theirs):
-                if a.__class__ is WriteFile and i not in self.heard:
+            for a in self.theirs:
+                if a.__class__ is WriteFile and a.path not in self.heard:
                     replica.orphaned(a)
                     sink.failed(a.path, ItemIOError(a.path, "write", self.why))
         for path, err in self.failures:
@@ -388,14 +387,10 @@ class _Helper:
         elif kind == 1:
             w = self.theirs[ev[1]]
             replica.adopt(w, ev[2], ev[3], ev[4])
-            self.heard.add(ev[1])
+            self.heard.add(w.path)
             sink.done(w, w.path)
         elif kind == 2:
-            if self._index is None:
-                self._index = {a.path: i for i, a in enumerate(self.theirs) if a.__class__ is WriteFile}
-            i = self._index.get(ev[1])
-            if i is not None:
-                self.heard.add(i)
+            self.heard.add(ev[1])
             self.failures.append((ev[1], ev[2]))
         elif kind == 3:
             replica.taint(ev[1])
