@@ -15,7 +15,7 @@ from itertools import accumulate
 import xxhash
 
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
-from dirsync.manifest import DIGEST_SIZE, FileEntry, parent_of
+from dirsync.manifest import DIGEST_SIZE, FileEntry, is_under, parent_of
 from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
 
@@ -64,12 +64,14 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
                 sink.failed(p, err)
 
     published = False
+    lost: list[str] = []  # new directories publish could not put in place (their error is reported)
 
     def publish() -> None:  # the directories made under temp names go in place (Replica.publish)
         nonlocal published
         published = True
         for p, err in replica.publish():
             sink.failed(p, err)
+            lost.append(p)
 
     try:
         for a in actions:
@@ -86,6 +88,8 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
                 except ItemError as e:
                     sink.failed("", e)
                 continue
+            if lost and any(is_under(a.path, p) for p in lost):
+                continue  # (its metadata, or a link in it: one error said it is not there)
             _apply_one(replica, a, sends_for, sink, staged_ok)
         if helpers:  # stopped early: so is the helper, before anything is published
             helpers.pop().join(replica, sink, stop=True)

@@ -1,0 +1,264 @@
+"""How a run makes what it wrote durable (Replica.commit_start/commit_finish, publish, close).
+
+What must hold: a file's data is on disk before the file appears at its final name (an fsync
+of each file in a small batch, one syncfs for a large one); the entries a run makes (renames,
+new directories, symlinks) are on disk before the cache that records them is saved, and a
+moved file's new name before its old name is unlinked. When those entries are in a few
+directories, each directory is fsynced, not the whole file system (a syncfs also writes out
+every other program's dirty data there); a move done by hard links flushes no file data.
+A flush that reports a write error keeps what it covered out of place.
+
+The calls are observed by recording wrappers around os.fsync and the syncfs helper (both still
+run). The write error is the one fault here that cannot be caused for real (this sandbox has
+no device-mapper): there the syncfs helper raises EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+try:
+    import treecmp
+    from helpers import build_tree, random_bytes, settle, stray_temps
+except ImportError:  # tests/ imported as a package
+    from tests import treecmp
+    from tests.helpers import build_tree, random_bytes, settle, stray_temps
+
+from dirsync import replica as replica_mod
+from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
+from dirsync.plan import Delete, WriteFile, diff
+from dirsync.replica import DIR_FSYNC_MAX, Replica
+from dirsync.scan import Excluder, scan_tree
+
+
+class _Calls:
+    """Records, in order: ("fsync", inode, is_dir, final names present), ("syncfs", final names
+    present), ("unlink", name), ("save",). "Final names present": how many of `watch` exist."""
+
+    def __init__(self, monkeypatch, watch: list[str] = ()) -> None:
+        self.events: list[tuple] = []
+        self.watch = list(watch)
+        real_fsync, real_syncfs = os.fsync, replica_mod._syncfs
+        real_unlink, real_save = os.unlink, replica_mod.save_manifest_file
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            self.events.append(("fsync", st.st_ino, stat.S_ISDIR(st.st_mode), self._present()))
+            return real_fsync(fd)
+
+        def syncfs(fd):
+            self.events.append(("syncfs", self._present()))
+            return real_syncfs(fd)
+
+        def unlink(name, *, dir_fd=None):
+            self.events.append(("unlink", os.fsdecode(os.path.basename(name))))
+            return real_unlink(name, dir_fd=dir_fd)
+
+        def save(*a, **kw):
+            self.events.append(("save",))
+            return real_save(*a, **kw)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(replica_mod, "_syncfs", syncfs)
+        monkeypatch.setattr(os, "unlink", unlink)
+        monkeypatch.setattr(replica_mod, "save_manifest_file", save)
+
+    def _present(self) -> int:
+        return sum(os.path.lexists(p) for p in self.watch)
+
+    def kinds(self, kind: str) -> list[tuple]:
+        return [e for e in self.events if e[0] == kind]
+
+    def before(self, kind: str, names: set[str] | None = None) -> list[tuple]:
+        """The events before the first of `kind` (an "unlink" of one of `names`)."""
+        i = next(i for i, e in enumerate(self.events) if e[0] == kind and (names is None or e[1] in names))
+        return self.events[:i]
+
+
+def _sync(m, r, calls_factory=None) -> tuple[ReplicaSummary, list]:
+    """One in-process sync of m to r: plan, apply, close. Returns the summary and the plan's actions."""
+    ms = scan_tree(str(m))
+    rep = Replica(str(r))
+    rep.open(init=True)
+    rs = rep.manifest(Excluder())
+    plan = diff(ms.manifest, rs.manifest)
+    if calls_factory is not None:
+        calls_factory()
+    summary = ReplicaSummary(replica=str(r))
+    try:
+        apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, lambda: False)
+    finally:
+        rep.close()
+    return summary, plan.actions
+
+
+def _synced_pair(tmp_path, spec: dict) -> tuple:
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, spec)
+    settle(m)  # old mtimes: the replica's copies are trusted by its cache (what a move links from)
+    summary, _ = _sync(m, r)
+    assert not summary.errors
+    return m, r
+
+
+def _ino(p) -> int:
+    return os.lstat(p).st_ino
+
+
+def _payload(n: int = 20) -> dict:
+    return {f"payload/p{i % 2}/f{i:02d}.bin": random_bytes(4096, seed=i) for i in range(n)} | {"keep/x.txt": "x\n"}
+
+
+def test_a_moved_directory_is_linked_and_its_new_names_flushed_by_directory_before_the_old_go(tmp_path, monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    inodes = {f"p{i % 2}/f{i:02d}.bin": _ino(r / "payload" / f"p{i % 2}" / f"f{i:02d}.bin") for i in range(20)}
+    os.makedirs(m / "archive")
+    os.rename(m / "payload", m / "archive" / "payload-2")
+    calls: list[_Calls] = []
+    summary, actions = _sync(m, r, lambda: calls.append(_Calls(monkeypatch)))
+    c = calls[0]
+    assert not summary.errors
+    assert sum(isinstance(a, WriteFile) and a.move for a in actions) == 20
+    treecmp.assert_trees_equal(m, r)
+    for rel, ino in inodes.items():
+        assert _ino(r / "archive" / "payload-2" / rel) == ino  # linked, not copied
+    assert not c.kinds("syncfs")
+    run = [e for e in c.before("save") if e[0] == "fsync"]  # (the cache's own save fsyncs it)
+    assert all(is_dir for _, _, is_dir, _ in run), "a link's data needs no fsync"
+    # New directories (their inodes and entries) and the root that took the published one:
+    flushed = {e[1] for e in c.before("unlink", {os.path.basename(p) for p in inodes}) if e[0] == "fsync"}
+    need = {_ino(p) for p in (r, r / "archive", r / "archive" / "payload-2", r / "archive" / "payload-2" / "p0",
+                              r / "archive" / "payload-2" / "p1")}
+    assert need <= flushed
+    assert len(run) == len(need)  # each once
+    summary, actions = _sync(m, r)
+    assert not [a for a in actions if not isinstance(a, Delete) or a.path != "payload"] and not summary.errors
+
+
+def test_a_file_moved_into_an_existing_directory_is_flushed_there_before_its_old_name_goes(tmp_path, monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    before = _ino(r / "payload" / "p0" / "f00.bin")
+    os.rename(m / "payload" / "p0" / "f00.bin", m / "keep" / "f00.bin")
+    calls: list[_Calls] = []
+    summary, _ = _sync(m, r, lambda: calls.append(_Calls(monkeypatch)))
+    c = calls[0]
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+    assert _ino(r / "keep" / "f00.bin") == before
+    assert not c.kinds("syncfs")
+    assert _ino(r / "keep") in {e[1] for e in c.before("unlink", {"f00.bin"}) if e[0] == "fsync"}
+    assert [e for e in c.before("save") if e[0] == "fsync" and not e[2]] == []
+
+
+def test_a_few_written_files_are_fsynced_before_they_appear_and_their_directory_before_the_cache(tmp_path,
+                                                                                                  monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    names = [f"new{i}.bin" for i in range(5)]
+    for i, n in enumerate(names):
+        (m / "keep" / n).write_bytes(random_bytes(3000, seed=100 + i))
+    calls: list[_Calls] = []
+    summary, _ = _sync(m, r, lambda: calls.append(_Calls(monkeypatch, [str(r / "keep" / n) for n in names])))
+    c = calls[0]
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+    files = [e for e in c.before("save") if e[0] == "fsync" and not e[2]]
+    assert len(files) == len(names)
+    assert all(present == 0 for *_, present in files), "a file was at its final name before its data was flushed"
+    assert _ino(r / "keep") in {e[1] for e in c.before("save") if e[0] == "fsync"}
+    assert not c.kinds("syncfs")
+
+
+def test_a_large_batch_is_flushed_by_one_syncfs_before_any_file_appears(tmp_path, monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    names = [f"keep/big{i:02d}.bin" for i in range(30)]
+    for i, n in enumerate(names):
+        (m / n).write_bytes(random_bytes(2000, seed=200 + i))
+    calls: list[_Calls] = []
+    summary, _ = _sync(m, r, lambda: calls.append(_Calls(monkeypatch, [str(r / n) for n in names])))
+    c = calls[0]
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+    syncs = c.kinds("syncfs")
+    assert syncs and syncs[0][1] == 0, "a file was at its final name before the batch's data was flushed"
+    assert not [e for e in c.before("save") if e[0] == "fsync" and not e[2]]
+
+
+def test_entries_in_many_directories_are_flushed_by_one_syncfs_before_the_cache(tmp_path, monkeypatch):
+    n = DIR_FSYNC_MAX + 4
+    m, r = _synced_pair(tmp_path, {f"d{i:02d}/x.txt": "x\n" for i in range(n)})
+    for i in range(n):
+        os.symlink("x.txt", m / f"d{i:02d}" / "link")
+    calls: list[_Calls] = []
+    summary, _ = _sync(m, r, lambda: calls.append(_Calls(monkeypatch)))
+    c = calls[0]
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+    assert [e[0] for e in c.before("save") if e[0] != "unlink"] == ["syncfs"]
+
+
+def _fail_syncfs_once(monkeypatch) -> list[int]:
+    """The next syncfs reports EIO (after flushing for real); the ones after it succeed."""
+    real = replica_mod._syncfs
+    failed: list[int] = []
+
+    def syncfs(fd):
+        real(fd)
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(replica_mod, "_syncfs", syncfs)
+    return failed
+
+
+def test_a_commit_whose_flush_reports_a_write_error_puts_none_of_its_files_in_place(tmp_path, monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    names = [f"keep/new{i:02d}.bin" for i in range(30)]
+    for i, n in enumerate(names):
+        (m / n).write_bytes(random_bytes(2000, seed=300 + i))
+    failed = _fail_syncfs_once(monkeypatch)
+    summary, _ = _sync(m, r)
+    assert failed
+    assert sorted(e.path for e in summary.errors) == sorted(names)
+    assert all("Input/output error" in str(e) for e in summary.errors)
+    assert not any(os.path.lexists(r / n) for n in names)
+    assert stray_temps(r) == []
+    summary, _ = _sync(m, r)  # the disk is well again
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+
+
+@pytest.mark.parametrize("flush", ["syncfs", "fsync"])  # many new directories, or a few
+def test_new_directories_whose_flush_reports_a_write_error_are_not_put_in_place(tmp_path, monkeypatch, flush):
+    m, r = _synced_pair(tmp_path, _payload())
+    for i in range(3):
+        build_tree(m / "fresh" / f"s{i}", {f"f{i:02d}.txt": f"file {i}\n"})
+    if flush == "syncfs":
+        for i in range(DIR_FSYNC_MAX + 1):
+            os.makedirs(m / "fresh" / "empty" / f"e{i:02d}")
+        failed = _fail_syncfs_once(monkeypatch)
+    else:
+        real, failed = os.fsync, []
+
+        def fsync(fd):  # the first directory's
+            real(fd)
+            if not failed and stat.S_ISDIR(os.fstat(fd).st_mode):
+                failed.append(fd)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    summary, _ = _sync(m, r)
+    assert failed
+    assert [e.path for e in summary.errors] == ["fresh"]
+    assert "Input/output error" in str(summary.errors[0])
+    assert not os.path.lexists(r / "fresh")
+    assert stray_temps(r) == []
+    assert not [n for n in os.listdir(r) if n.startswith(".dirsync-")], "a temp directory was left"
+    monkeypatch.undo()
+    summary, _ = _sync(m, r)  # the disk is well again
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
