@@ -331,7 +331,7 @@ class Agent:
                 m = {**m, **proto.dec_packed_row(blob, compacted=m.get("dm") is not None)}
             elif m.get("pz") is not None and t == "commit":  # so do a commit's paths
                 m = {**m, "ps": proto.dec_packed_paths(self.inflater.inflate(v_bytes(m["pz"], ROW_MAX), ROW_MAX))}
-            a = proto.dec_action(m, self._chunk_at)
+            a = proto.dec_action(m, self._chunk_at, self._scanned_file)
             if isinstance(a, WriteFile):
                 self.written[a.path] = a.target
                 if a.derive:
@@ -386,6 +386,12 @@ class Agent:
         if error is not None:
             msg["error"] = proto.enc_item_error(error)
         self.send(msg)
+
+    def _scanned_file(self, src: str) -> FileEntry | None:
+        """Replica file `src` as scanned this session (None: not a file then)."""
+        r = self._need()
+        e = r.scanned.entries.get(src) if r.scanned is not None else None
+        return e if isinstance(e, FileEntry) else None
 
     def _chunk_at(self, src: str, offset: int) -> tuple[int, bytes] | None:
         """(size, digest) of the chunk at `offset` of replica file `src`, as scanned this session."""

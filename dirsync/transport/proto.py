@@ -156,6 +156,12 @@ def compact_digests(w: WriteFile, replica: dict) -> tuple[bytes, bytes] | None:
     Bit i of mask is set when target chunk i lies inside a copy op and the replica (as
     scanned) has a chunk of the same size and digest at the matching source offset; those
     digests are left out. None when no chunk qualifies (send the full row)."""
+    t, ops = w.target, w.ops
+    if len(ops) == 1 and ops[0].__class__ is CopyOp and ops[0].offset == 0:  # a whole file: a move, a duplicate
+        src = replica.get(ops[0].src)
+        if (isinstance(src, FileEntry) and src.size == t.size and src.digests == t.digests
+                and src.sizes == t.sizes):  # (the same chunks: no lookup per chunk)
+            return _all_set(len(t.digests) // DIGEST_SIZE), b""
     chunks = list(w.target.chunks())
     mask = bytearray((len(chunks) + 7) // 8)
     left = []
@@ -183,11 +189,18 @@ def compact_digests(w: WriteFile, replica: dict) -> tuple[bytes, bytes] | None:
     return (bytes(mask), b"".join(left)) if any_bit else None
 
 
-def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None] | None = None) -> Action:
+def _all_set(n: int) -> bytes:
+    """The mask with bits 0..n-1 set (see compact_digests)."""
+    return b"\xff" * (n >> 3) + (bytes([(1 << (n & 7)) - 1]) if n & 7 else b"")
+
+
+def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None] | None = None,
+               source: Callable[[str], FileEntry | None] | None = None) -> Action:
     """Decode and validate one action from the client (everything is hostile until checked).
 
     `chunk_at(src, offset)` gives the (size, digest) of the replica chunk at that offset; it
-    fills in the digests a compacted write row left out (see compact_digests)."""
+    fills in the digests a compacted write row left out (see compact_digests). `source(src)`
+    gives the replica's entry for src as scanned (a faster way for a whole file copied from one)."""
     t = m.get("t")
     if t == "write":
         ops: list = []
@@ -214,7 +227,7 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
                 raise ProtocolError("write: digests to derive, but the row has some")
             row = [*row[:8], bytes(DIGEST_SIZE * len(v_list(row[7], MAX_OPS)))]
         elif m.get("dm") is not None:
-            row = _expand_digests(row, v_bytes(m.get("dm"), MAX_OPS), ops, chunk_at)
+            row = _expand_digests(row, v_bytes(m.get("dm"), MAX_OPS), ops, chunk_at, source)
         target = dec_rows([row])
         f = next(iter(target.values())) if len(target) == 1 else None
         if not isinstance(f, FileEntry) or not f.path:
@@ -249,7 +262,7 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
     raise ProtocolError(f"unknown action type {str(t)[:40]!r}")
 
 
-def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at) -> list:
+def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at, source=None) -> list:
     """Put back the chunk digests a compacted write row left out (hostile input: check all)."""
     row = v_list(row, 9)
     if len(row) != 9 or chunk_at is None:
@@ -258,6 +271,15 @@ def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at) -> list:
     left = v_bytes(row[8], 16 * len(sizes))
     if len(mask) != (len(sizes) + 7) // 8:
         raise ProtocolError("write: digest mask of the wrong length")
+    if source is not None and not left and len(ops) == 1 and ops[0].__class__ is CopyOp and ops[0].offset == 0:
+        # A whole file copied from one replica file with the very same chunk sizes (a move):
+        # every looked-up chunk is that file's, so its digests are the target's (measured:
+        # 0.3-0.4 ms a file by lookups, for 2 MiB files). Anything else takes the check below.
+        e = source(ops[0].src)
+        n = len(sizes)
+        if (e is not None and e.size == ops[0].size and mask == _all_set(n)
+                and all(x.__class__ is int for x in sizes) and tuple(sizes) == e.sizes):
+            return [*row[:8], e.digests]
     out = []
     off = i_left = 0
     pos, k = 0, 0
