@@ -43,7 +43,7 @@ from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, S
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
 from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
-from dirsync.state import FileLock, load_manifest_file, save_manifest_file, write_atomic
+from dirsync.state import FileLock, fsync_dir_fd, load_manifest_file, save_manifest_file, write_atomic
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
@@ -970,7 +970,9 @@ class Replica:
         if not many:
             try:
                 for rel in sorted(dirs):
-                    os.fsync(self._dirfd(rel))
+                    if not fsync_dir_fd(self._dirfd(rel)):
+                        many = True  # (a file system that cannot fsync a directory)
+                        break
             except ItemError:
                 many = True  # (gone or not a directory now: flush all instead)
         if many:

@@ -219,9 +219,22 @@ def write_atomic(path: str, data: bytes) -> None:
 def fsync_dir(d: str) -> None:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        if not fsync_dir_fd(fd):
+            os.sync()
     finally:
         os.close(fd)
+
+
+def fsync_dir_fd(fd: int) -> bool:
+    """fsync a directory; False where the file system cannot (some network and FUSE ones
+    answer EINVAL): the caller flushes some other way. Other errors are raised."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            return False
+        raise
+    return True
 
 
 class FileLock:

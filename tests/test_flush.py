@@ -262,3 +262,26 @@ def test_new_directories_whose_flush_reports_a_write_error_are_not_put_in_place(
     summary, _ = _sync(m, r)  # the disk is well again
     assert not summary.errors
     treecmp.assert_trees_equal(m, r)
+
+
+def test_a_file_system_that_cannot_fsync_a_directory_is_flushed_whole_instead(tmp_path, monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    os.makedirs(m / "archive")
+    os.rename(m / "payload", m / "archive" / "payload-2")
+    real = os.fsync
+
+    def fsync(fd):  # as some FUSE and network file systems answer for a directory
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd)
+
+    calls: list[_Calls] = []
+
+    def spy():
+        monkeypatch.setattr(os, "fsync", fsync)
+        calls.append(_Calls(monkeypatch))
+
+    summary, _ = _sync(m, r, spy)
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+    assert calls[0].kinds("syncfs")
