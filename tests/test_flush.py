@@ -30,6 +30,7 @@ except ImportError:  # tests/ imported as a package
 
 from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
+from dirsync.errors import ItemIOError
 from dirsync.plan import Delete, WriteFile, diff
 from dirsync.replica import DIR_FSYNC_MAX, Replica
 from dirsync.scan import Excluder, scan_tree
@@ -285,3 +286,28 @@ def test_a_file_system_that_cannot_fsync_a_directory_is_flushed_whole_instead(tm
     assert not summary.errors
     treecmp.assert_trees_equal(m, r)
     assert calls[0].kinds("syncfs")
+
+
+def test_a_write_error_flushing_the_runs_names_at_close_saves_no_cache_and_the_next_run_converges(tmp_path,
+                                                                                                    monkeypatch):
+    m, r = _synced_pair(tmp_path, _payload())
+    for i in range(3):
+        (m / "keep" / f"new{i}.bin").write_bytes(random_bytes(3000, seed=400 + i))
+    cache = r / ".dirsync" / "manifest"
+    before = cache.read_bytes()
+    real, failed = os.fsync, []
+
+    def fsync(fd):  # the directory's flush at close
+        real(fd)
+        if not failed and stat.S_ISDIR(os.fstat(fd).st_mode):
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(ItemIOError, match="Input/output error"):
+        _sync(m, r)
+    assert failed and cache.read_bytes() == before
+    monkeypatch.undo()
+    summary, actions = _sync(m, r)
+    assert not summary.errors and not [a for a in actions if isinstance(a, WriteFile)]
+    treecmp.assert_trees_equal(m, r)
