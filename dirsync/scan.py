@@ -724,7 +724,7 @@ class _Scanner:
                 sizes, digests, whole = chunking.chunk_buffer(buf, avg)
                 nread = len(buf)
             else:
-                got = chunking.chunk_file_parallel(fd, st0.st_size, avg, fork_answering) \
+                got = chunking.chunk_file_parallel(fd, st0.st_size, avg, _fork_beside_threads) \
                     if avg and st0.st_size >= chunking.PARALLEL_MIN else None
                 if got is None:
                     with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
@@ -807,6 +807,14 @@ def _ancestors(p: str) -> list[str]:
 def _with_mode(c: FileEntry, mode: int) -> FileEntry:
     return FileEntry(c.path, c.size, mode, c.mtime_ns, c.digest, c.avg, c.held_sizes, c.digests, c.ino, c.ctime_ns,
                      c.trusted)
+
+
+def _fork_beside_threads(work):
+    """fork_answering for chunk_file_parallel's child, which only reads (pread), chunks, hashes
+    and writes its pipe: it takes no lock another thread may hold (paramiko's, on a master with
+    a remote replica; the agent's pinger), so it may fork beside them. Measured: an SSH run
+    after 16 edits of a 1 GiB file, alternating, medians 2.56 -> 2.31 s and 2.74 -> 2.68 s."""
+    return fork_answering(work, threads_ok=True)
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -455,6 +455,44 @@ def test_a_large_file_is_scanned_by_two_processes_alike(tmp_path, monkeypatch):
     assert two["big.bin"].digest == one["big.bin"].digest
 
 
+def test_a_large_file_is_chunked_by_two_processes_while_another_thread_holds_a_lock(tmp_path, monkeypatch):
+    """As on a master whose paramiko thread runs (or an agent with its pinger): the child only
+    reads, chunks and writes its pipe, so it forks anyway, and the lock the other thread holds
+    does not stop it (a child that took it would hang, and this test with it)."""
+    import threading
+
+    from dirsync.scan import scan_tree
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "big.bin").write_bytes(random.Random(10).randbytes(5 << 20))
+    one = scan_tree(str(tmp_path / "t")).manifest.entries
+    held, stop = threading.Lock(), threading.Event()
+
+    def busy() -> None:
+        with held:
+            stop.wait(60)
+
+    th = threading.Thread(target=busy, daemon=True)
+    th.start()
+    forked = []
+    real = chunking.chunk_file_parallel
+
+    def spy(fd, size, avg, fork):
+        return real(fd, size, avg, lambda work: forked.append(fork(work)) or forked[-1])
+
+    monkeypatch.setattr(chunking, "PARALLEL_MIN", 1 << 20)
+    monkeypatch.setattr(chunking, "chunk_file_parallel", spy)
+    try:
+        assert threading.active_count() > 1
+        two = scan_tree(str(tmp_path / "t")).manifest.entries
+    finally:
+        stop.set()
+        th.join()
+    assert len(forked) == 1 and forked[0] is not None, "no second process"
+    assert (two["big.bin"].sizes, two["big.bin"].digests, two["big.bin"].digest) == \
+        (one["big.bin"].sizes, one["big.bin"].digests, one["big.bin"].digest)
+
+
 def test_a_child_that_dies_mid_answer_leaves_the_work_to_this_process(tmp_path):
     """A truncated answer (a child killed while writing) is no answer: the result is still
     chunk_stream's, with no exception."""
