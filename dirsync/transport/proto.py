@@ -7,6 +7,8 @@ Both sides use these functions, so a message is described in one place. See PROT
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from itertools import accumulate
 
 import msgpack
 
@@ -155,43 +157,74 @@ def compact_digests(w: WriteFile, replica: dict) -> tuple[bytes, bytes] | None:
 
     Bit i of mask is set when target chunk i lies inside a copy op and the replica (as
     scanned) has a chunk of the same size and digest at the matching source offset; those
-    digests are left out. None when no chunk qualifies (send the full row)."""
-    t, ops = w.target, w.ops
-    if len(ops) == 1 and ops[0].__class__ is CopyOp and ops[0].offset == 0:  # a whole file: a move, a duplicate
-        src = replica.get(ops[0].src)
-        if (isinstance(src, FileEntry) and src.size == t.size and src.digests == t.digests
-                and src.sizes == t.sizes):  # (the same chunks: no lookup per chunk)
-            return _all_set(len(t.digests) // DIGEST_SIZE), b""
-    chunks = list(w.target.chunks())
-    mask = bytearray((len(chunks) + 7) // 8)
-    left = []
+    digests are left out. None when no chunk qualifies (send the full row).
+
+    A copy op's chunks are first compared with the source's as one run (a slice comparison:
+    a moved file, the unchanged stretches of an edited one), and only one by one when that
+    fails. Measured: 220 ms a lookup per chunk for a 1 GiB file after 16 edits (131,000
+    chunks), and as long again for the agent to expand them (_expand_digests)."""
+    t = w.target
+    sizes, digests, D = t.sizes, t.digests, DIGEST_SIZE
+    n = len(sizes)
+    offs = list(accumulate(sizes, initial=0))  # chunk k is offs[k]..offs[k + 1]
+    mask = bytearray((n + 7) // 8)
+    left: list[bytes] = []
+    starts: dict[str, list[int]] = {}
     tables: dict[str, dict[int, tuple[int, bytes]]] = {}
-    pos, k, any_bit = 0, 0, False
+    pos = 0
     for op in w.ops:
         end = pos + op.size
-        table = None
-        if isinstance(op, CopyOp):
-            src = replica.get(op.src)
-            if isinstance(src, FileEntry):
-                table = tables.get(op.src)
-                if table is None:
-                    table = tables[op.src] = {off: (n, d) for off, n, d in src.chunks()}
-        while k < len(chunks) and chunks[k][0] < end:
-            off, n, d = chunks[k]
-            hit = table.get(op.offset + off - pos) if table is not None and off + n <= end else None
-            if hit == (n, d):
-                mask[k >> 3] |= 1 << (k & 7)
-                any_bit = True
-            else:
-                left.append(d)
-            k += 1
+        k0, k1 = bisect_left(offs, pos, 0, n), bisect_left(offs, end, 0, n)  # the chunks starting in op
+        src = replica.get(op.src) if op.__class__ is CopyOp else None
+        full = k1 - 1 if k1 > k0 and offs[k1] > end else k1  # (a chunk running past the op is sent)
+        if not isinstance(src, FileEntry) or full == k0:
+            left.append(digests[k0 * D:k1 * D])
+        elif _run_of(src, starts, op.offset + offs[k0] - pos, sizes, k0, full) == digests[k0 * D:full * D]:
+            _set_bits(mask, k0, full)
+            left.append(digests[full * D:k1 * D])
+        else:
+            table = tables.get(op.src)
+            if table is None:
+                table = tables[op.src] = {off: (m, d) for off, m, d in src.chunks()}
+            for k in range(k0, k1):
+                d = digests[k * D:(k + 1) * D]
+                if k < full and table.get(op.offset + offs[k] - pos) == (sizes[k], d):
+                    mask[k >> 3] |= 1 << (k & 7)
+                else:
+                    left.append(d)
         pos = end
-    return (bytes(mask), b"".join(left)) if any_bit else None
+    return (bytes(mask), b"".join(left)) if any(mask) else None
 
 
-def _all_set(n: int) -> bytes:
-    """The mask with bits 0..n-1 set (see compact_digests)."""
-    return b"\xff" * (n >> 3) + (bytes([(1 << (n & 7)) - 1]) if n & 7 else b"")
+def _run_of(src: FileEntry, starts: dict[str, list[int]], so: int, sizes, k0: int, k1: int) -> bytes | None:
+    """The digests of src's chunks from offset `so` on when their sizes are sizes[k0:k1] (one
+    run of whole chunks); None when they are not."""
+    s_offs = starts.get(src.path)
+    if s_offs is None:
+        s_offs = starts[src.path] = list(accumulate(src.sizes, initial=0))
+    j0, m = bisect_left(s_offs, so), k1 - k0
+    if j0 + m >= len(s_offs) or s_offs[j0] != so or src.sizes[j0:j0 + m] != tuple(sizes[k0:k1]):
+        return None
+    return src.digests[j0 * DIGEST_SIZE:(j0 + m) * DIGEST_SIZE]
+
+
+def _set_bits(mask: bytearray, k0: int, k1: int) -> None:
+    """Set bits k0..k1-1 of mask (bit k is bit k & 7 of byte k >> 3)."""
+    while k0 < k1 and k0 & 7:
+        mask[k0 >> 3] |= 1 << (k0 & 7)
+        k0 += 1
+    a, b = k0 >> 3, k1 >> 3
+    if b > a:
+        mask[a:b] = b"\xff" * (b - a)
+        k0 = b << 3
+    while k0 < k1:
+        mask[k0 >> 3] |= 1 << (k0 & 7)
+        k0 += 1
+
+
+def _bits(mask: bytes, k0: int, k1: int) -> int:
+    """Bits k0..k1-1 of mask as an int (bit k0 lowest)."""
+    return int.from_bytes(mask[k0 >> 3:(k1 + 7) >> 3], "little") >> (k0 & 7) & ((1 << (k1 - k0)) - 1)
 
 
 def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None] | None = None,
@@ -271,15 +304,10 @@ def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at, source=None) -> 
     left = v_bytes(row[8], 16 * len(sizes))
     if len(mask) != (len(sizes) + 7) // 8:
         raise ProtocolError("write: digest mask of the wrong length")
-    if source is not None and not left and len(ops) == 1 and ops[0].__class__ is CopyOp and ops[0].offset == 0:
-        # A whole file copied from one replica file with the very same chunk sizes (a move):
-        # every looked-up chunk is that file's, so its digests are the target's (measured:
-        # 0.3-0.4 ms a file by lookups, for 2 MiB files). Anything else takes the check below.
-        e = source(ops[0].src)
-        n = len(sizes)
-        if (e is not None and e.size == ops[0].size and mask == _all_set(n)
-                and all(x.__class__ is int for x in sizes) and tuple(sizes) == e.sizes):
-            return [*row[:8], e.digests]
+    if source is not None and all(x.__class__ is int and 0 < x <= I64 for x in sizes):
+        got = _expand_runs(sizes, mask, left, ops, source)
+        if got is not None:
+            return [*row[:8], got]
     out = []
     off = i_left = 0
     pos, k = 0, 0
@@ -305,6 +333,40 @@ def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at, source=None) -> 
     if i_left != len(left):
         raise ProtocolError("write: too many chunk digests")
     return [*row[:8], b"".join(out)]
+
+
+def _expand_runs(sizes: list, mask: bytes, left: bytes, ops: list, source) -> bytes | None:
+    """_expand_digests a copy op at a time (see compact_digests): where every chunk inside a copy
+    op is looked up and they are one run of the source's chunks, their digests are one slice of
+    the source's; the others come from `left`. None when any op is not that simple (mixed bits,
+    a looked-up chunk across an op's end, a source without that run): the caller then goes
+    chunk by chunk, which also says what is wrong with a hostile row."""
+    D = DIGEST_SIZE
+    n = len(sizes)
+    offs = list(accumulate(sizes, initial=0))
+    out: list[bytes] = []
+    starts: dict[str, list[int]] = {}
+    i_left = pos = 0
+    for op in ops:
+        end = pos + op.size
+        k0, k1 = bisect_left(offs, pos, 0, n), bisect_left(offs, end, 0, n)
+        full = k1 - 1 if k1 > k0 and offs[k1] > end else k1
+        if op.__class__ is CopyOp and full > k0 and _bits(mask, k0, full) == (1 << (full - k0)) - 1:
+            src = source(op.src)
+            run = _run_of(src, starts, op.offset + offs[k0] - pos, sizes, k0, full) if src is not None else None
+            if run is None:
+                return None
+            out.append(run)
+            k0 = full
+        if k1 > k0:
+            if _bits(mask, k0, k1) or i_left + (k1 - k0) * D > len(left):
+                return None
+            out.append(left[i_left:i_left + (k1 - k0) * D])
+            i_left += (k1 - k0) * D
+        pos = end
+    if i_left != len(left) or pos != offs[n]:
+        return None
+    return b"".join(out)
 
 
 def dec_rows(rows: Any) -> dict[str, Entry]:
