@@ -304,7 +304,7 @@ def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at, source=None) -> 
     left = v_bytes(row[8], 16 * len(sizes))
     if len(mask) != (len(sizes) + 7) // 8:
         raise ProtocolError("write: digest mask of the wrong length")
-    if source is not None and all(x.__class__ is int and 0 < x <= I64 for x in sizes):
+    if source is not None and sizes and set(map(type, sizes)) == {int} and 0 < min(sizes) and max(sizes) <= I64:
         got = _expand_runs(sizes, mask, left, ops, source)
         if got is not None:
             return [*row[:8], got]
