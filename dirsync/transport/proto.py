@@ -233,7 +233,8 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
 
     `chunk_at(src, offset)` gives the (size, digest) of the replica chunk at that offset; it
     fills in the digests a compacted write row left out (see compact_digests). `source(src)`
-    gives the replica's entry for src as scanned (a faster way for a whole file copied from one)."""
+    gives the replica's entry for src as scanned (then a copy op's chunks are taken as one run
+    of that file's where they are one)."""
     t = m.get("t")
     if t == "write":
         ops: list = []
