@@ -353,6 +353,7 @@ class _Helper:
                 os.waitpid(self.pid, 0)
             except ChildProcessError:
                 pass
+            replica.helper_joined()
         if not self.ended:
             for a in self.theirs:
                 if a.__class__ is WriteFile and a.path not in self.heard:

@@ -494,6 +494,12 @@ class Replica:
         self._flush_entries()
         return sorted(self._tainted)
 
+    def helper_joined(self) -> None:
+        """The helper is gone: the names it made are flushed again by this process's next flush,
+        as a syncfs (they are not in this process's notes, and the helper's own flush at its
+        end may have failed)."""
+        self._unflushed_many = True
+
     def adopt(self, w: WriteFile, ino: int, ctime_ns: int, trusted: bool) -> None:
         """Record a file the helper committed, as commit_finish records its own."""
         t = w.target

@@ -442,3 +442,43 @@ def test_a_full_disk_under_both_writers_loses_nothing_and_room_again_converges(t
         _, out = sync_json(m, r)
         assert out["replicas"][0]["files_written"] == len(failed)
         treecmp.assert_trees_equal(m, r)
+
+
+def test_the_names_a_helper_made_are_flushed_again_by_the_parent_when_its_own_flush_failed(tmp_path, monkeypatch):
+    """The helper's flush at its end (end_helper) reports a write error: the parent's next
+    flush after it is a syncfs, which covers the names the helper made (they are not in the
+    parent's own notes), before anything is published."""
+    import errno
+
+    from dirsync import replica as replica_mod
+
+    parent = os.getpid()
+    events: list[str] = []
+    real_flush, real_syncfs, real_joined = Replica._flush_entries, replica_mod._syncfs, Replica.helper_joined
+
+    def flush(self):
+        if self._helper:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_flush(self)
+
+    def syncfs(fd):
+        if os.getpid() == parent:
+            events.append("syncfs")
+        return real_syncfs(fd)
+
+    def joined(self):
+        events.append("joined")
+        return real_joined(self)
+
+    monkeypatch.setattr(Replica, "_flush_entries", flush)
+    monkeypatch.setattr(replica_mod, "_syncfs", syncfs)
+    monkeypatch.setattr(Replica, "helper_joined", joined)
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, _tree())
+    spy = _Spy(monkeypatch)
+    summary, rep, _ = _apply(m, r)
+    rep.close()
+    assert len(spy.pids) == 1
+    assert "joined" in events and "syncfs" in events[events.index("joined"):], events
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
