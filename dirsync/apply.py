@@ -77,8 +77,7 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
         for a in actions:
             if should_stop():
                 break
-            if pending is not None and not (isinstance(a, WriteFile)
-                                            and not any(isinstance(o, CopyOp) for o in a.ops)):
+            if pending is not None and not (a.__class__ is WriteFile and not _copies(a.ops)):
                 finish()
             if not published and not isinstance(a, (WriteFile, Commit, MakeDir)):
                 publish()
@@ -100,6 +99,13 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
         finish()  # (an interrupted run: close() publishes what was committed)
         if helpers:  # (left early: stop it and take in what it did)
             helpers.pop().join(replica, sink, stop=True)
+
+
+def _copies(ops: tuple) -> bool:
+    """Does any of these write ops copy from the replica?"""
+    if len(ops) == 1:  # (a new file's usual plan: decided without a generator)
+        return ops[0].__class__ is CopyOp
+    return any(o.__class__ is CopyOp for o in ops)
 
 
 def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], sink: Sink,
@@ -499,6 +505,9 @@ class MasterReader:
         the writer may copy from in the kernel instead of reading these bytes (see
         Replica._build); otherwise sends(w)."""
         t = w.target
+        ops = w.ops
+        if t.size < DIRECT_MIN and len(ops) == 1 and ops[0].__class__ is SendOp:
+            return WholeSends(b"".join(self.sends(w)))  # (a small new file: read and checked now)
         if self.throttle or t.size < DIRECT_MIN or not (t.trusted and t.ino) or \
                 not any(isinstance(o, SendOp) for o in w.ops):
             return self.sends(w)
@@ -516,6 +525,29 @@ class MasterReader:
 
 
 DIRECT_MIN = 64 << 10  # smaller files: one read, checked by their digest, costs about as much
+
+
+class WholeSends:
+    """All the bytes of a write's one send op, already read (and checked): the writer takes
+    them at once (take_all: Replica._build_whole) or iterates them like sends()."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def take_all(self) -> bytes | None:
+        data, self._data = self._data, None
+        return data
+
+    def __iter__(self) -> "WholeSends":
+        return self
+
+    def __next__(self) -> bytes:
+        data, self._data = self._data, None
+        if not data:
+            raise StopIteration
+        return data
 
 
 class DirectSends:

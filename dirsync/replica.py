@@ -693,6 +693,10 @@ class Replica:
         for a file the master scan trusted): then the sent ranges are copied from it in the
         kernel too, proven the same way by its check(), and no byte is hashed."""
         path = w.path
+        if len(w.ops) <= 1 and (not w.ops or w.ops[0].__class__ is SendOp):  # the whole file is sent
+            data = getattr(sends, "take_all", _nothing)() if w.ops else b""
+            if data is not None:  # (it is at hand: a small file)
+                return self._build_whole(w, tmp, data)
         direct = getattr(sends, "fd", None)
         if direct is not None and (w.derive or _copy_file_range is None or not self._trusted_sources(w)):
             direct = None  # read the bytes it yields (checked by the master reader) instead
@@ -790,6 +794,47 @@ class Replica:
             if not ok:
                 self._unlink_tmp(tmp)
         return total, cut.digests() if w.derive else b""
+
+    def _build_whole(self, w: WriteFile, tmp: Tmp, data: bytes) -> tuple[int, bytes]:
+        """_build for a write whose bytes are all in `data` (a small new file: sends.take_all):
+        checked against the whole-file digest before anything is created, then written in one
+        call; a derived write's chunk digests are cut from `data` at the row's chunk sizes."""
+        t = w.target
+        if len(data) != t.size or xxhash.xxh3_128_digest(data) != t.digest:
+            raise ConflictError(w.path, "write", "content check failed (the replica changed during the sync); retry")
+        sizes = t.sizes
+        if not w.derive:
+            digests = b""
+        elif len(sizes) == 1:
+            digests = t.digest
+        else:
+            view, pos, out, h = memoryview(data), 0, [], xxhash.xxh3_128_digest
+            for n in sizes:
+                out.append(h(view[pos:pos + n]))
+                pos += n
+            digests = b"".join(out)
+        mode = t.mode
+        plain = mode == mode & self._create_modes  # created with its final mode: no fchmod
+        try:
+            fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode if plain else 0o600, dir_fd=self._tmp_dirfd(tmp))
+        except OSError as e:
+            raise ItemIOError(w.path, "write", e) from None
+        ok = False
+        try:
+            if data:
+                _write_all(fd, data)
+            if not plain:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=(t.mtime_ns, t.mtime_ns))
+            ok = True
+        except OSError as e:
+            raise ItemIOError(w.path, "write", e) from None
+        finally:
+            os.close(fd)
+            if not ok:
+                self._unlink_tmp(tmp)
+        return len(data), digests
 
     def _sent_check(self, w: WriteFile) -> "tuple[_ChunkHasher, bytes] | None":
         """For a write that reuses only trusted sources (see _build): a hasher over the chunks
@@ -1477,6 +1522,10 @@ def _copy_fd(src: int, dst: int, st: os.stat_result) -> None:
         _write_all(dst, buf)
     os.fchmod(dst, stat.S_IMODE(st.st_mode))
     os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+
+
+def _nothing() -> None:
+    return None
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -43,7 +43,8 @@ DEADLINE_S = 30.0
 @pytest.fixture
 def world(tmp_path):
     m, r, outside = tmp_path / "m", tmp_path / "r", tmp_path / "outside"
-    build_tree(m, {"f.txt": b"payload\n", "big.bin": random_bytes(200_000, 1)})
+    build_tree(m, {"f.txt": b"payload\n", "big.bin": random_bytes(200_000, 1), "h.bin": random_bytes(5000, 2),
+                   "e.txt": b""})
     build_tree(outside, {"keep.txt": b"keep\n", "sub": {"x": b"x"}})
     os.mkdir(r)
     snap = treecmp.snapshot(outside, ignore=())
@@ -61,6 +62,24 @@ class World:
         self.row_big = list(encode_rows([entries["big.bin"]], cache_fields=False)[0])
         self.data_f = b"payload\n"
         self.data_big = (m / "big.bin").read_bytes()
+        self.small = {p: (list(encode_rows([entries[p]], cache_fields=False)[0]), (m / p).read_bytes())
+                      for p in ("f.txt", "h.bin", "e.txt")}
+
+    def write_batch(self, names=("f.txt", "h.bin", "e.txt"), *, rows=None, data=None, compress=False) -> dict:
+        """A write batch ("wb") of these master files (their rows' digests left out, their bytes
+        as one payload), its rows in a fresh zstd stream; `rows` / `data` replace the real ones."""
+        import zstandard
+
+        zc = zstandard.ZstdCompressor(level=3).compressobj()
+        flush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        if rows is None:
+            rows = [self.small[n][0][:8] + [b""] for n in names]
+        if data is None:
+            data = b"".join(self.small[n][1] for n in names)
+        msg = {"t": "wb", "rz": zc.compress(msgpack.packb(rows, use_bin_type=True)) + zc.flush(flush), "d": data}
+        if compress:
+            msg["d"], msg["z"] = zc.compress(data) + zc.flush(flush), True
+        return msg
 
     def open(self) -> dict:
         return {"t": "open", "root": os.fsencode(str(self.r)), "init": True, "readonly": False}
@@ -128,6 +147,8 @@ class World:
             [self.open(), {"t": "apply"}, *self.packed_write_and_commit(b"g.txt"), {"t": "apply_end"}],
             [self.open(), {"t": "scan", "patterns": [], "fresh": True, "base": ""}, {"t": "apply"},
              *self.write_derived(), {"t": "commit", "ps": [b"big.bin"]}, {"t": "apply_end"}],
+            [self.open(), {"t": "apply"}, self.write_batch(compress=True),
+             {"t": "commit", "ps": [b"f.txt", b"h.bin", b"e.txt"]}, {"t": "apply_end"}],
         ]
 
 
@@ -142,12 +163,12 @@ def raw_frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def run_agent_process(chunks: list[bytes], *, timeout: float = DEADLINE_S) -> tuple[int, list, str]:
-    """Feed `chunks` (after our hello) to `python -m dirsync agent`, then EOF; (status, frames, stderr)."""
+def run_agent_process(chunks: list[bytes], *, timeout: float = DEADLINE_S, first=None) -> tuple[int, list, str]:
+    """Feed `chunks` (after our hello, or `first`) to `python -m dirsync agent`, then EOF; (status, frames, stderr)."""
     p = subprocess.Popen(agent_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=agent_env())
     try:
-        out, err = p.communicate(frame(hello("test")) + b"".join(chunks), timeout=timeout)
+        out, err = p.communicate(frame(first or hello("test")) + b"".join(chunks), timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
         p.communicate()
@@ -198,6 +219,54 @@ def test_a_derived_write_gets_the_digests_of_what_was_sent(world):
     assert not [r for m in msgs if m.get("t") == "rows" for r in m["rows"] if r[1] == b"big.bin"], msgs
 
 
+@pytest.mark.parametrize("dw", [False, True])
+def test_a_write_batch_lands_with_the_digests_of_what_was_sent(world, dw):
+    """A write batch ("wb"): every file lands (a one-chunk, a many-chunk and an empty one), the
+    replica's cache holds the master's chunk digests (derived: they never travelled), and the
+    done writes come back one frame each, or as one `dw` path list to a master that takes it."""
+    from dirsync import chunking
+    from dirsync.state import load_manifest_file
+
+    names = ["f.txt", "h.bin", "e.txt"]
+    assert len(world.small["h.bin"][0][7]) > 1  # several chunks: their digests are derived
+    first = hello("test", features=["dw"]) if dw else None
+    scan = {"t": "scan", "patterns": [], "fresh": True, "base": ""}  # (a cache is saved after a scan)
+    status, msgs, err = run_agent_process([frame(world.open()), frame(scan), frame({"t": "apply"}),
+                                           frame(world.write_batch()),
+                                           frame({"t": "commit", "ps": [os.fsencode(n) for n in names]}),
+                                           frame({"t": "apply_end"}), frame({"t": "close", "save": True}),
+                                           frame({"t": "bye"})], first=first)
+    assert status == 0, err
+    kinds = [m.get("t") or m.get("type") for m in msgs]
+    assert "fatal" not in kinds and "failed" not in kinds and kinds[-1] == "closed", msgs
+    cache = load_manifest_file(str(world.r / ".dirsync" / "manifest"), chunking.CHUNKER_ID).manifest
+    for n in names:
+        row, data = world.small[n]
+        assert (world.r / n).read_bytes() == data
+        assert (world.r / n).stat().st_mtime_ns == row[4] and (world.r / n).stat().st_mode & 0o7777 == row[3]
+        e = cache.entries[n]
+        assert (e.digest, e.sizes, e.digests) == (row[5], tuple(row[7]), row[8]), n
+    done = [m["p"] for m in msgs if m.get("t") == "done"]
+    listed = [p for m in msgs if m.get("t") == "dw" for p in m["ps"]]
+    assert (done, listed) == (([], [os.fsencode(n) for n in names]) if dw else ([os.fsencode(n) for n in names], []))
+
+
+def test_a_write_batch_whose_bytes_do_not_match_stages_nothing(world):
+    """A file of a batch whose bytes differ from its row fails alone, before any temp is made;
+    the others land."""
+    bad = bytearray(world.small["h.bin"][1])
+    bad[100] ^= 1
+    data = world.small["f.txt"][1] + bytes(bad) + b""
+    status, msgs, err = run_agent_process([frame(world.open()), frame({"t": "apply"}), frame(world.write_batch(data=data)),
+                                           frame({"t": "commit", "ps": [b"f.txt", b"h.bin", b"e.txt"]}),
+                                           frame({"t": "apply_end"}), frame({"t": "close", "save": True}),
+                                           frame({"t": "bye"})])
+    assert status == 0, err
+    failed = [m["e"] for m in msgs if m.get("t") == "failed"]
+    assert len(failed) == 1 and failed[0][0] == b"h.bin" and "content check" in failed[0][3], msgs
+    assert sorted(os.listdir(world.r)) == [".dirsync", "e.txt", "f.txt"]
+
+
 CRAFTED = {
     "mkdir ../": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"../escaped", "mode": 0o755}],
     "mkdir a/../../": lambda w: [{"t": "apply"}, {"t": "mkdir", "p": b"a/../../escaped", "mode": 0o755}],
@@ -237,6 +306,26 @@ CRAFTED = {
     "derive with a digest mask": lambda w: [{"t": "apply"}, {**w.write_inline(), "sd": True, "dm": b"\x01",
                                                               "f": w.row_f[:8] + [b""]}],
     "derive as str": lambda w: [{"t": "apply"}, {**w.write_inline(), "sd": "yes", "f": w.row_f[:8] + [b""]}],
+    "batch ../": lambda w: [{"t": "apply"}, w.write_batch(rows=[[0, b"../escaped"] + w.small["f.txt"][0][2:8] + [b""]],
+                                                          data=w.data_f)],
+    "batch absolute": lambda w: [{"t": "apply"}, w.write_batch(
+        rows=[[0, os.fsencode(str(w.outside / "new"))] + w.small["f.txt"][0][2:8] + [b""]], data=w.data_f)],
+    "batch in state dir": lambda w: [{"t": "apply"}, w.write_batch(
+        rows=[[0, b".dirsync/lock"] + w.small["f.txt"][0][2:8] + [b""]], data=w.data_f)],
+    "batch path twice": lambda w: [{"t": "apply"}, w.write_batch(["f.txt", "f.txt"], data=w.data_f)],
+    "batch data short": lambda w: [{"t": "apply"}, w.write_batch(data=w.data_f)],
+    "batch data long": lambda w: [{"t": "apply"}, w.write_batch(["f.txt"], data=w.data_f + b"x")],
+    "batch row with digests": lambda w: [{"t": "apply"}, w.write_batch(rows=[w.small["f.txt"][0]], data=w.data_f)],
+    "batch row of a directory": lambda w: [{"t": "apply"}, w.write_batch(rows=[[1, b"d", 0o755, 0]], data=b"")],
+    "batch rows empty": lambda w: [{"t": "apply"}, w.write_batch(rows=[], data=b"")],
+    "batch rows not a list": lambda w: [{"t": "apply"}, w.write_batch(rows={"a": 1}, data=b"")],
+    "batch sizes not the size": lambda w: [{"t": "apply"}, w.write_batch(
+        rows=[w.small["f.txt"][0][:7] + [[4, 5]] + [b""]], data=w.data_f)],
+    "batch mtime huge": lambda w: [{"t": "apply"}, w.write_batch(
+        rows=[w.small["f.txt"][0][:4] + [2**64 - 1] + w.small["f.txt"][0][5:8] + [b""]], data=w.data_f)],
+    "batch not zstd": lambda w: [{"t": "apply"}, {**w.write_batch(), "rz": b"garbage" * 100}],
+    "batch data bomb": lambda w: [{"t": "apply"}, {**w.write_batch(["f.txt"]), "z": True,
+                                                   "d": __import__("zstandard").ZstdCompressor().compress(b"\0" * (40 << 20))}],
     "packed commit ../": lambda w: [{"t": "apply"}, w.commit_packed([b"../x"])],
     "packed commit not a list": lambda w: [{"t": "apply"}, w.commit_packed(b"f.txt")],
     "packed commit not zstd": lambda w: [{"t": "apply"}, w.commit_packed([], garbage=True)],
@@ -449,7 +538,7 @@ def test_fuzzed_sessions_never_crash_the_agent_or_escape(world, capsys):
         else:
             outcomes["accepted"] += 1
         for name in os.listdir(world.r):  # only what a session may create, inside the root
-            assert name in (".dirsync", "d", "f.txt", "g.txt", "l", "big.bin"), f"case {n} ({desc}): {name!r} in the replica"
+            assert name in (".dirsync", "d", "f.txt", "g.txt", "l", "big.bin", "h.bin", "e.txt"), f"case {n} ({desc}): {name!r} in the replica"
     with capsys.disabled():
         print(f"\nfuzz: {FUZZ_CASES} cases, {outcomes}")
     assert outcomes["protocol error"] > FUZZ_CASES // 3

@@ -139,6 +139,55 @@ def dec_packed_row(blob: bytes, compacted: bool) -> dict:
     return {"f": row, "ops": got[1]}
 
 
+WB_FILES = 1024  # files in one write batch at most (the master's choice: the agent takes MAX_ROWS)
+WB_BYTES = 1 << 20  # bytes of data in one write batch, about (the agent takes 16 MiB)
+WB_FILE_MAX = 64 << 10  # the largest file a write batch carries
+
+
+def batchable(w: WriteFile) -> bool:
+    """Can `w` travel in a write batch ("wb", see PROTOCOL.md)? A new path (nothing expected
+    there), not a move, every byte sent by the master, at most WB_FILE_MAX bytes."""
+    ops = w.ops
+    return (w.expect is None and not w.move and w.target.size <= WB_FILE_MAX
+            and (not ops or (len(ops) == 1 and ops[0].__class__ is SendOp)))
+
+
+def pack_batch(targets: list) -> bytes:
+    """A write batch's rows (FileEntry targets) as one msgpack blob, sent compressed as "rz":
+    wire file rows with the digests field empty (the agent derives them, as for "sd")."""
+    return msgpack.packb([r[:8] + (b"",) for r in encode_rows(targets, cache_fields=False)], use_bin_type=True)
+
+
+def dec_batch(blob: bytes, data_len: int) -> list[WriteFile]:
+    """Inverse of pack_batch, checked like any write (hostile input): one derived WriteFile per
+    row, in order, each with one send op for all its bytes. `data_len`: the bytes the batch
+    carries, which must be exactly the files' sizes summed."""
+    rows = _unpack_blob(blob, "write batch")
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_ROWS:
+        raise ProtocolError("write batch: rows are not a list of 1..65536")
+    for r in rows:
+        if not isinstance(r, list) or len(r) != 9 or r[0] != 0 or r[8] != b"" or not isinstance(r[7], list):
+            raise ProtocolError("write batch: a row is not a file row with its digests left out")
+        r[8] = bytes(DIGEST_SIZE * len(r[7]))  # a placeholder: the writer derives them (WriteFile.derive)
+    entries = dec_rows(rows)
+    if len(entries) != len(rows):
+        raise ProtocolError("write batch: a path comes twice")
+    out = []
+    total = 0
+    state = STATE_DIR + "/"
+    for f in entries.values():
+        path, size = f.path, f.size
+        if path == STATE_DIR or path.startswith(state):
+            raise ProtocolError(f"path inside the replica state folder {STATE_DIR}: {path[:80]!r}")
+        if not -I64 <= f.mtime_ns <= I64:
+            raise ProtocolError(f"write batch: bad mtime for {path[:80]!r}")
+        total += size
+        out.append(WriteFile(f, (SendOp(0, size),) if size else (), None, False, True))
+    if total != data_len:
+        raise ProtocolError(f"write batch: {data_len} bytes of data for {total} bytes of files")
+    return out
+
+
 def pack_paths(msg: dict) -> bytes:
     """A commit message's path list as one msgpack blob, sent compressed as "pz"."""
     return msgpack.packb(msg.pop("ps"), use_bin_type=True)
