@@ -162,10 +162,9 @@ def _independent(a) -> bool:
             and all(o.__class__ is SendOp for o in a.ops))
 
 
-def _split_share(actions) -> tuple[list, list, int, int] | None:
-    """(the parent's actions, the helper's, where the helper starts, where the parent waits for
-    it), both as indexes into the parent's list, which equals `actions` up to the first; None
-    when the plan has too few new files to share."""
+def first_stretch(actions) -> tuple[int, int, set[str]]:
+    """(start, end, committed): the plan's first stretch of writes and commits is
+    actions[start:end]; `committed` holds the paths its commits commit."""
     n = len(actions)
     start = 0
     while start < n and actions[start].__class__ is not WriteFile:
@@ -176,7 +175,20 @@ def _split_share(actions) -> tuple[list, list, int, int] | None:
         if actions[end].__class__ is Commit:
             committed.update(actions[end].paths)
         end += 1
-    cand = [i for i in range(start, end) if _independent(actions[i]) and actions[i].path in committed]
+    return start, end, committed
+
+
+def sharable(a, committed: set[str]) -> bool:
+    """May a helper writer take write `a` (see _split_share)? `committed`: first_stretch's."""
+    return _independent(a) and a.path in committed
+
+
+def _split_share(actions) -> tuple[list, list, int, int] | None:
+    """(the parent's actions, the helper's, where the helper starts, where the parent waits for
+    it), both as indexes into the parent's list, which equals `actions` up to the first; None
+    when the plan has too few new files to share."""
+    start, end, committed = first_stretch(actions)
+    cand = [i for i in range(start, end) if sharable(actions[i], committed)]
     if len(cand) < SPLIT_MIN:
         return None
     costs = [actions[i].target.size + FILE_COST for i in cand]
@@ -239,8 +251,8 @@ _FRAME = 4  # the helper's frames: a 4-byte little-endian length, then a pickled
 
 class _HelperSink:
     """The helper's sink: each outcome goes to the parent as an event (sent in batches):
-    (0, i) theirs[i] staged; (1, i, ino, ctime_ns, trusted) theirs[i] committed; (2, path, error)
-    failed; (3, rel) a fresh directory tainted; (4,) the helper ended normally; (5, msg) warning;
+    (0, i) theirs[i] staged; (1, i, ino, ctime_ns, trusted, digests) theirs[i] committed (the
+    chunk digests it derived for a derived write, else None); (2, path, error) failed; (3, rel) a fresh directory tainted; (4,) the helper ended normally; (5, msg) warning;
     (6, why) the helper failed as a whole (an exception left its loop)."""
 
     def __init__(self, fd: int, theirs: list, replica) -> None:
@@ -257,7 +269,7 @@ class _HelperSink:
 
     def done(self, a: Action, path: str) -> None:
         e = self.replica.current[path]
-        self._add((1, self.index[path], e.ino, e.ctime_ns, e.trusted))
+        self._add((1, self.index[path], e.ino, e.ctime_ns, e.trusted, e.digests if a.derive else None))
 
     def failed(self, path: str, err: ItemError) -> None:
         self._add((2, path, err))
@@ -279,10 +291,11 @@ class _HelperSink:
                 view = view[os.write(self.fd, view):]
 
 
-def _helper_main(fd: int, replica, theirs: list, sends_for) -> None:
-    """The helper process: its share of the plan, then its end (see Replica.end_helper). An
-    interrupt reaches it from the parent only (one SIGTERM): it stops after the action at hand,
-    as the parent's loop does, and commits what it staged up to that point."""
+def _helper_main(fd: int, replica, theirs: list, sends_for, stream=None) -> None:
+    """The helper process: its share of the plan (`theirs`; or stream(sink), its actions as
+    they come: see _Helper.start_fed), then its end (see Replica.end_helper). An interrupt
+    reaches it from the parent only (one SIGTERM): it stops after the action at hand, as the
+    parent's loop does, and commits what it staged up to that point."""
     import signal
 
     stop: list[int] = []
@@ -292,7 +305,7 @@ def _helper_main(fd: int, replica, theirs: list, sends_for) -> None:
     out = _HelperSink(fd, theirs, replica)
     ended = False
     try:
-        apply_actions(replica, theirs, sends_for, out, lambda: bool(stop))
+        apply_actions(replica, theirs if stream is None else stream(out), sends_for, out, lambda: bool(stop))
         ended = True
     except BaseException as e:  # (a bug, or a fatal error: the parent reports its files failed)
         out.events.append((6, f"{type(e).__name__}: {e}"))
@@ -310,8 +323,10 @@ def _helper_main(fd: int, replica, theirs: list, sends_for) -> None:
 class _Helper:
     """The parent's end of a helper writer: takes in its events (take, join) as they come."""
 
-    def __init__(self, pid: int, fd: int, theirs: list) -> None:
+    def __init__(self, pid: int, fd: int, theirs: list, wfd: int = -1) -> None:
         self.pid, self.fd, self.theirs = pid, fd, theirs
+        self.wfd = wfd  # a fed helper's input (see start_fed, send); -1 once closed
+        self.fed = wfd >= 0
         self.buf = b""
         self.heard: set[str] = set()  # paths of its files with an outcome (committed or failed)
         self.failures: list[tuple[str, ItemError]] = []  # said after the parent's own, at join
@@ -331,6 +346,59 @@ class _Helper:
         os.set_blocking(fd, False)
         return cls(pid, fd, theirs)
 
+    @classmethod
+    def start_fed(cls, replica, child_main: Callable[[int, int], None]) -> "_Helper | None":
+        """Fork a helper whose actions come one message at a time (send): child_main(events
+        fd, input fd) runs in it (it must end in _helper_main with a stream). It may be forked
+        beside another thread (the agent's pinger): the child takes no lock that thread may
+        hold (it makes syscalls, threads of its own for commit flushes, and talks through its
+        own two pipes only)."""
+        from dirsync.runtime import widen_pipe
+        from dirsync.state import fork_answering
+
+        rfd, wfd = os.pipe()
+
+        def work(fd: int) -> None:
+            os.close(wfd)
+            child_main(fd, rfd)
+
+        got = fork_answering(work, threads_ok=True)
+        os.close(rfd)
+        if got is None:
+            os.close(wfd)
+            return None
+        pid, fd = got
+        widen_pipe(fd)
+        os.set_blocking(fd, False)
+        widen_pipe(wfd)
+        os.set_blocking(wfd, False)
+        return cls(pid, fd, [], wfd)
+
+    def send(self, msg: tuple, writes: list, replica, sink: Sink) -> bool:
+        """Give a fed helper one message (pickled), `writes` the files it brings (its outcomes
+        name them by their place in `theirs`). What the helper says meanwhile is taken in (it
+        may be waiting for us to read before it reads on). False: it is gone (join says so)."""
+        import pickle
+        import select
+
+        self.theirs.extend(writes)
+        if self.wfd < 0:
+            return False
+        data = pickle.dumps(msg, protocol=5)
+        view = memoryview(len(data).to_bytes(_FRAME, "little") + data)
+        while view:
+            try:
+                view = view[os.write(self.wfd, view):]
+            except BlockingIOError:
+                select.select([self.fd], [self.wfd], [])
+                self.take(replica, sink)
+            except BrokenPipeError:
+                os.close(self.wfd)
+                self.wfd = -1
+                return False
+        self.take(replica, sink)
+        return True
+
     def take(self, replica, sink: Sink) -> None:
         """Take in what the helper has said so far, without waiting."""
         try:
@@ -344,6 +412,9 @@ class _Helper:
         Files a helper that died or failed said nothing of are reported failed, and what it may
         have left of them at their names in fresh directories is removed (Replica.orphaned)."""
         try:
+            if self.wfd >= 0:  # a fed helper: its input ends here (it commits what it was told, then ends)
+                os.close(self.wfd)
+                self.wfd = -1
             if stop:
                 self._stop()
             os.set_blocking(self.fd, True)
@@ -360,11 +431,12 @@ class _Helper:
             except ChildProcessError:
                 pass
             replica.helper_joined()
-        if not self.ended:
+        if not self.ended or self.fed:  # (a fed helper's files all have their commit before its input ends)
+            why = self.why if not self.ended else "its writer process was never told to commit it"
             for a in self.theirs:
                 if a.__class__ is WriteFile and a.path not in self.heard:
                     replica.orphaned(a)
-                    sink.failed(a.path, ItemIOError(a.path, "write", self.why))
+                    sink.failed(a.path, ItemIOError(a.path, "write", why))
         for path, err in self.failures:
             sink.failed(path, err)
 
@@ -397,7 +469,7 @@ class _Helper:
             sink.staged(self.theirs[ev[1]])
         elif kind == 1:
             w = self.theirs[ev[1]]
-            replica.adopt(w, ev[2], ev[3], ev[4])
+            replica.adopt(w, ev[2], ev[3], ev[4], ev[5])
             self.heard.add(w.path)
             sink.done(w, w.path)
         elif kind == 2:

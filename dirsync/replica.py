@@ -475,17 +475,26 @@ class Replica:
     # only (each at a path nothing else in the plan touches). It never publishes, saves or
     # unlocks: it tells the parent what it committed, and the parent records it here.
 
-    def can_fork_helper(self) -> bool:
-        """No commit in flight (its flush thread would be lost in a fork) and nothing staged."""
-        return self._flushing is None and not self.staged and self.root_fd >= 0
+    def can_fork_helper(self, fed: bool = False) -> bool:
+        """No commit in flight (its flush thread would be lost in a fork) and nothing staged;
+        `fed` (a helper fed its actions one by one, apply._Helper.start_fed): either may be, as
+        the parent's alone (become_helper)."""
+        return self.root_fd >= 0 and (fed or self._flushing is None and not self.staged)
 
     def become_helper(self) -> None:
         """In the forked helper: temps get names of their own (the parent goes on naming its own),
-        and the entries to flush are its own (the parent flushes those it made before the fork)."""
+        and the entries to flush are its own (the parent flushes those it made before the fork),
+        as are what the parent had staged, building or flushing (never committed, removed or
+        waited for here)."""
         self._tmp_tag = os.urandom(4).hex()
         self._helper = True
         self._unflushed = set()
         self._unflushed_many = False
+        self.staged = {}
+        self.building = None
+        self._flushing = None
+        self._links = set()
+        self._linked = {}
 
     def end_helper(self) -> list[str]:
         """The helper's end: remove the temps of files it staged but did not commit, make its
@@ -500,11 +509,12 @@ class Replica:
         end may have failed)."""
         self._unflushed_many = True
 
-    def adopt(self, w: WriteFile, ino: int, ctime_ns: int, trusted: bool) -> None:
-        """Record a file the helper committed, as commit_finish records its own."""
+    def adopt(self, w: WriteFile, ino: int, ctime_ns: int, trusted: bool, digests: bytes | None = None) -> None:
+        """Record a file the helper committed, as commit_finish records its own (`digests`: the
+        chunk digests the helper derived from the bytes it wrote, for a derived write)."""
         t = w.target
         self.current[t.path] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes,
-                                         t.digests, ino, ctime_ns, trusted)
+                                         t.digests if digests is None else digests, ino, ctime_ns, trusted)
 
     def taint(self, rel: str) -> None:
         """A fresh directory in which the helper left a failed file it could not remove."""

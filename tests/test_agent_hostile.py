@@ -251,6 +251,30 @@ def test_a_write_batch_lands_with_the_digests_of_what_was_sent(world, dw):
     assert (done, listed) == (([], [os.fsencode(n) for n in names]) if dw else ([os.fsencode(n) for n in names], []))
 
 
+def test_a_flagged_batch_goes_to_a_helper_that_commits_only_what_it_is_told(world):
+    """A batch flagged "h" is written by the agent's helper writer (a forked process): the files
+    its commit names land, with the digests derived there in the replica's cache; one the master
+    never committed is reported failed, not left behind or silently dropped."""
+    from dirsync import chunking
+    from dirsync.state import load_manifest_file
+
+    scan = {"t": "scan", "patterns": [], "fresh": True, "base": ""}
+    status, msgs, err = run_agent_process([frame(world.open()), frame(scan), frame({"t": "apply"}),
+                                           frame({**world.write_batch(), "h": True}),
+                                           frame({"t": "commit", "ps": [b"f.txt", b"h.bin"]}),
+                                           frame({"t": "apply_end"}), frame({"t": "close", "save": True}),
+                                           frame({"t": "bye"})])
+    assert status == 0, err
+    failed = [m["e"] for m in msgs if m.get("t") == "failed"]
+    assert [f[0] for f in failed] == [b"e.txt"] and "never told to commit" in failed[0][3], msgs
+    assert sorted(os.listdir(world.r)) == [".dirsync", "f.txt", "h.bin"]
+    cache = load_manifest_file(str(world.r / ".dirsync" / "manifest"), chunking.CHUNKER_ID).manifest
+    for n in ("f.txt", "h.bin"):
+        row, data = world.small[n]
+        assert (world.r / n).read_bytes() == data
+        assert cache.entries[n].digests == row[8] and cache.entries[n].ino == (world.r / n).stat().st_ino
+
+
 def test_a_write_batch_whose_bytes_do_not_match_stages_nothing(world):
     """A file of a batch whose bytes differ from its row fails alone, before any temp is made;
     the others land."""

@@ -19,10 +19,10 @@ import sys
 import threading
 
 from dirsync import __version__, chunking
-from dirsync.apply import apply_actions
+from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import Entry, FileEntry, encode_rows
-from dirsync.plan import Action, SendOp, WriteFile
+from dirsync.plan import Action, Commit, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
 from dirsync.runtime import gc_paused, widen_pipe
 from dirsync.scan import Excluder
@@ -56,9 +56,9 @@ BATCH_MAX = 1 << 20  # held bytes sent as one compressed batch at most (the mast
 DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
 ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after decompression
 # Announced in the hello; the master uses only what the agent announced ("rz", "sd": see
-# PROTOCOL.md, write; "wb": write batches; "tw2": the two-way `head` request and base snapshot files
+# PROTOCOL.md, write; "wb": write batches, "wh": ... a helper writer may take; "tw2": the two-way `head` request and base snapshot files
 # (twoway-<pair>.snap-<16 hex>) among the state names).
-FEATURES = ("rz", "sd", "tw2", "wb")
+FEATURES = ("rz", "sd", "tw2", "wb", "wh")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -324,28 +324,41 @@ class Agent:
             raise ProtocolError("apply in a read-only session")
         sink = _ResultSender(self)
         self._outbox = sink.emit
+        share = _BatchShare(self, r, sink)
         try:
-            apply_actions(r, self._actions(), self._sends, sink)
+            apply_actions(r, self._actions(share), self._sends, sink)
         finally:
+            share.finish(stop=True)  # (only when the loop was left early: else it ended already)
             self._outbox = None
             sink.emit()
         self.send({"t": "applied"})
 
-    def _actions(self) -> Iterator[Action]:
+    def _actions(self, share: _BatchShare) -> Iterator[Action]:
         while True:
             m = self.recv()
             t = m.get("t")
             if t == "apply_end":
+                share.finish()
                 return
             if t == "wb":
-                yield from self._batch(m)
+                writes, blob, data = self._batch(m)
+                if not (v_bool(m.get("h", False)) and share.take(writes, blob, data)):
+                    for w, piece in zip(writes, _pieces(writes, data)):
+                        self._inline = piece
+                        yield w
                 continue
+            if share.helper is not None and t not in ("write", "commit", "data", "end", "abort"):
+                share.finish()  # the stretch of writes and commits ended: the helper's files are in
             if m.get("rz") is not None:  # the row and ops continue the session's zstd stream
                 blob = self.inflater.inflate(v_bytes(m["rz"], ROW_MAX), ROW_MAX)
                 m = {**m, **proto.dec_packed_row(blob, compacted=m.get("dm") is not None)}
             elif m.get("pz") is not None and t == "commit":  # so do a commit's paths
                 m = {**m, "ps": proto.dec_packed_paths(self.inflater.inflate(v_bytes(m["pz"], ROW_MAX), ROW_MAX))}
             a = proto.dec_action(m, self._chunk_at, self._scanned_file)
+            if share.helper is not None and a.__class__ is Commit:
+                a = share.commit(a)  # (the helper's part of it goes to the helper)
+                if a is None:
+                    continue
             if isinstance(a, WriteFile):
                 self.written[a.path] = a.target
                 if a.derive:
@@ -360,23 +373,20 @@ class Agent:
                                             f"{a.send_bytes} bytes of send ops")
             yield a
 
-    def _batch(self, m: dict) -> Iterator[WriteFile]:
-        """The writes of a write batch, each with its share of the batch's data (inline)."""
+    def _batch(self, m: dict) -> tuple[list[WriteFile], bytes, bytes]:
+        """A write batch: (its writes, checked; their rows as packed; their bytes)."""
         blob = self.inflater.inflate(v_bytes(m.get("rz"), ROW_MAX), ROW_MAX)  # (the master's stream order)
         data = v_bytes(m.get("d"), DATA_MAX)
         if v_bool(m.get("z", False)):
             data = self.inflater.inflate(data, DATA_MAX)
+        writes = proto.dec_batch(blob, len(data))
         written, derived = self.written, self._derived
-        pos = 0
-        for w in proto.dec_batch(blob, len(data)):
-            n = w.target.size
+        for w in writes:
             written[w.path] = w.target
             derived.add(w.path)
-            self._inline = data[pos:pos + n]
-            pos += n
-            yield w
+        return writes, blob, data
 
-    def _sends(self, w: WriteFile) -> Iterator[bytes]:
+    def _sends(self, w: WriteFile) -> Iterator[bytes]:  # (its inline bytes, or data frames to come)
         ops = w.ops
         if not (ops and (ops[0].__class__ is SendOp if len(ops) == 1 else any(isinstance(o, SendOp) for o in ops))):
             return iter(())  # nothing to receive for this file (the master sends no data frames)
@@ -610,6 +620,110 @@ STAGED_REPORT_MIN = 1 << 20
 DW_MAX = 2048  # done writes in one `dw` outcome at most
 _TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step|snap-[0-9a-f]{16})")
 HEAD_MAX = 1 << 20  # bytes a two-way `head` request may ask for
+
+
+def _pieces(writes: list[WriteFile], data: bytes) -> Iterator[bytes]:
+    """The bytes of each write of a batch (dec_batch checked that they add up)."""
+    pos = 0
+    for w in writes:
+        n = w.target.size
+        yield data[pos:pos + n]
+        pos += n
+
+
+class _BatchShare:
+    """A helper writer for write batches (apply._Helper, fed one message at a time). The master
+    flags ("h") the batches whose files nothing else in the plan depends on and which are
+    committed within its first stretch of writes and commits; this process hands about half of
+    them (by cost) to a helper forked at the first, sends it its part of each commit, and waits
+    for it where the stretch ends (any other action, or the end of the plan). Files are created
+    by two processes then: creating a small file costs about as much kernel time as Python."""
+
+    def __init__(self, agent: Agent, replica: Replica, sink: _ResultSender) -> None:
+        self.agent, self.replica, self.sink = agent, replica, sink
+        self.helper: _Helper | None = None
+        self.paths: set[str] = set()  # the helper's files
+        self.closed = not share_batches  # no more sharing (the stretch ended, or no helper could start)
+        self.mine = self.theirs = 0  # cost of the flagged batches kept, and handed over
+
+    def take(self, writes: list[WriteFile], blob: bytes, data: bytes) -> bool:
+        """Hand a flagged batch to the helper (forked now if it is the first); False: write it here."""
+        if self.closed:
+            return False
+        cost = len(data) + FILE_COST * len(writes)
+        if self.theirs > self.mine:
+            self.mine += cost
+            return False
+        if self.helper is None:
+            agent = self.agent
+            fds = (agent.rfd, agent.wfd)
+            self.helper = _Helper.start_fed(self.replica, lambda fd, rfd: _batch_helper_main(fd, rfd, self.replica, fds)) \
+                if self.replica.can_fork_helper(fed=True) else None
+            if self.helper is None:
+                self.closed = True
+                return False
+        self.theirs += cost
+        self.paths.update(w.path for w in writes)
+        if not self.helper.send(("b", blob, data), writes, self.replica, self.sink):
+            self.finish()  # (it is gone: its files are reported failed)
+        return True
+
+    def commit(self, c: Commit) -> Commit | None:
+        """Send the helper its part of commit `c`; the rest (None: nothing) is this process's."""
+        paths = self.paths
+        theirs = tuple(p for p in c.paths if p in paths)
+        if not theirs:
+            return c
+        assert self.helper is not None
+        if not self.helper.send(("c", theirs), [], self.replica, self.sink):
+            self.finish()
+        mine = tuple(p for p in c.paths if p not in paths)
+        return Commit(mine) if mine else None
+
+    def finish(self, stop: bool = False) -> None:
+        """Wait for the helper (its input ends), if one runs, and take in all it did; no sharing
+        after this. `stop`: the apply loop was left early: the helper stops too."""
+        self.closed = True
+        h, self.helper = self.helper, None
+        if h is not None:
+            h.join(self.replica, self.sink, stop=stop)
+
+
+share_batches = True  # (tests turn it off to compare)
+
+
+def _batch_helper_main(fd: int, rfd: int, replica: Replica, agent_fds: tuple[int, int]) -> None:
+    """The batch helper (see _BatchShare): its writes and commits come through `rfd`, its
+    outcomes go to the agent through `fd` (apply._helper_main). The session's own pipes are
+    the agent's alone."""
+    import pickle
+
+    for x in agent_fds:
+        os.close(x)
+    theirs: list[WriteFile] = []
+    data: dict[str, bytes] = {}
+
+    def actions(out) -> Iterator[Action]:
+        buf = b""
+        while True:
+            while len(buf) < 4 or len(buf) - 4 < int.from_bytes(buf[:4], "little"):
+                more = os.read(rfd, 1 << 20)
+                if not more:
+                    return  # the agent's end of the stretch (or the agent went away)
+                buf += more
+            size = int.from_bytes(buf[:4], "little")
+            msg, buf = pickle.loads(buf[4:4 + size]), buf[4 + size:]
+            if msg[0] == "b":
+                writes = proto.dec_batch(msg[1], len(msg[2]))  # (checked by the agent already; cheap)
+                for w, piece in zip(writes, _pieces(writes, msg[2])):
+                    out.index[w.path] = len(theirs)
+                    theirs.append(w)
+                    data[w.path] = piece
+                    yield w
+            else:
+                yield Commit(msg[1])
+
+    _helper_main(fd, replica, theirs, lambda w: WholeSends(data.pop(w.path, b"")), actions)
 
 
 class _ResultSender:

@@ -20,6 +20,7 @@ import threading
 import time
 
 from dirsync import __version__, chunking
+from dirsync import apply as _apply
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, SavedManifest, encode_rows
@@ -103,6 +104,7 @@ class RemoteTransport:
         self._rz = False  # the agent takes write rows in that stream (it said "rz" in its hello)
         self._sd = False  # ... and computes the chunk digests of sent bytes itself ("sd")
         self._wb = False  # ... and takes small new files in write batches ("wb")
+        self._wh = False  # ... and may hand batches flagged "h" to a helper writer ("wh")
         if opts.compress:
             import zstandard
 
@@ -345,6 +347,7 @@ class RemoteTransport:
             self._rz = "rz" in features
             self._sd = self._rz and "sd" in features
             self._wb = self._sd and "wb" in features
+            self._wh = self._wb and "wh" in features
             self.tw_level = 2 if "tw2" in features else 1
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
@@ -532,6 +535,7 @@ class RemoteTransport:
         batch: list[tuple[WriteFile, bytes]] = []  # small new files read for the next write batch
         held = 0  # their bytes
         wb = self._wb
+        share = self._helper_share(actions) if wb else None
         self._busy = True
         self._send({"t": "apply"})
         for a in actions:
@@ -549,18 +553,18 @@ class RemoteTransport:
                     batch.append((a, data))
                     held += len(data)
                     if len(batch) >= proto.WB_FILES or held >= proto.WB_BYTES:
-                        self._send_batch(batch)
+                        self._send_batch(batch, share)
                         batch, held = [], 0
                         self._dispatch(sink, writes, others, block=False)
                     continue
                 if batch:
-                    self._send_batch(batch)
+                    self._send_batch(batch, share)
                     batch, held = [], 0
                 self._send_write(a, master, sink)
                 self._dispatch(sink, writes, others, block=False)
                 continue
             if batch:  # (before any other action: the plan's order holds)
-                self._send_batch(batch)
+                self._send_batch(batch, share)
                 batch, held = [], 0
             if isinstance(a, Commit):
                 msg = proto.enc_action(a)
@@ -573,7 +577,7 @@ class RemoteTransport:
                 self._send(msg)
             self._dispatch(sink, writes, others, block=False)
         if batch:
-            self._send_batch(batch)
+            self._send_batch(batch, share)
         self._send({"t": "apply_end"}, flush=True)
         while not self._dispatch(sink, writes, others, block=True):
             pass
@@ -614,14 +618,28 @@ class RemoteTransport:
             self._send({"t": "abort"})
             sink.failed(w.path, e)
 
-    def _send_batch(self, batch: list[tuple[WriteFile, bytes]]) -> None:
+    def _helper_share(self, actions: Sequence[Action]) -> set[str] | None:
+        """The paths of new files an agent that lists "wh" may hand to a helper writer (as a
+        local replica's writer does, apply._split_share: files nothing else in the plan depends
+        on, committed within its first stretch of writes and commits), when they are many and
+        no sibling worker keeps the other cores busy (fan-out); else None."""
+        if not (self._wh and _apply.split_writers) or len(actions) < _apply.SPLIT_MIN:
+            return None
+        _, _, committed = _apply.first_stretch(actions)
+        share = {a.path for a in actions
+                 if a.__class__ is WriteFile and _apply.sharable(a, committed) and proto.batchable(a)}
+        return share if len(share) >= _apply.SPLIT_MIN else None
+
+    def _send_batch(self, batch: list[tuple[WriteFile, bytes]], share: set[str] | None) -> None:
         """Send small new files as one write batch ("wb"): their rows in the rows' stream, then
         their bytes as one payload (one frame, one compression call, one agent decode for up to
-        WB_FILES files instead of one each)."""
+        WB_FILES files instead of one each). "h": a helper writer may take it (see _helper_share)."""
         msg = {"t": "wb", "rz": self._in_rows_stream(proto.pack_batch([w.target for w, _ in batch]))}
         msg["d"], z = self._pack(b"".join([d for _, d in batch]))
         if z:
             msg["z"] = True
+        if share is not None and all(w.path in share for w, _ in batch):
+            msg["h"] = True
         self._send(msg)
 
     def _in_rows_stream(self, blob: bytes) -> bytes:
