@@ -651,7 +651,7 @@ class _BatchShare:
         if self.closed:
             return False
         cost = len(data) + FILE_COST * len(writes)
-        if self.theirs > self.mine:
+        if self.theirs * (1 - HELPER_SHARE) > self.mine * HELPER_SHARE:
             self.mine += cost
             return False
         if self.helper is None:
@@ -690,6 +690,7 @@ class _BatchShare:
 
 
 share_batches = True  # (tests turn it off to compare)
+HELPER_SHARE = 0.5  # the helper's share of the flagged batches' cost
 
 
 def _batch_helper_main(fd: int, rfd: int, replica: Replica, agent_fds: tuple[int, int]) -> None:
