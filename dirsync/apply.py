@@ -252,8 +252,9 @@ _FRAME = 4  # the helper's frames: a 4-byte little-endian length, then a pickled
 class _HelperSink:
     """The helper's sink: each outcome goes to the parent as an event (sent in batches):
     (0, i) theirs[i] staged; (1, i, ino, ctime_ns, trusted, digests) theirs[i] committed (the
-    chunk digests it derived for a derived write, else None); (2, path, error) failed; (3, rel) a fresh directory tainted; (4,) the helper ended normally; (5, msg) warning;
-    (6, why) the helper failed as a whole (an exception left its loop)."""
+    chunk digests it derived for a derived write, else None); (2, path, error) failed; (3, rel)
+    a fresh directory tainted; (4,) the helper ended normally; (5, msg) warning; (6, why) the
+    helper failed as a whole (an exception left its loop)."""
 
     def __init__(self, fd: int, theirs: list, replica) -> None:
         import pickle

@@ -56,8 +56,9 @@ BATCH_MAX = 1 << 20  # held bytes sent as one compressed batch at most (the mast
 DATA_MAX = 1 << 24  # bytes in one data frame (or inline), after decompression
 ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after decompression
 # Announced in the hello; the master uses only what the agent announced ("rz", "sd": see
-# PROTOCOL.md, write; "wb": write batches, "wh": ... a helper writer may take; "tw2": the two-way `head` request and base snapshot files
-# (twoway-<pair>.snap-<16 hex>) among the state names).
+# PROTOCOL.md, write; "wb": write batches, "wh": flagged ones a helper writer may take; "tw2":
+# the two-way `head` request and base snapshot files (twoway-<pair>.snap-<16 hex>) among the
+# state names).
 FEATURES = ("rz", "sd", "tw2", "wb", "wh")
 
 
