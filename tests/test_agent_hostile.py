@@ -628,3 +628,22 @@ def test_fuzzed_sessions_against_the_real_agent_process(world):
             assert out[-1].get("t") == "fatal" and out[-1].get("code") == 11, f"case {n} ({desc}): {out[-1]}"
             rejected += 1
     assert rejected >= 4
+
+
+def test_a_batch_decodes_to_what_the_general_row_decoder_gives():
+    """proto.dec_batch checks rows inline (it runs once per small file): on valid rows, including
+    non-UTF-8 and non-ASCII paths, an empty file and a many-chunk one, it must give the entries
+    decode_rows gives for the same rows (with the placeholder digests a derived write carries)."""
+    from dirsync.manifest import decode_rows
+    from dirsync.transport import proto
+
+    rng = random.Random(5)
+    rows = []
+    for i, p in enumerate([b"a.txt", "caf\u00e9/men\u00fc.txt".encode(), b"raw/\xff\xfe.bin", b"e", b"d/x/y/z"]):
+        sizes = [] if p == b"e" else [rng.randrange(1, 5000) for _ in range(1 + i)]
+        rows.append([0, p, sum(sizes), 0o640 + i, 10**18 + i, rng.randbytes(16), 512 << i, sizes, b""])
+    writes = proto.dec_batch(msgpack.packb(rows, use_bin_type=True), sum(r[2] for r in rows))
+    want = decode_rows([r[:8] + [bytes(16 * len(r[7]))] for r in rows])
+    assert [w.target for w in writes] == list(want.values())
+    assert all(w.derive and w.expect is None and not w.move for w in writes)
+    assert [w.ops for w in writes] == [((proto.SendOp(0, r[2]),) if r[2] else ()) for r in rows]

@@ -619,26 +619,25 @@ class RemoteTransport:
             sink.failed(w.path, e)
 
     def _helper_share(self, actions: Sequence[Action]) -> set[str] | None:
-        """The paths of new files an agent that lists "wh" may hand to a helper writer (as a
-        local replica's writer does, apply._split_share: files nothing else in the plan depends
-        on, committed within its first stretch of writes and commits), when they are many and
-        no sibling worker keeps the other cores busy (fan-out); else None."""
+        """The paths the plan's first stretch of writes and commits commits, when an agent that
+        lists "wh" may hand batches of them to a helper writer (see _send_batch): they are many
+        and no sibling worker keeps the other cores busy (fan-out); else None."""
         if not (self._wh and _apply.split_writers) or len(actions) < _apply.SPLIT_MIN:
             return None
         _, _, committed = _apply.first_stretch(actions)
-        share = {a.path for a in actions
-                 if a.__class__ is WriteFile and _apply.sharable(a, committed) and proto.batchable(a)}
-        return share if len(share) >= _apply.SPLIT_MIN else None
+        return committed if len(committed) >= _apply.SPLIT_MIN else None
 
     def _send_batch(self, batch: list[tuple[WriteFile, bytes]], share: set[str] | None) -> None:
         """Send small new files as one write batch ("wb"): their rows in the rows' stream, then
         their bytes as one payload (one frame, one compression call, one agent decode for up to
-        WB_FILES files instead of one each). "h": a helper writer may take it (see _helper_share)."""
+        WB_FILES files instead of one each). "h": a helper writer may take it: as a local
+        replica's writer shares files (apply._split_share), nothing else in the plan depends on
+        any of them and the first stretch commits them all (`share`: its paths)."""
         msg = {"t": "wb", "rz": self._in_rows_stream(proto.pack_batch([w.target for w, _ in batch]))}
         msg["d"], z = self._pack(b"".join([d for _, d in batch]))
         if z:
             msg["z"] = True
-        if share is not None and all(w.path in share for w, _ in batch):
+        if share is not None and all(_apply.sharable(w, share) for w, _ in batch):
             msg["h"] = True
         self._send(msg)
 

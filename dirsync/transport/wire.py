@@ -91,7 +91,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"unexpected msgpack extension type {code}")
 
 
-def _decode_body(body: bytes) -> Any:
+def _decode_body(body: bytes | memoryview) -> Any:
     try:
         msg = msgpack.unpackb(
             body,
@@ -153,6 +153,7 @@ class FrameDecoder:
         out: list[Any] = []
         buf = self._buf
         pos = 0
+        view = memoryview(buf)  # (bodies are decoded in place: a write batch is a megabyte)
         try:
             while len(buf) - pos >= 4:
                 (n,) = _HEADER.unpack_from(buf, pos)
@@ -160,12 +161,14 @@ class FrameDecoder:
                     raise self._bad_length(n, bytes(buf[pos : pos + 40]))
                 if len(buf) - pos - 4 < n:
                     break
-                out.append(_decode_body(bytes(buf[pos + 4 : pos + 4 + n])))
+                with view[pos + 4 : pos + 4 + n] as body:  # (released even when it is refused)
+                    out.append(_decode_body(body))
                 pos += 4 + n
         except ProtocolError as e:
             self._error = e
             raise
         finally:
+            view.release()  # (before the buffer shrinks: msgpack copied what it returned)
             if pos:
                 del buf[:pos]
         return out
