@@ -458,3 +458,15 @@ class Unprivileged:
 
     def run(self, *args, **kw) -> subprocess.CompletedProcess:
         return run_cli(*args, env=self.env, user=self.user, **kw)
+
+
+def files_match_master(m, r) -> int:
+    """Every file under replica r (outside .dirsync) has the master's bytes; returns how many there are."""
+    n = 0
+    for d, dirs, files in os.walk(r):
+        dirs[:] = [x for x in dirs if x != ".dirsync"]
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), r)
+            assert read(os.path.join(m, rel)) == read(os.path.join(r, rel)), rel
+            n += 1
+    return n

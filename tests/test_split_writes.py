@@ -16,11 +16,12 @@ import threading
 
 try:
     import treecmp
-    from helpers import build_tree, popen_cli, random_bytes, read, settle, stray_temps, sync_json, wait_for, write
+    from helpers import (build_tree, files_match_master, popen_cli, random_bytes, settle, stray_temps, sync_json,
+                         wait_for, write)
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import (build_tree, popen_cli, random_bytes, read, settle, stray_temps, sync_json, wait_for,
-                               write)
+    from tests.helpers import (build_tree, files_match_master, popen_cli, random_bytes, settle, stray_temps,
+                               sync_json, wait_for, write)
 
 from dirsync import apply as apply_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
@@ -75,18 +76,6 @@ def _cached_inodes(r) -> dict[str, int]:
 
     load = load_manifest_file(os.path.join(r, ".dirsync", "manifest"), CHUNKER_ID)
     return {p: e.ino for p, e in load.manifest.entries.items() if e.kind == "f"}
-
-
-def _files_match_master(m, r) -> int:
-    """Every file under r (outside .dirsync) has the master's bytes; returns how many there are."""
-    n = 0
-    for d, dirs, files in os.walk(r):
-        dirs[:] = [x for x in dirs if x != ".dirsync"]
-        for f in files:
-            rel = os.path.relpath(os.path.join(d, f), r)
-            assert read(os.path.join(m, rel)) == read(os.path.join(r, rel)), rel
-            n += 1
-    return n
 
 
 # -- the share --------------------------------------------------------------------------
@@ -209,7 +198,7 @@ def test_a_helper_killed_midway_leaves_only_whole_master_files_and_its_losses_re
     assert died and len(died) == len(summary.errors)
     assert summary.files_written + len(died) == N
     # Whatever is on the replica is the master's, whole; nothing half-made is left anywhere.
-    assert _files_match_master(m, r) == summary.files_written
+    assert files_match_master(m, r) == summary.files_written
     assert stray_temps(r) == [] or all(b"/.dirsync/tmp/" in p for p in stray_temps(r))
     _, out = sync_json(m, r)
     assert out["replicas"][0]["files_written"] == len(died)
@@ -224,7 +213,7 @@ def test_a_helper_that_fails_as_a_whole_has_its_unfinished_files_reported(tmp_pa
     assert summary.errors and all("failed before committing it (RuntimeError: a bug in the helper)" in str(e)
                                   for e in summary.errors)
     assert summary.files_written + len(summary.errors) == N
-    assert _files_match_master(m, r) == summary.files_written
+    assert files_match_master(m, r) == summary.files_written
     assert stray_temps(r) == []
     _, out = sync_json(m, r)
     treecmp.assert_trees_equal(m, r)
@@ -264,7 +253,7 @@ def test_a_parent_that_stops_early_stops_its_helper_too(tmp_path, monkeypatch):
     assert all("not committed before its directory was put in place" in str(e) for e in summary.errors)
     theirs = [a for a in apply_mod._split_share(plan.actions)[1] if isinstance(a, WriteFile)]
     assert summary.files_written < len(theirs) // 2  # the helper stopped well before its share's end
-    assert _files_match_master(m, r) == summary.files_written
+    assert files_match_master(m, r) == summary.files_written
     assert stray_temps(r) == []
     _, out = sync_json(m, r)
     treecmp.assert_trees_equal(m, r)
@@ -303,7 +292,7 @@ def test_ctrl_c_stops_the_run_and_its_helper_and_the_next_run_converges(tmp_path
     got = written()  # (what was committed stays; what was only staged is gone)
     assert len(got) < n
     assert stray_temps(r) == []
-    assert _files_match_master(m, r) == len(got)
+    assert files_match_master(m, r) == len(got)
     _, out = sync_json(m, r)
     assert out["replicas"][0]["files_written"] == n - len(got)
     treecmp.assert_trees_equal(m, r)
@@ -328,7 +317,7 @@ def test_a_file_the_helper_finds_changed_on_the_master_is_reported_and_left_out(
     assert "changed" in str(summary.errors[0])
     assert not (r / "d11" / "zz-big.bin").exists()
     assert summary.files_written == len(spec) - 1
-    assert _files_match_master(m, r) == len(spec) - 1
+    assert files_match_master(m, r) == len(spec) - 1
 
 
 def test_no_helper_is_forked_while_another_thread_runs_and_the_copy_still_converges(tmp_path, monkeypatch):
@@ -411,7 +400,7 @@ def test_an_interrupt_between_creating_a_file_and_guarding_it_leaves_nothing_at_
         monkeypatch.setattr(os, "open", real_open)
     rep.close()
     assert not (r / "d" / "f2.txt").exists()
-    assert _files_match_master(m, r) == 0  # (f1 was staged, never committed: gone too)
+    assert files_match_master(m, r) == 0  # (f1 was staged, never committed: gone too)
     assert stray_temps(r) == []
     _, out = sync_json(m, r)
     treecmp.assert_trees_equal(m, r)
@@ -436,7 +425,7 @@ def test_a_full_disk_under_both_writers_loses_nothing_and_room_again_converges(t
         failed = {e["path"] for e in rep["errors"] if e["path"].startswith("d")}
         assert failed and all("No space left on device" in e["message"] for e in rep["errors"]), rep["errors"][:3]
         assert rep["files_written"] + len(failed) == N
-        assert _files_match_master(m, r) == rep["files_written"]
+        assert files_match_master(m, r) == rep["files_written"]
         assert stray_temps(r) == []
         subprocess.run(["mount", "-o", "remount,size=64m", r], check=True)
         _, out = sync_json(m, r)

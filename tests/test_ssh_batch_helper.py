@@ -20,12 +20,12 @@ import pytest
 try:
     import sshd as _sshd_plugin
     import treecmp
-    from helpers import build_tree, random_bytes, read, settle, stray_temps, sync_json
+    from helpers import build_tree, files_match_master, random_bytes, settle, stray_temps, sync_json
     from remote_helpers import REPO_ROOT, ssh_spec
 except ImportError:  # tests/ imported as a package
     from tests import sshd as _sshd_plugin
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, read, settle, stray_temps, sync_json
+    from tests.helpers import build_tree, files_match_master, random_bytes, settle, stray_temps, sync_json
     from tests.remote_helpers import REPO_ROOT, ssh_spec
 
 from dirsync import apply as apply_mod
@@ -92,18 +92,6 @@ def _helpers_noted(log: str) -> list[str]:
         return []
 
 
-def _files_match_master(m, r) -> int:
-    """Every file under r (outside .dirsync) has the master's bytes; returns how many there are."""
-    n = 0
-    for d, dirs, files in os.walk(r):
-        dirs[:] = [x for x in dirs if x != ".dirsync"]
-        for f in files:
-            rel = os.path.relpath(os.path.join(d, f), r)
-            assert read(os.path.join(m, rel)) == read(os.path.join(r, rel)), rel
-            n += 1
-    return n
-
-
 def test_the_agent_shares_an_initial_copy_with_a_helper_and_its_cache_is_exact(sshd, tmp_path):
     m, r = tmp_path / "m", tmp_path / "r"
     spec = _tree()
@@ -141,7 +129,7 @@ def test_a_helper_killed_midway_loses_nothing_silently_and_the_next_run_converge
     died = [e for e in rep["errors"] if "writer process died" in e["message"]]
     assert died and len(died) == len(rep["errors"]), rep["errors"][:3]
     assert rep["files_written"] + len(died) == N and out["exit_code"] != 0
-    assert _files_match_master(m, r) == rep["files_written"]
+    assert files_match_master(m, r) == rep["files_written"]
     assert stray_temps(r) == []
     settle(m, r)
     args, _ = _shim_args(sshd, tmp_path)
