@@ -486,6 +486,22 @@ class _Helper:
             self.why = f"its writer process failed before committing it ({ev[1]})"
 
 
+def fed_messages(rfd: int) -> Iterator[tuple]:
+    """In a fed helper: the messages _Helper.send wrote to `rfd`, until it is closed."""
+    import pickle
+
+    buf = b""
+    while True:
+        while len(buf) < _FRAME or len(buf) - _FRAME < int.from_bytes(buf[:_FRAME], "little"):
+            more = os.read(rfd, 1 << 20)
+            if not more:
+                return
+            buf += more
+        size = int.from_bytes(buf[:_FRAME], "little")
+        msg, buf = pickle.loads(buf[_FRAME:_FRAME + size]), buf[_FRAME + size:]
+        yield msg
+
+
 class MasterReader:
     """Reads send-op bytes from master files, checking every chunk against the scanned digest."""
 

@@ -19,7 +19,7 @@ import sys
 import threading
 
 from dirsync import __version__, chunking
-from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions
+from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import Entry, FileEntry, encode_rows
 from dirsync.plan import Action, Commit, SendOp, WriteFile
@@ -698,23 +698,13 @@ def _batch_helper_main(fd: int, rfd: int, replica: Replica, agent_fds: tuple[int
     """The batch helper (see _BatchShare): its writes and commits come through `rfd`, its
     outcomes go to the agent through `fd` (apply._helper_main). The session's own pipes are
     the agent's alone."""
-    import pickle
-
     for x in agent_fds:
         os.close(x)
     theirs: list[WriteFile] = []
     data: dict[str, bytes] = {}
 
     def actions(out) -> Iterator[Action]:
-        buf = b""
-        while True:
-            while len(buf) < 4 or len(buf) - 4 < int.from_bytes(buf[:4], "little"):
-                more = os.read(rfd, 1 << 20)
-                if not more:
-                    return  # the agent's end of the stretch (or the agent went away)
-                buf += more
-            size = int.from_bytes(buf[:4], "little")
-            msg, buf = pickle.loads(buf[4:4 + size]), buf[4 + size:]
+        for msg in fed_messages(rfd):  # (until the agent ends the stretch, or goes away)
             if msg[0] == "b":
                 writes = proto.dec_batch(msg[1], len(msg[2]))  # (checked by the agent already; cheap)
                 for w, piece in zip(writes, _pieces(writes, msg[2])):
