@@ -531,6 +531,15 @@ def _fp_entry(e: "Entry") -> int | None:
     return fp_link(e.path, e.target, e.mtime_ns)
 
 
+def changed_entries(old: dict[str, "Entry"], new: dict[str, "Entry"]) -> list["Entry"]:
+    """The entries of `new` that `old` lacks or holds otherwise. Entry objects the two dicts
+    share are skipped without comparing them (an equality test decodes a file's packed chunk
+    sizes: most of the cost when 10,000 entries are compared and few changed)."""
+    get = old.get
+    return [e for p in list(compress(new, map(operator.is_not, map(get, new), new.values())))
+            if get(p) != (e := new[p])]
+
+
 def fingerprint_update(fp: bytes, base: dict[str, "Entry"], entries: dict[str, "Entry"]) -> bytes:
     """fingerprint(entries), given `fp` = fingerprint(base) of a dict that shares the entry
     objects of every unchanged path: only the paths whose entry is another object are hashed."""

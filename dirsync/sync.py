@@ -464,13 +464,16 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         for w in info.warnings:
             summary.warn(w)
             reporter.warn(f"{cfg.master} -> {t.name}: {w}")
+        last = _last_in_step(cfg, t.name) if mscan.fingerprint else None
+        if last is None or last.get("master") != mscan.fingerprint.hex():
+            t.expect_plan()  # not in step before: a plan follows (unless the replica got there itself)
         rscan = t.scan(patterns)
         for e in rscan.errors:
             summary.failed(e.path, e)
             reporter.error(f"{t.name}: {e}")
         deletes_ok = cfg.delete and cache_ok and info.deletes_allowed and not rscan.errors
         step = _in_step_key(mscan, rscan, deletes_ok, info)
-        if step is not None and step == _last_in_step(cfg, t.name):
+        if step is not None and step == last:
             # Both trees are exactly as when a run last found them in step (fingerprints of every
             # path's stat facts, caches all racy-clean): the plan would be empty; skip making it.
             summary.in_step = step

@@ -149,6 +149,9 @@ class World:
              *self.write_derived(), {"t": "commit", "ps": [b"big.bin"]}, {"t": "apply_end"}],
             [self.open(), {"t": "apply"}, self.write_batch(compress=True),
              {"t": "commit", "ps": [b"f.txt", b"h.bin", b"e.txt"]}, {"t": "apply_end"}],
+            [self.open(), {"t": "scan", "patterns": [], "fresh": False, "base": ""}, {"t": "prep"},
+             {"t": "apply"}, self.write_inline(), {"t": "commit", "ps": [b"f.txt"]}, {"t": "apply_end"},
+             {"t": "close", "save": True}],
         ]
 
 
@@ -420,10 +423,88 @@ def test_wrong_hello_is_refused_naming_both_versions(world):
     assert not os.listdir(world.r)
 
 
-def test_request_before_open_is_refused(world):
-    status, out, err = run_agent_process([frame({"t": "scan", "patterns": [], "fresh": False, "base": ""})])
+@pytest.mark.parametrize("msg", [{"t": "scan", "patterns": [], "fresh": False, "base": ""}, {"t": "prep"}],
+                         ids=["scan", "prep"])
+def test_request_before_open_is_refused(world, msg):
+    status, out, err = run_agent_process([frame(msg)])
     assert_protocol_error(status, out, err)
     assert "no replica open" in out[-1]["msg"]
+
+
+def _agent_in_thread():
+    """(agent, send(msg), recv() -> next non-ping frame, finish() -> exit status) for a real Agent on
+    pipes, driven a frame at a time so that the test can look at it between requests."""
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    agent = Agent(to_r, from_w)
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(status=agent.run()), daemon=True)
+    th.start()
+    dec, pending = FrameDecoder(), []
+
+    def send(msg) -> None:
+        os.write(to_w, encode(msg))
+
+    def recv() -> dict:
+        deadline = time.monotonic() + DEADLINE_S
+        while not pending:
+            assert time.monotonic() < deadline, "the agent said nothing"
+            pending.extend(m for m in dec.feed(os.read(from_r, 1 << 20)) if m.get("t") != "ping")
+        return pending.pop(0)
+
+    def finish() -> int:
+        os.close(to_w)
+        th.join(DEADLINE_S)
+        os.close(from_r)
+        os.close(to_r)
+        os.close(from_w)
+        return result.get("status", -1)
+
+    send(hello("test"))
+    assert recv().get("type") == "hello"
+    return agent, send, recv, finish
+
+
+@pytest.mark.parametrize("prep", [True, False])
+def test_prep_decodes_the_saved_manifest_the_scan_took_whole(world, prep):
+    """The master's `prep` hint ("a plan follows"): the agent decodes the rows of the saved
+    manifest its scan took undecoded (the tree matched it) then, while the master plans, and
+    the session goes on as without it."""
+    agent, send, recv, finish = _agent_in_thread()
+    send(world.open())
+    assert recv()["t"] == "opened"
+    send({"t": "scan", "patterns": [], "fresh": True, "base": ""})
+    while recv()["t"] != "scan_end":
+        pass
+    w = world.write_inline()
+    w["f"][4] = 1_600_000_000 * 10**9  # an old mtime: the saved row is trusted (racy-clean)
+    send({"t": "apply"})
+    send(w)
+    send({"t": "commit", "ps": [b"f.txt"]})
+    send({"t": "meta", "p": b"", "k": "d", "mode": 0o755, "mt": 0})
+    send({"t": "apply_end"})
+    send({"t": "close", "save": True})
+    while (m := recv())["t"] != "closed":
+        assert m["t"] not in ("fatal", "failed"), m
+    gen = m["gen"]
+    assert gen and finish() == 0
+
+    agent, send, recv, finish = _agent_in_thread()
+    send(world.open())
+    assert recv()["t"] == "opened"
+    send({"t": "scan", "patterns": [], "fresh": False, "base": gen})
+    while (m := recv())["t"] != "scan_end":
+        pass
+    assert m["full"] is False and not agent.replica._scan.decoded
+    if prep:
+        send({"t": "prep"})
+    send({"t": "root", "patterns": []})  # answered after the hint was handled
+    assert recv()["t"] == "root"
+    assert agent.replica._scan.decoded is prep
+    send({"t": "close", "save": True})
+    assert recv()["t"] == "closed"
+    assert finish() == 0
+    assert (world.r / "f.txt").read_bytes() == world.data_f
 
 
 def test_refused_open_is_a_fatal_frame_not_a_crash(world):

@@ -456,3 +456,19 @@ def test_a_large_cache_file_is_mapped_and_outlives_its_replacement(tmp_path):
     data[len(data) // 2] ^= 0x40
     write_atomic(path, bytes(data))
     assert load_manifest_file(path, CHUNKER, lazy=True).status == "unusable"
+
+
+def test_changed_entries_skips_shared_objects_and_finds_every_difference():
+    """changed_entries(old, new): what `new` adds or holds otherwise, whether the entry is the
+    same object (skipped unexamined), an equal copy (not reported), or another value."""
+    from dirsync.manifest import DirEntry, FileEntry, LinkEntry, changed_entries
+
+    f = FileEntry("a", 3, 0o644, 5, b"d" * 16, 3, (3,), b"d" * 16)
+    d = DirEntry("d", 0o755, 7)
+    link = LinkEntry("l", "a", 9)
+    old = {"a": f, "d": d, "l": link, "gone": DirEntry("gone", 0o755, 1)}
+    new = {"a": f, "d": DirEntry("d", 0o755, 7), "l": LinkEntry("l", "b", 9),
+           "n": FileEntry("n", 0, 0o644, 1, b"e" * 16, 0, (), b"")}
+    assert {e.path for e in changed_entries(old, new)} == {"l", "n"}
+    assert changed_entries(old, dict(old)) == []
+    assert [e.path for e in changed_entries(old, {**old, "a": f.replace(mode=0o600)})] == ["a"]

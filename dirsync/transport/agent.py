@@ -21,7 +21,7 @@ import threading
 from dirsync import __version__, chunking
 from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
-from dirsync.manifest import Entry, FileEntry, encode_rows
+from dirsync.manifest import Entry, FileEntry, ManifestFormatError, changed_entries, encode_rows
 from dirsync.plan import Action, Commit, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica
 from dirsync.runtime import gc_paused, widen_pipe
@@ -58,8 +58,8 @@ ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after dec
 # Announced in the hello; the master uses only what the agent announced ("rz", "sd": see
 # PROTOCOL.md, write; "wb": write batches, "wh": flagged ones a helper writer may take; "tw2":
 # the two-way `head` request and base snapshot files (twoway-<pair>.snap-<16 hex>) among the
-# state names).
-FEATURES = ("rz", "sd", "tw2", "wb", "wh")
+# state names; "pp": the `prep` hint).
+FEATURES = ("rz", "sd", "tw2", "wb", "wh", "pp")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -257,6 +257,8 @@ class Agent:
             self.close(v_bool(m.get("save", True)))
         elif t == "root":
             self.root(m)
+        elif t == "prep":
+            self.prep()
         else:
             raise ProtocolError(f"unexpected message {str(t)[:40]!r}")
 
@@ -293,7 +295,7 @@ class Agent:
             else:
                 old = cache.manifest.entries
                 entries = res.manifest.entries
-                changed = [e for p, e in entries.items() if old.get(p) != e]
+                changed = changed_entries(old, entries)
                 removed = [os.fsencode(p) for p in old if p not in entries]
             full = False
         else:
@@ -302,6 +304,17 @@ class Agent:
         self.send({"t": "scan_end", "full": full, "base": base if not full else "",
                    "errors": [proto.enc_item_error(e) for e in res.errors], "warnings": res.warnings,
                    "fp": res.fingerprint})
+
+    def prep(self) -> None:
+        """The master's hint that a plan will follow: decode the saved manifest the scan took
+        whole now, while the master plans, instead of at the first action that needs a row
+        (and at close). A hint only: nothing is answered, and rows that do not decode are left
+        for those later reads to report, as without it."""
+        r = self._need()
+        try:
+            r.scanned  # noqa: B018 (decodes the rows once; later reads reuse them)
+        except ManifestFormatError:
+            pass
 
     def root(self, m: dict) -> None:
         """Merkle root of the saved manifest, filtered like a scan with these patterns (verify --quick)."""
@@ -407,7 +420,7 @@ class Agent:
         except OSError as e:
             gen, error = "", ItemIOError("", "close replica", e)
         if gen and touched:
-            changed = [e for p, e in current.items() if scanned.get(p) != e]
+            changed = changed_entries(scanned, current)
             removed = [os.fsencode(p) for p in scanned if p not in current]
             # A file now exactly as the master sent it goes back as its path only: the master
             # still has the row (for a large file, thousands of chunk digests).

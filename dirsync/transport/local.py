@@ -50,6 +50,10 @@ class LocalTransport:
         assert info is not None
         return info
 
+    def expect_plan(self) -> None:
+        """See RemoteTransport.expect_plan: nothing to do here (this process walks the master
+        while a child walks the replica; it has no idle time to decode in)."""
+
     def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
         assert self.replica is not None
         ex = self._excluder if self._excluder is not None and list(patterns) == self._patterns else Excluder(patterns)

@@ -105,6 +105,7 @@ class RemoteTransport:
         self._sd = False  # ... and computes the chunk digests of sent bytes itself ("sd")
         self._wb = False  # ... and takes small new files in write batches ("wb")
         self._wh = False  # ... and may hand batches flagged "h" to a helper writer ("wh")
+        self._pp = False  # ... and takes the `prep` hint ("pp")
         if opts.compress:
             import zstandard
 
@@ -348,6 +349,7 @@ class RemoteTransport:
             self._sd = self._rz and "sd" in features
             self._wb = self._sd and "wb" in features
             self._wh = self._wb and "wh" in features
+            self._pp = "pp" in features
             self.tw_level = 2 if "tw2" in features else 1
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
@@ -466,6 +468,19 @@ class RemoteTransport:
                     self._scan_finish()  # asked with other patterns: drain that answer first
                 self.scan_start(patterns, fresh=fresh)
             return self._scan_finish()
+        except (ConnectError, ProtocolError) as e:
+            raise self._fail(e) from None
+
+    def expect_plan(self) -> None:
+        """A hint, given before scan(): the master changed since this pair was last found in
+        step, so a plan is coming. The agent is told ("prep"): it decodes its saved manifest
+        while this side plans (it would be idle then), not at the first action that needs a
+        row, when this side is sending and both are busy. (Our copy of its manifest is not
+        decoded ahead likewise: until the agent's answer comes, this side's walk and decoding
+        and the agent's walk use both cores of a two-core machine already.)"""
+        try:
+            if self._pp and self._scan_pending is not None:
+                self._send({"t": "prep"}, flush=True)
         except (ConnectError, ProtocolError) as e:
             raise self._fail(e) from None
 
