@@ -175,6 +175,12 @@ KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def warm_up() -> None:
+    """Load now what a plan's writes will need (libc's syncfs, renameat2 and sync_file_range
+    through ctypes, ~5-20 ms), for a caller with idle time before they start."""
+    _load_libc()
+
+
 def _kick(fd: int) -> None:
     """Start writing back `fd`'s dirty pages now, without waiting (sync_file_range WRITE).
     Durability still comes from the fsync/syncfs before the rename; this only keeps the disk

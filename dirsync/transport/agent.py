@@ -23,7 +23,7 @@ from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_ac
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import Entry, FileEntry, ManifestFormatError, changed_entries, encode_rows
 from dirsync.plan import Action, Commit, SendOp, WriteFile
-from dirsync.replica import BackupOptions, Replica
+from dirsync.replica import BackupOptions, Replica, warm_up
 from dirsync.runtime import gc_paused, widen_pipe
 from dirsync.scan import Excluder
 from dirsync.transport import proto
@@ -308,13 +308,16 @@ class Agent:
     def prep(self) -> None:
         """The master's hint that a plan will follow: decode the saved manifest the scan took
         whole now, while the master plans, instead of at the first action that needs a row
-        (and at close). A hint only: nothing is answered, and rows that do not decode are left
-        for those later reads to report, as without it."""
+        (and at close), and load what writing needs. A hint only: nothing is answered, and rows
+        that do not decode are left for those later reads to report, as without it."""
         r = self._need()
         try:
             r.scanned  # noqa: B018 (decodes the rows once; later reads reuse them)
         except ManifestFormatError:
             pass
+        import zstandard  # noqa: F401 (the writes' compressed rows need it: loaded now, not at the first)
+
+        warm_up()
 
     def root(self, m: dict) -> None:
         """Merkle root of the saved manifest, filtered like a scan with these patterns (verify --quick)."""

@@ -473,16 +473,23 @@ class RemoteTransport:
 
     def expect_plan(self) -> None:
         """A hint, given before scan(): the master changed since this pair was last found in
-        step, so a plan is coming. The agent is told ("prep"): it decodes its saved manifest
-        while this side plans (it would be idle then), not at the first action that needs a
-        row, when this side is sending and both are busy. (Our copy of its manifest is not
-        decoded ahead likewise: until the agent's answer comes, this side's walk and decoding
-        and the agent's walk use both cores of a two-core machine already.)"""
+        step, so a plan is coming. This side's own scan is done and it would wait idle for the
+        agent's answer; the agent would wait idle while this side plans. So the agent is told
+        ("prep": it decodes its saved manifest then, not at the first action that needs a row),
+        and meanwhile this side decodes its copy of the replica's manifest (the answer amends
+        it) and loads the compressor the writes' rows need."""
         try:
             if self._pp and self._scan_pending is not None:
                 self._send({"t": "prep"}, flush=True)
         except (ConnectError, ProtocolError) as e:
             raise self._fail(e) from None
+        if self.base is not None and self._scan_pending is not None:
+            try:
+                self.base.manifest  # noqa: B018 (decoded once, kept)
+            except ManifestFormatError:
+                pass  # reported by _base_manifest if the answer needs it
+        if self._rz:
+            import zstandard  # noqa: F401
 
     def _scan_finish(self) -> ScanResult:
         self._scan_pending = None
