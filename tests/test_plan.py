@@ -426,3 +426,43 @@ def test_render_has_one_line_per_visible_action():
                                     (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB"), (5000 << 30, "5000.0 GiB")])
 def test_human_size(n, text):
     assert human_size(n) == text
+
+
+def test_commit_batches_without_copies_match_the_general_rule():
+    """_commit_in_batches (an initial copy: no write copies from another) commits exactly as
+    _writes_with_commits does, for any mix of early and late writes and batch limits."""
+    import random
+
+    from dirsync.plan import PlanOptions, SendOp, WriteFile, _commit_in_batches, _writes_with_commits
+
+    rng = random.Random(11)
+    for case in range(200):
+        writes = []
+        for i in range(rng.randrange(0, 40)):
+            size = rng.choice([0, 1, 100, 5000, 70000])
+            t = FileEntry(f"d/f{i}", size, 0o644, 1, b"x" * 16, 0, (size,) if size else (), b"x" * 16 if size else b"")
+            writes.append((WriteFile(t, (SendOp(0, size),) if size else (), None), rng.random() < 0.8))
+        opts = PlanOptions(commit_bytes=rng.choice([1, 6000, 100000, 256 << 20]), commit_files=rng.choice([1, 3, 7, 4096]))
+        assert _commit_in_batches(writes, opts) == _writes_with_commits(writes, opts), case
+
+
+def test_initial_copy_plan_with_protected_and_new_paths():
+    """The new-file fast path of diff keeps the general rules: a protected path (and what is
+    under it) is left alone, every new file is written and committed, and directories get their
+    metadata after the writes."""
+    from dirsync.plan import Commit, MakeDir, PlanOptions, SetMeta, WriteFile, diff
+
+    def f(p, n=3):
+        return FileEntry(p, n, 0o644, 7, b"h" * 16, 0, (n,), b"h" * 16)
+
+    master = Manifest({"": DirEntry("", 0o755, 1), "a": DirEntry("a", 0o755, 2), "a/x": f("a/x"),
+                       "b": DirEntry("b", 0o700, 3), "b/y": f("b/y"), "z": f("z", 0)})
+    plan = diff(master, Manifest({"": DirEntry("", 0o755, 1)}), PlanOptions(delete=True, protect=frozenset({"b"})))
+    kinds = [type(a).__name__ for a in plan.actions]
+    writes = [a.path for a in plan.actions if isinstance(a, WriteFile)]
+    assert writes == ["a/x", "z"]
+    assert [a.path for a in plan.actions if isinstance(a, MakeDir)] == ["a"]
+    assert sorted(p for a in plan.actions if isinstance(a, Commit) for p in a.paths) == ["a/x", "z"]
+    assert not any(getattr(a, "path", "").startswith("b") for a in plan.actions)
+    assert kinds.index("SetMeta") > max(i for i, k in enumerate(kinds) if k in ("WriteFile", "Commit"))
+    assert [a.path for a in plan.actions if isinstance(a, SetMeta)][-1] == ""
