@@ -14,6 +14,9 @@ import sys
 
 
 def main() -> None:
+    from dirsync.runtime import raise_fd_limit
+
+    raise_fd_limit()
     args = sys.argv[1:]
     if args == ["agent"]:
         from dirsync.transport.agent import main as agent_main

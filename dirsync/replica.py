@@ -175,6 +175,22 @@ KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def dirfd_cap() -> int:
+    """Directory fds a Replica keeps open at most (least recently used closed first): a quarter
+    of the open-file limit, 64 to 4,096. A plan's passes (stage, commit, directory metadata)
+    each visit every touched directory in path order; a release-like change touching one file
+    in each of 500 directories reopened every one of them in every pass with 256 kept."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(64, min(4096, soft // 4))
+
+
 def warm_up() -> None:
     """Load now what a plan's writes will need (libc's syncfs, renameat2 and sync_file_range
     through ctypes, ~5-20 ms), for a caller with idle time before they start."""
@@ -257,6 +273,7 @@ class Replica:
         self._links: set[str] = set()  # staged paths that are hard links (no data of theirs to flush)
         self._linked: dict[str, str] = {}  # old name -> new name of files moved by a hard link
         self._dirfds: dict[str, int] = {}
+        self._dirfd_max = dirfd_cap()
         self._fresh: dict[str, str] = {}  # directory made under a temp name -> that name (see publish)
         self._in_fresh: set[str] = set()  # those directories and every one made inside them
         self._tainted: set[str] = set()  # fresh directories holding a failed file we could not remove
@@ -552,9 +569,9 @@ class Replica:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise InvalidPathError(rel, "open directory", "not a directory (or a symlink) on the replica") from None
             raise ItemIOError(rel, "open directory", e) from None
-        if len(self._dirfds) >= 256:
+        if len(self._dirfds) >= self._dirfd_max:
             # Close the least recently used quarter; an fd the caller fetched just before stays.
-            for k in list(self._dirfds)[:64]:
+            for k in list(self._dirfds)[:self._dirfd_max // 4]:
                 os.close(self._dirfds.pop(k))
         self._dirfds[rel] = fd
         return fd

@@ -28,6 +28,22 @@ class gc_paused:
             gc.enable()
 
 
+def raise_fd_limit(want: int = 1 << 16) -> None:
+    """Raise the soft limit on open files toward the hard one (as Go's runtime does at start):
+    a replica writer keeps directory fds open (see replica.dirfd_cap), and 1,024, a common soft
+    default, is not a limit anybody chose. Unchanged where it is already higher or cannot be
+    raised."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 PIPE_SIZE = 1 << 20
 
 

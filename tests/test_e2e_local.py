@@ -410,3 +410,37 @@ def test_a_file_edited_just_before_the_run_is_trusted_once_written(tmp_path):
     assert cache["a.bin"].trusted
     assert not cache["future.bin"].trusted  # an mtime in the future stays untrusted
     treecmp.assert_trees_equal(m, r)
+
+
+def _nofile(soft: int, hard: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_changes_across_more_directories_than_it_keeps_open(tmp_path):
+    """A change touching one file in each of 300 directories, synced under an open-file limit
+    of 256 (so the writer keeps at most 64 directory fds and closes the least recently used
+    over and over, in every pass of the plan): the replica converges, nothing is left behind."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {f"d{i:03d}": {"sub": {"f.txt": text_lines(3000, seed=i)}} for i in range(300)})
+    synced(m, r)
+    for i in range(300):
+        append(m / f"d{i:03d}" / "sub" / "f.txt", b"one more line\n")
+    cp, out = sync_json(m, r, preexec_fn=_nofile(256, 256))
+    treecmp.assert_trees_equal(m, r)
+    assert out["replicas"][0]["files_written"] == 300 and tmp_entries(r) == []
+
+
+def test_the_open_file_limit_is_raised_toward_the_hard_one():
+    """raise_fd_limit (called at start-up): a soft limit of 256 under a hard one of 4,096
+    becomes 4,096, and the writer then keeps up to a quarter of it open (dirfd_cap)."""
+    import subprocess
+    import sys
+
+    code = ("import resource; from dirsync.runtime import raise_fd_limit; from dirsync.replica import dirfd_cap;"
+            "a = (resource.getrlimit(resource.RLIMIT_NOFILE)[0], dirfd_cap()); raise_fd_limit();"
+            "print(a, (resource.getrlimit(resource.RLIMIT_NOFILE)[0], dirfd_cap()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         preexec_fn=_nofile(256, 4096)).stdout.strip()
+    assert out == "(256, 64) (4096, 1024)", out
