@@ -489,7 +489,7 @@ class RemoteTransport:
             except ManifestFormatError:
                 pass  # reported by _base_manifest if the answer needs it
         if self._rz:
-            import zstandard  # noqa: F401
+            __import__("zstandard")  # loaded now: the writes' rows go through it
 
     def _scan_finish(self) -> ScanResult:
         self._scan_pending = None
