@@ -175,9 +175,12 @@ KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+DIRFD_MAX = 768  # keeps every fd number of a process below 1,024: select() takes no higher one
+
+
 def dirfd_cap() -> int:
     """Directory fds a Replica keeps open at most (least recently used closed first): a quarter
-    of the open-file limit, 64 to 4,096. A plan's passes (stage, commit, directory metadata)
+    of the open-file limit, 64 to DIRFD_MAX. A plan's passes (stage, commit, directory metadata)
     each visit every touched directory in path order; a release-like change touching one file
     in each of 500 directories reopened every one of them in every pass with 256 kept."""
     try:
@@ -187,8 +190,8 @@ def dirfd_cap() -> int:
     except (ImportError, OSError, ValueError):
         return 256
     if soft == resource.RLIM_INFINITY:
-        return 4096
-    return max(64, min(4096, soft // 4))
+        return DIRFD_MAX
+    return max(64, min(DIRFD_MAX, soft // 4))
 
 
 def warm_up() -> None:

@@ -433,8 +433,9 @@ def test_changes_across_more_directories_than_it_keeps_open(tmp_path):
 
 
 def test_the_open_file_limit_is_raised_toward_the_hard_one():
-    """raise_fd_limit (called at start-up): a soft limit of 256 under a hard one of 4,096
-    becomes 4,096, and the writer then keeps up to a quarter of it open (dirfd_cap)."""
+    """raise_fd_limit (called at start-up): a soft limit of 256 under a hard one of 2,048
+    becomes 2,048, and the writer then keeps up to a quarter of it open (dirfd_cap), never so
+    many that a process's fd numbers reach 1,024 (select() takes none higher)."""
     import subprocess
     import sys
 
@@ -442,5 +443,8 @@ def test_the_open_file_limit_is_raised_toward_the_hard_one():
             "a = (resource.getrlimit(resource.RLIMIT_NOFILE)[0], dirfd_cap()); raise_fd_limit();"
             "print(a, (resource.getrlimit(resource.RLIMIT_NOFILE)[0], dirfd_cap()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         preexec_fn=_nofile(256, 4096)).stdout.strip()
-    assert out == "(256, 64) (4096, 1024)", out
+                         preexec_fn=_nofile(256, 2048)).stdout.strip()
+    assert out == "(256, 64) (2048, 512)", out
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         preexec_fn=_nofile(256, 20000)).stdout.strip()
+    assert out == "(256, 64) (20000, 768)", out
