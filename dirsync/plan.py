@@ -567,19 +567,27 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
     r_get = R.get
 
     # (The loop runs once per master path, 100,000 times for a large tree: the usual cases are
-    # tested first and inline, a new or changed file before anything else.)
+    # tested first and inline. A file or directory the replica holds exactly as the master
+    # needs no action whatever its parent's state: noting it blocked or late would only matter
+    # to paths under it, and a file has none, while under a blocked or late directory the
+    # replica holds nothing that could match, or the path is protected itself.)
     for p in sorted(M):
         if not p:
             continue
         m = M[p]
+        r = r_get(p)
+        c = m.__class__
+        if r is not None and r.__class__ is c and r.mtime_ns == m.mtime_ns and (
+                c is FileEntry and r.size == m.size and r.digest == m.digest and r.mode == m.mode
+                or c is DirEntry and r.mode == m.mode):
+            continue
         i = p.rfind("/")
         par = p[:i] if i >= 0 else ""
         if par in blocked or protect and covered(p, protect):
             blocked.add(p)
             continue
-        r = r_get(p)
         is_late = par in late
-        if r is None and not is_late and m.__class__ is FileEntry:  # a new file
+        if r is None and not is_late and c is FileEntry:  # a new file
             deltas.append((m, None, True))
             touched.add(par)
             continue
@@ -635,8 +643,8 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
             acc.no_copies = True
 
     if opts.delete:
-        for p in sorted(R, reverse=True):
-            if p and p not in M and p not in cleared and not protected(p):
+        for p in sorted(R.keys() - M.keys(), reverse=True):
+            if p and p not in cleared and not protected(p):
                 acc.deletes.append(Delete(p, R[p].kind, expect_of(R[p])))
                 acc.touched_dirs.add(parent_of(p))
     for q in cleared:

@@ -466,3 +466,22 @@ def test_initial_copy_plan_with_protected_and_new_paths():
     assert not any(getattr(a, "path", "").startswith("b") for a in plan.actions)
     assert kinds.index("SetMeta") > max(i for i, k in enumerate(kinds) if k in ("WriteFile", "Commit"))
     assert [a.path for a in plan.actions if isinstance(a, SetMeta)][-1] == ""
+
+
+def test_paths_under_an_unchanged_protected_directory_stay_untouched():
+    """diff skips a directory the replica holds exactly as the master without looking at its
+    parent or at `protect`: what lies under it must still be left alone when it is protected
+    (here a changed file, a new file and a deleted one), and be planned when it is not."""
+    from dirsync.plan import Delete, PlanOptions, WriteFile, diff
+
+    def f(p, digest, n=3):
+        return FileEntry(p, n, 0o644, 7, digest * 16, 0, (n,), digest * 16)
+
+    base = {"": DirEntry("", 0o755, 1), "p": DirEntry("p", 0o755, 2), "p/q": DirEntry("p/q", 0o755, 2)}
+    replica = Manifest({**base, "p/q/a": f("p/q/a", b"a"), "p/q/gone": f("p/q/gone", b"g"), "z": f("z", b"z")})
+    master = Manifest({**base, "p/q/a": f("p/q/a", b"b"), "p/q/new": f("p/q/new", b"n"), "z": f("z", b"y")})
+    guarded = diff(master, replica, PlanOptions(delete=True, protect=frozenset({"p"})))
+    assert [a.path for a in guarded.actions if isinstance(a, (WriteFile, Delete))] == ["z"]
+    free = diff(master, replica, PlanOptions(delete=True))
+    assert sorted(a.path for a in free.actions if isinstance(a, (WriteFile, Delete))) == [
+        "p/q/a", "p/q/gone", "p/q/new", "z"]
