@@ -39,9 +39,10 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
                   should_stop: Callable[[], bool] = lambda: False, split: bool = False) -> None:
     """Carry out `actions` in order on `replica` (a replica.Replica).
 
-    A commit's flush may still be running while the next files that copy nothing from the
-    replica are staged (they cannot depend on its renames); any other action first waits for
-    that commit to finish, so every action sees the replica as the plan's order says.
+    A commit's flush may still be running while the next files are staged, unless one copies
+    from a path that commit puts in place (a plan never does: see plan._writes_with_commits);
+    any other action first waits for that commit to finish, so every action sees the replica
+    as the plan's order says.
     `split`: a plan that writes many new files may hand a share of them to a second writer
     process (see _Helper); `sends_for` must then work in a forked child (a MasterReader's)."""
     helpers: list[_Helper] = []  # the running helper, while there is one
@@ -50,6 +51,7 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
         actions = _with_helper(replica, actions, share, sends_for, sink, helpers)
     staged_ok: dict[str, WriteFile] = {}
     pending = None  # a started commit (replica.commit_start), not yet finished
+    pending_paths: frozenset[str] = frozenset()  # the paths it puts in place
 
     def finish() -> None:
         nonlocal pending
@@ -77,13 +79,14 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
         for a in actions:
             if should_stop():
                 break
-            if pending is not None and not (a.__class__ is WriteFile and not _copies(a.ops)):
+            if pending is not None and not (a.__class__ is WriteFile and not _copies_from(a.ops, pending_paths)):
                 finish()
             if not published and not isinstance(a, (WriteFile, Commit, MakeDir)):
                 publish()
             if isinstance(a, Commit):
                 try:
                     pending = replica.commit_start(a.paths)
+                    pending_paths = frozenset(a.paths)
                 except ItemError as e:
                     sink.failed("", e)
                 continue
@@ -101,11 +104,11 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
             helpers.pop().join(replica, sink, stop=True)
 
 
-def _copies(ops: tuple) -> bool:
-    """Does any of these write ops copy from the replica?"""
+def _copies_from(ops: tuple, paths: frozenset[str]) -> bool:
+    """Does any of these write ops copy from one of `paths` on the replica?"""
     if len(ops) == 1:  # (a new file's usual plan: decided without a generator)
-        return ops[0].__class__ is CopyOp
-    return any(o.__class__ is CopyOp for o in ops)
+        return ops[0].__class__ is CopyOp and ops[0].src in paths
+    return any(o.__class__ is CopyOp and o.src in paths for o in ops)
 
 
 def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], sink: Sink,

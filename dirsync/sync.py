@@ -583,5 +583,5 @@ def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: P
     summary.status = "refused"
     reporter.error(msg)
     safe = PlanOptions(delete=False, protect=opts.protect, commit_bytes=opts.commit_bytes,
-                       commit_files=opts.commit_files)
+                       commit_files=opts.commit_files, commit_replaced=opts.commit_replaced)
     return diff(master, replica, safe)

@@ -31,7 +31,7 @@ except ImportError:  # tests/ imported as a package
 from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ItemIOError
-from dirsync.plan import Delete, WriteFile, diff
+from dirsync.plan import Commit, CopyOp, Delete, SendOp, WriteFile, diff, expect_of
 from dirsync.replica import DIR_FSYNC_MAX, Replica
 from dirsync.scan import Excluder, scan_tree
 
@@ -311,3 +311,60 @@ def test_a_write_error_flushing_the_runs_names_at_close_saves_no_cache_and_the_n
     summary, actions = _sync(m, r)
     assert not summary.errors and not [a for a in actions if isinstance(a, WriteFile)]
     treecmp.assert_trees_equal(m, r)
+
+
+def test_files_replacing_others_go_in_place_in_batches_each_flushed_first(tmp_path, monkeypatch):
+    """Files that replace replica files are committed 32 at a time (each rename frees an inode,
+    which the same run's next files take over: see PlanOptions.commit_replaced). No file of a
+    batch is at its final name before that batch's flush, and the next batch's files (copying
+    from their own old versions) are staged while it runs."""
+    names = [f"payload/p{i % 2}/f{i:02d}.bin" for i in range(80)]
+    m, r = _synced_pair(tmp_path, {n: random_bytes(4096, seed=i) for i, n in enumerate(names)})
+    old = {n: _ino(r / n) for n in names}
+    for n in names:
+        with open(m / n, "ab") as fh:
+            fh.write(b"appended\n")
+    at_flush: list[int] = []  # how many new versions were in place as each flush began
+    staged_at_finish: list[int] = []  # files staged (not yet in place) as each commit finished
+    real_syncfs, real_finish = replica_mod._syncfs, Replica.commit_finish
+
+    def syncfs(fd):
+        at_flush.append(sum(_ino(r / n) != old[n] for n in names))
+        return real_syncfs(fd)
+
+    def commit_finish(self, c):
+        staged_at_finish.append(len(self.staged))
+        return real_finish(self, c)
+
+    def spy():
+        monkeypatch.setattr(replica_mod, "_syncfs", syncfs)
+        monkeypatch.setattr(Replica, "commit_finish", commit_finish)
+
+    summary, actions = _sync(m, r, spy)
+    assert not summary.errors
+    treecmp.assert_trees_equal(m, r)
+    assert [len(a.paths) for a in actions if a.__class__.__name__ == "Commit"] == [32, 32, 16]
+    assert at_flush[:3] == [0, 32, 64]
+    assert staged_at_finish == [64, 48, 16]  # (batch 1 and 2, batch 2 and 3, batch 3)
+
+
+def test_a_file_copying_from_one_a_running_commit_puts_in_place_waits_for_it(tmp_path):
+    """A plan may copy from a file an earlier commit of it put in place: the copy must get the
+    new version, even while that commit's flush is still running."""
+    m, r = _synced_pair(tmp_path, {"a.bin": random_bytes(5000, seed=1)})
+    (m / "a.bin").write_bytes(random_bytes(5000, seed=2))
+    (m / "b.bin").write_bytes((m / "a.bin").read_bytes())
+    ms = scan_tree(str(m))
+    rep = Replica(str(r))
+    rep.open()
+    rs = rep.manifest(Excluder())
+    ma, mb = ms.manifest.entries["a.bin"], ms.manifest.entries["b.bin"]
+    actions = [WriteFile(ma, (SendOp(0, ma.size),), expect_of(rs.manifest.entries["a.bin"])), Commit(("a.bin",)),
+               WriteFile(mb, (CopyOp("a.bin", 0, mb.size),), None), Commit(("b.bin",))]
+    summary = ReplicaSummary(replica=str(r))
+    try:
+        apply_actions(rep, actions, MasterReader(str(m), None, ms.held).local_sends, summary, lambda: False)
+    finally:
+        rep.close()
+    assert not summary.errors
+    assert (r / "a.bin").read_bytes() == (r / "b.bin").read_bytes() == (m / "a.bin").read_bytes()

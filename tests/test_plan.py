@@ -291,6 +291,19 @@ def test_commit_batching_splits():
     assert commits == [("a", "b"), ("c", "d"), ("e", "f")]
 
 
+def test_files_that_replace_others_are_committed_in_small_batches():
+    """A batch holds at most commit_replaced files that replace a replica file (each frees an
+    inode when renamed over it); new files do not count."""
+    names = [f"r{i:02d}" for i in range(10)]
+    r = tree(*(f(n, [i % 2]) for i, n in enumerate(names)))  # (no new content is in the replica: no copies)
+    m = tree(*(f(n, [2 + i % 4]) for i, n in enumerate(names)), *(f(f"new{i}", [2 + i % 4, 5]) for i in range(5)))
+    plan = check(m, r, PlanOptions(commit_replaced=3))
+    commits = [a.paths for a in plan.actions if isinstance(a, Commit)]
+    assert [sum(p.startswith("r") for p in c) for c in commits] == [3, 3, 3, 1]
+    assert sorted(p for c in commits for p in c) == sorted(set(m.keys()) - {""})
+    assert len([a for a in check(m, r).actions if isinstance(a, Commit)]) == 1  # (the default: 32)
+
+
 # -- type changes --------------------------------------------------------------------------------
 
 def test_file_to_dir():
@@ -441,8 +454,10 @@ def test_commit_batches_without_copies_match_the_general_rule():
         for i in range(rng.randrange(0, 40)):
             size = rng.choice([0, 1, 100, 5000, 70000])
             t = FileEntry(f"d/f{i}", size, 0o644, 1, b"x" * 16, 0, (size,) if size else (), b"x" * 16 if size else b"")
-            writes.append((WriteFile(t, (SendOp(0, size),) if size else (), None), rng.random() < 0.8))
-        opts = PlanOptions(commit_bytes=rng.choice([1, 6000, 100000, 256 << 20]), commit_files=rng.choice([1, 3, 7, 4096]))
+            expect = ("f", 1, 1, 1) if rng.random() < 0.5 else None  # (replaces a file, or a new name)
+            writes.append((WriteFile(t, (SendOp(0, size),) if size else (), expect), rng.random() < 0.8))
+        opts = PlanOptions(commit_bytes=rng.choice([1, 6000, 100000, 256 << 20]), commit_files=rng.choice([1, 3, 7, 4096]),
+                           commit_replaced=rng.choice([1, 2, 5, 32]))
         assert _commit_in_batches(writes, opts) == _writes_with_commits(writes, opts), case
 
 

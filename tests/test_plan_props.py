@@ -163,10 +163,10 @@ def test_parents_before_children_and_dirs_last(master, replica):
 
 
 @SETTINGS
-@given(manifests(), manifests(), st.integers(1, 3), st.integers(1, 60))
-def test_small_commit_batches_stay_safe(master, replica, files, nbytes):
+@given(manifests(), manifests(), st.integers(1, 3), st.integers(1, 60), st.integers(1, 3))
+def test_small_commit_batches_stay_safe(master, replica, files, nbytes, replaced):
     # Many small commit batches exercise "not committed while a later write copies from it".
-    plan = diff(master, replica, PlanOptions(commit_files=files, commit_bytes=nbytes))
+    plan = diff(master, replica, PlanOptions(commit_files=files, commit_bytes=nbytes, commit_replaced=replaced))
     state = simulate(plan, master, replica)
     assert final_keys(state) == master.keys()
 
