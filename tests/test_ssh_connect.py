@@ -226,6 +226,8 @@ def test_connect_and_run_command(sshd: SshdInfo) -> None:
         t = client.get_transport()
         assert t is not None and t.is_authenticated()
         assert t.local_cipher == "aes128-gcm@openssh.com"
+        # Nagle's algorithm off: each handshake exchange had waited ~40 ms for a delayed ACK.
+        assert t.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert client.label == f"{sshd.user}@127.0.0.1:{sshd.port}"
         out, err, status = _run(client, "echo hi; echo oops >&2; exit 3")
         assert (out, err, status) == (b"hi\n", "oops\n", 3)

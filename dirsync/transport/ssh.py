@@ -840,6 +840,10 @@ def _handshake(client: DirsyncSSHClient, s: HostSettings, opts: _Options, sock: 
     client.set_missing_host_key_policy(_VerifyPolicy(known, key_name, opts.accept_new or s.accept_new, s.label))
 
     def transport_factory(sock: Any, disabled_algorithms: Any = None) -> paramiko.Transport:
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # paramiko writes a packet in pieces; with Nagle's algorithm on, each exchange of the
+            # handshake (key exchange, auth, channel open) waited ~40 ms for a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t = paramiko.Transport(
             sock,
             disabled_algorithms=disabled_algorithms,
