@@ -59,7 +59,7 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class OpenInfo(Record):
-    _fields = ("created", "initialised", "cache_status", "cache_reason", "warnings", "reserved")
+    _fields = ("created", "initialised", "cache_status", "cache_reason", "warnings", "reserved", "frees_linger")
 
     def __init__(
         self,
@@ -69,6 +69,7 @@ class OpenInfo(Record):
         cache_reason: str = "",
         warnings: list[str] | None = None,
         reserved: tuple[str, ...] = (),  # relpaths the replica keeps for itself (an inside backup dir)
+        frees_linger: bool = False,  # see frees_linger(): commit replacing files in small batches
     ) -> None:
         self.created = created
         self.initialised = initialised
@@ -76,11 +77,26 @@ class OpenInfo(Record):
         self.cache_reason = cache_reason
         self.warnings = [] if warnings is None else warnings
         self.reserved = reserved
+        self.frees_linger = frees_linger
 
     @property
     def deletes_allowed(self) -> bool:
         """False when the replica's cache was lost unexpectedly: no deletions on such a run."""
         return self.cache_status == "ok" or self.initialised
+
+
+def frees_linger(fd: int) -> bool:
+    """Is the file system holding fd an ext2/3/4 without a journal? There the kernel does not
+    hand out an inode freed in the last minute (five, while its inode table block is dirty) and
+    checks each such free inode in turn before every create (fs/ext4/ialloc.c, recently_deleted).
+    Read from /sys/fs/ext4/<device>/journal_task ("<none>": no journal); False when unknown."""
+    try:
+        st = os.fstat(fd)
+        dev = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"))
+        with open(f"/sys/fs/ext4/{dev}/journal_task", "rb") as f:
+            return f.read().strip() == b"<none>"
+    except OSError:
+        return False
 
 
 _libc = None
@@ -319,6 +335,7 @@ class Replica:
         if not stat.S_ISDIR(st.st_mode):
             raise RefusedError(f"replica {root} is not a directory")
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        info.frees_linger = frees_linger(self.root_fd)  # (a dry run plans the batches a run would)
         state = os.path.join(root, STATE_DIR)
         try:  # a symlinked state folder would carry the lock, marker, cache and temps elsewhere
             sst = os.lstat(STATE_DIR, dir_fd=self.root_fd)

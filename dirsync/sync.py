@@ -13,7 +13,7 @@ from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
 from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, display_path
 from dirsync.manifest import FileEntry, Manifest
-from dirsync.plan import Plan, PlanOptions, diff
+from dirsync.plan import REPLACED_BATCH, Plan, PlanOptions, diff
 from dirsync.progress import Reporter
 from dirsync.record import Record
 from dirsync.runtime import gc_paused
@@ -483,7 +483,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
                 summary.status = "dry-run"
             ok = True
             return
-        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect))
+        small = {"commit_replaced": REPLACED_BATCH} if info.frees_linger else {}  # (see REPLACED_BATCH)
+        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), **small)
         mman = mscan.manifest
         if info.reserved:  # the replica's own backup dir: nothing of the master goes there
             from dirsync.verify import filter_manifest

@@ -202,6 +202,25 @@ def test_a_valid_session_works(world):
     assert "failed" not in kinds, msgs
 
 
+def test_the_open_reply_says_whether_freed_inodes_linger_on_the_replica(world):
+    """frees_linger travels in the opened reply (the master then plans small commit batches);
+    an older agent's reply without it reads as false."""
+    from dirsync.replica import frees_linger
+    from dirsync.transport.proto import dec_open_info
+
+    status, msgs, err = run_agent_process([frame(world.open()), frame({"t": "bye"})])
+    assert status == 0, err
+    opened = next(m for m in msgs if m.get("t") == "opened")
+    fd = os.open(world.r, os.O_RDONLY)
+    try:
+        here = frees_linger(fd)
+    finally:
+        os.close(fd)
+    assert dec_open_info(opened["info"]).frees_linger is here
+    old = {k: v for k, v in opened["info"].items() if k != "frees_linger"}
+    assert dec_open_info(old).frees_linger is False
+
+
 def test_a_derived_write_gets_the_digests_of_what_was_sent(world):
     """A write whose chunk digests the agent computes ("sd"): the file lands, and the replica's
     cache holds the same chunk digests as the master's row (which the master never sent)."""

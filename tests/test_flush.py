@@ -31,7 +31,7 @@ except ImportError:  # tests/ imported as a package
 from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ItemIOError
-from dirsync.plan import Commit, CopyOp, Delete, SendOp, WriteFile, diff, expect_of
+from dirsync.plan import REPLACED_BATCH, Commit, CopyOp, Delete, PlanOptions, SendOp, WriteFile, diff, expect_of
 from dirsync.replica import DIR_FSYNC_MAX, Replica
 from dirsync.scan import Excluder, scan_tree
 
@@ -80,13 +80,13 @@ class _Calls:
         return self.events[:i]
 
 
-def _sync(m, r, calls_factory=None) -> tuple[ReplicaSummary, list]:
+def _sync(m, r, calls_factory=None, opts: PlanOptions = PlanOptions()) -> tuple[ReplicaSummary, list]:
     """One in-process sync of m to r: plan, apply, close. Returns the summary and the plan's actions."""
     ms = scan_tree(str(m))
     rep = Replica(str(r))
     rep.open(init=True)
     rs = rep.manifest(Excluder())
-    plan = diff(ms.manifest, rs.manifest)
+    plan = diff(ms.manifest, rs.manifest, opts)
     if calls_factory is not None:
         calls_factory()
     summary = ReplicaSummary(replica=str(r))
@@ -314,10 +314,10 @@ def test_a_write_error_flushing_the_runs_names_at_close_saves_no_cache_and_the_n
 
 
 def test_files_replacing_others_go_in_place_in_batches_each_flushed_first(tmp_path, monkeypatch):
-    """Files that replace replica files are committed 32 at a time (each rename frees an inode,
-    which the same run's next files take over: see PlanOptions.commit_replaced). No file of a
-    batch is at its final name before that batch's flush, and the next batch's files (copying
-    from their own old versions) are staged while it runs."""
+    """Files that replace replica files committed 32 at a time (as the sync plans them where
+    freed inodes linger, see plan.REPLACED_BATCH): no file of a batch is at its final name before
+    that batch's flush, and the next batch's files (copying from their own old versions) are
+    staged while it runs."""
     names = [f"payload/p{i % 2}/f{i:02d}.bin" for i in range(80)]
     m, r = _synced_pair(tmp_path, {n: random_bytes(4096, seed=i) for i, n in enumerate(names)})
     old = {n: _ino(r / n) for n in names}
@@ -340,7 +340,7 @@ def test_files_replacing_others_go_in_place_in_batches_each_flushed_first(tmp_pa
         monkeypatch.setattr(replica_mod, "_syncfs", syncfs)
         monkeypatch.setattr(Replica, "commit_finish", commit_finish)
 
-    summary, actions = _sync(m, r, spy)
+    summary, actions = _sync(m, r, spy, PlanOptions(commit_replaced=REPLACED_BATCH))
     assert not summary.errors
     treecmp.assert_trees_equal(m, r)
     assert [len(a.paths) for a in actions if a.__class__.__name__ == "Commit"] == [32, 32, 16]
@@ -368,3 +368,38 @@ def test_a_file_copying_from_one_a_running_commit_puts_in_place_waits_for_it(tmp
         rep.close()
     assert not summary.errors
     assert (r / "a.bin").read_bytes() == (r / "b.bin").read_bytes() == (m / "a.bin").read_bytes()
+
+
+def _journaled(path) -> bool | None:
+    """Is `path` on an ext4 with a journal (a jbd2 entry for its device), or None: not ext4."""
+    st = os.stat(path)
+    try:
+        dev = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"))
+    except OSError:  # no block device (tmpfs, overlay...)
+        return None
+    if not os.path.isdir(f"/sys/fs/ext4/{dev}"):
+        return None
+    return any(n.startswith(dev + "-") for n in os.listdir("/proc/fs/jbd2")) if os.path.isdir("/proc/fs/jbd2") else False
+
+
+def test_replacing_files_are_planned_in_small_batches_only_where_freed_inodes_linger(tmp_path):
+    """The sync asks for small batches of replacing files on ext2/3/4 without a journal (told by
+    its sysfs entry; the test asks jbd2's list instead), and plans as before elsewhere."""
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+
+    names = [f"d/f{i:03d}.bin" for i in range(80)]
+    m, r = _synced_pair(tmp_path, {n: random_bytes(3000, seed=i) for i, n in enumerate(names)})
+    for n in names:
+        (m / n).write_bytes(random_bytes(3000, seed=1000 + names.index(n)))
+    fd = os.open(r, os.O_RDONLY)
+    try:
+        linger = replica_mod.frees_linger(fd)
+    finally:
+        os.close(fd)
+    journaled = _journaled(r)
+    assert linger == (journaled is False)
+    run = run_sync(SyncConfig(master=str(m), replicas=(str(r),), dry_run=True), Reporter(quiet=True))
+    (_, plan), = run.plans
+    commits = [a for a in plan.actions if isinstance(a, Commit)]
+    assert [len(c.paths) for c in commits] == ([32, 32, 16] if linger else [80])

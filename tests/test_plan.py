@@ -301,7 +301,7 @@ def test_files_that_replace_others_are_committed_in_small_batches():
     commits = [a.paths for a in plan.actions if isinstance(a, Commit)]
     assert [sum(p.startswith("r") for p in c) for c in commits] == [3, 3, 3, 1]
     assert sorted(p for c in commits for p in c) == sorted(set(m.keys()) - {""})
-    assert len([a for a in check(m, r).actions if isinstance(a, Commit)]) == 1  # (the default: 32)
+    assert len([a for a in check(m, r).actions if isinstance(a, Commit)]) == 1  # (the default: no such limit)
 
 
 # -- type changes --------------------------------------------------------------------------------

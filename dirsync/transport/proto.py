@@ -510,4 +510,5 @@ def dec_open_info(x: Any) -> OpenInfo:
         cache_reason=v_str(m.get("cache_reason", ""), 4096),
         warnings=[v_str(w, 4096) for w in v_list(m.get("warnings", []), 1000)],
         reserved=tuple(_v_relpath(p) for p in v_list(m.get("reserved", []), 16)),  # may be under .dirsync/
+        frees_linger=v_bool(m.get("frees_linger", False)),  # (an older agent does not say)
     )
