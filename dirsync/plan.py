@@ -748,7 +748,8 @@ def _writes_with_commits(writes: list[tuple[WriteFile, bool]], opts: PlanOptions
 
 def _commit_in_batches(writes: list[tuple[WriteFile, bool]], opts: PlanOptions) -> list[Action]:
     """_writes_with_commits when no write copies from another path: each early write is
-    committed in the first batch that reaches opts.commit_bytes or opts.commit_files."""
+    committed in the first batch that reaches opts.commit_bytes, opts.commit_files or
+    opts.commit_replaced (files that replace one)."""
     out: list[Action] = []
     pending: list[str] = []
     pending_bytes = pending_replaced = 0
