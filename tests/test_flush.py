@@ -390,8 +390,8 @@ def test_replacing_files_are_planned_in_small_batches_only_where_freed_inodes_li
 
     names = [f"d/f{i:03d}.bin" for i in range(80)]
     m, r = _synced_pair(tmp_path, {n: random_bytes(3000, seed=i) for i, n in enumerate(names)})
-    for n in names:
-        (m / n).write_bytes(random_bytes(3000, seed=1000 + names.index(n)))
+    for i, n in enumerate(names):
+        (m / n).write_bytes(random_bytes(3000, seed=1000 + i))
     fd = os.open(r, os.O_RDONLY)
     try:
         linger = replica_mod.frees_linger(fd)
