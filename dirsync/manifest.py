@@ -536,7 +536,7 @@ def changed_entries(old: dict[str, "Entry"], new: dict[str, "Entry"]) -> list["E
     share are skipped without comparing them (an equality test decodes a file's packed chunk
     sizes: most of the cost when 10,000 entries are compared and few changed)."""
     get = old.get
-    return [e for p in list(compress(new, map(operator.is_not, map(get, new), new.values())))
+    return [e for p in compress(new, map(operator.is_not, map(get, new), new.values()))
             if get(p) != (e := new[p])]
 
 

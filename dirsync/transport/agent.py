@@ -315,8 +315,7 @@ class Agent:
             r.scanned  # noqa: B018 (decodes the rows once; later reads reuse them)
         except ManifestFormatError:
             pass
-        __import__("zstandard")  # the writes' compressed rows need it: loaded now, not at the first
-
+        __import__("zstandard")  # the writes' compressed rows need it: loaded now, not at the first write
         warm_up()
 
     def root(self, m: dict) -> None:
