@@ -367,6 +367,14 @@ def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"", packed: bool =
     header (chunker, generation, fingerprint; readable without decoding any row) and the body.
     `packed`: format 3 (chunk sizes packed), for cache files, which only this install reads;
     else format 2, which a peer running an older dirsync reads too."""
+    # One join of the pieces (a cache is megabytes: each concatenation would copy it again).
+    return b"".join(to_pieces(m, chunker, fingerprint, packed))
+
+
+def to_pieces(m: Manifest, chunker: str, fingerprint: bytes = b"", packed: bool = False) -> list:
+    """to_bytes as the pieces it joins (bytes and views of the rows' source body), for a writer
+    that hands them to the kernel without joining them: a cache is megabytes, and here every
+    megabyte of memory a process touches first costs it about a millisecond."""
     src = m.rows
     if src is not None and src.chunker == chunker and src.packed == packed:
         body = _body_reusing(m.entries, src, chunker, m.generation, packed)
@@ -376,8 +384,7 @@ def to_bytes(m: Manifest, chunker: str, fingerprint: bytes = b"", packed: bool =
     header = msgpack.packb((chunker, m.generation, fingerprint, len(m.entries)), use_bin_type=True)
     rest = [len(header).to_bytes(4, "little"), header, *body]
     version = FORMAT_VERSION if packed else _UNPACKED_VERSION
-    # One join of the pieces (a cache is megabytes: each concatenation would copy it again).
-    return b"".join([MAGIC, bytes([version]), _checksum(version, *rest), *rest])
+    return [MAGIC, bytes([version]), _checksum(version, *rest), *rest]
 
 
 def _checksum(version: int, *rest: bytes | memoryview) -> bytes:

@@ -15,7 +15,7 @@ import os
 import time
 
 from dirsync.errors import LockedError
-from dirsync.manifest import Manifest, ManifestFormatError, SavedManifest, fingerprint, load, to_bytes
+from dirsync.manifest import Manifest, ManifestFormatError, SavedManifest, fingerprint, load, to_pieces
 from dirsync.record import Record
 
 TYPE_CHECKING = False
@@ -105,7 +105,7 @@ def map_or_read(f) -> bytes | mmap.mmap:
 
 def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> None:
     """Save `m`; `fp` is its tree fingerprint when the caller knows it (else it is computed)."""
-    write_atomic(path, to_bytes(m, chunker, fingerprint(m.entries) if fp is None else fp, packed=True))
+    write_atomic(path, to_pieces(m, chunker, fingerprint(m.entries) if fp is None else fp, packed=True))
 
 
 class PendingSave:
@@ -192,17 +192,16 @@ def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | 
     return PendingSave(pid) if pid is not None else None
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Temp file + fsync + rename + directory fsync: the file is either old or new, never torn."""
+def write_atomic(path: str, data: bytes | list) -> None:
+    """Temp file + fsync + rename + directory fsync: the file is either old or new, never torn.
+    `data`: the bytes, or pieces of them (bytes-like) written in order without joining them."""
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_pieces(fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -214,6 +213,25 @@ def write_atomic(path: str, data: bytes) -> None:
             pass
         raise
     fsync_dir(d)
+
+
+_IOV_MAX = 1024  # Linux's limit on the pieces of one writev
+
+
+def write_pieces(fd: int, pieces: list) -> None:
+    """Write the pieces to fd in order, with writev calls of up to _IOV_MAX pieces, going on
+    after a short write (a full disk raises, as os.write does)."""
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + _IOV_MAX]
+        n = os.writev(fd, batch)
+        for v in batch:
+            if n < len(v):
+                views[i] = v[n:]  # a short write: the rest of this piece goes next
+                break
+            n -= len(v)
+            i += 1
 
 
 def fsync_dir(d: str) -> None:

@@ -458,6 +458,77 @@ def test_a_large_cache_file_is_mapped_and_outlives_its_replacement(tmp_path):
     assert load_manifest_file(path, CHUNKER, lazy=True).status == "unusable"
 
 
+def test_a_saved_cache_is_written_from_pieces_byte_for_byte(tmp_path):
+    """save_manifest_file writes to_pieces() without joining them (views of the mapped old
+    file among them): the file is exactly what to_bytes gives, for a fresh encode and for one
+    copying most rows from the old file."""
+    from dirsync.manifest import to_pieces
+    from dirsync.state import load_manifest_file, save_manifest_file
+
+    entries = {"": DirEntry("", 0o755, 1)}
+    for i in range(3000):
+        e = file_entry(f"d{i % 7}/f{i}", [i % 5, (i + 1) % 5])
+        entries[e.path] = e.replace(ino=i + 1, ctime_ns=5, trusted=True)
+    path = str(tmp_path / "manifest")
+    save_manifest_file(path, Manifest(entries), CHUNKER, b"fp")
+    with open(path, "rb") as f:
+        assert f.read() == to_bytes(Manifest(entries), CHUNKER, b"fp", packed=True)
+    decoded = load_manifest_file(path, CHUNKER, lazy=True).saved.manifest
+    edited = dict(decoded.entries)
+    for i in range(0, 3000, 97):
+        p = f"d{i % 7}/f{i}"
+        edited[p] = edited[p].replace(mtime_ns=9)
+    m = Manifest(edited, rows=decoded.rows)
+    pieces = to_pieces(m, CHUNKER, b"fp2", packed=True)
+    assert len(pieces) > 60 and any(isinstance(p, memoryview) for p in pieces)
+    save_manifest_file(path, m, CHUNKER, b"fp2")
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(pieces) == to_bytes(Manifest(edited), CHUNKER, b"fp2", packed=True)
+
+
+def test_write_pieces_goes_on_after_short_writes():
+    """A writev cut short (here by signals while a slow reader drains a pipe) writes the rest,
+    in order, from where it stopped."""
+    import signal
+    import threading
+
+    from dirsync.state import write_pieces
+
+    pieces = [bytes([i % 251]) * (1000 + 37 * i) for i in range(1500)]  # more than one writev's worth
+    want = b"".join(pieces)
+    r, w = os.pipe()
+    got: list[bytes] = []
+    counts: list[int] = []
+
+    def drain():
+        while b := os.read(r, 4096):
+            got.append(b)
+
+    real_writev = os.writev
+
+    def counting_writev(fd, bufs):
+        n = real_writev(fd, bufs)
+        counts.append(int(n < sum(len(b) for b in bufs)))
+        return n
+
+    old = signal.signal(signal.SIGALRM, lambda *a: None)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        os.writev = counting_writev
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        write_pieces(w, pieces)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.writev = real_writev
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    assert b"".join(got) == want
+    assert sum(counts) >= 1, "no write was cut short: the test proved nothing"
+
+
 def test_changed_entries_skips_shared_objects_and_finds_every_difference():
     """changed_entries(old, new): what `new` adds or holds otherwise, whether the entry is the
     same object (skipped unexamined), an equal copy (not reported), or another value."""
