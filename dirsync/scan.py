@@ -184,31 +184,28 @@ SPLIT_MIN = 4000  # entries in a tree's cache from which scan_tree(split=True) w
 READ_SPLIT_MIN = 1000  # files to read from which scan_tree(split_reads=True) reads with two processes
 
 
-def _send(fd: int, answer: object, dumps) -> None:
-    """A forked child's answer, pickled (by `dumps`, pickle.dumps imported by the parent) to fd."""
-    view = memoryview(dumps(answer, protocol=5))
-    while view:
-        view = view[os.write(fd, view):]
+def _send(fd: int, answer: object, dump) -> None:
+    """A forked child's answer, pickled to fd as it is encoded (by `dump`: pickle.dump,
+    imported by the parent), never whole in memory: an initial copy's read share is tens of
+    megabytes, and here every megabyte a process touches first costs it about a millisecond."""
+    with open(fd, "wb", buffering=1 << 20, closefd=False) as f:
+        dump(answer, f, protocol=5)
 
 
 def _child_answer(pid: int, fd: int):
-    """Read a forked child's pickled answer to its end, close the pipe, reap the child, and
-    unpickle it (our own child's). Raises when the child died or said nothing usable."""
+    """Unpickle a forked child's answer as it arrives (our own child's), close the pipe and
+    reap the child. Raises when the child died or said nothing usable."""
     import pickle
 
-    chunks = []
     try:
-        while b := os.read(fd, 1 << 20):
-            chunks.append(b)
-    except OSError:
-        chunks = []
+        with open(fd, "rb", buffering=1 << 20, closefd=False) as f:
+            return pickle.load(f)
     finally:
-        os.close(fd)
+        os.close(fd)  # (first: a child still writing gets EPIPE and leaves)
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-    return pickle.loads(b"".join(chunks))
 
 
 def _count(cache: Manifest | SavedManifest) -> int:
@@ -235,7 +232,7 @@ class Prewalk:
     def first_news(self) -> bool:
         """Wait for the child's first byte: True when it says the walk did not match the
         fingerprint and it now classifies (the caller may decode the cache meanwhile: it will be
-        needed), False when the result (or nothing) follows."""
+        needed), False when the result (or nothing: a problem) follows."""
         if self.fd < 0 or self._head:
             return self._head == _CLASSIFYING
         try:
@@ -249,7 +246,7 @@ class Prewalk:
               cache: Manifest | SavedManifest | None = None) -> Prewalk | None:
         import pickle  # here: the child imports nothing
 
-        got = fork_answering(lambda w: _prewalk_child(root, excluder, known_fp, w, pickle.dumps, cache))
+        got = fork_answering(lambda w: _prewalk_child(root, excluder, known_fp, w, pickle.dump, cache))
         return None if got is None else cls(*got)
 
     def result(self) -> tuple | None:
@@ -259,24 +256,16 @@ class Prewalk:
 
         if self.fd < 0:
             return None
-        chunks = [self._head]
+        got = None
         try:
-            while True:
-                b = os.read(self.fd, 1 << 20)
-                if not b:
-                    break
-                chunks.append(b)
-        except OSError:
-            chunks = []
+            with open(self.fd, "rb", buffering=1 << 20, closefd=False) as f:
+                head = self._head or f.read(1)
+                if head in (_CLASSIFYING, _PLAIN):  # (nothing at all: the child met a problem)
+                    got = pickle.load(f)  # as it arrives: an initial copy's walk is megabytes
+        except Exception:
+            got = None
         finally:
             self._reap(kill=False)
-        data = b"".join(chunks)
-        if data[:1] == _CLASSIFYING:
-            data = data[1:]
-        try:
-            got = pickle.loads(data) if data else None
-        except Exception:
-            return None
         return got if isinstance(got, tuple) and len(got) in (4, 8) else None
 
     def cancel(self) -> None:
@@ -298,22 +287,26 @@ class Prewalk:
             pass
 
 
-_CLASSIFYING = b"C"  # a prewalk child's first byte when it goes on to classify (a pickle starts b"\x80")
+_CLASSIFYING = b"C"  # a prewalk child's first byte when it goes on to classify
+_PLAIN = b"P"  # its first byte when its answer follows at once
 
 
-def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dumps,
+def _prewalk_child(root: str, excluder: Excluder, known_fp: bytes, fd: int, dump,
                    cache: Manifest | SavedManifest | None = None) -> None:
     s = _Scanner(root, excluder, None)
     items, fp = s.walk_root()
     if s.result.errors or not s.fp_ok:
         return  # nothing written: the parent walks itself and reports the problem
     if fp and fp == known_fp:
+        os.write(fd, _PLAIN)
         out: tuple = (fp, None, s.result.temps, s.links)
+    elif cache is None:
+        os.write(fd, _PLAIN)
+        out = (fp, items, s.result.temps, s.links)
     else:
-        if cache is not None:
-            os.write(fd, _CLASSIFYING)  # the parent may decode its copy of the cache meanwhile
+        os.write(fd, _CLASSIFYING)  # the parent may decode its copy of the cache meanwhile
         out = _classified(s, items, fp, cache) or (fp, items, s.result.temps, s.links)
-    _send(fd, out, dumps)
+    _send(fd, out, dump)
 
 
 def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedManifest | None) -> tuple | None:
@@ -498,7 +491,7 @@ class _Scanner:
         subdirs: list[str] = []
         acc = self.gather("", items, below=subdirs)
         theirs, mine = subdirs[1::2], subdirs[0::2]
-        got = fork_answering(lambda w: self._walk_child(theirs, w, pickle.dumps), threads_ok=True) \
+        got = fork_answering(lambda w: self._walk_child(theirs, w, pickle.dump), threads_ok=True) \
             if theirs else None
         if got is None:
             mine = subdirs
@@ -520,14 +513,14 @@ class _Scanner:
         self.fp_ok = self.fp_ok and fp_ok
         return acc + c_acc
 
-    def _walk_child(self, dirs: list[str], w: int, dumps) -> None:
+    def _walk_child(self, dirs: list[str], w: int, dump) -> None:
         """gather_split's child: walk `dirs`, write what was found to `w`."""
         self.links, self.result.temps, self.result.errors = {}, [], []
         items: list = []
         acc = 0
         for d in dirs:
             acc += self.gather(d, items)
-        _send(w, (acc, items, self.links, self.result.temps, self.result.errors, self.fp_ok), dumps)
+        _send(w, (acc, items, self.links, self.result.temps, self.result.errors, self.fp_ok), dump)
 
     def classify(self, items: list, read_limit: int | None = None) -> bool:
         """Turn gathered (relpath, stat tuple in _St's order) pairs into entries (in walk order),
@@ -579,13 +572,13 @@ class _Scanner:
 
         mine = files[len(files) // 2:]  # (the child's)
         hold = self.hold_left // 2
-        got = fork_answering(lambda w: self._read_child(mine, hold, w, pickle.dumps), threads_ok=True)
+        got = fork_answering(lambda w: self._read_child(mine, hold, w, pickle.dump), threads_ok=True)
         if got is None:
             return None
         self.hold_left -= hold
         return got[0], got[1], {rel for rel, _ in mine}, mine, hold
 
-    def _read_child(self, files: list, hold: int, w: int, dumps) -> None:
+    def _read_child(self, files: list, hold: int, w: int, dump) -> None:
         """_read_share's child: classify `files` as add() does, and write what came of it to `w`:
         the entries as plain rows, errors, protected paths, held bytes, warnings, counters."""
         res = self.result
@@ -597,7 +590,7 @@ class _Scanner:
         rows = [(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.held_sizes, e.digests, e.ino, e.ctime_ns,
                  e.trusted) for e in self.entries.values()]
         _send(w, (rows, res.errors, res.protect, res.held, res.warnings, res.files_read, res.bytes_read,
-                  self.changed, self.fp_exact, self.hold_left), dumps)
+                  self.changed, self.fp_exact, self.hold_left), dump)
 
     def _take_share(self, pid: int, fd: int, rels: set, files: list, hold: int) -> None:
         """Wait for _read_share's child and take its results in; if it failed, read its files here."""
