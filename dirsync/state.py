@@ -103,9 +103,11 @@ def map_or_read(f) -> bytes | mmap.mmap:
         return f.read()
 
 
-def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = None) -> None:
-    """Save `m`; `fp` is its tree fingerprint when the caller knows it (else it is computed)."""
-    write_atomic(path, to_pieces(m, chunker, fingerprint(m.entries) if fp is None else fp, packed=True))
+def save_manifest_file(path: str, m: Manifest, chunker: str, fp: bytes | None = None,
+                       durable: bool = True) -> None:
+    """Save `m`; `fp` is its tree fingerprint when the caller knows it (else it is computed).
+    `durable`: see write_atomic."""
+    write_atomic(path, to_pieces(m, chunker, fingerprint(m.entries) if fp is None else fp, packed=True), durable)
 
 
 class PendingSave:
@@ -192,9 +194,12 @@ def save_manifest_file_forked(path: str, m: Manifest, chunker: str, fp: bytes | 
     return PendingSave(pid) if pid is not None else None
 
 
-def write_atomic(path: str, data: bytes | list) -> None:
+def write_atomic(path: str, data: bytes | list, durable: bool = True) -> None:
     """Temp file + fsync + rename + directory fsync: the file is either old or new, never torn.
-    `data`: the bytes, or pieces of them (bytes-like) written in order without joining them."""
+    `data`: the bytes, or pieces of them (bytes-like) written in order without joining them.
+    `durable=False` skips both fsyncs, for a file whose loss or damage in a crash costs only
+    work (checksummed, and checked against what it describes before anything relies on it):
+    it may then be old, new, or unreadable after a crash, but is never half of each."""
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -202,7 +207,8 @@ def write_atomic(path: str, data: bytes | list) -> None:
     try:
         try:
             write_pieces(fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -212,7 +218,8 @@ def write_atomic(path: str, data: bytes | list) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(d)
+    if durable:
+        fsync_dir(d)
 
 
 _IOV_MAX = 1024  # Linux's limit on the pieces of one writev

@@ -395,6 +395,54 @@ def test_noop_scan_is_a_delta_on_the_wire(sshd, tmp_path, _private_state_home):
         proxy.close()
 
 
+def test_a_stale_or_torn_copy_of_the_replica_manifest_costs_only_a_full_scan(sshd, tmp_path, _private_state_home):
+    """The master's copy of the replica manifest is saved without an fsync: after a crash it
+    may be the version before (its rename lost) or unreadable. Either way the next run must
+    converge, with the agent sending every row instead of a delta, and must miss nothing the
+    replica changed meanwhile."""
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        args = ("--ssh-config", cfg, "--remote-cmd", remote_cmd())
+        m, r = tmp_path / "m", tmp_path / "r"
+        build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(60)} for i in range(20)})
+        sync_json(m, f"via-proxy:{r}", args=args)
+        copies = list((_private_state_home / "dirsync" / "replicas").glob("*.manifest"))
+        assert len(copies) == 1
+        copy = copies[0]
+        before = copy.read_bytes()
+
+        def down_bytes_of_a_sync() -> tuple[int, dict]:
+            d0 = proxy.counts()[1]
+            _, out = sync_json(m, f"via-proxy:{r}", args=args)
+            return proxy.counts()[1] - d0, out["replicas"][0]
+
+        write(m / "d1/f1.txt", b"edited on the master\n")
+        _, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 1 and copy.read_bytes() != before
+        delta, rep = down_bytes_of_a_sync()  # a no-op against the fresh copy: a delta
+        assert rep["files_written"] == 0
+
+        copy.write_bytes(before)  # the last save's rename never reached the disk
+        write(r / "d2/f2.txt", b"changed on the replica meanwhile\n")
+        stale, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 1 and rep["exit_code"] == 0
+        treecmp.assert_trees_equal(m, r)
+        assert stale > 4 * delta, (stale, delta)  # every row came: the copy's generation was not the agent's
+
+        data = copy.read_bytes()
+        copy.write_bytes(data[: len(data) // 2])  # torn
+        write(r / "d3/f3.txt", b"changed on the replica again\n")
+        torn, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 1 and rep["exit_code"] == 0
+        treecmp.assert_trees_equal(m, r)
+        assert torn > 4 * delta, (torn, delta)
+        again, rep = down_bytes_of_a_sync()
+        assert rep["files_written"] == 0 and again < 2 * delta  # the copy was rebuilt
+    finally:
+        proxy.close()
+
+
 def test_clean_ssh_run_leaves_the_pair_in_step(sshd, tmp_path):
     """The agent reports the fingerprint of the cache it saved: after a clean run the next
     no-op plans nothing, and a silent edit on the far side is still found."""
