@@ -446,23 +446,31 @@ class Replica:
         """False while nothing has looked at or changed `current` since the scan."""
         return self._current is not None
 
+    def settle(self) -> None:
+        """The first part of close(), which calls it again (then a no-op): drop unfinished
+        temps, put the fresh directories in place (what was committed in them: an interrupted
+        run keeps it, as ever) and flush the run's new names. From here on `current` is what
+        close() saves (the agent reads it here, to send the master its rows while it saves).
+        Raises ItemIOError when the flush fails (the cache must then not be saved)."""
+        if self._prewalk is not None:
+            self._prewalk.cancel()
+            self._prewalk = None
+        self._drop_uncommitted()  # (first: an uncommitted file in a fresh directory too)
+        if self._fresh and self.root_fd >= 0:
+            self.publish()
+        if (self._unflushed or self._unflushed_many) and self.root_fd >= 0:
+            try:
+                self._flush_entries()  # before the cache that records those entries is saved
+            except OSError as e:  # not saved: the old cache stays (stat checks catch staleness)
+                raise ItemIOError(f"{STATE_DIR}/{CACHE}", "flush the run's renames", e) from None
+
     def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> str:
         """Drop unfinished temps, save the cache of what the replica now holds, release the lock.
 
         Returns the generation id of the saved cache ("" when nothing was saved)."""
         generation = ""
-        if self._prewalk is not None:
-            self._prewalk.cancel()
-            self._prewalk = None
         try:
-            self._drop_uncommitted()  # (first: an uncommitted file in a fresh directory too)
-            if self._fresh and self.root_fd >= 0:
-                self.publish()  # what was committed in them (an interrupted run keeps it, as ever)
-            if (self._unflushed or self._unflushed_many) and self.root_fd >= 0:
-                try:
-                    self._flush_entries()  # before the cache that records those entries is saved
-                except OSError as e:  # not saved: the old cache stays (stat checks catch staleness)
-                    raise ItemIOError(f"{STATE_DIR}/{CACHE}", "flush the run's renames", e) from None
+            self.settle()
             untouched = (self._scan is not None and self.scan_unchanged and self.cache is not None
                          and self.cache.generation
                          and (not self._scan.fingerprint or self._scan.fingerprint == self.cache.fingerprint)

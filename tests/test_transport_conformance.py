@@ -321,6 +321,67 @@ def test_conflict_replica_changed_between_scan_and_commit(make, tmp_path):
     treecmp.assert_trees_equal(m, r)
 
 
+def _saved_and_remembered(t, r) -> tuple[list, list]:
+    """(the replica's saved cache, the master's copy of it) as wire rows; the copy only for a
+    remote transport (its _cache_file), else the cache twice."""
+    from dirsync.chunking import CHUNKER_ID
+    from dirsync.state import load_manifest_file
+
+    saved = load_manifest_file(str(r / ".dirsync" / "manifest"), CHUNKER_ID)
+    assert saved.status == "ok", saved.reason
+    copy = getattr(t, "_cache_file", None)
+    if copy is None:
+        return wire(saved.saved.manifest), wire(saved.saved.manifest)
+    got = load_manifest_file(copy, CHUNKER_ID)
+    assert got.status == "ok", got.reason
+    assert got.saved.generation == saved.saved.generation
+    return wire(saved.saved.manifest), wire(got.saved.manifest)
+
+
+def test_the_masters_copy_is_the_saved_cache_after_each_kind_of_run(make, tmp_path):
+    """The agent sends its rows for the master's copy of the saved manifest before it saves
+    (the master takes them in meanwhile): they must be exactly what it saves, after a first
+    copy (most files go back as "written" paths), after a run whose new directory could not
+    be put in place (a file appeared at its name: its files are in neither), and after the
+    next run, which converges (a copy claiming them would make it skip them)."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    build_tree(m / "many", {f"f{i}.txt": f"file {i}\n" for i in range(300)})
+    t = make(r)
+    sync_with(t, m)
+    cache, copy = _saved_and_remembered(t, r)
+    assert cache == copy and len(cache) > 300
+    build_tree(m / "fresh", {f"f{i}.txt": f"new file {i}\n" for i in range(40)})
+    t = make(r)
+    mman = scan_tree(str(m)).manifest
+    summary = ReplicaSummary(replica=t.name)
+    with opened(t):
+        plan = diff(mman, t.scan([]).manifest, PlanOptions())
+        stop_at = next(i for i, a in enumerate(plan.actions) if isinstance(a, Commit)) + 1
+        assert stop_at < len(plan.actions), "the plan must have actions after the commit"
+        calls = []
+
+        def should_stop() -> bool:
+            calls.append(1)
+            if len(calls) == stop_at + 1:
+                write(r / "fresh", b"appeared meanwhile\n")
+            return len(calls) > stop_at
+
+        t.apply(plan.actions, MasterReader(os.path.realpath(m)), summary, should_stop)
+    assert read(r / "fresh") == b"appeared meanwhile\n"
+    assert ("fresh", "CONFLICT") in codes(summary), summary.errors
+    cache, copy = _saved_and_remembered(t, r)
+    assert cache == copy
+    assert not any(row[1].startswith(b"fresh/") for row in cache)
+
+    os.unlink(r / "fresh")
+    s = sync_with(make(r), m)
+    assert s.errors == []
+    treecmp.assert_trees_equal(m, r)
+    cache, copy = _saved_and_remembered(t, r)
+    assert cache == copy and sum(row[1].startswith(b"fresh/") for row in cache) == 40
+
+
 def _moved_and_edited(m, r, make) -> bytes:
     """old.bin synced and settled (trusted on both sides), then moved on the master to
     moved/new.bin with two small edits: planned as a write that copies most of its bytes from

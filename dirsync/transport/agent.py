@@ -21,7 +21,7 @@ import threading
 from dirsync import __version__, chunking
 from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
-from dirsync.manifest import Entry, FileEntry, ManifestFormatError, changed_entries, encode_rows
+from dirsync.manifest import _FSENC, FileEntry, ManifestFormatError, changed_entries, encode_rows
 from dirsync.plan import Action, Commit, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica, warm_up
 from dirsync.runtime import gc_paused, widen_pipe
@@ -411,38 +411,57 @@ class Agent:
     def close(self, save: bool) -> None:
         r = self._need()
         touched = r.touched  # False: no action ran, the replica is as scanned
-        scanned = r.scanned.entries if touched and r.scanned is not None else {}
-        current = dict(r.current) if touched else {}
         self.replica = None
         error: ItemError | None = None
+        try:
+            r.settle()  # from here on r.current is what r.close saves
+        except ItemError as e:  # (raised again by r.close, which then saves nothing)
+            error = e
+        except OSError as e:
+            error = ItemIOError("", "close replica", e)
+        if touched and save and not r.readonly and error is None:
+            # The rows first, then the save: the master takes them in while this side encodes
+            # and writes its cache (100,000 rows: ~0.3 s each side, one after the other before).
+            # The master keeps them only if "closed" names the generation they were saved under.
+            self._send_changes(r)
         try:
             gen = r.close(save=save)
         except ItemError as e:  # e.g. the cache could not be saved: the lock is released all the same
             gen, error = "", e
         except OSError as e:
             gen, error = "", ItemIOError("", "close replica", e)
-        if gen and touched:
-            changed = changed_entries(scanned, current)
-            removed = [os.fsencode(p) for p in scanned if p not in current]
-            # A file now exactly as the master sent it goes back as its path only: the master
-            # still has the row (for a large file, thousands of chunk digests).
-            written, derived = self.written, self._derived
-            as_sent: list[bytes] = []
-            rest: list = []
-            for e in changed:
-                w = written.get(e.path)
-                if w is not None and (w == e or e.path in derived and _same_but_digests(w, e)):
-                    as_sent.append(os.fsencode(e.path))
-                else:
-                    rest.append(e)
-            changed = rest
-            self._send_rows(changed, removed)
-            for i in range(0, len(as_sent), proto.ROWS_PER_FRAME):
-                self.send({"t": "written", "paths": as_sent[i:i + proto.ROWS_PER_FRAME]})
         msg: dict[str, Any] = {"t": "closed", "gen": gen, "fp": r.closed_fingerprint if gen else b""}
         if error is not None:
             msg["error"] = proto.enc_item_error(error)
         self.send(msg)
+
+    def _send_changes(self, r: Replica) -> None:
+        """What the run changed against the scan, for the master's copy of the saved manifest."""
+        scanned = r.scanned.entries if r.scanned is not None else {}
+        current = r.current
+        changed = changed_entries(scanned, current)
+        removed = [os.fsencode(p) for p in scanned if p not in current]
+        # A file now exactly as the master sent it goes back as its path only: the master
+        # still has the row (for a large file, thousands of chunk digests).
+        derived, get = self._derived, self.written.get
+        as_sent: list[bytes] = []
+        rest: list = []
+        for e in changed:
+            p = e.path
+            w = get(p)
+            # w == e, or for a derived write the same but for the chunk digests (the master has
+            # the real ones), inline: an initial copy of 100,000 files asks this of every one
+            # (Record.__eq__ and a second test for derived writes: 2.3 us a file, 0.23 s).
+            if (w is not None and e.__class__ is FileEntry and w.size == e.size and w.digest == e.digest
+                    and w.mtime_ns == e.mtime_ns and w.mode == e.mode and w.avg == e.avg
+                    and (w.held_sizes is e.held_sizes or w.sizes == e.sizes)
+                    and (p in derived or w.digests == e.digests)):
+                as_sent.append(p.encode(_FSENC, "surrogateescape"))  # (os.fsencode, inline)
+            else:
+                rest.append(e)
+        self._send_rows(rest, removed)
+        for i in range(0, len(as_sent), proto.ROWS_PER_FRAME):
+            self.send({"t": "written", "paths": as_sent[i:i + proto.ROWS_PER_FRAME]})
 
     def _scanned_file(self, src: str) -> FileEntry | None:
         """Replica file `src` as scanned this session (None: not a file then)."""
@@ -785,16 +804,6 @@ def _excluder(patterns: list[str]) -> Excluder:
         raise
     except Exception as e:  # pathspec's own errors for a malformed pattern
         raise ProtocolError(f"bad exclude pattern: {e}"[:300]) from None
-
-
-def _same_but_digests(w: FileEntry, e: Entry) -> bool:
-    """A derived write (its chunk digests were a placeholder; the master holds the real ones,
-    which the writer computed again) that ended up exactly as sent."""
-    if e.__class__ is not FileEntry:
-        return False
-    f: FileEntry = e  # type: ignore[assignment]
-    return (w.size == f.size and w.digest == f.digest
-            and (w.path, w.mode, w.mtime_ns, w.avg, w.sizes) == (f.path, f.mode, f.mtime_ns, f.avg, f.sizes))
 
 
 def main() -> int:
