@@ -415,8 +415,8 @@ class Agent:
         error: ItemError | None = None
         try:
             r.settle()  # from here on r.current is what r.close saves
-        except ItemError as e:  # (raised again by r.close, which then saves nothing)
-            error = e
+        except ItemError as e:  # (e.g. its flush failed: then nothing is saved, even if a retry
+            error = e           # in close would pass, since the master got no rows for it)
         except OSError as e:
             error = ItemIOError("", "close replica", e)
         if touched and save and not r.readonly and error is None:
@@ -425,7 +425,7 @@ class Agent:
             # The master keeps them only if "closed" names the generation they were saved under.
             self._send_changes(r)
         try:
-            gen = r.close(save=save)
+            gen = r.close(save=save and error is None)
         except ItemError as e:  # e.g. the cache could not be saved: the lock is released all the same
             gen, error = "", e
         except OSError as e:
