@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -380,6 +381,53 @@ def test_the_masters_copy_is_the_saved_cache_after_each_kind_of_run(make, tmp_pa
     treecmp.assert_trees_equal(m, r)
     cache, copy = _saved_and_remembered(t, r)
     assert cache == copy and sum(row[1].startswith(b"fresh/") for row in cache) == 40
+
+
+_SETTLE_FAILS_ONCE = """
+import errno, os, sys, runpy
+import dirsync.replica as rm
+real, seen = rm.Replica.settle, []
+def settle(self):
+    if self.touched and not seen:  # the agent's close: its flush reports EIO, a retry would pass
+        seen.append(1)
+        raise rm.ItemIOError(".dirsync/manifest", "flush the run's renames", OSError(errno.EIO, os.strerror(errno.EIO)))
+    return real(self)
+rm.Replica.settle = settle
+sys.argv[0] = "dirsync"
+runpy.run_module("dirsync", run_name="__main__")
+"""
+
+
+def test_an_agent_whose_close_cannot_flush_saves_nothing_and_the_master_forgets_its_copy(tmp_path):
+    """If the agent's close cannot flush the run's names, it sends no rows and saves no cache,
+    even though a second try (inside Replica.close) would pass: a cache saved under a new
+    generation the master got no rows for would leave the master's copy claiming it without
+    this run's changes. The master drops its copy, and the next run converges from a full scan."""
+    from remote_helpers import REPO_ROOT, agent_env
+
+    from dirsync.transport.pipe import SubprocessChannel
+    from dirsync.transport.remote import RemoteTransport
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    initial(m)
+    sync_with(pipe_transport(r), m)
+    copy = pipe_transport(r)._cache_file
+    assert os.path.exists(copy)
+    before = read(r / ".dirsync" / "manifest")
+    write(m / "a.txt", b"changed on the master\n")
+    build_tree(m / "newdir", {"n.txt": b"new\n"})
+    argv = [sys.executable, "-c", _SETTLE_FAILS_ONCE, "agent"]
+    t = RemoteTransport(f"localhost:{r}", TransportOptions(),
+                        channel_factory=lambda: SubprocessChannel(argv, env=agent_env(), cwd=REPO_ROOT))
+    with pytest.raises(ItemError, match="Input/output error"):
+        sync_with(t, m)
+    assert read(r / ".dirsync" / "manifest") == before, "the agent saved a cache after a failed flush"
+    assert not os.path.exists(copy), "the master kept a copy of a manifest it got no rows for"
+    s = sync_with(pipe_transport(r), m)
+    assert s.errors == []
+    treecmp.assert_trees_equal(m, r)
+    cache, copy_rows = _saved_and_remembered(pipe_transport(r), r)
+    assert cache == copy_rows
 
 
 def _moved_and_edited(m, r, make) -> bytes:
