@@ -8,6 +8,7 @@ measured with a counting TCP proxy in front of sshd, next to the --json figures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -362,23 +363,35 @@ def test_moving_a_20mib_file_sends_nothing_over_ssh(sshd, tmp_path, capsys):
         proxy.close()
 
 
-def test_noop_scan_is_a_delta_on_the_wire(sshd, tmp_path, _private_state_home):
-    """After a sync both sides keep the replica manifest under one generation id, so the next
-    scan sends only the rows that changed: a no-op over a 3,000-file tree moves a few KiB (mostly
-    the SSH handshake), not the whole manifest, and a change made on the replica is still found."""
+@contextlib.contextmanager
+def _synced_through_a_proxy(sshd, tmp_path, tree: dict):
+    """A master built from `tree`, synced once to a replica reached through a byte-counting
+    proxy. Yields (master, replica, sync): sync() runs one more sync and returns the bytes
+    that came down the wire and the replica's JSON summary."""
     proxy = TcpProxy(sshd.port)
     try:
         cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
         args = ("--ssh-config", cfg, "--remote-cmd", remote_cmd())
         m, r = tmp_path / "m", tmp_path / "r"
-        build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(100)} for i in range(30)})
+        build_tree(m, tree)
         sync_json(m, f"via-proxy:{r}", args=args)
 
-        def down_bytes_of_a_sync() -> tuple[int, dict]:
+        def sync() -> tuple[int, dict]:
             d0 = proxy.counts()[1]
             _, out = sync_json(m, f"via-proxy:{r}", args=args)
             return proxy.counts()[1] - d0, out["replicas"][0]
 
+        yield m, r, sync
+    finally:
+        proxy.close()
+
+
+def test_noop_scan_is_a_delta_on_the_wire(sshd, tmp_path, _private_state_home):
+    """After a sync both sides keep the replica manifest under one generation id, so the next
+    scan sends only the rows that changed: a no-op over a 3,000-file tree moves a few KiB (mostly
+    the SSH handshake), not the whole manifest, and a change made on the replica is still found."""
+    tree = {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(100)} for i in range(30)}
+    with _synced_through_a_proxy(sshd, tmp_path, tree) as (m, r, down_bytes_of_a_sync):
         delta, rep = down_bytes_of_a_sync()
         assert rep["files_written"] == 0
         write(r / "d3/f7.txt", b"changed on the replica\n")
@@ -391,8 +404,6 @@ def test_noop_scan_is_a_delta_on_the_wire(sshd, tmp_path, _private_state_home):
         print(f"\nmanifest down: full {full} B, delta no-op {delta} B, delta with one change {delta_with_change} B")
         assert delta < 16 * KiB and delta * 10 < full, (full, delta)
         assert delta_with_change < 16 * KiB
-    finally:
-        proxy.close()
 
 
 def test_a_stale_or_torn_copy_of_the_replica_manifest_costs_only_a_full_scan(sshd, tmp_path, _private_state_home):
@@ -400,22 +411,12 @@ def test_a_stale_or_torn_copy_of_the_replica_manifest_costs_only_a_full_scan(ssh
     may be the version before (its rename lost) or unreadable. Either way the next run must
     converge, with the agent sending every row instead of a delta, and must miss nothing the
     replica changed meanwhile."""
-    proxy = TcpProxy(sshd.port)
-    try:
-        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
-        args = ("--ssh-config", cfg, "--remote-cmd", remote_cmd())
-        m, r = tmp_path / "m", tmp_path / "r"
-        build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(60)} for i in range(20)})
-        sync_json(m, f"via-proxy:{r}", args=args)
+    tree = {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(60)} for i in range(20)}
+    with _synced_through_a_proxy(sshd, tmp_path, tree) as (m, r, down_bytes_of_a_sync):
         copies = list((_private_state_home / "dirsync" / "replicas").glob("*.manifest"))
         assert len(copies) == 1
         copy = copies[0]
         before = copy.read_bytes()
-
-        def down_bytes_of_a_sync() -> tuple[int, dict]:
-            d0 = proxy.counts()[1]
-            _, out = sync_json(m, f"via-proxy:{r}", args=args)
-            return proxy.counts()[1] - d0, out["replicas"][0]
 
         write(m / "d1/f1.txt", b"edited on the master\n")
         _, rep = down_bytes_of_a_sync()
@@ -439,8 +440,6 @@ def test_a_stale_or_torn_copy_of_the_replica_manifest_costs_only_a_full_scan(ssh
         assert torn > 4 * delta, (torn, delta)
         again, rep = down_bytes_of_a_sync()
         assert rep["files_written"] == 0 and again < 2 * delta  # the copy was rebuilt
-    finally:
-        proxy.close()
 
 
 def test_clean_ssh_run_leaves_the_pair_in_step(sshd, tmp_path):
