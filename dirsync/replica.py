@@ -464,22 +464,31 @@ class Replica:
             except OSError as e:  # not saved: the old cache stays (stat checks catch staleness)
                 raise ItemIOError(f"{STATE_DIR}/{CACHE}", "flush the run's renames", e) from None
 
-    def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID) -> str:
+    def _untouched(self) -> bool:
+        """The saved cache is still exact: the scan matched it and nothing changed since."""
+        return bool(self._scan is not None and self.scan_unchanged and self.cache is not None
+                    and self.cache.generation
+                    and (not self._scan.fingerprint or self._scan.fingerprint == self.cache.fingerprint)
+                    and (self._current is None or self._current == self._scan.manifest.entries))
+
+    def will_save(self, save: bool = True) -> bool:
+        """Whether close(save=save) is to write a cache under a new generation (after settle)."""
+        return (not self._untouched() and save and not self.readonly and self.root_fd >= 0
+                and self._scan is not None and bool(self.current))
+
+    def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID, generation: str = "") -> str:
         """Drop unfinished temps, save the cache of what the replica now holds, release the lock.
+        `generation`: the id to save a new cache under (else a fresh random one).
 
         Returns the generation id of the saved cache ("" when nothing was saved)."""
-        generation = ""
+        new_generation, generation = generation, ""
         try:
             self.settle()
-            untouched = (self._scan is not None and self.scan_unchanged and self.cache is not None
-                         and self.cache.generation
-                         and (not self._scan.fingerprint or self._scan.fingerprint == self.cache.fingerprint)
-                         and (self._current is None or self._current == self._scan.manifest.entries))
-            if untouched:
+            if self._untouched():
                 generation = self.cache.generation  # nothing changed: the saved cache is still exact
                 self.closed_fingerprint = self.cache.fingerprint
-            elif save and not self.readonly and self.root_fd >= 0 and self._scan is not None and self.current:
-                generation = os.urandom(16).hex()
+            elif self.will_save(save):
+                generation = new_generation or os.urandom(16).hex()
                 scanned = self._scan.manifest
                 fp = fingerprint_update(self._scan.fingerprint, scanned.entries, self.current) \
                     if self._scan.fingerprint else fingerprint(self.current)

@@ -430,6 +430,48 @@ def test_an_agent_whose_close_cannot_flush_saves_nothing_and_the_master_forgets_
     assert cache == copy_rows
 
 
+def test_a_close_whose_save_fails_after_saying_its_generation_leaves_no_copy(tmp_path):
+    """An agent that says "saving" (the master then saves its copy under that generation while
+    the agent saves) and then cannot save (its disk filled up) answers with no generation: the
+    master must drop the copy it saved meanwhile, and the next run converges from a full scan."""
+    try:
+        from test_faults import tiny_tmpfs
+    except ImportError:
+        from tests.test_faults import tiny_tmpfs
+
+    m = tmp_path / "m"
+    build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" * 20 for j in range(40)} for i in range(10)})
+    with tiny_tmpfs("8m") as root:
+        r = tmp_path / "r"
+        os.symlink(root, r)  # (the replica root may be reached through a symlink)
+        sync_with(pipe_transport(r), m)
+        t = pipe_transport(r)
+        copy = t._cache_file
+        assert os.path.exists(copy)
+        before = read(r / ".dirsync" / "manifest")
+        build_tree(m / "more", {f"g{j}.txt": f"more {j}\n" for j in range(200)})
+        mman = scan_tree(str(m)).manifest
+        summary = ReplicaSummary(replica=t.name)
+        t.open()
+        plan = diff(mman, t.scan([]).manifest, PlanOptions())
+        t.apply(plan.actions, MasterReader(os.path.realpath(m)), summary)
+        assert summary.errors == []
+        filler = r / ".dirsync" / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        with pytest.raises(ItemError, match="No space left on device"):
+            t.close()
+        assert read(r / ".dirsync" / "manifest") == before
+        assert not os.path.exists(copy), "the master kept the copy it saved under a generation never saved"
+        os.unlink(filler)
+        s = sync_with(pipe_transport(r), m)
+        assert s.errors == []
+        treecmp.assert_trees_equal(m, r)
+        cache, copy_rows = _saved_and_remembered(pipe_transport(r), r)
+        assert cache == copy_rows
+
+
 def _moved_and_edited(m, r, make) -> bytes:
     """old.bin synced and settled (trusted on both sides), then moved on the master to
     moved/new.bin with two small edits: planned as a write that copies most of its bytes from

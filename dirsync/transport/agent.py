@@ -92,6 +92,7 @@ class Agent:
         self._held = bytearray()  # outcome frames not written yet (see send)
         self._outbox: Any = None  # called first by flush(): the action loop's gathered outcomes
         self._dw = False  # the master takes done writes as path lists ("dw": it said so in its hello)
+        self._sg = False  # the master takes "saving" (the generation ahead of the save at close: "sg")
         self._zb: Any = None  # zstd stream for held outcomes: True once the master's hello lists "zb",
         # the stream itself from the first batch on (importing zstandard costs ~10 ms: a no-op need not)
         self.replica: Replica | None = None
@@ -182,6 +183,7 @@ class Agent:
             if "zb" in theirs:
                 self._zb = True
             self._dw = "dw" in theirs
+            self._sg = "sg" in theirs
             ping_ms = peer.get("ping_ms")
             if ping_ms is not None:
                 self.ping_s = max(PING_MIN_S, min(PING_S, v_int(ping_ms, 0, 3_600_000) / 1000))
@@ -419,13 +421,18 @@ class Agent:
             error = e           # in close would pass, since the master got no rows for it)
         except OSError as e:
             error = ItemIOError("", "close replica", e)
+        generation = ""
         if touched and save and not r.readonly and error is None:
             # The rows first, then the save: the master takes them in while this side encodes
             # and writes its cache (100,000 rows: ~0.3 s each side, one after the other before).
-            # The master keeps them only if "closed" names the generation they were saved under.
+            # The master keeps them only if "closed" names the generation they were saved under;
+            # a master that takes "saving" saves its copy under that one meanwhile.
             self._send_changes(r)
+            if self._sg and r.will_save(save):
+                generation = os.urandom(16).hex()
+                self.send({"t": "saving", "gen": generation})
         try:
-            gen = r.close(save=save and error is None)
+            gen = r.close(save=save and error is None, generation=generation)
         except ItemError as e:  # e.g. the cache could not be saved: the lock is released all the same
             gen, error = "", e
         except OSError as e:

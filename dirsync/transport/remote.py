@@ -333,7 +333,7 @@ class RemoteTransport:
         self.watchdog = threading.Thread(target=self._watch, name=f"dirsync-watchdog {self.name}", daemon=True)
         self.watchdog.start()
         ping_ms = int(min(PING_S, self.timeout / 4) * 1000)
-        self._send(hello(__version__, ping_ms=ping_ms, features=["zb", "dw"]), flush=True)
+        self._send(hello(__version__, ping_ms=ping_ms, features=["zb", "dw", "sg"]), flush=True)
         self._hello_sent = True
         if wait:
             self._hello_wait()
@@ -429,8 +429,10 @@ class RemoteTransport:
             raise self._fail(ProtocolError(f"{self.ep}: expected {t!r}, got {str(m.get('t'))[:40]!r}"))
         return m
 
-    def _rows_until(self, end: str, changed: dict, removed: list[str]) -> dict:
-        """Collect `rows`/`removed` frames until the `end` message, which is returned."""
+    def _rows_until(self, end: str, changed: dict, removed: list[str],
+                    saving: Callable[[str], None] | None = None) -> dict:
+        """Collect `rows`/`removed` frames until the `end` message, which is returned.
+        `saving(gen)`: for a close, called on the agent's "saving" (its rows are all in)."""
         while True:
             m = self._recv()
             t = m.get("t")
@@ -444,6 +446,8 @@ class RemoteTransport:
                     if w is None:
                         raise self._fail(ProtocolError(f"{self.ep}: agent reports {p!r} as written, but it was not sent"))
                     changed[p] = w
+            elif t == "saving" and saving is not None:
+                saving(v_str(m.get("gen", ""), 64))
             elif t == end:
                 return m
             else:
@@ -772,13 +776,21 @@ class RemoteTransport:
                 self._send({"t": "close", "save": save}, flush=True)
                 changed: dict = {}
                 removed: list[str] = []
-                m = self._rows_until("closed", changed, removed)
+                saved_as: list[str] = []
+
+                def saving(gen: str) -> None:  # the agent saves under `gen` now: save our copy meanwhile
+                    if gen and not self._readonly:
+                        self._remember(gen, changed, removed)
+                        saved_as.append(gen)
+
+                m = self._rows_until("closed", changed, removed, saving)
                 gen = v_str(m.get("gen", ""), 64)
                 fp = v_bytes(m.get("fp", b""), 64)  # absent from older agents
                 if m.get("error") is not None:
                     error = proto.dec_item_error(m.get("error"))
                 if not self._readonly:  # a read-only session saved nothing: our copy still matches
-                    self._remember(gen, changed, removed)
+                    if not (gen and saved_as == [gen]):  # (else saved already, under this very id)
+                        self._remember(gen, changed, removed)
                     self.closed_fingerprint = fp if gen and error is None else b""
                 self._send({"t": "bye"}, flush=True)
         except (ConnectError, ProtocolError, OSError):
