@@ -473,8 +473,10 @@ class Replica:
 
     def will_save(self, save: bool = True) -> bool:
         """Whether close(save=save) is to write a cache under a new generation (after settle)."""
-        return (not self._untouched() and save and not self.readonly and self.root_fd >= 0
-                and self._scan is not None and bool(self.current))
+        return not self._untouched() and self._may_save(save)
+
+    def _may_save(self, save: bool) -> bool:
+        return save and not self.readonly and self.root_fd >= 0 and self._scan is not None and bool(self.current)
 
     def close(self, *, save: bool = True, chunker: str = chunking.CHUNKER_ID, generation: str = "") -> str:
         """Drop unfinished temps, save the cache of what the replica now holds, release the lock.
@@ -487,7 +489,7 @@ class Replica:
             if self._untouched():
                 generation = self.cache.generation  # nothing changed: the saved cache is still exact
                 self.closed_fingerprint = self.cache.fingerprint
-            elif self.will_save(save):
+            elif self._may_save(save):  # (not untouched: will_save)
                 generation = new_generation or os.urandom(16).hex()
                 scanned = self._scan.manifest
                 fp = fingerprint_update(self._scan.fingerprint, scanned.entries, self.current) \
