@@ -525,3 +525,49 @@ def test_a_large_replica_walked_by_the_agent_in_two_processes_stays_exact(sshd, 
     settle(r)
     rep = ssh_synced(sshd, m, spec, r)
     assert rep["files_written"] == 6 and rep["files_deleted"] == 1
+
+
+def test_a_plan_made_while_the_agent_walks_stands_only_for_the_replica_it_expected(sshd, tmp_path, monkeypatch):
+    """While the agent walks its tree, the master plans against its copy of the replica's
+    manifest (sync._guess_plan). That plan is taken when the agent finds its tree as its cache
+    has it, and planned again from the agent's answer when the replica changed behind the
+    master's back: a replica file edited there must still be put back."""
+    import shlex
+    import sys
+
+    from dirsync import sync as sync_mod
+    from dirsync.progress import Reporter
+    from dirsync.transport import TransportOptions
+
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {f"d{i}": {f"f{j}.txt": f"{i}/{j}\n" for j in range(30)} for i in range(4)})
+    settle(m)
+    ssh_synced(sshd, m, ssh_spec(sshd, r), r)
+    # An agent that answers a scan a second late: the master is sure to be waiting for it.
+    slow = ("Agent.scan = (lambda f: lambda self, msg: (__import__('time').sleep(1.0), f(self, msg))[1])"
+            "(a.Agent.scan)")
+    code = (f"import sys, runpy; import dirsync.transport.agent as a; a.{slow}; "
+            "sys.argv[0] = 'dirsync'; runpy.run_module('dirsync', run_name='__main__')")
+    cmd = f"env PYTHONPATH={shlex.quote(REPO_ROOT)} {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    cfg = sync_mod.SyncConfig(master=str(m), replicas=(ssh_spec(sshd, r),),
+                              transport=TransportOptions(ssh_config=sshd.ssh_config_path, remote_cmd=cmd))
+    guesses, plans = [], []
+    real_guess, real_diff = sync_mod._guess_plan, sync_mod.diff
+    monkeypatch.setattr(sync_mod, "_guess_plan", lambda *a: guesses.append(real_guess(*a)) or guesses[-1])
+    monkeypatch.setattr(sync_mod, "diff", lambda *a, **k: plans.append(a[1]) or real_diff(*a, **k))
+
+    write(m / "d1/f1.txt", b"edited on the master\n")
+    run = sync_mod.run_sync(cfg, Reporter(quiet=True))
+    assert run.exit_code == 0 and run.replicas[0].files_written == 1
+    assert len(guesses) == 1 and guesses[0] is not None  # planned while the agent walked ...
+    assert plans == [guesses[0][0]]  # ... and that plan was the one carried out
+    treecmp.assert_trees_equal(m, r)
+
+    guesses.clear(), plans.clear()
+    write(m / "d2/f2.txt", b"edited on the master again\n")
+    write(r / "d3/f3.txt", b"changed on the replica behind the master's back\n")
+    run = sync_mod.run_sync(cfg, Reporter(quiet=True))
+    assert run.exit_code == 0 and run.replicas[0].files_written == 2, run.replicas[0]
+    assert len(guesses) == 1 and guesses[0] is not None
+    assert len(plans) == 2 and plans[1] is not guesses[0][0]  # planned again, from the agent's answer
+    treecmp.assert_trees_equal(m, r)
