@@ -319,8 +319,6 @@ def _replica_turn(cfg: SyncConfig, master_real: str, patterns: list[str], mscan:
                 lock, transport = opened.lock, opened.transport
                 if opened.error is not None:
                     raise opened.error
-                if _plan_likely(cfg, mscan, spec):
-                    transport.will_plan()  # type: ignore[union-attr]
                 info = transport.open_finish()  # type: ignore[union-attr]
             else:
                 if not cfg.dry_run:
@@ -468,7 +466,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             reporter.warn(f"{cfg.master} -> {t.name}: {w}")
         last = _last_in_step(cfg, t.name) if mscan.fingerprint else None
         guess = None
-        if _plan_likely(cfg, mscan, t.name, last):
+        if last is None or last.get("master") != mscan.fingerprint.hex():
             t.expect_plan()  # not in step before: a plan follows (unless the replica got there itself)
             guess = _guess_plan(cfg, mscan, cache_ok, t, info)
         rscan = t.scan(patterns)
@@ -531,14 +529,6 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
     fp = getattr(t, "closed_fingerprint", b"") if done is not None else b""
     if fp:
         summary.in_step = {**done, "replica": fp.hex()}
-
-
-def _plan_likely(cfg: SyncConfig, mscan: ScanResult, name: str, last: dict | None | bool = False) -> bool:
-    """Whether the master changed since this pair was last found in step, so that a plan follows
-    (unless the replica got there itself). `last`: its in-step record, when read already."""
-    if last is False:
-        last = _last_in_step(cfg, name) if mscan.fingerprint else None
-    return last is None or last.get("master") != mscan.fingerprint.hex()  # type: ignore[union-attr]
 
 
 def _plan_options(mscan: ScanResult, info, deletes_ok: bool) -> PlanOptions:

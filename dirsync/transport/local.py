@@ -45,9 +45,6 @@ class LocalTransport:
         assert self.replica is not None
         self.replica.prewalk(self._excluder)
 
-    def will_plan(self) -> None:
-        """See RemoteTransport.will_plan: nothing to do here (no far side to wait for)."""
-
     def open_finish(self) -> OpenInfo:
         info, self._info = self._info, None
         assert info is not None

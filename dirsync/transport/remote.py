@@ -27,7 +27,7 @@ from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, SavedMani
 from dirsync.plan import Action, Commit, CopyOp, SendOp, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import ScanResult
-from dirsync.state import CacheLoad, load_manifest_file, save_manifest_file, state_home, _key
+from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
 from dirsync.transport import proto
 from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hello, encode, hello, v_bool, v_bytes,
@@ -99,7 +99,6 @@ class RemoteTransport:
         self._hello_sent = False
         self._opener: threading.Thread | None = None  # see open_start
         self._opened: OpenInfo | BaseException | None = None
-        self._early_copy: CacheLoad | None = None  # see open_start
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for the session's write rows, and data with --compress
         self._rz = False  # the agent takes write rows in that stream (it said "rz" in its hello)
@@ -292,8 +291,6 @@ class RemoteTransport:
         self._readonly = readonly
         with self._shutdown_on_error():
             self._start(wait=False)
-        # Our copy of the replica's manifest, mapped now (not decoded) for will_plan; scan_start takes it.
-        self._early_copy = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
         self._opener = threading.Thread(target=self._open_and_scan, args=(list(patterns), init, readonly),
                                         name=f"dirsync-open {self.name}", daemon=True)
         self._opener.start()
@@ -307,20 +304,6 @@ class RemoteTransport:
             self.scan_start(patterns)
         except BaseException as e:  # handed to open_finish, in the owner's thread
             self._opened = e
-
-    def will_plan(self) -> None:
-        """A hint, given before open_finish: the master changed since this pair was last found in
-        step, so a plan is likely. While the far side still starts up (its login shell, Python),
-        decode our copy of the replica's manifest, which expect_plan would decode later, when
-        this side's planning is what the run waits for."""
-        saved = self.base
-        if saved is None and self._early_copy is not None:
-            saved = self._early_copy.saved
-        if saved is not None and self._opener is not None and self._opener.is_alive():
-            try:
-                saved.manifest  # noqa: B018 (decoded once, kept)
-            except ManifestFormatError:
-                pass  # reported by _base_manifest if the answer needs it
 
     def open_finish(self) -> OpenInfo:
         """The OpenInfo of open_start (raising what went wrong there); the scan is under way."""
@@ -474,9 +457,7 @@ class RemoteTransport:
         """Ask the agent to scan now and collect the answer in scan(): the far side walks its
         tree while this side does other work (the master scan, the other two-way side)."""
         try:
-            load, self._early_copy = self._early_copy, None
-            if load is None:
-                load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
+            load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
             self.base = load.saved
             base_gen = self.base.generation if self.base is not None else ""
             self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
