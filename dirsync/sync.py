@@ -465,10 +465,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             summary.warn(w)
             reporter.warn(f"{cfg.master} -> {t.name}: {w}")
         last = _last_in_step(cfg, t.name) if mscan.fingerprint else None
-        guess = None
         if last is None or last.get("master") != mscan.fingerprint.hex():
             t.expect_plan()  # not in step before: a plan follows (unless the replica got there itself)
-            guess = _guess_plan(cfg, mscan, cache_ok, t, info)
         rscan = t.scan(patterns)
         for e in rscan.errors:
             summary.failed(e.path, e)
@@ -485,15 +483,17 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
                 summary.status = "dry-run"
             ok = True
             return
-        opts = _plan_options(mscan, info, deletes_ok)
-        mman = _master_for(mscan, info)
-        if mman is not mscan.manifest and len(mman.entries) != len(mscan.manifest.entries):
-            summary.warn(f"master entries under {', '.join(info.reserved)} are not synced: "
-                         "the replica keeps its backups there")
-        if guess is not None and guess[0] is rscan.manifest and guess[1] == opts:
-            plan = guess[2]  # the replica is as expected: the plan made while waiting stands
-        else:
-            plan = diff(mman, rscan.manifest, opts)
+        small = {"commit_replaced": REPLACED_BATCH} if info.frees_linger else {}  # (see REPLACED_BATCH)
+        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), **small)
+        mman = mscan.manifest
+        if info.reserved:  # the replica's own backup dir: nothing of the master goes there
+            from dirsync.verify import filter_manifest
+
+            mman = filter_manifest(mman, [], info.reserved)
+            if len(mman.entries) != len(mscan.manifest.entries):
+                summary.warn(f"master entries under {', '.join(info.reserved)} are not synced: "
+                             "the replica keeps its backups there")
+        plan = diff(mman, rscan.manifest, opts)
         plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:
             summary.warn(f"skipped {display_path(path)}: {why}")
@@ -529,34 +529,6 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
     fp = getattr(t, "closed_fingerprint", b"") if done is not None else b""
     if fp:
         summary.in_step = {**done, "replica": fp.hex()}
-
-
-def _plan_options(mscan: ScanResult, info, deletes_ok: bool) -> PlanOptions:
-    small = {"commit_replaced": REPLACED_BATCH} if info.frees_linger else {}  # (see REPLACED_BATCH)
-    return PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), **small)
-
-
-def _master_for(mscan: ScanResult, info) -> Manifest:
-    """The master's manifest less what lies in the replica's own backup dir (none of it goes there)."""
-    if not info.reserved:
-        return mscan.manifest
-    from dirsync.verify import filter_manifest
-
-    return filter_manifest(mscan.manifest, [], info.reserved)
-
-
-def _guess_plan(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, t: Transport, info) -> tuple | None:
-    """Plan against the replica's manifest as the transport expects its scan to report it (an SSH
-    replica: our copy of its last saved manifest), made while this side would wait idle for the
-    far side's walk. Returns (that manifest, the options, the plan): _sync_one takes the plan
-    only if the scan reports that very manifest object (the far side found its tree as its
-    cache has it) and the options it would plan with are the same (diff is pure: the same
-    inputs make the same plan). None when there is nothing to expect or the answer is in."""
-    expected = t.expected_manifest()
-    if expected is None:
-        return None
-    opts = _plan_options(mscan, info, cfg.delete and cache_ok and info.deletes_allowed)
-    return expected, opts, diff(_master_for(mscan, info), expected, opts)
 
 
 def _in_step_key(mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info, after: bool = False) -> dict | None:

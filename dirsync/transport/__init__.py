@@ -47,8 +47,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Sequence
 
-    from dirsync.manifest import Manifest
-
 
 class TransportOptions(Record):
     _fields = (
@@ -93,7 +91,6 @@ class Transport:
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo: ...
     def expect_plan(self) -> None: ...  # a hint before scan(): a plan will follow
-    def expected_manifest(self) -> Manifest | None: ...  # what scan() will likely report, if known now
     def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult: ...
     def apply(self, actions: Sequence[Action], master: MasterReader, sink: Sink,
               should_stop: Callable[[], bool] = lambda: False) -> None: ...

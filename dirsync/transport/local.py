@@ -54,11 +54,6 @@ class LocalTransport:
         """See RemoteTransport.expect_plan: nothing to do here (this process walks the master
         while a child walks the replica; it has no idle time to decode in)."""
 
-    def expected_manifest(self) -> None:
-        """See RemoteTransport.expected_manifest: no guess here (the replica's walk runs beside
-        the master's, and its answer is in by the time this side could plan)."""
-        return None
-
     def scan(self, patterns: list[str], *, fresh: bool = False) -> ScanResult:
         assert self.replica is not None
         ex = self._excluder if self._excluder is not None and list(patterns) == self._patterns else Excluder(patterns)

@@ -495,18 +495,6 @@ class RemoteTransport:
         if self._rz:
             __import__("zstandard")  # loaded now: the writes' rows go through it
 
-    def expected_manifest(self) -> Manifest | None:
-        """After expect_plan, while the scan's answer is still out: our copy of the replica's
-        manifest, which that answer returns as is when the agent finds its tree as its cache
-        has it (_scan_finish: "nothing changed there"). The caller may plan against it while it
-        would wait; None when there is no copy, it does not decode, or the answer has begun."""
-        if self.base is None or self._scan_pending is None or not self.inbox.empty():
-            return None
-        try:
-            return self.base.manifest
-        except ManifestFormatError:
-            return None  # _base_manifest reports it if the answer needs the copy
-
     def _scan_finish(self) -> ScanResult:
         self._scan_pending = None
         base_gen = self.base.generation if self.base is not None else ""
