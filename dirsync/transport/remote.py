@@ -30,7 +30,7 @@ from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
 from dirsync.transport import proto
-from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hello, encode, hello, v_bool, v_bytes,
+from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hello, data_frame_head, encode, hello, v_bool, v_bytes,
                                    v_list, v_map, v_str)
 
 TYPE_CHECKING = False
@@ -40,6 +40,10 @@ if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): n
 PULL_WINDOW = 8 << 20  # two-way: bytes requested from a remote side at a time
 INLINE_MAX = 64 << 10  # send-op data up to this size travels inside the write message
 FLUSH_AT = 256 << 10  # coalesce small frames into writes of about this size
+# A data message with at least this many bytes is sent without copying them into the send buffer
+# (_send_data). Each of the four copies of a piece of up to 8 MiB took fresh memory: a first copy
+# of the 1.4 GB mixed tree made 267,000 page faults in the master with them, 72,000 without.
+DIRECT_DATA = 64 << 10
 BATCH_LIMIT = 16 << 20  # bytes an outcome batch from the agent ("zb") may inflate to
 IO_TIMEOUT_S = 60.0  # the agent pings every 5 s; this long without a byte means the link is dead
 IO_TIMEOUT_ENV = "DIRSYNC_IO_TIMEOUT"  # seconds; overrides IO_TIMEOUT_S (tests, very slow links)
@@ -638,7 +642,7 @@ class RemoteTransport:
         self._send(msg)
         try:
             for piece in master.sends(w):
-                self._send(self._data(piece))
+                self._send_data(piece)
             self._send({"t": "end"})
         except ItemError as e:
             self._send({"t": "abort"})
@@ -680,9 +684,19 @@ class RemoteTransport:
             self._zdata = False
         return self._zc.compress(blob) + self._zc.flush(self._zflush)
 
-    def _data(self, piece: bytes) -> dict:
+    def _send_data(self, piece: bytes) -> None:
+        """Send one "data" message. A large one goes to the channel as it is, after its frame's
+        head (wire.data_frame_head): not packed, prefixed and buffered, each a copy of it."""
         b, z = self._pack(piece)
-        return {"t": "data", "b": b, "z": True} if z else {"t": "data", "b": b}
+        if len(b) < DIRECT_DATA:
+            self._send({"t": "data", "b": b, "z": True} if z else {"t": "data", "b": b})
+            return
+        self.out += data_frame_head(len(b), z)
+        self._flush()
+        try:
+            self.chan.send(b)
+        except Exception as e:
+            raise self._as_lost(e) from None
 
     def _pack(self, piece: bytes) -> tuple[bytes, bool]:
         """(bytes to send, compressed?). Compressed data continues the session's zstd stream

@@ -34,6 +34,7 @@ __all__ = [
     "FrameDecoder",
     "ProtocolError",
     "check_hello",
+    "data_frame_head",
     "encode",
     "errno_to_code",
     "hello",
@@ -85,6 +86,26 @@ def encode(msg: Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> bytes:
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
     return _HEADER.pack(len(body)) + body
+
+
+_DATA_HEAD = {False: b"\x82\xa1t\xa4data\xa1b", True: b"\x83\xa1t\xa4data\xa1z\xc3\xa1b"}
+
+
+def data_frame_head(n: int, z: bool = False) -> bytes:
+    """The start of encode({"t": "data", "b": payload} (with "z": True when `z`)) for a payload
+    of `n` bytes: the frame header and the body up to the payload, which the caller sends
+    right after it ("b" comes last): the same message, without copying a large payload into a
+    frame (packing, prefixing and buffering each copied it: four copies of every byte sent)."""
+    if n < 256:
+        bin_head = b"\xc4" + n.to_bytes(1, "big")
+    elif n < 65536:
+        bin_head = b"\xc5" + n.to_bytes(2, "big")
+    else:
+        bin_head = b"\xc6" + n.to_bytes(4, "big")
+    head = _DATA_HEAD[bool(z)] + bin_head
+    if len(head) + n > MAX_FRAME:
+        raise ProtocolError(f"message of {len(head) + n} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    return _HEADER.pack(len(head) + n) + head
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
