@@ -55,3 +55,30 @@ def widen_pipe(fd: int) -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+_memory_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """From now on, let this process reuse the memory it frees instead of handing it back to the
+    kernel (glibc's malloc: blocks under 64 MiB come from the heap, not their own mappings, and
+    the heap keeps up to 256 MiB free). For a process that streams bulk data through buffers of
+    megabytes (the agent, receiving a first copy): each buffer otherwise lands in memory the
+    kernel hands out afresh, a page fault per 4 KiB, which costs ~3.5-6 µs here (the host
+    backs the VM's memory lazily). Measured, the agent's side of a first copy of the 1.4 GB
+    mixed tree (3 runs each): 161,000-220,000 page faults before, 47,000-56,000 after. The peak
+    stays where it was; what the process frees is reused, not returned, until it exits. Once
+    per process; elsewhere than glibc, nothing happens. Returns whether the settings were made."""
+    global _memory_kept
+    if _memory_kept:
+        return False
+    _memory_kept = True
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # (glibc's malloc.h)
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))

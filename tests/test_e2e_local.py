@@ -432,6 +432,29 @@ def test_changes_across_more_directories_than_it_keeps_open(tmp_path):
     assert out["replicas"][0]["files_written"] == 300 and tmp_entries(r) == []
 
 
+def test_keep_freed_memory_makes_malloc_keep_megabyte_buffers_in_its_heap():
+    """runtime.keep_freed_memory (the agent calls it when bulk data comes in): afterwards a
+    48 MiB buffer comes from malloc's heap, which the process keeps and reuses, instead of a
+    mapping of its own, which glibc makes for any block over 32 MiB by default and unmaps
+    (so that the next buffer is fresh memory again, a page fault per 4 KiB). Once per process."""
+    import ctypes
+    import subprocess
+    import sys
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later: no mallinfo2 to look with")
+    code = ("import ctypes; from dirsync.runtime import keep_freed_memory\n"
+            "class M(ctypes.Structure):\n"
+            "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',"
+            " 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+            "f = ctypes.CDLL(None).mallinfo2; f.restype = M\n"
+            "a = bytearray(48 << 20); mapped_before = f().hblkhd; del a\n"
+            "first, again = keep_freed_memory(), keep_freed_memory()\n"
+            "b = bytearray(48 << 20); print(mapped_before >= 48 << 20, f().hblkhd >= 48 << 20, first, again)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "True", "False"], out
+
+
 def test_the_open_file_limit_is_raised_toward_the_hard_one():
     """raise_fd_limit (called at start-up): a soft limit of 256 under a hard one of 2,048
     becomes 2,048, and the writer then keeps up to a quarter of it open (dirfd_cap), never so

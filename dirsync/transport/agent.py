@@ -24,7 +24,7 @@ from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import _FSENC, FileEntry, ManifestFormatError, changed_entries, encode_rows
 from dirsync.plan import Action, Commit, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica, warm_up
-from dirsync.runtime import gc_paused, widen_pipe
+from dirsync.runtime import gc_paused, keep_freed_memory, widen_pipe
 from dirsync.scan import Excluder
 from dirsync.transport import proto
 from dirsync.transport.wire import (
@@ -103,6 +103,7 @@ class Agent:
         self.idle_s = _env_seconds(IDLE_ENV, IDLE_S)
         self.ping_s = PING_S
         self._inline: Any = None
+        self._bulk = False  # bulk data came in (see recv)
         os.set_blocking(wfd, False)  # so that a stalled master cannot block a write forever
 
     # -- I/O ---------------------------------------------------------------------
@@ -167,6 +168,9 @@ class Agent:
             if not data:
                 self.decoder.check_eof()
                 raise EOFError
+            if len(data) == READ_SIZE and not self._bulk:  # a full read: bulk data is coming in
+                self._bulk = True
+                keep_freed_memory()
             self.inbox.extend(self.decoder.feed(data))
         m = self.inbox.pop(0)
         return v_map(m)
