@@ -44,6 +44,27 @@ class File:
     mtime_ns: int | None = None
 
 
+@contextlib.contextmanager
+def tiny_tmpfs(size: str) -> Iterator[str]:
+    """A tmpfs of `size` (e.g. "2m") mounted at a fresh directory for the block: a real full
+    disk. Skips the test where it cannot be mounted (not root, no mount permission)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tempfile.mkdtemp(prefix="dirsync-tmpfs-")
+    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", d],
+                        capture_output=True, text=True)
+    if cp.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a tmpfs here: {cp.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def B(p: str | bytes | os.PathLike) -> bytes:
     """Any path-like -> bytes (so non-UTF-8 names work everywhere)."""
     return os.fsencode(os.fspath(p))

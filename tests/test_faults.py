@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 
@@ -26,13 +24,13 @@ try:
     import treecmp
     from helpers import (
         build_tree, kill_group, popen_cli, random_bytes, read, remove, run_cli,
-        settle, stray_temps, sync_json, tmp_entries, wait_for, write,
+        settle, stray_temps, sync_json, tiny_tmpfs, tmp_entries, wait_for, write,
     )
 except ImportError:
     from tests import treecmp
     from tests.helpers import (
         build_tree, kill_group, popen_cli, random_bytes, read, remove, run_cli,
-        settle, stray_temps, sync_json, tmp_entries, wait_for, write,
+        settle, stray_temps, sync_json, tiny_tmpfs, tmp_entries, wait_for, write,
     )
 
 from dirsync.apply import MasterReader, ReplicaSummary
@@ -336,23 +334,6 @@ def test_stale_temps_from_a_dead_run_are_removed(tmp_path):
 
 
 # -- disk full ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(size: str):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tempfile.mkdtemp(prefix="dirsync-tmpfs-")
-    cp = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", d],
-                        capture_output=True, text=True)
-    if cp.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here: {cp.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_disk_full_is_an_item_error_and_the_old_file_survives(tmp_path):

@@ -78,3 +78,23 @@ def test_entries_and_actions_survive_pickling_and_compare_as_before():
     back = pickle.loads(pickle.dumps((e, w, Manifest({"a/b": e}))))
     assert back[0] == e and back[0].ino == 7 and back[1] == w and back[2] == Manifest({"a/b": e})
     assert Manifest({"a/b": e}, generation="x") == Manifest({"a/b": e}, generation="y")
+
+
+def test_every_item_error_survives_a_fan_out_workers_pickle() -> None:
+    """Fan-out workers send their replica's item errors to the parent pickled: each kind must
+    come back as itself, with its path, operation, code and message (RemoteItemError, the
+    agent's, did not: its constructor takes a code too, and unpickling raised TypeError)."""
+    import errno as _errno
+
+    from dirsync import errors
+    from dirsync.transport.proto import RemoteItemError
+
+    made = [cls("a/b.txt", "write", cause) for cls in (errors.ItemError, errors.SourceChangedError,
+                                                         errors.ConflictError, errors.InvalidPathError,
+                                                         errors.ItemIOError)
+            for cause in ("why", OSError(_errno.ENOSPC, "No space left on device"))]
+    made.append(RemoteItemError("a/b.txt", "write", "NOSPACE", "write a/b.txt: No space left on device"))
+    for e in made:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e)
+        assert (back.path, back.op, back.code, str(back)) == (e.path, e.op, e.code, str(e))

@@ -21,7 +21,7 @@ try:
     from helpers import (
         File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, raw_snapshot, read,
         remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
-        sync_json, text_lines, tmp_entries, touch, truncate, write,
+        sync_json, text_lines, tiny_tmpfs, tmp_entries, touch, truncate, write,
     )
     from remote_helpers import REPO_ROOT, TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 except ImportError:
@@ -30,7 +30,7 @@ except ImportError:
     from tests.helpers import (
         File, J, Link, append, build_tree, insert, overwrite_same_size_and_mtime, random_bytes, raw_snapshot, read,
         remove, replace_with_dir, replace_with_file, replace_with_link, run_cli, settle, stray_temps, swap,
-        sync_json, text_lines, tmp_entries, touch, truncate, write,
+        sync_json, text_lines, tiny_tmpfs, tmp_entries, touch, truncate, write,
     )
     from tests.remote_helpers import REPO_ROOT, TcpProxy, proxy_ssh_config, remote_cmd, ssh_cli_args, ssh_spec
 
@@ -165,6 +165,24 @@ def test_fan_out_to_two_ssh_replicas_and_a_local_one(sshd, tmp_path):
     pids = {load_record(os.path.realpath(m), spec if ":" in spec else os.path.abspath(spec))["last_run"]["pid"]
             for spec in specs}
     assert len(pids) == 3 and os.getpid() not in pids, pids
+
+
+def test_fan_out_over_ssh_reports_a_full_replica_disk_per_file(sshd, tmp_path):
+    """Fan-out workers hand the agent's item errors to the parent pickled: a replica whose disk
+    is full (a tiny tmpfs) must come out as its files' errors (exit 23), the other replica
+    synced, not as a crash (the agent's errors did not unpickle: exit 1 with a TypeError)."""
+    m, r1 = tmp_path / "m", tmp_path / "r1"
+    build_tree(m, {"big.bin": random_bytes(3 * MiB, 8), "small.txt": b"fits\n"})
+    with tiny_tmpfs("2m") as r2:
+        cp, out = sync_json(m, ssh_spec(sshd, r1), ssh_spec(sshd, r2), args=ssh_cli_args(sshd), expect=23)
+        assert "Traceback" not in cp.stderr and "TypeError" not in cp.stderr, cp.stderr
+        ok, full = out["replicas"]
+        assert ok["status"] == "ok" and full["status"] == "partial", out
+        assert [e["path"] for e in full["errors"]] == ["big.bin"], full["errors"]
+        assert "No space left on device" in full["errors"][0]["message"], full["errors"]
+        assert read(os.path.join(r2, "small.txt")) == b"fits\n" and not os.path.exists(os.path.join(r2, "big.bin"))
+        assert tmp_entries(r2) == [] and stray_temps(r2) == []
+    treecmp.assert_trees_equal(m, r1)
 
 
 def test_compress_sends_less_and_converges(sshd, tmp_path):

@@ -467,6 +467,9 @@ class RemoteItemError(ItemError):
     def __str__(self) -> str:
         return self.args[0]
 
+    def __reduce__(self):  # (see ItemError.__reduce__: its fields are not this one's)
+        return self.__class__, (self.path, self.op, self.code, self.args[0])
+
 
 def dec_item_error(x: Any) -> ItemError:
     x = v_list(x, 4)
