@@ -67,7 +67,7 @@ def keep_freed_memory() -> bool:
     megabytes (the agent, receiving a first copy): each buffer otherwise lands in memory the
     kernel hands out afresh, a page fault per 4 KiB, which costs ~3.5-6 µs here (the host
     backs the VM's memory lazily). Measured, the agent's side of a first copy of the 1.4 GB
-    mixed tree (3 runs each): 161,000-220,000 page faults before, 47,000-56,000 after. The peak
+    mixed tree (6 runs each): 161,000-244,000 page faults before, 47,000-58,000 after. The peak
     stays where it was; what the process frees is reused, not returned, until it exits. Once
     per process; elsewhere than glibc, nothing happens. Returns whether the settings were made."""
     global _memory_kept

@@ -30,8 +30,8 @@ from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
 from dirsync.transport import proto
-from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hello, data_frame_head, encode, hello, v_bool, v_bytes,
-                                   v_list, v_map, v_str)
+from dirsync.transport.wire import (MAX_FRAME, FrameDecoder, Inflater, check_hello, data_frame_head, encode, hello,
+                                   v_bool, v_bytes, v_list, v_map, v_str)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
