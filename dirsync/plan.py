@@ -351,6 +351,8 @@ class ChunkIndex:
     `want(targets)` narrows the global index to the digests those files could use and their
     bases lack: one C-level intersection over every replica chunk, then positions only for what
     matched (a 1% change of a 600,000-chunk replica spent 0.6 s on a dict over every chunk).
+    It also keeps, per basis, the digest prefixes it lacks, so that find() does not scan the
+    basis for a chunk that cannot be there.
     """
 
     def __init__(self, replica: Manifest) -> None:
@@ -363,6 +365,7 @@ class ChunkIndex:
         self._by_key: dict[int, int] | None = None  # digest prefix -> chunk number over all files
         self._starts: list[int] = []  # first chunk number of each file
         self._offs: dict[int, list[int]] = {}
+        self._lacks: dict[int, set[int]] = {}  # basis file number -> its target's prefixes it lacks
         # The last basis: its file number, its digest -> chunk dict (once built), lookups so far.
         self._basis: tuple[int, dict[bytes, int] | None, int] = (-1, None, 0)
 
@@ -380,14 +383,19 @@ class ChunkIndex:
             if j is None:
                 wanted.update(_prefix_view(t.digests))
             else:
-                wanted.update(set(_prefix_view(t.digests)).difference(_prefix_view(self.files[j].digests)))
+                lacks = self._lacks[j] = _basis_lacks(t.digests, self.files[j].digests)
+                wanted.update(lacks)
         self._build(wanted)
 
     def find(self, digest: bytes, path: str = "") -> tuple[FileEntry, int, int] | None:
         """(file, chunk number in it, offset) of a chunk in the replica with this digest: in the
         file at `path` if it has one, else the first in the replica."""
         j = self._num.get(path, -1) if path else -1
-        i = self._basis_find(j, digest) if j >= 0 else None
+        i = None
+        if j >= 0:
+            lacks = self._lacks.get(j)
+            if lacks is None or int.from_bytes(digest[:8], _ORDER) not in lacks:
+                i = self._basis_find(j, digest)
         if i is None:
             if self._by_key is None:
                 self._build(None)
@@ -446,6 +454,51 @@ class ChunkIndex:
 
 _ORDER = sys.byteorder
 BASIS_SCANS = 64  # lookups by scanning one basis file's digests before indexing them
+WALK_MIN = 1024  # chunks in a target before _basis_lacks walks it along its basis
+NEAR = 256  # chunks either side of the walk's place in the basis where a chunk is looked for
+
+
+def _basis_lacks(td: bytes, bd: bytes) -> set[int]:
+    """The digest prefixes of target digests `td` that basis digests `bd` lack (exactly).
+
+    Sets over every chunk of both cost ~40 ms for a 1 GiB file (107,000 chunks) with a few
+    edits. A big target is first walked along its basis a block of digests at a time (C-level
+    compares, as file_delta extends its runs), looking each chunk that differs up near the
+    walk's place in the basis (memmem over a few KiB); only the chunks not found there are
+    then checked against the whole basis. A target too unlike its basis for that to pay gets
+    the plain set difference."""
+    N = DIGEST_SIZE
+    nt, nb = len(td) // N, len(bd) // N
+    if nt < WALK_MIN or not nb:
+        return set(_prefix_view(td)).difference(_prefix_view(bd))
+    budget = 256 + (nt >> 6)  # chunks the walk may miss before the set difference is cheaper
+    missed: list[int] = []
+    i = j = 0
+    while i < nt:
+        k = _RUN_BLOCK
+        while k:
+            if i + k <= nt and j + k <= nb and td[i * N:(i + k) * N] == bd[j * N:(j + k) * N]:
+                i += k
+                j += k
+            else:
+                k >>= 2
+        if i >= nt:
+            break
+        d = td[i * N:(i + 1) * N]
+        lo, hi = max(0, j - NEAR) * N, min(nb, j + NEAR) * N
+        pos = bd.find(d, lo, hi)
+        while pos > 0 and pos % N:
+            pos = bd.find(d, pos + 1, hi)
+        if pos >= 0:
+            j = pos // N  # back in step: the run goes on from there (it matches at least td[i])
+            continue
+        missed.append(i)
+        if len(missed) > budget:
+            return set(_prefix_view(td)).difference(_prefix_view(bd))
+        i += 1
+    tv = _prefix_view(td)
+    cands = {tv[i] for i in missed}
+    return cands.difference(cands.intersection(_prefix_view(bd))) if cands else cands
 
 
 def _prefix_view(digests: bytes) -> memoryview:

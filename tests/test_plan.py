@@ -249,6 +249,44 @@ def test_long_runs_are_extended_a_block_at_a_time_with_the_same_ops(seed):
     assert sum(o.size for o in ops) == target.size
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_what_a_basis_lacks_is_found_exactly_by_walking_it(seed):
+    """A big target's chunks its own old file lacks are found by walking the two along each
+    other and looking each differing chunk up near the walk's place (plan._basis_lacks): the
+    answer must be exactly the set difference of their digest prefixes, whatever the change:
+    scattered edits, inserts, deletes, blocks moved further than the walk looks, repeated
+    chunks, a shorter or longer file, or one too unlike its basis for the walk to pay."""
+    import random
+
+    from dirsync import plan as plan_mod
+
+    rnd = random.Random(seed)
+    base = [rnd.randrange(4000) if seed % 4 == 3 else k for k in range(rnd.choice([1024, 1500, 4000]))]
+    new = list(base)
+    if seed % 5 == 4:
+        new = [50_000 + k for k in range(len(base))]  # all new: over the walk's budget
+    for n in range(rnd.randrange(1, 12)):
+        at = rnd.randrange(len(new) + 1)
+        how = "move" if n == 0 else rnd.choice(["edit", "insert", "delete", "move", "repeat"])
+        if how == "edit" and at < len(new):
+            new[at:at + 8] = [100_000 + rnd.randrange(10**6) for _ in range(rnd.randrange(1, 9))]
+        elif how == "insert":
+            new[at:at] = [200_000 + rnd.randrange(10**6) for _ in range(rnd.randrange(1, 5))]
+        elif how == "delete":
+            del new[at:at + rnd.randrange(1, 300)]
+        elif how == "move":  # far: beyond plan.NEAR chunks from where the walk is
+            cut = new[at:at + rnd.randrange(1, 600)]
+            del new[at:at + len(cut)]
+            pos = (at + plan_mod.NEAR * 3) % (len(new) + 1)
+            new[pos:pos] = cut
+        else:
+            new[at:at] = [new[at - 1] if at else 7] * rnd.randrange(1, 40)
+    new += [300_000 + k for k in range(rnd.choice([0, 0, 500]))]  # sometimes longer
+    old, target = _fe("f", base), _fe("f", new)
+    view = plan_mod._prefix_view
+    assert plan_mod._basis_lacks(target.digests, old.digests) == set(view(target.digests)) - set(view(old.digests))
+
+
 def test_metadata_only_changes():
     r = tree(f("a", [0]), ln("l", "a"), d("d"))
     m = tree(f("a", [0], mode=0o600, mtime=T + 5), ln("l", "a", mtime=T + 6), d("d", mode=0o700))
