@@ -529,6 +529,8 @@ class Mutator:
         return out
 
     def apply(self) -> None:
+        """Apply every op. Each op is logged before it changes anything, so that undo() puts
+        the master back even when an op fails half way (a full disk: OSError, raised)."""
         os.makedirs(self.stash, exist_ok=True)
         with open(self.marker, "w") as f:
             f.write(self.name)
@@ -536,26 +538,26 @@ class Mutator:
             path = os.path.join(self.root, op.path)
             if op.kind == "append":
                 st = os.stat(path)
+                self.undo_log.append(("truncate", path, st.st_size, st.st_mtime_ns, st.st_atime_ns))
                 with open(path, "ab") as f:
                     f.write(op.data)
-                self.undo_log.append(("truncate", path, st.st_size, st.st_mtime_ns, st.st_atime_ns))
             elif op.kind == "patch":
                 st = os.stat(path)
                 with open(path, "r+b") as f:
                     f.seek(op.offset)
                     old = f.read(len(op.data))
+                    self.undo_log.append(("unpatch", path, op.offset, old, st.st_mtime_ns, st.st_atime_ns))
                     f.seek(op.offset)
                     f.write(op.data)
-                self.undo_log.append(("unpatch", path, op.offset, old, st.st_mtime_ns, st.st_atime_ns))
             elif op.kind in ("replace", "delete", "swap"):
                 parked = os.path.join(self.stash, f"op{n}")
                 os.rename(path, parked)
+                self.undo_log.append(("unpark", parked, path, op.kind, op.dest))
                 if op.kind == "replace":
                     st = os.stat(parked)
                     _write_plain(path, op.data, stat.S_IMODE(st.st_mode))
                 elif op.kind == "swap":  # op.dest: a prepared variant in the stash
                     os.rename(op.dest, path)
-                self.undo_log.append(("unpark", parked, path, op.kind, op.dest))
             elif op.kind == "rename":
                 dest = os.path.join(self.root, op.dest.rstrip("/"))
                 made = _makedirs(os.path.dirname(dest))
@@ -563,8 +565,8 @@ class Mutator:
                 self.undo_log.append(("unrename", dest, path, made))
             elif op.kind == "create":
                 made = _makedirs(os.path.dirname(path))
-                _write_plain(path, op.data, 0o644)
                 self.undo_log.append(("uncreate", path, made))
+                _write_plain(path, op.data, 0o644)
             else:
                 raise ValueError(op.kind)
 
@@ -583,9 +585,9 @@ class Mutator:
                 os.utime(path, ns=(atime, mtime))
             elif kind == "unpark":
                 _, parked, path, opkind, variant = entry
-                if opkind == "swap":
+                if opkind == "swap" and not os.path.lexists(variant):  # (else it never left)
                     os.rename(path, variant)
-                elif opkind == "replace":
+                elif opkind == "replace" and os.path.lexists(path):  # (else it was never written)
                     os.unlink(path)
                 os.rename(parked, path)
             elif kind == "unrename":
@@ -594,7 +596,8 @@ class Mutator:
                 _rmdirs(made)
             elif kind == "uncreate":
                 _, path, made = entry
-                os.unlink(path)
+                if os.path.lexists(path):  # (else its create failed)
+                    os.unlink(path)
                 _rmdirs(made)
         self.undo_log.clear()
         try:

@@ -815,7 +815,15 @@ class Bench:
         for i in range(self.args.runs):
             last = i == self.args.runs - 1
             if mut:
-                mut.apply()
+                try:
+                    mut.apply()
+                except OSError as e:  # e.g. a full disk: the case is reported, not the bench ended
+                    why = f"could not change the master before run {i + 1}: {e}"
+                    self.log(f"  {case.name} {transport}: {why}")
+                    for tool in tools:
+                        row.tools[tool].fail(why)
+                    mut.undo()
+                    return
             try:
                 for tool in self.order(tools, i):
                     res = row.tools[tool]
@@ -896,7 +904,13 @@ class Bench:
                             res.fail(f"not run: time budget of {self.args.budget:g} min used up", "skipped")
                         self.rows.append(row)
                         continue
-                    row = self.run_case(case, transport)
+                    try:
+                        row = self.run_case(case, transport)
+                    except OSError as e:  # the bench's own file work (a full disk): report the case, go on
+                        self.log(f"  {case.name} {transport}: bench error: {e}")
+                        row = Row(case, transport, {t: ToolResult(t) for t in self.tools_for(case, transport)})
+                        for res in row.tools.values():
+                            res.fail(f"not measured: bench error: {e}")
                     self.rows.append(row)
                     self.log("  " + " | ".join(self.table_cells(row)))
                     self.write_results(partial=True)
