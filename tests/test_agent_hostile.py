@@ -43,7 +43,7 @@ DEADLINE_S = 30.0
 @pytest.fixture
 def world(tmp_path):
     m, r, outside = tmp_path / "m", tmp_path / "r", tmp_path / "outside"
-    build_tree(m, {"f.txt": b"payload\n", "big.bin": random_bytes(200_000, 1), "h.bin": random_bytes(5000, 2),
+    build_tree(m, {"f.txt": b"payload\n", "big.bin": random_bytes(700_000, 1), "h.bin": random_bytes(5000, 2),
                    "e.txt": b""})
     build_tree(outside, {"keep.txt": b"keep\n", "sub": {"x": b"x"}})
     os.mkdir(r)
@@ -482,6 +482,47 @@ def _agent_in_thread():
     send(hello("test"))
     assert recv().get("type") == "hello"
     return agent, send, recv, finish
+
+
+def test_a_large_frame_begun_in_one_read_is_read_in_place(world):
+    """A frame of LARGE_FRAME bytes or more of which a read got only the start is read straight
+    into one buffer (Agent._recv_large): a data frame's payload comes out whole as a view of it
+    (no copy), and the stream ending inside such a frame is a protocol error, not a hang."""
+    from dirsync.transport import agent as agent_mod
+    from dirsync.transport.wire import ProtocolError, data_frame_head
+
+    payload = random_bytes(agent_mod.LARGE_FRAME + 12345, 7)
+    frame = data_frame_head(len(payload)) + payload
+    for ends_early in (False, True):
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        agent = Agent(to_r, from_w)
+        got: dict = {}
+
+        def take():
+            try:
+                got["msg"] = agent.recv()
+            except ProtocolError as e:
+                got["error"] = str(e)
+
+        try:
+            os.write(to_w, frame[:1000])  # (all the pipe holds when the agent first reads)
+            th = threading.Thread(target=take, daemon=True)
+            th.start()
+            rest = memoryview(frame)[1000:-1 if ends_early else None]
+            while rest:
+                rest = rest[os.write(to_w, rest):]
+            os.close(to_w)
+            th.join(DEADLINE_S)
+            assert not th.is_alive(), "the agent did not finish reading the frame"
+        finally:
+            for fd in (to_r, from_r, from_w):
+                os.close(fd)
+        if ends_early:
+            assert "connection closed in the middle of a frame" in got.get("error", ""), got
+        else:
+            msg = got["msg"]
+            assert msg["t"] == "data" and isinstance(msg["b"], memoryview) and bytes(msg["b"]) == payload
 
 
 @pytest.mark.parametrize("prep", [True, False])

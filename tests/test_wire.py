@@ -155,6 +155,48 @@ def test_a_data_frame_sent_head_first_is_the_message_encode_makes(n: int, z: boo
         wire.data_frame_head(wire.MAX_FRAME, z)
 
 
+@pytest.mark.parametrize("z", [False, True])
+@pytest.mark.parametrize("n", [1 << 18, (1 << 20) + 7, wire.MAX_FRAME - 20])
+def test_a_large_frame_taken_out_and_read_in_place_is_the_message_feed_gives(n: int, z: bool) -> None:
+    """The agent reads a large frame's body straight into one buffer (take_partial, then
+    decode_frame_body): the message must be what feed() gives for the same bytes, a data
+    message's payload a view of that buffer (not a copy); any other large message is decoded
+    as usual, and a data frame with a byte too many is refused as feed refuses it."""
+    payload = os.urandom(n)
+    frame = wire.data_frame_head(n, z) + payload
+    (want,) = FrameDecoder().feed(frame)
+    for cut in (5, 4 + 100, 1 << 17):
+        dec = FrameDecoder()
+        assert dec.feed(frame[:cut]) == [] and dec.take_partial(n + 100) is None  # (smaller than asked for)
+        got = dec.take_partial(1 << 18)
+        assert got is not None and dec.buffered == 0
+        size, part = got
+        assert size == len(frame) - 4 and bytes(part) == frame[4:cut]
+        msg = wire.decode_frame_body(bytearray(part) + frame[cut:])
+        assert isinstance(msg["b"], memoryview)
+        assert {**msg, "b": bytes(msg["b"])} == want
+    other = encode({"t": "wb", "rz": b"r", "d": payload[:n - 64]})
+    dec = FrameDecoder()
+    dec.feed(other[:1000])
+    size, part = dec.take_partial(1 << 16)
+    assert wire.decode_frame_body(bytearray(part) + other[1000:]) == FrameDecoder().feed(other)[0]
+    longer = wire.data_frame_head(n, z)[4:] + payload + b"\x00"  # (its bin length says n)
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(struct.pack(">I", len(longer)) + longer)
+    with pytest.raises(ProtocolError):
+        wire.decode_frame_body(bytearray(longer))
+
+
+def test_a_complete_or_small_frame_is_not_taken_out() -> None:
+    dec = FrameDecoder()
+    small = encode({"t": "end"})
+    assert dec.feed(small + small[:3]) == [{"t": "end"}] and dec.take_partial(1) is None  # (no whole header)
+    assert dec.feed(small[3:]) == [{"t": "end"}] and dec.take_partial(1) is None
+    big = wire.data_frame_head(1 << 18) + bytes(1 << 18)
+    dec.feed(big[:100])
+    assert dec.take_partial((1 << 18) + 100) is None and dec.buffered == 100
+
+
 def test_decoder_is_poisoned_after_an_error() -> None:
     d = FrameDecoder()
     with pytest.raises(ProtocolError):

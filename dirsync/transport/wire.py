@@ -35,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "check_hello",
     "data_frame_head",
+    "decode_frame_body",
     "encode",
     "errno_to_code",
     "hello",
@@ -132,6 +133,20 @@ def _decode_body(body: bytes | memoryview) -> Any:
     return msg
 
 
+def decode_frame_body(body: bytearray) -> Any:
+    """The message of a whole frame body (see FrameDecoder.take_partial), as feed would give it,
+    except that a data message laid out as data_frame_head starts it gives its payload as a
+    memoryview of `body` instead of a copy. Any other layout is decoded (and checked) as usual."""
+    for z, head in _DATA_HEAD.items():
+        if body.startswith(head):
+            k = len(head) + 5
+            if len(body) >= k and body[k - 5] == 0xC6 and int.from_bytes(body[k - 4:k], "big") == len(body) - k:
+                return {"t": "data", "z": True, "b": memoryview(body)[k:]} if z else \
+                    {"t": "data", "b": memoryview(body)[k:]}
+            break
+    return _decode_body(body)
+
+
 def _looks_like_text(data: bytes) -> bool:
     """All printable, or a printable first line (a banner followed by whatever came next)."""
     def printable(d: bytes) -> bool:
@@ -193,6 +208,22 @@ class FrameDecoder:
             if pos:
                 del buf[:pos]
         return out
+
+    def take_partial(self, least: int) -> tuple[int, bytearray] | None:
+        """For a reader that takes a large frame's body straight into a buffer of its own (one
+        copy from the kernel, instead of another into this buffer and a third out of it): when
+        what is buffered is the start of one frame of at least `least` bytes (its length checked
+        by feed), take it out: (the body's length, the part of the body already here). Else None.
+        Give the whole body to decode_frame_body."""
+        buf = self._buf
+        if self._error is not None or len(buf) < 4:
+            return None
+        (n,) = _HEADER.unpack_from(buf, 0)
+        if n < least or len(buf) - 4 >= n:
+            return None
+        part = buf[4:]
+        buf.clear()
+        return n, part
 
     def check_eof(self) -> None:
         """Call when the peer closed its side: raise if a frame was cut short."""
