@@ -175,13 +175,18 @@ class Agent:
                 self.decoder.check_eof()
                 raise EOFError
             self.inbox.extend(self.decoder.feed(data))
-            if self.decoder.buffered >= BULK_FRAME and not self._bulk:
-                self._bulk = True  # a large file's pieces are coming in (frames of up to 8 MiB)
-                keep_freed_memory()
+            if self.decoder.buffered >= BULK_FRAME:
+                self._bulk_comes()
             if not self.inbox:
                 self._recv_large()
         m = self.inbox.pop(0)
         return v_map(m)
+
+    def _bulk_comes(self) -> None:
+        """A large file's pieces are coming in (frames of up to 8 MiB): keep freed memory from now on."""
+        if not self._bulk:
+            self._bulk = True
+            keep_freed_memory()
 
     def _recv_large(self) -> None:
         """A frame of LARGE_FRAME bytes or more has begun: read the rest of its body straight
@@ -191,9 +196,8 @@ class Agent:
         if got is None:
             return
         n, part = got
-        if n >= BULK_FRAME and not self._bulk:
-            self._bulk = True  # (as in recv: the buffer below then comes from memory kept free)
-            keep_freed_memory()
+        if n >= BULK_FRAME:
+            self._bulk_comes()  # (the buffer below then comes from memory kept free)
         body = bytearray(n)
         view = memoryview(body)
         view[:len(part)] = part
