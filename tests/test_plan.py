@@ -180,6 +180,44 @@ def test_chunks_from_other_files_are_found_after_want(n):
     assert file_delta(fresh, idx) == (SendOp(0, fresh.size),)
 
 
+def test_whole_files_are_found_first_wins_with_and_without_want():
+    """A target whose whole content the replica holds is one copy from the first replica file
+    with it (manifest order), whether want() looked for it in its one pass over the replica or
+    file_delta asks for a content want() was not given (then every file's is indexed); a file
+    with the same digest but another size is no match; want() builds nothing per file."""
+    a1, a2 = _fe("z-first", [1, 2]), _fe("a-second", [1, 2])
+    b = _fe("b", [3])
+    forged = FileEntry("forged", b.size + 1, 0o644, T, b.digest, 512, (b.size + 1,), b.digests)
+    replica = tree(forged, a1, a2, _fe("b-other", [3]), _fe("c", [4]))
+    ma, mb = _fe("new-a", [1, 2]), _fe("new-b", [3])
+    idx = ChunkIndex(replica)
+    idx.want([ma, mb])
+    assert idx._wholes is None  # found by want()'s pass, no dict of every file's content
+    assert file_delta(ma, idx) == (CopyOp("z-first", 0, ma.size),)
+    assert file_delta(mb, idx) == (CopyOp("b-other", 0, mb.size),)
+    assert idx._wholes is None
+    mc = _fe("new-c", [4])  # not given to want(): found through the full index
+    assert file_delta(mc, idx) == (CopyOp("c", 0, mc.size),)
+    assert idx._wholes is not None
+    fresh = ChunkIndex(replica)  # no want() at all
+    assert [file_delta(m, fresh) for m in (ma, mb, mc)] == [
+        (CopyOp("z-first", 0, ma.size),), (CopyOp("b-other", 0, mb.size),), (CopyOp("c", 0, mc.size),)]
+
+
+def test_a_basis_is_the_replica_file_at_the_same_path_only():
+    # An edited file reads from its old version at its own path; a directory or an empty file
+    # there is no basis, and a chunk found elsewhere is copied from where it is.
+    old, other = _fe("f", [1, 2, 3]), _fe("g", [9, 2])
+    target = _fe("f", [1, 2, 7])
+    idx = ChunkIndex(tree(old, other))
+    idx.want([target])
+    assert file_delta(target, idx) == (CopyOp("f", 0, 16), SendOp(16, 8))
+    for there in (d("f"), FileEntry("f", 0, 0o644, T, b"\0" * 16, 0, (), b"")):
+        idx = ChunkIndex(tree(there, other))
+        idx.want([target])
+        assert file_delta(target, idx) == (SendOp(0, 8), CopyOp("g", 8, 8), SendOp(16, 8))
+
+
 def _delta_chunk_by_chunk(target, have):
     """file_delta's rule, one chunk at a time (the model the block-wise run extension must match)."""
     ops, src, src_ci, src_off, run, send_off, send, off = [], None, 0, 0, 0, 0, 0, 0
