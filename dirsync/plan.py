@@ -364,6 +364,9 @@ class ChunkIndex:
     def __init__(self, replica: Manifest) -> None:
         self._entries = replica.entries
         self._files: list[FileEntry] | None = None  # every non-empty replica file, in manifest order
+        if type(replica) is not Manifest:  # one whose files() are not just its entries' (twoway._ScopedSide)
+            self._files = [f for f in replica.files() if f.size]
+            self._entries = {f.path: f for f in self._files}
         # (size, digest) -> the first replica path with that content: for every file once whole()
         # needs one want() did not look for, else only for want()'s targets (None: no such file).
         self._wholes: dict[tuple[int, bytes], str] | None = None
@@ -639,12 +642,19 @@ class _Acc:
         self.no_copies = False  # no write copies from the replica (nothing there to reuse)
 
 
-def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions()) -> Plan:
+def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions(),
+         only: "set[str] | None" = None) -> Plan:
     """Return the actions that turn `replica` into `master` (see the module docstring for order).
 
     Paths in opts.protect (and below) are neither changed nor deleted. Without opts.delete,
     nothing the master lacks is deleted, and a type change that would remove a non-empty
     replica directory is skipped and listed in Plan.skipped.
+
+    `only`: the paths where the two may differ, from a caller that knows the replica holds
+    exactly what the master has at every other path (sync.py: a replica left in step with the
+    scan the master's cache records). Only those paths are looked at; the plan is the same
+    (the loop below takes no action for a path the replica holds as the master has it,
+    whatever its parent's state), without a pass over every path of a large tree.
     """
     M, R = master.entries, replica.entries
     protect = opts.protect
@@ -679,7 +689,7 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
     # needs no action whatever its parent's state: noting it blocked or late would only matter
     # to paths under it, and a file has none, while under a blocked or late directory the
     # replica holds nothing that could match, or the path is protected itself.)
-    for p in sorted(M):
+    for p in sorted(M) if only is None else sorted([q for q in only if q in M]):
         if not p:
             continue
         m = M[p]
@@ -751,7 +761,8 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions())
             acc.no_copies = True
 
     if opts.delete:
-        for p in sorted(R.keys() - M.keys(), reverse=True):
+        gone = R.keys() - M.keys() if only is None else [q for q in only if q in R and q not in M]
+        for p in sorted(gone, reverse=True):
             if p and p not in cleared and not protected(p):
                 acc.deletes.append(Delete(p, R[p].kind, expect_of(R[p])))
                 acc.touched_dirs.add(parent_of(p))
