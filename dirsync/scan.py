@@ -19,8 +19,8 @@ from xxhash import xxh3_128_intdigest as _intdigest
 
 from dirsync import chunking
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError, display_path
-from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, ManifestFormatError, SavedManifest,
-                              covered, fp_dir, fp_final, fp_link, parent_of)
+from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, ManifestFormatError, RowSource,
+                              SavedManifest, covered, fp_dir, fp_final, fp_link, parent_of)
 from dirsync.manifest import _FSENC, FP_FILE
 from dirsync.state import fork_answering
 
@@ -87,6 +87,10 @@ class ScanResult:
         self.unchanged = False  # the manifest equals the cache it was built from (no need to save it)
         self.temps: list[str] = []  # dirsync temp files found (stale after a crash)
         self.fingerprint = b""  # of the tree as scanned, when every file entry in it is trusted
+        # The saved cache the scan classified against: its fingerprint and decoded rows. An entry of
+        # `manifest` that is the very object decoded from its row is unchanged since that scan
+        # (manifest.changed_paths); None when the scan did not start from a saved cache.
+        self.base: tuple[bytes, RowSource] | None = None
         self.cache_failed = False  # the saved cache's rows did not decode (treated as no cache)
         # path -> (whole-file digest, bytes): small files this scan read, kept (scan_tree's
         # `hold`) so that sending them does not open and read them again (apply.MasterReader).
@@ -177,7 +181,13 @@ def scan_tree(
     res.manifest = Manifest(entries, rows=cm.rows if cm is not None else None)
     if not res.errors:
         res.fingerprint = s.fingerprint_holds(fp, items)
+    _note_base(cache, cm, res)
     return res
+
+
+def _note_base(cache: Manifest | SavedManifest | None, cm: Manifest | None, res: ScanResult) -> None:
+    if isinstance(cache, SavedManifest) and cache.fingerprint and cm is not None and cm.rows is not None:
+        res.base = (cache.fingerprint, cm.rows)
 
 
 SPLIT_MIN = 4000  # entries in a tree's cache from which scan_tree(split=True) walks with two processes
@@ -345,6 +355,7 @@ def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: Sc
     res.unchanged = not changed and len(entries) == len(cm.entries)
     res.manifest = Manifest(entries, rows=cm.rows)
     res.fingerprint = fp
+    _note_base(cache, cm, res)
     return res
 
 
@@ -643,8 +654,11 @@ class _Scanner:
         """Record one path (not excluded); True when it is a directory."""
         m = st.st_mode
         if stat.S_ISDIR(m):
-            e = self.entries[rel] = self.dir_entry(rel, st)
-            if not self.changed and self.cache.get(rel) != e:
+            c = self.cache.get(rel)
+            if c.__class__ is DirEntry and c.mtime_ns == st.st_mtime_ns and c.mode == stat.S_IMODE(m):
+                self.entries[rel] = c  # the cache's own object, as for an unchanged file (changed_paths)
+            else:
+                self.entries[rel] = self.dir_entry(rel, st)
                 self.changed = True
             return True
         if stat.S_ISREG(m):
@@ -662,8 +676,11 @@ class _Scanner:
                 except OSError as err:
                     self.fail(ItemIOError(rel, "read link", err))
                     return False
-            e = self.entries[rel] = LinkEntry(rel, target, st.st_mtime_ns)
-            if not self.changed and self.cache.get(rel) != e:
+            c = self.cache.get(rel)
+            if c.__class__ is LinkEntry and c.mtime_ns == st.st_mtime_ns and c.target == target:
+                self.entries[rel] = c
+            else:
+                self.entries[rel] = LinkEntry(rel, target, st.st_mtime_ns)
                 self.changed = True
         else:
             kind = "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "device"

@@ -12,7 +12,7 @@ import time
 from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
 from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, display_path
-from dirsync.manifest import FileEntry, Manifest
+from dirsync.manifest import FileEntry, Manifest, changed_paths
 from dirsync.plan import REPLACED_BATCH, Plan, PlanOptions, diff
 from dirsync.progress import Reporter
 from dirsync.record import Record
@@ -493,7 +493,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             if len(mman.entries) != len(mscan.manifest.entries):
                 summary.warn(f"master entries under {', '.join(info.reserved)} are not synced: "
                              "the replica keeps its backups there")
-        plan = diff(mman, rscan.manifest, opts)
+        plan = diff(mman, rscan.manifest, opts, _changed_since_in_step(mscan, last, step, deletes_ok, info))
         plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:
             summary.warn(f"skipped {display_path(path)}: {why}")
@@ -540,6 +540,24 @@ def _in_step_key(mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info, a
         return None
     return {"master": mscan.fingerprint.hex(), "replica": "" if after else rscan.fingerprint.hex(),
             "opts": f"delete={int(deletes_ok)} reserved={'/'.join(info.reserved)}"}
+
+
+def _changed_since_in_step(mscan: ScanResult, last: dict | None, step: dict | None, deletes_ok: bool,
+                           info) -> set[str] | None:
+    """The master paths that may differ on the replica, when this is known without comparing
+    every path: the last run left (or found) the pair in step, with the master as the cache this
+    scan started from records it (same fingerprint) and the replica as it is now (same
+    fingerprint, same options). The replica then holds what that cache holds at every path,
+    so only the paths whose entry this scan did not take over from the cache can differ
+    (diff's `only`). None otherwise (diff compares every path): a scan not started from a
+    saved cache, or a replica keeping a backup dir or kept without deletes (it may hold paths
+    the master never had)."""
+    base = mscan.base
+    if (base is None or last is None or step is None or not deletes_ok or info.reserved
+            or last.get("opts") != step["opts"] or last.get("replica") != step["replica"]
+            or last.get("master") != base[0].hex()):
+        return None
+    return changed_paths(base[1], mscan.manifest.entries)
 
 
 def _last_in_step(cfg: SyncConfig, name: str) -> dict | None:

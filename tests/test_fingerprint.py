@@ -268,6 +268,40 @@ def test_noted_replica_state_does_not_hide_a_later_replica_change(tmp_path, tamp
     treecmp.assert_trees_equal(m, r)
 
 
+@pytest.mark.parametrize("tamper", ["silent-edit", "delete", "chmod"])
+def test_planning_only_master_changes_does_not_hide_a_replica_change(tmp_path, tamper):
+    """A run after a master change plans only the master's changed paths when the replica is
+    still as the last run left it; a replica changed behind its back (another file) is
+    compared path by path again, and converges."""
+    m, r = _in_step_pair(tmp_path)
+    if tamper == "silent-edit":
+        overwrite_same_size_and_mtime(r / "sub/b.txt", b"BETA\n")
+    elif tamper == "delete":
+        os.unlink(r / "sub/deeper/c.txt")
+    else:
+        os.chmod(r / "sub/b.txt", 0o600)
+    write(m / "a.txt", "alpha, edited on the master\n")
+    settle(m)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["planned"] is True
+    treecmp.assert_trees_equal(m, r)
+
+
+def test_planning_only_master_changes_needs_the_cache_the_pair_was_in_step_with(tmp_path):
+    """The master's cache moved on with a sync to another replica: for the first replica, what
+    changed since its own in-step run is more than what changed since that cache; it still
+    gets both changes."""
+    m, r = _in_step_pair(tmp_path)
+    write(m / "sub/b.txt", "beta, first change\n")
+    settle(m)
+    sync_json(m, tmp_path / "other")
+    write(m / "a.txt", "alpha, second change\n")
+    settle(m)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == 2
+    treecmp.assert_trees_equal(m, r)
+
+
 def test_a_run_with_a_failure_notes_nothing(tmp_path):
     import shutil
     import subprocess
