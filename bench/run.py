@@ -39,6 +39,20 @@ from sshd import Sshd, SshdError, descendants  # noqa: E402
 # Cases (run in this order)
 
 
+# A run starts once the master's last change is this old, as a cron job's run does: dirsync
+# does not trust what it recorded of a file stamped within its last 0.1 s (the stamps come
+# from a coarse clock: scan.RACY_NS), so a change made just before a run is read again by
+# the run after it, and that run cannot be planned from the changes alone. rsync is
+# unaffected either way.
+SETTLE_S = 0.25
+
+
+def settle_after(changed_at: float) -> None:
+    left = changed_at + SETTLE_S - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -817,6 +831,7 @@ class Bench:
             if mut:
                 try:
                     mut.apply()
+                    changed_at = time.monotonic()
                 except OSError as e:  # e.g. a full disk: the case is reported, not the bench ended
                     why = f"could not change the master before run {i + 1}: {e}"
                     self.log(f"  {case.name} {transport}: {why}")
@@ -825,6 +840,8 @@ class Bench:
                     mut.undo()
                     return
             try:
+                if mut:
+                    settle_after(changed_at)
                 for tool in self.order(tools, i):
                     res = row.tools[tool]
                     if res.status != "ok":
@@ -841,7 +858,9 @@ class Bench:
             finally:
                 if mut:
                     mut.undo()
+                    changed_at = time.monotonic()
             if mut:  # put every replica back to the base state (untimed, with the same tool)
+                settle_after(changed_at)
                 for tool in tools:
                     m, why = self.sync(tool, case, master, replicas[tool], transport)
                     if why:
