@@ -576,3 +576,20 @@ def test_paths_under_an_unchanged_protected_directory_stay_untouched():
     free = diff(master, replica, PlanOptions(delete=True))
     assert sorted(a.path for a in free.actions if isinstance(a, (WriteFile, Delete))) == [
         "p/q/a", "p/q/gone", "p/q/new", "z"]
+
+
+def test_a_scoped_side_reuses_every_file_of_the_side():
+    """Two-way plans on a side restricted to the changed paths (twoway._ScopedSide), whose
+    files() still yields every file of the side: a new file copies from one outside the scope."""
+    from dirsync import twoway
+
+    b, other = _fe("b", [1, 2]), _fe("x", [7])
+    side = tree(b, other)
+    scoped = twoway._restrict(side, {"", "x"}, every_file=True)
+    m = _fe("c", [1, 2])
+    assert "b" not in scoped.entries
+    assert file_delta(m, ChunkIndex(scoped)) == (CopyOp("b", 0, m.size),)
+    idx = ChunkIndex(scoped)
+    edited = _fe("b", [1, 3])  # a basis outside the scope too
+    idx.want([edited])
+    assert file_delta(edited, idx) == (CopyOp("b", 0, 8), SendOp(8, 8))
