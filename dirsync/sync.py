@@ -12,7 +12,7 @@ import time
 from dirsync import chunking
 from dirsync.apply import MasterReader, ReplicaSummary, Stopwatch, TokenBucket
 from dirsync.errors import ConfigError, DirsyncError, ExitCode, ItemError, RefusedError, display_path
-from dirsync.manifest import FileEntry, Manifest, changed_paths
+from dirsync.manifest import FileEntry, Manifest
 from dirsync.plan import REPLACED_BATCH, Plan, PlanOptions, diff
 from dirsync.progress import Reporter
 from dirsync.record import Record
@@ -557,7 +557,7 @@ def _changed_since_in_step(mscan: ScanResult, last: dict | None, step: dict | No
             or last.get("opts") != step["opts"] or last.get("replica") != step["replica"]
             or last.get("master") != base[0].hex()):
         return None
-    return changed_paths(base[1], mscan.manifest.entries)
+    return base[1]
 
 
 def _last_in_step(cfg: SyncConfig, name: str) -> dict | None:

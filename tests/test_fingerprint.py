@@ -417,3 +417,51 @@ def test_two_way_shortcut_needs_every_fact_of_its_note(tmp_path, field):
     treecmp.assert_trees_equal(a, b)
     out = _tw(a, b, "--prefer", "a")  # other options: no shortcut either
     assert out["sides"][0]["planned"] is True
+
+
+@pytest.mark.parametrize("how", ["walk", "split-reads", "prewalk"])
+def test_scan_knows_which_paths_changed_since_its_cache(tmp_path, monkeypatch, how):
+    """A scan against a saved cache notes the paths whose entry is not the cache's own object
+    (what a run plans when the pair was in step): computed from what the scan missed, it
+    equals the full comparison (manifest.changed_paths) for every kind of change, also when a
+    second process read files or a prewalk child classified the tree."""
+    import shutil
+
+    from dirsync import scan as scan_mod
+    from dirsync.manifest import changed_paths
+    from dirsync.scan import Prewalk
+
+    root = tmp_path / "t"
+    build_tree(root, {**TREE, "d1/x.txt": "x\n", "d1/y.txt": "y\n", "d2/z.txt": "z\n", "keep/k.txt": "k\n",
+                      "l2": Link("a.txt"), **{f"many/f{i}.txt": f"{i}\n" for i in range(60)}})
+    res, _ = saved_scan(root)
+    saved = load(to_bytes(res.manifest, CHUNKER, res.fingerprint, packed=True), CHUNKER, own=True)
+    write(root / "a.txt", "alpha, edited\n")  # edited
+    os.chmod(root / "sub/b.txt", 0o600)  # mode only
+    write(root / "new.txt", "new\n")  # new
+    os.unlink(root / "sub/deeper/c.txt")  # gone
+    shutil.rmtree(root / "d1")  # a directory and its files gone
+    os.rename(root / "d2", root / "d3")  # moved
+    os.unlink(root / "l2")
+    os.symlink("new.txt", root / "l2")  # a link retargeted
+    os.utime(root / "empty", ns=(5_000_000_000, 5_000_000_000))  # a directory's mtime only
+    for i in range(3):
+        write(root / f"many/f{i}.txt", f"{i} edited\n")
+    settle(root)
+    taken = []  # the path under test was taken (not a fallback to a plain walk)
+    if how == "split-reads":
+        monkeypatch.setattr(scan_mod, "READ_SPLIT_MIN", 2)
+        real_share = scan_mod._Scanner._take_share
+        monkeypatch.setattr(scan_mod._Scanner, "_take_share", lambda *a: taken.append(1) or real_share(*a))
+    if how == "prewalk":
+        real_take = scan_mod._take_classified
+        monkeypatch.setattr(scan_mod, "_take_classified", lambda *a: taken.append(real_take(*a)) or taken[-1])
+    walked = Prewalk.start(str(root), Excluder(), saved.fingerprint, saved) if how == "prewalk" else None
+    got = scan_tree(str(root), cache=saved, walked=walked, split_reads=how == "split-reads")
+    assert bool(taken) == (how != "walk") and None not in taken
+    assert got.base is not None and got.base[0] == saved.fingerprint
+    full = changed_paths(saved.manifest.rows, got.manifest.entries)
+    assert got.base[1] == full
+    assert {"a.txt", "sub/b.txt", "new.txt", "sub/deeper/c.txt", "d1", "d1/x.txt", "d2", "d3/z.txt", "l2",
+            "empty", "many/f0.txt"} <= full
+    assert not {"keep", "keep/k.txt", "big.bin", "sub/link", "many/f5.txt"} & full
