@@ -251,18 +251,24 @@ def test_a_clean_run_leaves_the_pair_in_step(tmp_path):
     treecmp.assert_trees_equal(m, r)
 
 
+def _tamper(r, how: str, chmod_path: str) -> None:
+    """Change the replica behind dirsync's back: a same-size edit with the mtime put back, a
+    delete, or a chmod of `chmod_path`."""
+    if how == "silent-edit":
+        overwrite_same_size_and_mtime(r / "sub/b.txt", b"BETA\n")
+    elif how == "delete":
+        os.unlink(r / "sub/deeper/c.txt")
+    else:
+        os.chmod(r / chmod_path, 0o600)
+
+
 @pytest.mark.parametrize("tamper", ["silent-edit", "delete", "chmod"])
 def test_noted_replica_state_does_not_hide_a_later_replica_change(tmp_path, tamper):
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, TREE)
     settle(m)
     sync_json(m, r)
-    if tamper == "silent-edit":
-        overwrite_same_size_and_mtime(r / "sub/b.txt", b"BETA\n")
-    elif tamper == "delete":
-        os.unlink(r / "sub/deeper/c.txt")
-    else:
-        os.chmod(r / "a.txt", 0o600)
+    _tamper(r, tamper, "a.txt")
     _, out = sync_json(m, r)
     assert out["replicas"][0]["planned"] is True
     treecmp.assert_trees_equal(m, r)
@@ -274,12 +280,7 @@ def test_planning_only_master_changes_does_not_hide_a_replica_change(tmp_path, t
     still as the last run left it; a replica changed behind its back (another file) is
     compared path by path again, and converges."""
     m, r = _in_step_pair(tmp_path)
-    if tamper == "silent-edit":
-        overwrite_same_size_and_mtime(r / "sub/b.txt", b"BETA\n")
-    elif tamper == "delete":
-        os.unlink(r / "sub/deeper/c.txt")
-    else:
-        os.chmod(r / "sub/b.txt", 0o600)
+    _tamper(r, tamper, "sub/b.txt")
     write(m / "a.txt", "alpha, edited on the master\n")
     settle(m)
     _, out = sync_json(m, r)

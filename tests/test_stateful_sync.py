@@ -218,23 +218,21 @@ class SyncMachine(RuleBasedStateMachine):
                 assert not [n for n in filenames if n.startswith(".dirsync-tmp-")], dirpath
 
 
+def _run_machine(machine, examples: int, steps: int, **kw) -> None:
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=examples, stateful_step_count=steps, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], **kw))
+
+
 def test_random_mutation_sequences_converge():
     SyncMachine.total_syncs = 0
-    run_state_machine_as_test(
-        SyncMachine,
-        settings=settings(max_examples=25, stateful_step_count=30, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
-    )
+    _run_machine(SyncMachine, 25, 30)
     assert SyncMachine.total_syncs >= 25, SyncMachine.total_syncs
 
 
 @pytest.mark.slow
 def test_random_mutation_sequences_converge_longer():
-    run_state_machine_as_test(
-        SyncMachine,
-        settings=settings(max_examples=80, stateful_step_count=50, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
-    )
+    _run_machine(SyncMachine, 80, 50)
 
 
 class HelperSyncMachine(SyncMachine):
@@ -272,11 +270,7 @@ def test_random_mutation_sequences_converge_with_a_helper_writer(monkeypatch):
     monkeypatch.setattr(apply, "SPLIT_MIN", 2)
     monkeypatch.setattr(apply._Helper, "start", classmethod(start))
     SyncMachine.total_syncs = 0
-    run_state_machine_as_test(
-        HelperSyncMachine,
-        settings=settings(max_examples=60, stateful_step_count=30, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
-    )
+    _run_machine(HelperSyncMachine, 60, 30, derandomize=True, database=None)
     assert SyncMachine.total_syncs >= 25, SyncMachine.total_syncs
     assert started, "no plan gave the helper a share"
 
@@ -327,10 +321,6 @@ def test_planning_only_what_changed_since_the_pair_was_in_step(monkeypatch):
 
     monkeypatch.setattr(sync_mod, "diff", diff_both_ways)
     SyncMachine.total_syncs = 0
-    run_state_machine_as_test(
-        SettledSyncMachine,
-        settings=settings(max_examples=20, stateful_step_count=30, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
-    )
+    _run_machine(SettledSyncMachine, 20, 30, derandomize=True, database=None)
     assert SyncMachine.total_syncs >= 20, SyncMachine.total_syncs
     assert seen["only"] >= 10, seen
