@@ -547,19 +547,6 @@ def changed_entries(old: dict[str, "Entry"], new: dict[str, "Entry"]) -> list["E
             if get(p) != (e := new[p])]
 
 
-def changed_paths(base: RowSource, entries: dict[str, "Entry"]) -> set[str]:
-    """The paths where `entries` may differ from the cache `base` was decoded from: every path
-    whose entry is not the very object decoded from base's row for it (new, changed, gone).
-    The definition of ScanResult.base's set, which a scan gets more cheaply from the paths it
-    missed (scan._note_base; the tests check the two agree): this costs C-level passes over
-    every entry (~80 ms for 100,000 here: each entry is a CPU cache miss)."""
-    ids = set(map(id, base.objs))  # (base holds the objects: their ids stay theirs)
-    vals = entries.values()
-    out = set(compress(entries, map(operator.not_, map(ids.__contains__, map(id, vals)))))
-    out.update(compress(base.paths, map(operator.is_not, map(entries.get, base.paths), base.objs)))
-    return out
-
-
 def fingerprint_update(fp: bytes, base: dict[str, "Entry"], entries: dict[str, "Entry"]) -> bytes:
     """fingerprint(entries), given `fp` = fingerprint(base) of a dict that shares the entry
     objects of every unchanged path: only the paths whose entry is another object are hashed."""

@@ -88,9 +88,9 @@ class ScanResult:
         self.temps: list[str] = []  # dirsync temp files found (stale after a crash)
         self.fingerprint = b""  # of the tree as scanned, when every file entry in it is trusted
         # The saved cache the scan classified against: its fingerprint, and the paths whose entry
-        # is not the very object decoded from it (new, changed or gone since: what
-        # manifest.changed_paths finds, from what the scan knows); None when the scan did not
-        # start from a saved cache with a fingerprint.
+        # is not the very object decoded from it (new, changed or gone since; found from what the
+        # scan missed, see _note_base); None when the scan did not start from a saved cache with
+        # a fingerprint.
         self.base: tuple[bytes, set[str]] | None = None
         self.cache_failed = False  # the saved cache's rows did not decode (treated as no cache)
         # path -> (whole-file digest, bytes): small files this scan read, kept (scan_tree's
@@ -674,7 +674,7 @@ class _Scanner:
         if stat.S_ISDIR(m):
             c = self.cache.get(rel)
             if c.__class__ is DirEntry and c.mtime_ns == st.st_mtime_ns and c.mode == stat.S_IMODE(m):
-                self.entries[rel] = c  # the cache's own object, as for an unchanged file (changed_paths)
+                self.entries[rel] = c  # the cache's own object, as for an unchanged file (_note_base)
             else:
                 self.entries[rel] = self.dir_entry(rel, st)
                 self.changed = True

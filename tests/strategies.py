@@ -285,3 +285,10 @@ def simulate(plan, master: Manifest, replica: Manifest, protect=frozenset()) -> 
             raise AssertionError(f"unknown action {a!r}")
     assert not staged, f"staged but never committed: {sorted(staged)}"
     return state
+
+
+def changed_paths(base: dict, entries: dict) -> set[str]:
+    """Every path whose entry in `entries` is not the very object `base` holds there (new,
+    changed or gone): what a scan's ScanResult.base lists, by definition (the scan finds it
+    from the paths it missed instead)."""
+    return {p for p in base.keys() | entries.keys() if entries.get(p) is not base.get(p)}

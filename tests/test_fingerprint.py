@@ -17,10 +17,12 @@ try:
     import treecmp
     from helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, settle, sync_json,
                          touch, write)
+    from strategies import changed_paths
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
     from tests.helpers import (Link, build_tree, overwrite_same_size_and_mtime, read, run_cli, settle, sync_json,
                                touch, write)
+    from tests.strategies import changed_paths
 
 from dirsync import chunking
 from dirsync.manifest import FileEntry, fingerprint, fingerprint_update, load, to_bytes
@@ -424,12 +426,11 @@ def test_two_way_shortcut_needs_every_fact_of_its_note(tmp_path, field):
 def test_scan_knows_which_paths_changed_since_its_cache(tmp_path, monkeypatch, how):
     """A scan against a saved cache notes the paths whose entry is not the cache's own object
     (what a run plans when the pair was in step): computed from what the scan missed, it
-    equals the full comparison (manifest.changed_paths) for every kind of change, also when a
+    equals the full comparison (strategies.changed_paths) for every kind of change, also when a
     second process read files or a prewalk child classified the tree."""
     import shutil
 
     from dirsync import scan as scan_mod
-    from dirsync.manifest import changed_paths
     from dirsync.scan import Prewalk
 
     root = tmp_path / "t"
@@ -461,7 +462,7 @@ def test_scan_knows_which_paths_changed_since_its_cache(tmp_path, monkeypatch, h
     got = scan_tree(str(root), cache=saved, walked=walked, split_reads=how == "split-reads")
     assert bool(taken) == (how != "walk") and None not in taken
     assert got.base is not None and got.base[0] == saved.fingerprint
-    full = changed_paths(saved.manifest.rows, got.manifest.entries)
+    full = changed_paths(saved.manifest.entries, got.manifest.entries)
     assert got.base[1] == full
     assert {"a.txt", "sub/b.txt", "new.txt", "sub/deeper/c.txt", "d1", "d1/x.txt", "d2", "d3/z.txt", "l2",
             "empty", "many/f0.txt"} <= full
