@@ -189,6 +189,7 @@ def _rename_noreplace(sdfd: int, src: str, ddfd: int, dst: str) -> int:
 
 KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _kick)
 _SYNC_FILE_RANGE_WRITE = 2
+PRECOPY_MIN = 64 << 20  # a file at least this large, rehashed at its old size, is copied ahead (Replica.precopy)
 
 
 DIRFD_MAX = 768  # keeps every fd number of a process below 1,024: select() takes no higher one
@@ -300,6 +301,7 @@ class Replica:
         self._tmp_seq = 0
         self._tmp_tag = os.urandom(4).hex()  # this session's temp names: TMP_PREFIX + seq + tag
         self._helper = False  # this is a forked helper writer's copy (see become_helper)
+        self._precopies: dict[str, _Precopy] = {}  # copies made ahead of the plan (see precopy)
         self.write_start_ns = time.time_ns()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -550,6 +552,7 @@ class Replica:
         waited for here)."""
         self._tmp_tag = os.urandom(4).hex()
         self._helper = True
+        self._precopies = {}  # (the parent's: their threads and temps are not this process's)
         self._unflushed = set()
         self._unflushed_many = False
         self.staged = {}
@@ -694,14 +697,19 @@ class Replica:
         except ValueError as e:
             raise InvalidPathError(path, "write", str(e)) from None
         parent = parent_of(path)
+        over = False  # building over a copy made ahead (see precopy)
         if parent in self._in_fresh:  # in a directory not yet in place: build it at its own name
             tmp: Tmp = (parent, path.rsplit("/", 1)[-1])
             old = self.staged.pop(path, None)
             if old:
                 self._unlink_tmp(old[0])  # (before: the new build takes the same name)
         else:
-            self._tmp_seq += 1
-            tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
+            tmp = self._claim_precopy(w, sends) if self._precopies else None
+            if tmp is None:
+                self._tmp_seq += 1
+                tmp = (self._stage_dir(path, w.target.size), f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
+            else:
+                over = True
         # Until it is in `staged`, the temp is `building`: an interrupt can land anywhere between
         # its creation and its registration (even between open() and the try that would remove
         # it), and close() removes it then. Measured: Ctrl-C during an initial copy left an
@@ -713,7 +721,7 @@ class Replica:
             self._links.add(path)
         else:
             self._links.discard(path)
-            total, digests = self._build(w, tmp, sends)
+            total, digests = self._build(w, tmp, sends, over)
             if w.derive:  # the content check passed: these are the digests of what was sent
                 t = w.target  # (constructors, not .replace(): this runs once per file written)
                 w = WriteFile(FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes, digests,
@@ -750,9 +758,11 @@ class Replica:
             return False
         return True
 
-    def _build(self, w: WriteFile, tmp: Tmp, sends: Iterator[bytes]) -> tuple[int, bytes]:
+    def _build(self, w: WriteFile, tmp: Tmp, sends: Iterator[bytes], over: bool = False) -> tuple[int, bytes]:
         """Write w.target into temp `tmp` from its copy ops and `sends`, verified (see stage).
         Returns (bytes written, the chunk digests of the sent bytes when w.derive else b"").
+        `over`: `tmp` is a copy made ahead of w's one reuse source, every copy op of w at its
+        own offset there (see _claim_precopy): only the sent ranges are written, over it.
 
         Two ways to verify. When every reuse source is a cache entry the scan trusted (racy-clean,
         inode known), its ranges are copied in the kernel (copy_file_range: no byte through
@@ -774,11 +784,19 @@ class Replica:
             direct = None  # read the bytes it yields (checked by the master reader) instead
         sent_check = None if direct is not None else self._sent_check(w)
         mode = w.target.mode
-        plain = mode == mode & self._create_modes  # created with its final mode: no fchmod
+        plain = mode == mode & self._create_modes and not over  # created with its final mode: no fchmod
         try:
-            fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode if plain else 0o600, dir_fd=self._tmp_dirfd(tmp))
+            if over:
+                if direct is None and sent_check is None:  # (_claim_precopy saw to it: cannot happen)
+                    self._unlink_tmp(tmp)
+                    raise ConflictError(path, "write", "internal: a copy made ahead without a check of the sent bytes")
+                fd = os.open(tmp[1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._tmp_dirfd(tmp))
+            else:
+                fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             mode if plain else 0o600, dir_fd=self._tmp_dirfd(tmp))
         except OSError as e:
+            if over:
+                self._unlink_tmp(tmp)
             raise ItemIOError(path, "write", e) from None
         ok = False
         srcs: dict[str, int] = {}
@@ -800,7 +818,10 @@ class Replica:
                     unkicked = 0
 
             for op in w.ops:
-                if isinstance(op, CopyOp):
+                if over and op.__class__ is CopyOp:  # already there: proven by the copy's thread
+                    os.lseek(fd, op.size, os.SEEK_CUR)
+                    total += op.size
+                elif isinstance(op, CopyOp):
                     sfd = srcs.get(op.src)
                     if sfd is None:
                         sfd = srcs[op.src] = self._open_source(w, op.src, h is None)
@@ -968,6 +989,93 @@ class Replica:
                 == (e.size, e.mtime_ns, e.ctime_ns, e.ino)):
             self._forget_sources(w)
             raise ConflictError(w.path, "write", f"reuse source {src} changed on the replica during the sync; retry")
+
+    # -- copies made ahead of the plan ---------------------------------------------
+    # A large file edited in place on the master (a disk image, a database) is rewritten on the
+    # replica in a temp: the old version copied in the kernel, the changed chunks written over
+    # it. That copy needs only the replica's file, so it can run while the master's new version
+    # is still being hashed (the two overlap on two cores), instead of after the plan.
+
+    def precopy(self, rel: str, size: int) -> None:
+        """Start copying the replica's file `rel` into a temp on a thread of this object's (joined
+        by stage's claim, keep_precopies or close), when it is a regular file of `size` bytes
+        whose stat facts are older than RACY_NS: the master is about to hash its version, which
+        had that size before (the caller's guess that it was edited in place). Nothing is
+        changed on the replica but the temp; any failure just means no copy."""
+        if (self.readonly or self._helper or self.root_fd < 0 or self.tmp_fd < 0 or _copy_file_range is None
+                or size < PRECOPY_MIN or rel in self._precopies or rel in self.staged):
+            return
+        try:
+            dfd, name = self._at(rel, "read")
+            sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except (OSError, ItemError):
+            return
+        fd = -1
+        try:
+            st = os.fstat(sfd)
+            limit = time.time_ns() - RACY_NS  # (a write during the copy then changes the facts)
+            if not (stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_ctime_ns < limit
+                    and st.st_mtime_ns < limit):
+                return
+            _load_libc()  # (for _kick, here rather than on the thread)
+            self._tmp_seq += 1
+            tmp = (None, f"{TMP_PREFIX}{self._tmp_seq}-{self._tmp_tag}")
+            fd = os.open(tmp[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.tmp_fd)
+            pre = self._precopies[rel] = _Precopy(sfd, fd, tmp, (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                                 st.st_ino))
+            sfd = fd = -1  # the thread's now
+            pre.thread.start()
+        except (OSError, RuntimeError):  # RuntimeError: no thread could be started
+            pre = self._precopies.pop(rel, None)
+            if pre is not None:
+                os.close(pre.fds[0])
+                os.close(pre.fds[1])
+                self._unlink_tmp(pre.tmp)
+        finally:
+            if sfd >= 0:
+                os.close(sfd)
+            if fd >= 0:
+                os.close(fd)
+                self._unlink_tmp(tmp)
+
+    def keep_precopies(self, actions=()) -> None:
+        """Stop and remove the copies made ahead that no write among `actions` may use."""
+        if not self._precopies:
+            return
+        paths = {a.path for a in actions if a.__class__ is WriteFile}
+        for rel in [r for r in self._precopies if r not in paths]:
+            pre = self._precopies.pop(rel)
+            pre.finish(stop=True)
+            self._unlink_tmp(pre.tmp)
+
+    def _claim_precopy(self, w: WriteFile, sends) -> Tmp | None:
+        """The temp of the copy made ahead for w.path, to build w over (see _build), when that
+        copy is whole and of exactly the replica entry the plan reuses (its stat facts the same
+        before and after the copy, as the scan found them, trusted), every copy op of w takes
+        that entry's bytes at the offset they keep, and the sent bytes are checked chunk by
+        chunk (or copied from the master in the kernel). Else None, the copy removed."""
+        pre = self._precopies.pop(w.path)
+        whole = pre.finish(stop=False)
+        e = self.current.get(w.path)
+        t = w.target
+        fits = (whole and not w.derive and not w.move and isinstance(e, FileEntry) and e.trusted and e.ino
+                and (e.size, e.mtime_ns, e.ctime_ns, e.ino) == pre.facts and t.size == e.size)
+        if fits:
+            pos, reused = 0, False
+            for op in w.ops:
+                if op.__class__ is CopyOp:
+                    if op.src != w.path or op.offset != pos:
+                        fits = False
+                        break
+                    reused = True
+                pos += op.size
+            fits = fits and reused and pos == t.size and (
+                getattr(sends, "fd", None) is not None or self._sent_check(w) is not None)
+        if fits:
+            return pre.tmp
+        self._unlink_tmp(pre.tmp)
+        return None
 
     def discard(self, path: str) -> None:
         """Forget a staged file (its master changed after staging)."""
@@ -1481,6 +1589,7 @@ class Replica:
         if self._flushing is not None:
             self._flushing.join()
             self._flushing = None
+        self.keep_precopies(())
         for tmp, _ in self.staged.values():
             self._unlink_tmp(tmp)
         self.staged.clear()
@@ -1530,6 +1639,47 @@ class _Reserved:
 
     def excluded(self, relpath: str, is_dir: bool) -> bool:
         return relpath in self.rels or self.inner.excluded(relpath, is_dir)
+
+
+class _Precopy:
+    """A copy of a replica file into a temp, made on a thread (see Replica.precopy). `facts`:
+    the source's (size, mtime, ctime, ino) when it was opened; finish() says whether the whole
+    file was copied with those facts unchanged at the end (so the copy holds the bytes a scan
+    that found those facts describes)."""
+
+    def __init__(self, sfd: int, fd: int, tmp: Tmp, facts: tuple) -> None:
+        self.fds = (sfd, fd)
+        self.tmp = tmp
+        self.facts = facts
+        self.stop = False  # set by finish(stop=True): the thread ends after the range at hand
+        self.whole = False
+        self.thread = threading.Thread(target=self._run, name="dirsync-precopy", daemon=True)
+
+    def _run(self) -> None:
+        sfd, fd = self.fds
+        size = self.facts[0]
+        try:
+            off = 0
+            while off < size and not self.stop:
+                n = _copy_file_range(sfd, fd, min(KICK_BYTES, size - off), off)  # type: ignore[misc]
+                if not n:
+                    return  # the source shrank
+                off += n
+                _kick(fd)
+            if off == size:
+                st = os.fstat(sfd)
+                self.whole = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == self.facts
+        except OSError:
+            pass  # (e.g. a full disk: the plan's build then copies, or reports it)
+        finally:
+            os.close(sfd)
+            os.close(fd)
+
+    def finish(self, stop: bool) -> bool:
+        """Wait for the thread (asking it to stop first when `stop`); True when the copy is whole."""
+        self.stop = stop
+        self.thread.join()
+        return self.whole and not stop
 
 
 class _ChunkHasher:

@@ -124,6 +124,7 @@ def scan_tree(
     hold: int = 0,
     split: bool = False,
     split_reads: bool = False,
+    on_rehash: Callable[[str, int], None] | None = None,
 ) -> ScanResult:
     """Scan `root` (an existing directory) into a ScanResult.
 
@@ -137,7 +138,8 @@ def scan_tree(
     `split`: walk with two processes when the cache says the tree is large (see gather_split;
     for a caller whose other processes are idle meanwhile: the agent). `split_reads`: read and
     hash the files that need it with two processes when there are many (see classify; the
-    master scan, which other work waits for).
+    master scan, which other work waits for). `on_rehash(relpath, size)`: called in this
+    process before a file the cache held at that same size is read again (Replica.precopy).
     Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
     paths in `protect`; the root itself must be readable (checked by the caller).
     """
@@ -145,6 +147,7 @@ def scan_tree(
     s.hold_left = hold
     s.split = split and cache is not None and _count(cache) >= SPLIT_MIN
     s.split_reads = split_reads
+    s.on_rehash = on_rehash
     res = s.result
     if only is not None:
         cm = _decoded(cache, res)
@@ -412,6 +415,7 @@ class _Scanner:
         self.hold_left = 0  # bytes of small files' content still to keep (ScanResult.held)
         self.split = False  # walk_root walks with two processes (gather_split)
         self.split_reads = False  # classify reads many files with two processes (_read_share)
+        self.on_rehash: Callable[[str, int], None] | None = None  # see scan_tree
 
     def set_cache(self, cache: Manifest | None) -> None:
         self.cache = cache.entries if cache is not None else {}
@@ -613,7 +617,7 @@ class _Scanner:
         res = self.result
         self.entries, res.errors, res.protect, res.held, res.warnings = {}, [], set(), {}, []
         res.files_read = res.bytes_read = 0
-        self.changed, self.fp_exact, self.hold_left, self.on_bytes = False, True, hold, None
+        self.changed, self.fp_exact, self.hold_left, self.on_bytes, self.on_rehash = False, True, hold, None, None
         for rel, st in files:
             self.add(rel, _St._make(st))
         rows = [(e.path, e.size, e.mode, e.mtime_ns, e.digest, e.avg, e.held_sizes, e.digests, e.ino, e.ctime_ns,
@@ -719,6 +723,8 @@ class _Scanner:
                 self.changed = True
                 return _with_mode(c, mode)
             prev_avg = c.avg
+            if self.on_rehash is not None and c.size == st.st_size:
+                self.on_rehash(rel, c.size)
         try:
             return self.hash_file(rel, st, prev_avg)
         except FileNotFoundError:

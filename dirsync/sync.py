@@ -180,17 +180,18 @@ def check_replicas_apart(replicas: tuple[str, ...] | list[str]) -> None:
 
 def scan_master(master_real: str, patterns: list[str], reporter: Reporter,
                 saves: list[PendingSave] | None = None, walk: tuple[CacheLoad, Prewalk | None] | None = None,
-                ) -> tuple[ScanResult, bool]:
+                on_rehash: Callable[[str, int], None] | None = None) -> tuple[ScanResult, bool]:
     """Scan the master with its cache; returns (result, cache trustworthy for deletes).
     With `saves`, the cache may be saved by a forked child, added there for the caller to wait for.
-    `walk`: the cache already loaded and the tree's walk started by _prewalk_master."""
+    `walk`: the cache already loaded and the tree's walk started by _prewalk_master.
+    `on_rehash`: see scan_tree (a local replica's precopy)."""
     cache_file = master_cache_path(master_real)
     load, walked = walk or (load_manifest_file(cache_file, chunking.CHUNKER_ID, lazy=True), None)
     cache_ok = load.status != "unusable"
     if not cache_ok:
         reporter.warn(f"master cache unusable ({load.reason}): rescanning everything, no deletions this run")
     res = scan_tree(master_real, excluder=Excluder(patterns), cache=load.saved, walked=walked, hold=HOLD_BYTES,
-                    split_reads=True)
+                    split_reads=True, on_rehash=on_rehash)
     cache_ok = cache_ok and not res.cache_failed
     try:
         # Save a changed tree, and an unchanged one whose cache lacks the fingerprint it now has
@@ -234,7 +235,8 @@ def _run_sync(cfg: SyncConfig, reporter: Reporter, should_stop: Callable[[], boo
     try:
         if master_scan is None:
             early = _open_early(cfg, master_real, patterns)
-        mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves, walk)
+        mscan, cache_ok = master_scan or scan_master(master_real, patterns, reporter, saves, walk,
+                                                     _precopier(cfg, early))
         _sync_all(cfg, master_real, patterns, mscan, cache_ok, early, run, reporter, should_stop)
     finally:
         if walk is not None and walk[1] is not None:
@@ -419,6 +421,17 @@ def _open_early(cfg: SyncConfig, master_real: str, patterns: list[str]) -> dict[
             e.abandon()
         raise
     return early
+
+
+def _precopier(cfg: SyncConfig, early: dict[str, _EarlyReplica]) -> Callable[[str, int], None] | None:
+    """The master scan's on_rehash: the one replica's precopy when it is local and open (not
+    with several replicas: fan-out workers are forked after the scan, and a thread must not
+    run then; nor in a dry run, which writes nothing)."""
+    if cfg.dry_run or len(cfg.replicas) != 1:
+        return None
+    e = early.get(cfg.replicas[0])
+    t = e.transport if e is not None else None
+    return getattr(t, "precopy", None) if t is not None and not t.is_remote else None
 
 
 def _record_status(master_real: str, spec: str, summary: ReplicaSummary, run: RunSummary, started: float,

@@ -75,7 +75,13 @@ class LocalTransport:
         # A MasterReader's reads work in a forked helper writer too (apply._Helper); a throttled
         # one would pace each process on its own, twice the rate.
         split = master.__class__ is MasterReader and master.throttle is None
+        self.replica.keep_precopies(actions)
         apply_actions(self.replica, actions, getattr(master, "local_sends", master.sends), sink, should_stop, split)
+
+    def precopy(self, rel: str, size: int) -> None:
+        """Replica.precopy: called by the master scan before it hashes a large file again."""
+        if self.replica is not None:
+            self.replica.precopy(rel, size)
 
     def forget(self) -> None:
         """A forked worker took this replica over: Replica.forget."""
