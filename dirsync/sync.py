@@ -424,14 +424,14 @@ def _open_early(cfg: SyncConfig, master_real: str, patterns: list[str]) -> dict[
 
 
 def _precopier(cfg: SyncConfig, early: dict[str, _EarlyReplica]) -> Callable[[str, int], None] | None:
-    """The master scan's on_rehash: the one replica's precopy when it is local and open (not
-    with several replicas: fan-out workers are forked after the scan, and a thread must not
-    run then; nor in a dry run, which writes nothing)."""
+    """The master scan's on_rehash: the one replica's precopy (local: Replica.precopy; over
+    SSH: the agent's hint), when it was opened early (not with several replicas: fan-out
+    workers are forked after the scan, and a thread must not run then; nor in a dry run,
+    which writes nothing)."""
     if cfg.dry_run or len(cfg.replicas) != 1:
         return None
     e = early.get(cfg.replicas[0])
-    t = e.transport if e is not None else None
-    return getattr(t, "precopy", None) if t is not None and not t.is_remote else None
+    return getattr(e.transport, "precopy", None) if e is not None and e.transport is not None else None
 
 
 def _record_status(master_real: str, spec: str, summary: ReplicaSummary, run: RunSummary, started: float,

@@ -27,11 +27,11 @@ from dirsync.transport.wire import MAX_FRAME, PROTO_VERSION, FrameDecoder, encod
 
 try:
     import treecmp
-    from helpers import build_tree, random_bytes
+    from helpers import build_tree, random_bytes, settle
     from remote_helpers import agent_argv, agent_env
 except ImportError:
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes
+    from tests.helpers import build_tree, random_bytes, settle
     from tests.remote_helpers import agent_argv, agent_env
 
 DEADLINE_S = 30.0
@@ -394,6 +394,10 @@ CRAFTED = {
     "del bad expectation": lambda w: [{"t": "apply"}, {"t": "del", "p": b"a", "k": "f", "x": ["f", -1], "ob": False}],
     "unknown action": lambda w: [{"t": "apply"}, {"t": "chmod", "p": b"a"}],
     "unknown message": lambda w: [{"t": "format-disk"}],
+    "precopy ../": lambda w: [{"t": "precopy", "path": b"../outside/keep.txt", "size": 5}],
+    "precopy absolute": lambda w: [{"t": "precopy", "path": os.fsencode(str(w.outside / "keep.txt")), "size": 5}],
+    "precopy in state dir": lambda w: [{"t": "precopy", "path": b".dirsync/manifest", "size": 5}],
+    "precopy size as str": lambda w: [{"t": "precopy", "path": b"f.txt", "size": "5"}],
     "open twice": lambda w: [w.open()],
     "scan with bad patterns": lambda w: [{"t": "scan", "patterns": [1, 2], "fresh": False, "base": ""}],
     "scan fresh as int": lambda w: [{"t": "scan", "patterns": [], "fresh": 1, "base": ""}],
@@ -442,8 +446,8 @@ def test_wrong_hello_is_refused_naming_both_versions(world):
     assert not os.listdir(world.r)
 
 
-@pytest.mark.parametrize("msg", [{"t": "scan", "patterns": [], "fresh": False, "base": ""}, {"t": "prep"}],
-                         ids=["scan", "prep"])
+@pytest.mark.parametrize("msg", [{"t": "scan", "patterns": [], "fresh": False, "base": ""}, {"t": "prep"},
+                                 {"t": "precopy", "path": b"f.txt", "size": 1}], ids=["scan", "prep", "precopy"])
 def test_request_before_open_is_refused(world, msg):
     status, out, err = run_agent_process([frame(msg)])
     assert_protocol_error(status, out, err)
@@ -565,6 +569,35 @@ def test_prep_decodes_the_saved_manifest_the_scan_took_whole(world, prep):
     assert recv()["t"] == "closed"
     assert finish() == 0
     assert (world.r / "f.txt").read_bytes() == world.data_f
+
+
+def test_a_precopy_hint_copies_only_a_regular_file_inside_the_replica(world, monkeypatch):
+    """The `precopy` hint ("pc"): the agent copies the named file into its .dirsync/tmp ahead
+    of the plan, but never through a symlink (the file's or a parent directory's), and a file
+    of another size than the master said is left alone; no reply either way, and nothing of it
+    outlives the session."""
+    from dirsync import replica as replica_mod
+
+    monkeypatch.setattr(replica_mod, "PRECOPY_MIN", 1)  # (the agent runs in this process here)
+    (world.r / "big.img").write_bytes(b"b" * 5000)
+    os.symlink(world.outside / "keep.txt", world.r / "to-outside")
+    os.symlink(world.outside / "sub", world.r / "dir-outside")
+    settle(world.r)  # (a file changed in the last RACY_NS is never copied ahead)
+    agent, send, recv, finish = _agent_in_thread()
+    send({**world.open(), "init": True})
+    assert recv()["t"] == "opened"
+    tmp = world.r / ".dirsync" / "tmp"
+    for path, size in ((b"to-outside", 5), (b"dir-outside/x", 1), (b"big.img", 4999), (b"big.img", 5000)):
+        send({"t": "precopy", "path": path, "size": size})
+    send({"t": "root", "patterns": []})  # answered after the hints were handled
+    assert recv()["t"] == "root"
+    assert list(agent.replica._precopies) == ["big.img"]
+    assert agent.replica._precopies["big.img"].finish(stop=False)
+    assert [(tmp / n).read_bytes() for n in os.listdir(tmp)] == [b"b" * 5000]
+    send({"t": "close", "save": False})
+    assert recv()["t"] == "closed"
+    assert finish() == 0
+    assert os.listdir(tmp) == []
 
 
 def test_refused_open_is_a_fatal_frame_not_a_crash(world):

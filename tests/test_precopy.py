@@ -21,11 +21,15 @@ import threading
 import pytest
 
 try:
+    import sshd as _sshd_plugin
     import treecmp
-    from helpers import build_tree, random_bytes, read, settle, stray_temps, tmp_entries
+    from helpers import build_tree, random_bytes, read, settle, stray_temps, tmp_entries, wait_for
+    from remote_helpers import ssh_options, ssh_spec
 except ImportError:  # tests/ imported as a package
+    from tests import sshd as _sshd_plugin
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, read, settle, stray_temps, tmp_entries
+    from tests.helpers import build_tree, random_bytes, read, settle, stray_temps, tmp_entries, wait_for
+    from tests.remote_helpers import ssh_options, ssh_spec
 
 from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
@@ -33,6 +37,9 @@ from dirsync.errors import ConflictError
 from dirsync.plan import CopyOp, PlanOptions, WriteFile, diff
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
+from dirsync.transport.remote import RemoteTransport
+
+pytest_plugins = [_sshd_plugin.__name__]
 
 SIZE = 3 << 20
 
@@ -303,3 +310,44 @@ def test_an_interrupted_scan_leaves_no_copy_behind(tmp_path, started, monkeypatc
     assert started == ["big.img"]
     assert read(r / "big.img") == before
     _no_temps(r)
+
+
+@pytest.mark.ssh
+def test_over_ssh_the_agent_copies_ahead_and_builds_over_it(sshd, tmp_path, monkeypatch):
+    """The hint reaches the agent during the master scan (queued until the agent is open, as
+    here the scan starts before the agent is up): its replica's .dirsync/tmp then holds a copy
+    of the file, and the file the run leaves is that very inode (held by a second name outside
+    the replica, so that its number cannot be reused by another temp meanwhile)."""
+    from dirsync.progress import Reporter
+    from dirsync.sync import SyncConfig, run_sync
+    from dirsync.transport.remote import PRECOPY_MIN  # (the real one: the agent is another process)
+
+    size = PRECOPY_MIN
+    m, r, hold = tmp_path / "m", tmp_path / "r", tmp_path / "hold"
+    build_tree(m, {"big.img": random_bytes(size, seed=3), "small.txt": "s\n"})
+    settle(m)
+
+    def run():
+        return run_sync(SyncConfig(master=str(m), replicas=(ssh_spec(sshd, r),), transport=ssh_options(sshd),
+                                   init=True), Reporter(quiet=True))
+
+    assert run().exit_code == 0
+    _edit_in_place(m / "big.img", ((5 << 20, b"e" * 4096), (size - 70_000, b"f" * 20_000)))
+    settle(m, r)
+    real = RemoteTransport.precopy
+    temps: list = []
+
+    def spy(self, rel, sz):
+        real(self, rel, sz)
+        got = wait_for(lambda: [n for n in tmp_entries(r) if os.stat(r / ".dirsync" / "tmp" / os.fsdecode(n)).st_size
+                                == size], timeout=20, what="the agent's copy ahead")
+        os.link(r / ".dirsync" / "tmp" / os.fsdecode(got[0]), hold)
+        temps.append(os.stat(hold).st_ino)
+
+    monkeypatch.setattr(RemoteTransport, "precopy", spy)
+    res = run()
+    assert res.exit_code == 0
+    assert len(temps) == 1 and os.stat(r / "big.img").st_ino == temps[0]
+    os.unlink(hold)
+    treecmp.assert_trees_equal(m, r)
+    assert tmp_entries(r) == [] and stray_temps(r) == []

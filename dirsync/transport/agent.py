@@ -64,8 +64,8 @@ ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after dec
 # Announced in the hello; the master uses only what the agent announced ("rz", "sd": see
 # PROTOCOL.md, write; "wb": write batches, "wh": flagged ones a helper writer may take; "tw2":
 # the two-way `head` request and base snapshot files (twoway-<pair>.snap-<16 hex>) among the
-# state names; "pp": the `prep` hint).
-FEATURES = ("rz", "sd", "tw2", "wb", "wh", "pp")
+# state names; "pp": the `prep` hint; "pc": the `precopy` hint).
+FEATURES = ("rz", "sd", "tw2", "wb", "wh", "pp", "pc")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -304,6 +304,8 @@ class Agent:
             self.root(m)
         elif t == "prep":
             self.prep()
+        elif t == "precopy":
+            self.precopy(m)
         else:
             raise ProtocolError(f"unexpected message {str(t)[:40]!r}")
 
@@ -362,6 +364,14 @@ class Agent:
             pass
         __import__("zstandard")  # the writes' compressed rows need it: loaded now, not at the first write
         warm_up()
+
+    def precopy(self, m: dict) -> None:
+        """The master's hint that it is hashing again a large file it last had at `size` bytes:
+        start copying this replica's version ahead (Replica.precopy, which checks the path and
+        the file). A hint only: nothing is answered."""
+        r = self._need()
+        path = proto.v_relpath(m.get("path"))
+        r.precopy(path, v_int(m.get("size"), 0, 1 << 62))
 
     def root(self, m: dict) -> None:
         """Merkle root of the saved manifest, filtered like a scan with these patterns (verify --quick)."""

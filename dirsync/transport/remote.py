@@ -25,7 +25,7 @@ from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, SavedManifest, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, SendOp, WriteFile
-from dirsync.replica import OpenInfo
+from dirsync.replica import PRECOPY_MIN, OpenInfo
 from dirsync.scan import ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
@@ -110,6 +110,11 @@ class RemoteTransport:
         self._wb = False  # ... and takes small new files in write batches ("wb")
         self._wh = False  # ... and may hand batches flagged "h" to a helper writer ("wh")
         self._pp = False  # ... and takes the `prep` hint ("pp")
+        self._pc = False  # ... and the `precopy` hint ("pc")
+        # precopy() hints asked while the opener thread (open_start) still owns the sending:
+        # it sends them after scan; from then on precopy() sends itself (see there).
+        self._pc_lock = threading.Lock()
+        self._pc_queue: list[tuple[str, int]] | None = None
         if opts.compress:
             import zstandard
 
@@ -295,6 +300,7 @@ class RemoteTransport:
         self._readonly = readonly
         with self._shutdown_on_error():
             self._start(wait=False)
+        self._pc_queue = []
         self._opener = threading.Thread(target=self._open_and_scan, args=(list(patterns), init, readonly),
                                         name=f"dirsync-open {self.name}", daemon=True)
         self._opener.start()
@@ -308,6 +314,32 @@ class RemoteTransport:
             self.scan_start(patterns)
         except BaseException as e:  # handed to open_finish, in the owner's thread
             self._opened = e
+        with self._pc_lock:
+            queued, self._pc_queue = self._pc_queue, None
+            if not isinstance(self._opened, BaseException):
+                for rel, size in queued or ():
+                    self._send_precopy(rel, size)
+
+    def precopy(self, rel: str, size: int) -> None:
+        """The master scan is about to hash `rel` again at the size it had (see scan_tree's
+        on_rehash): hint the agent to start copying its version ahead ("precopy", when it lists
+        "pc"). Called in the owner's thread during the master scan, while open_start's thread
+        may still be sending: then queued for it. A hint: a failure to send is left for the
+        next request to report."""
+        if size < PRECOPY_MIN or self._readonly:
+            return
+        with self._pc_lock:
+            if self._pc_queue is not None:
+                self._pc_queue.append((rel, size))
+            else:
+                self._send_precopy(rel, size)
+
+    def _send_precopy(self, rel: str, size: int) -> None:
+        if self._pc and self._broken is None:
+            try:
+                self._send({"t": "precopy", "path": os.fsencode(rel), "size": size}, flush=True)
+            except DirsyncError:
+                pass
 
     def open_finish(self) -> OpenInfo:
         """The OpenInfo of open_start (raising what went wrong there); the scan is under way."""
@@ -354,6 +386,7 @@ class RemoteTransport:
             self._wb = self._sd and "wb" in features
             self._wh = self._wb and "wh" in features
             self._pp = "pp" in features
+            self._pc = "pc" in features
             self.tw_level = 2 if "tw2" in features else 1
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
