@@ -1045,8 +1045,9 @@ class Replica:
             return
         paths = {a.path for a in actions if a.__class__ is WriteFile}
         for rel in [r for r in self._precopies if r not in paths]:
-            pre = self._precopies.pop(rel)
-            pre.finish(stop=True)
+            pre = self._precopies[rel]
+            pre.finish(stop=True)  # (still registered meanwhile: an interrupt leaves it to close)
+            del self._precopies[rel]
             self._unlink_tmp(pre.tmp)
 
     def _claim_precopy(self, w: WriteFile, sends) -> Tmp | None:
@@ -1055,8 +1056,9 @@ class Replica:
         before and after the copy, as the scan found them, trusted), every copy op of w takes
         that entry's bytes at the offset they keep, and the sent bytes are checked chunk by
         chunk (or copied from the master in the kernel). Else None, the copy removed."""
-        pre = self._precopies.pop(w.path)
-        whole = pre.finish(stop=False)
+        pre = self._precopies[w.path]
+        whole = pre.finish(stop=False)  # (still registered meanwhile: an interrupt leaves it to close)
+        del self._precopies[w.path]
         e = self.current.get(w.path)
         t = w.target
         fits = (whole and not w.derive and not w.move and isinstance(e, FileEntry) and e.trusted and e.ino
