@@ -458,12 +458,31 @@ def from_bytes(data: bytes, chunker: str) -> Manifest:
     return load(data, chunker).manifest
 
 
+_PIECE = 64 << 10  # below malloc's mmap threshold: each piece reuses a heap block
+
+
+class _Pieces:
+    """A file-like reader of `data` (bytes or a memoryview) for msgpack.Unpacker."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data, self.pos = data, 0
+
+    def read(self, n: int) -> bytes:
+        p = self.pos
+        self.pos = p + n
+        return bytes(self.data[p:p + n])
+
+
 def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = False) -> Manifest:
     try:
         # Stream the rows: holding all of them decoded at once doubled the peak memory of a
-        # 100,000-file run.
-        up = msgpack.Unpacker(raw=False, use_list=False, max_buffer_size=len(body) + 1)
-        up.feed(body)
+        # 100,000-file run. And read the body in pieces rather than feed() it: feed copies it
+        # whole into fresh memory first (the mixed tree's 8 MB cache: 2,000 more page faults,
+        # ~8 ms of a first decode here), where pieces reuse the same few heap blocks.
+        up = msgpack.Unpacker(_Pieces(body), raw=False, use_list=False, read_size=min(_PIECE, len(body) + 1),
+                              max_buffer_size=len(body) + 1)
         nparts = up.read_array_header()
         if nparts not in (2, 3):
             raise ManifestFormatError(f"manifest body has {nparts} parts")
