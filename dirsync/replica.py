@@ -42,7 +42,7 @@ from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, S
                               fingerprint, fingerprint_update, is_under, parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
-from dirsync.scan import RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
+from dirsync.scan import PRECOPY_MIN, RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
 from dirsync.state import FileLock, fsync_dir_fd, load_manifest_file, save_manifest_file, write_atomic
 
 TYPE_CHECKING = False
@@ -189,7 +189,6 @@ def _rename_noreplace(sdfd: int, src: str, ddfd: int, dst: str) -> int:
 
 KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _kick)
 _SYNC_FILE_RANGE_WRITE = 2
-PRECOPY_MIN = 64 << 20  # a file at least this large, rehashed at its old size, is copied ahead (Replica.precopy)
 
 
 DIRFD_MAX = 768  # keeps every fd number of a process below 1,024: select() takes no higher one

@@ -33,6 +33,7 @@ TMP_PREFIX = ".dirsync-tmp-"
 RACY_NS = 100_000_000  # ext4 stamps come from a coarse clock (1-10 ms); stay well clear
 BUFFER_MAX = 1 << 20  # files up to this size are read in one go
 HOLD_MAX = 64 << 10  # larger files are copied in the kernel (apply.DIRECT_MIN), not sent from memory
+PRECOPY_MIN = 64 << 20  # scan_tree's on_rehash is called for files at least this large (Replica.precopy)
 
 
 class Excluder:
@@ -139,7 +140,8 @@ def scan_tree(
     for a caller whose other processes are idle meanwhile: the agent). `split_reads`: read and
     hash the files that need it with two processes when there are many (see classify; the
     master scan, which other work waits for). `on_rehash(relpath, size)`: called in this
-    process before a file the cache held at that same size is read again (Replica.precopy).
+    process before a file of PRECOPY_MIN bytes or more that the cache held at that same size
+    is read again (Replica.precopy); a prewalk child leaves such a file to this process.
     Per-item problems (unreadable, vanished, changed while read) land in `errors` and their
     paths in `protect`; the root itself must be readable (checked by the caller).
     """
@@ -345,7 +347,7 @@ def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedMani
     there is no usable cache, more than an eighth of the files need reading (a cold cache:
     the parent reads them, with progress) or anything went wrong."""
     cm = _manifest_of(cache)
-    if cm is None:
+    if cm is None or _rehashes_large(items, cm):
         return None
     s.set_cache(cm)
     if not s.classify(items, read_limit=len(items) >> 3) or s.result.errors:
@@ -354,6 +356,20 @@ def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedMani
     fresh = {p: e for p in s.missed if (e := entries.get(p)) is not None and get(p) is not e}
     return ("classified", s.fingerprint_holds(fp, items), s.result.temps, list(entries), fresh, s.changed,
             s.result.warnings, (s.result.files_read, s.result.bytes_read))
+
+
+def _rehashes_large(items: list, cm: Manifest) -> bool:
+    """Would classify read again a file of PRECOPY_MIN bytes or more that the cache held at its
+    size? The parent then classifies, so that its on_rehash hook is called (a child cannot
+    call it: the replica it tells lives in the parent)."""
+    get = cm.entries.get
+    for rel, (m, size, mtime, ino, ctime) in items:
+        if size >= PRECOPY_MIN and m & 0o170000 == 0o100000:
+            c = get(rel)
+            if c.__class__ is FileEntry and c.size == size and not (
+                    c.trusted and c.mtime_ns == mtime and c.ino == ino and c.ctime_ns == ctime):
+                return True
+    return False
 
 
 def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: ScanResult) -> ScanResult | None:
@@ -723,7 +739,7 @@ class _Scanner:
                 self.changed = True
                 return _with_mode(c, mode)
             prev_avg = c.avg
-            if self.on_rehash is not None and c.size == st.st_size:
+            if self.on_rehash is not None and c.size == st.st_size >= PRECOPY_MIN:
                 self.on_rehash(rel, c.size)
         try:
             return self.hash_file(rel, st, prev_avg)

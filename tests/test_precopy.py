@@ -32,6 +32,7 @@ except ImportError:  # tests/ imported as a package
     from tests.remote_helpers import ssh_options, ssh_spec
 
 from dirsync import replica as replica_mod
+from dirsync import scan as scan_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ConflictError
 from dirsync.plan import CopyOp, PlanOptions, WriteFile, diff
@@ -46,7 +47,8 @@ SIZE = 3 << 20
 
 @pytest.fixture(autouse=True)
 def small_precopies(monkeypatch):
-    monkeypatch.setattr(replica_mod, "PRECOPY_MIN", 1 << 20)
+    monkeypatch.setattr(scan_mod, "PRECOPY_MIN", 1 << 20)  # (the scan's hook)
+    monkeypatch.setattr(replica_mod, "PRECOPY_MIN", 1 << 20)  # (the writer's own check)
 
 
 @pytest.fixture
@@ -313,18 +315,22 @@ def test_an_interrupted_scan_leaves_no_copy_behind(tmp_path, started, monkeypatc
 
 
 @pytest.mark.ssh
-def test_over_ssh_the_agent_copies_ahead_and_builds_over_it(sshd, tmp_path, monkeypatch):
+@pytest.mark.parametrize("others", [0, 40], ids=["alone", "among-40-files"])
+def test_over_ssh_the_agent_copies_ahead_and_builds_over_it(sshd, tmp_path, monkeypatch, others):
     """The hint reaches the agent during the master scan (queued until the agent is open, as
     here the scan starts before the agent is up): its replica's .dirsync/tmp then holds a copy
     of the file, and the file the run leaves is that very inode (held by a second name outside
-    the replica, so that its number cannot be reused by another temp meanwhile)."""
+    the replica, so that its number cannot be reused by another temp meanwhile). Among 40
+    unchanged files, the master's walk child (a remote replica's) would hash the file itself:
+    it leaves that to this process, whose hook tells the agent."""
     from dirsync.progress import Reporter
     from dirsync.sync import SyncConfig, run_sync
     from dirsync.transport.remote import PRECOPY_MIN  # (the real one: the agent is another process)
 
     size = PRECOPY_MIN
     m, r, hold = tmp_path / "m", tmp_path / "r", tmp_path / "hold"
-    build_tree(m, {"big.img": random_bytes(size, seed=3), "small.txt": "s\n"})
+    build_tree(m, {"big.img": random_bytes(size, seed=3), "small.txt": "s\n"}
+               | {f"d/f{i:02d}.txt": f"{i}\n" for i in range(others)})
     settle(m)
 
     def run():

@@ -25,8 +25,8 @@ from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
 from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, SavedManifest, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, SendOp, WriteFile
-from dirsync.replica import PRECOPY_MIN, OpenInfo
-from dirsync.scan import ScanResult
+from dirsync.replica import OpenInfo
+from dirsync.scan import PRECOPY_MIN, ScanResult
 from dirsync.state import load_manifest_file, save_manifest_file, state_home, _key
 from dirsync.transport import TransportOptions
 from dirsync.transport import proto
