@@ -1679,7 +1679,8 @@ class _Precopy:
     def finish(self, stop: bool) -> bool:
         """Wait for the thread (asking it to stop first when `stop`); True when the copy is whole."""
         self.stop = stop
-        self.thread.join()
+        if self.thread.ident is not None:  # (None: an interrupt came between registering and starting it)
+            self.thread.join()
         return self.whole and not stop
 
 

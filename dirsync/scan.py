@@ -347,29 +347,15 @@ def _classified(s: _Scanner, items: list, fp: bytes, cache: Manifest | SavedMani
     there is no usable cache, more than an eighth of the files need reading (a cold cache:
     the parent reads them, with progress) or anything went wrong."""
     cm = _manifest_of(cache)
-    if cm is None or _rehashes_large(items, cm):
+    if cm is None:
         return None
     s.set_cache(cm)
-    if not s.classify(items, read_limit=len(items) >> 3) or s.result.errors:
+    if not s.classify(items, read_limit=len(items) >> 3, leave_large=True) or s.result.errors:
         return None
     entries, get = s.entries, cm.entries.get
     fresh = {p: e for p in s.missed if (e := entries.get(p)) is not None and get(p) is not e}
     return ("classified", s.fingerprint_holds(fp, items), s.result.temps, list(entries), fresh, s.changed,
             s.result.warnings, (s.result.files_read, s.result.bytes_read))
-
-
-def _rehashes_large(items: list, cm: Manifest) -> bool:
-    """Would classify read again a file of PRECOPY_MIN bytes or more that the cache held at its
-    size? The parent then classifies, so that its on_rehash hook is called (a child cannot
-    call it: the replica it tells lives in the parent)."""
-    get = cm.entries.get
-    for rel, (m, size, mtime, ino, ctime) in items:
-        if size >= PRECOPY_MIN and m & 0o170000 == 0o100000:
-            c = get(rel)
-            if c.__class__ is FileEntry and c.size == size and not (
-                    c.trusted and c.mtime_ns == mtime and c.ino == ino and c.ctime_ns == ctime):
-                return True
-    return False
 
 
 def _take_classified(got: tuple, cache: Manifest | SavedManifest | None, res: ScanResult) -> ScanResult | None:
@@ -570,10 +556,12 @@ class _Scanner:
             acc += self.gather(d, items)
         _send(w, (acc, items, self.links, self.result.temps, self.result.errors, self.fp_ok), dump)
 
-    def classify(self, items: list, read_limit: int | None = None) -> bool:
+    def classify(self, items: list, read_limit: int | None = None, leave_large: bool = False) -> bool:
         """Turn gathered (relpath, stat tuple in _St's order) pairs into entries (in walk order),
         reusing cache entries that hold. With `read_limit`: when more files than that would have
-        to be read, read none and return False (the entries are then unusable)."""
+        to be read, read none and return False (the entries are then unusable); so too with
+        `leave_large` (a prewalk child), when one of them is a file of PRECOPY_MIN bytes or more
+        that the cache held at its size: the parent reads it, and calls its on_rehash hook."""
         cache_get = self.cache.get
         entries = self.entries
         misses = []
@@ -589,6 +577,10 @@ class _Scanner:
             entries[rel] = None  # a place holder: entries stay in walk order
             misses.append(item)
         if read_limit is not None and sum(st[0] & 0o170000 == 0o100000 for _, st in misses) > read_limit:
+            return False
+        if leave_large and any(st[1] >= PRECOPY_MIN and st[0] & 0o170000 == 0o100000
+                               and (c := cache_get(rel)).__class__ is FileEntry and c.size == st[1]
+                               for rel, st in misses):
             return False
         self.missed.extend(rel for rel, _ in misses)  # every path whose entry may not be the cache's (_note_base)
         share = self._read_share(misses) if self.split_reads else None
