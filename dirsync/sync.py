@@ -184,7 +184,7 @@ def scan_master(master_real: str, patterns: list[str], reporter: Reporter,
     """Scan the master with its cache; returns (result, cache trustworthy for deletes).
     With `saves`, the cache may be saved by a forked child, added there for the caller to wait for.
     `walk`: the cache already loaded and the tree's walk started by _prewalk_master.
-    `on_rehash`: see scan_tree (a local replica's precopy)."""
+    `on_rehash`: see scan_tree (the replica's precopy, from _precopier)."""
     cache_file = master_cache_path(master_real)
     load, walked = walk or (load_manifest_file(cache_file, chunking.CHUNKER_ID, lazy=True), None)
     cache_ok = load.status != "unusable"
