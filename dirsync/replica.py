@@ -894,10 +894,9 @@ class Replica:
         t = w.target
         if len(data) != t.size or xxhash.xxh3_128_digest(data) != t.digest:
             raise ConflictError(w.path, "write", "content check failed (the replica changed during the sync); retry")
-        sizes = t.sizes
         if not w.derive:
             digests = b""
-        elif len(sizes) == 1:
+        elif len(sizes := t.sizes) == 1:  # (sizes unpacked only here: most writes derive nothing)
             digests = t.digest
         else:
             view, pos, out, h = memoryview(data), 0, [], xxhash.xxh3_128_digest
