@@ -46,7 +46,7 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
     `split`: a plan that writes many new files may hand a share of them to a second writer
     process (see _Helper); `sends_for` must then work in a forked child (a MasterReader's)."""
     helpers: list[_Helper] = []  # the running helper, while there is one
-    share = _split_share(actions) if split and split_writers else None
+    share = _split_share(actions, replica.backup is None) if split and split_writers else None
     if share is not None:
         actions = _with_helper(replica, actions, share, sends_for, sink, helpers)
     staged_ok: dict[str, WriteFile] = {}
@@ -147,15 +147,22 @@ def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], si
 # -- a second writer process ---------------------------------------------------------------
 # Creating and writing a small file costs ~30-100 us of kernel time here, and the writer's
 # Python about as much again: an initial copy of 100,000 files kept one core busy for ~10 s
-# while the other idled. So a plan's new files are shared with a forked helper when there are
-# many. Only files no other action depends on go to it: new paths (nothing to replace or back
-# up), built from sent bytes alone (no reuse source), committed in the plan's first stretch of
-# writes and commits (not after a type change's clears). The helper takes the second half of
-# them by cost, whole directories (two processes creating in one directory contend for it),
-# with its share of each commit; the parent does the rest and waits for it where that stretch
-# ends, before anything that could depend on those files (directory times, publishing).
+# while the other idled. So a plan's files are shared with a forked helper when there are
+# many. Only files no other action depends on go to it, committed in the plan's first stretch
+# of writes and commits (not after a type change's clears): new paths built from sent bytes
+# alone (no reuse source), and (for a local replica without backups) files that replace a
+# file at their own path, reusing bytes of that file only, which no other write of the
+# stretch reads (a release step's edits: creating each temp cost ~100-300 us of kernel time
+# here, on an ext4 without a journal that skips recently freed inodes). The helper takes the
+# second half of them by cost, whole directories (two processes creating in one directory
+# contend for it), with its share of each commit; the parent does the rest and waits for it
+# where that stretch ends, before anything that could depend on those files (directory
+# times, deletions, publishing).
 
 SPLIT_MIN = 1000  # new files a plan must write before a helper takes a share
+# ... or files that replace others (_replaces_alone). Measured: a source release step's 375
+# edits (and 50 new files) took ~50 ms less to apply shared, 157 ms against 207 (6 runs each).
+SPLIT_MIN_EDITS = 200
 FILE_COST = 150_000  # one more file's cost in bytes' worth (~100 us against ~1.5 GB/s)
 split_writers = True  # off in fan-out workers: their siblings keep the other cores busy
 
@@ -186,13 +193,31 @@ def sharable(a, committed: set[str]) -> bool:
     return _independent(a) and a.path in committed
 
 
-def _split_share(actions) -> tuple[list, list, int, int] | None:
+def _replaces_alone(a, committed: set[str], read: set[str]) -> bool:
+    """Is `a` a write that replaces the file at its own path, reusing bytes of that file only,
+    which no other write of the stretch reads (`read`)? Its helper then touches nothing the
+    parent does: it builds, checks (expect) and renames over that one path."""
+    if a.__class__ is not WriteFile or a.move or a.derive or a.expect is None or a.expect[0] != "f":
+        return False
+    p = a.path
+    return p in committed and p not in read and all(o.__class__ is SendOp or o.src == p for o in a.ops)
+
+
+def _split_share(actions, replaces: bool = False) -> tuple[list, list, int, int] | None:
     """(the parent's actions, the helper's, where the helper starts, where the parent waits for
     it), both as indexes into the parent's list, which equals `actions` up to the first; None
-    when the plan has too few new files to share."""
+    when the plan has too few files to share. `replaces`: files that replace others may be
+    shared too (_replaces_alone: not with backups, whose folder both processes would make)."""
     start, end, committed = first_stretch(actions)
     cand = [i for i in range(start, end) if sharable(actions[i], committed)]
-    if len(cand) < SPLIT_MIN:
+    if replaces and len(cand) < SPLIT_MIN:
+        read = {o.src for i in range(start, end) if (a := actions[i]).__class__ is WriteFile
+                for o in a.ops if o.__class__ is CopyOp and o.src != a.path}
+        alone = {i for i in range(start, end) if _replaces_alone(actions[i], committed, read)}
+        if len(alone) < SPLIT_MIN_EDITS:
+            return None
+        cand = sorted(alone.union(cand))
+    elif len(cand) < SPLIT_MIN:
         return None
     costs = [actions[i].target.size + FILE_COST for i in cand]
     left = sum(costs) / 2
@@ -479,6 +504,9 @@ class _Helper:
         elif kind == 2:
             self.heard.add(ev[1])
             self.failures.append((ev[1], ev[2]))
+            w = next((a for a in self.theirs if a.__class__ is WriteFile and a.path == ev[1]), None)
+            if w is not None:
+                replica.distrust_sources(w)
         elif kind == 3:
             replica.taint(ev[1])
         elif kind == 4:

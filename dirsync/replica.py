@@ -580,6 +580,12 @@ class Replica:
         self.current[t.path] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes,
                                          t.digests if digests is None else digests, ino, ctime_ns, trusted)
 
+    def distrust_sources(self, w: WriteFile) -> None:
+        """The helper failed to write `w`: the reuse sources it had (its own old version, for a
+        file it replaces) are read again by the next scan, as when this process fails such a
+        write on a content check (_forget_sources): the helper's own notes of that are lost."""
+        self._forget_sources(w)
+
     def taint(self, rel: str) -> None:
         """A fresh directory in which the helper left a failed file it could not remove."""
         self._tainted.add(rel)

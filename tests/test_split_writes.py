@@ -17,11 +17,11 @@ import threading
 try:
     import treecmp
     from helpers import (build_tree, files_match_master, popen_cli, random_bytes, settle, stray_temps, sync_json,
-                         wait_for, write)
+                         text_lines, wait_for, write)
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
     from tests.helpers import (build_tree, files_match_master, popen_cli, random_bytes, settle, stray_temps,
-                               sync_json, wait_for, write)
+                               sync_json, text_lines, wait_for, write)
 
 from dirsync import apply as apply_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
@@ -471,3 +471,150 @@ def test_the_names_a_helper_made_are_flushed_again_by_the_parent_when_its_own_fl
     assert "joined" in events and "syncfs" in events[events.index("joined"):], events
     assert not summary.errors
     treecmp.assert_trees_equal(m, r)
+
+
+# -- files that replace others (a release step's edits) ---------------------------------------
+# A write that replaces the file at its own path, reusing bytes of that file only, which no
+# other write of the stretch reads, goes to the helper too (apply._replaces_alone), when there
+# are SPLIT_MIN_EDITS of them and the replica keeps no backups.
+
+E = apply_mod.SPLIT_MIN_EDITS + 40
+
+
+def _edits_tree(n: int = E, dirs: int = 8) -> dict:
+    return {f"e{i % dirs}/s{i:04d}.py": text_lines(9000 + 37 * i, seed=i) for i in range(n)}
+
+
+def _edit(m, paths) -> None:
+    for i, p in enumerate(paths):
+        with open(m / p, "r+b") as f:  # in place, mid-file: the rest of the file is reused
+            f.seek(4000)
+            f.write(b"# edited %05d\n" % i)
+
+
+def _synced(tmp_path, spec: dict):
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, spec)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["errors"] == []
+    settle(m, r)
+    return m, r
+
+
+def test_edits_of_many_files_are_shared_and_every_replaced_file_reaches_the_parents_record(tmp_path, monkeypatch):
+    spec = _edits_tree()
+    m, r = _synced(tmp_path, spec)
+    # In every directory (so in the helper's half too, wherever it is cut): a new file that
+    # reads an edited file's old version, and an edited file that takes another's old text.
+    read = [f"e{d}/s{d:04d}.py" for d in range(8)]
+    taker = [f"e{d}/s{d + 8:04d}.py" for d in range(8)]
+    olds = {p: (m / p).read_bytes() for p in read + [f"e{d}/s{d + 16:04d}.py" for d in range(8)]}
+    _edit(m, sorted(spec))
+    for d in range(8):
+        (m / f"e{d}" / "zz-copy.py").write_bytes(olds[read[d]] + b"# a copy of an old text\n")
+        (m / taker[d]).write_bytes(olds[f"e{d}/s{d + 16:04d}.py"] + b"# another file's old text\n")
+    settle(m)
+    ms, rep, plan = _open(m, r)
+    actions = plan.actions
+    assert apply_mod._split_share(actions) is None  # (new files only: too few)
+    share = apply_mod._split_share(actions, replaces=True)
+    assert share is not None
+    mine, theirs = share[0], share[1]
+    tw = [a for a in theirs if isinstance(a, WriteFile)]
+    mw = [a for a in mine if isinstance(a, WriteFile)]
+    assert len(tw) >= E // 3 and len(mw) >= E // 3
+    by_path = {a.path: a for a in actions if isinstance(a, WriteFile)}
+    for d in range(8):
+        copy, took = by_path[f"e{d}/zz-copy.py"], by_path[taker[d]]
+        assert any(isinstance(o, CopyOp) and o.src == read[d] for o in copy.ops)
+        assert any(isinstance(o, CopyOp) and o.src != took.path for o in took.ops)
+        assert copy in mw and by_path[read[d]] in mw  # read by another write: the parent's
+        assert took in mw  # reads another file: the parent's
+    for a in tw:  # each replaces its own path's file, reusing that file alone
+        assert a.expect is not None and a.expect[0] == "f" and not a.move
+        assert any(isinstance(o, CopyOp) for o in a.ops)
+        assert all(o.src == a.path for o in a.ops if isinstance(o, CopyOp))
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, actions, MasterReader(str(m), None, ms.held).local_sends, summary, split=True)
+    rep.close()
+    assert len(spy.pids) == 1 and spy.pids[0] != os.getpid()
+    assert summary.errors == [] and summary.files_written == E + 8
+    treecmp.assert_trees_equal(m, r)
+    assert stray_temps(r) == []
+    # The cache the parent saved holds every replaced file as it now is (the helper's too).
+    inodes = _cached_inodes(str(r))
+    assert len(inodes) == E + 8
+    for p, ino in inodes.items():
+        assert os.lstat(os.path.join(r, p)).st_ino == ino, p
+    settle(m, r)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == 0
+
+
+def test_edits_are_not_shared_with_a_replica_that_keeps_backups(tmp_path, monkeypatch):
+    from dirsync.replica import BackupOptions
+
+    spec = _edits_tree()
+    m, r = _synced(tmp_path, spec)
+    _edit(m, sorted(spec))
+    settle(m)
+    ms = scan_tree(str(m), hold=64 << 20)
+    rep = Replica(str(r), backup=BackupOptions(str(tmp_path / "bk")))
+    rep.open()
+    rs = rep.manifest(Excluder())
+    plan = diff(ms.manifest, rs.manifest)
+    assert apply_mod._split_share(plan.actions, replaces=True) is not None  # (so only the backups stop it)
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, split=True)
+    rep.close()
+    assert spy.pids == []
+    assert summary.errors == [] and summary.files_written == E
+    treecmp.assert_trees_equal(m, r)
+    kept = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "bk") for f in fs]
+    assert len(kept) == E  # every replaced version kept, once
+
+
+def test_fewer_edits_than_split_min_edits_are_not_shared(tmp_path):
+    spec = _edits_tree()
+    m, r = _synced(tmp_path, spec)
+    _edit(m, sorted(spec)[:apply_mod.SPLIT_MIN_EDITS - 1])
+    settle(m)
+    ms, rep, plan = _open(m, r)
+    rep.close(save=False)
+    assert sum(isinstance(a, WriteFile) for a in plan.actions) == apply_mod.SPLIT_MIN_EDITS - 1
+    assert apply_mod._split_share(plan.actions, replaces=True) is None
+
+
+def test_a_file_changed_on_the_replica_before_the_helper_replaces_it_is_kept_and_reread_next(tmp_path, monkeypatch):
+    """The helper's commit finds the replica's file changed since the scan (a real write, made
+    in the helper process just before it stages that file): it is left alone and reported, and
+    the parent's record no longer trusts that file's entry (the next scan reads it again)."""
+    spec = _edits_tree()
+    m, r = _synced(tmp_path, spec)
+    _edit(m, sorted(spec))
+    settle(m)
+    ms, rep, plan = _open(m, r)
+    theirs = [a for a in apply_mod._split_share(plan.actions, replaces=True)[1] if isinstance(a, WriteFile)]
+    victim = theirs[len(theirs) // 2].path
+    parent = os.getpid()
+    real_stage = Replica.stage
+
+    def stage(self, w, sends):
+        if w.path == victim and os.getpid() != parent:
+            with open(r / victim, "ab") as f:
+                f.write(b"# the replica's own line\n")
+        return real_stage(self, w, sends)
+
+    monkeypatch.setattr(Replica, "stage", stage)
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, split=True)
+    assert len(spy.pids) == 1
+    assert [e.path for e in summary.errors] == [victim] and "changed on the replica" in str(summary.errors[0])
+    assert rep.current[victim].trusted is False
+    rep.close()
+    assert (r / victim).read_bytes().endswith(b"# the replica's own line\n")
+    assert summary.files_written == E - 1
+    assert stray_temps(r) == []
