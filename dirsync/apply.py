@@ -203,6 +203,24 @@ def _replaces_alone(a, committed: set[str], read: set[str]) -> bool:
     return p in committed and p not in read and all(o.__class__ is SendOp or o.src == p for o in a.ops)
 
 
+def _alone_in_stretch(actions, start: int, end: int, committed: set[str]) -> list[int] | None:
+    """The indexes of actions[start:end] (first_stretch's) that _replaces_alone, when there are
+    SPLIT_MIN_EDITS or more of them; else None."""
+    read = {o.src for i in range(start, end) if (a := actions[i]).__class__ is WriteFile
+            for o in a.ops if o.__class__ is CopyOp and o.src != a.path}
+    alone = [i for i in range(start, end) if _replaces_alone(actions[i], committed, read)]
+    return alone if len(alone) >= SPLIT_MIN_EDITS else None
+
+
+def replacing_share(actions) -> set[str] | None:
+    """The paths of the writes a helper may take because each replaces its own path's file
+    alone (_replaces_alone), when there are SPLIT_MIN_EDITS or more; else None. For a master
+    whose agent's helper takes such writes (RemoteTransport: "h" on a write)."""
+    start, end, committed = first_stretch(actions)
+    alone = _alone_in_stretch(actions, start, end, committed)
+    return None if alone is None else {actions[i].path for i in alone}
+
+
 def _split_share(actions, replaces: bool = False) -> tuple[list, list, int, int] | None:
     """(the parent's actions, the helper's, where the helper starts, where the parent waits for
     it), both as indexes into the parent's list, which equals `actions` up to the first; None
@@ -211,12 +229,10 @@ def _split_share(actions, replaces: bool = False) -> tuple[list, list, int, int]
     start, end, committed = first_stretch(actions)
     cand = [i for i in range(start, end) if sharable(actions[i], committed)]
     if replaces and len(cand) < SPLIT_MIN:
-        read = {o.src for i in range(start, end) if (a := actions[i]).__class__ is WriteFile
-                for o in a.ops if o.__class__ is CopyOp and o.src != a.path}
-        alone = {i for i in range(start, end) if _replaces_alone(actions[i], committed, read)}
-        if len(alone) < SPLIT_MIN_EDITS:
+        alone = _alone_in_stretch(actions, start, end, committed)
+        if alone is None:
             return None
-        cand = sorted(alone.union(cand))
+        cand = sorted(set(alone).union(cand))
     elif len(cand) < SPLIT_MIN:
         return None
     costs = [actions[i].target.size + FILE_COST for i in cand]
@@ -358,6 +374,7 @@ class _Helper:
         self.fed = wfd >= 0
         self.buf = b""
         self.heard: set[str] = set()  # paths of its files with an outcome (committed or failed)
+        self.staged_seen: set[int] = set()  # its files (places in theirs) it said it staged
         self.failures: list[tuple[str, ItemError]] = []  # said after the parent's own, at join
         self.ended = False
         self.why = "its writer process died before committing it"  # for files it said nothing of
@@ -439,7 +456,8 @@ class _Helper:
     def join(self, replica, sink: Sink, stop: bool = False) -> None:
         """Wait for the helper's end (`stop`: ask it to stop first) and take in all it said.
         Files a helper that died or failed said nothing of are reported failed, and what it may
-        have left of them at their names in fresh directories is removed (Replica.orphaned)."""
+        have left of them at their names in fresh directories is removed; one found in place
+        elsewhere, exactly its target, is reported written (Replica.orphaned)."""
         try:
             if self.wfd >= 0:  # a fed helper: its input ends here (it commits what it was told, then ends)
                 os.close(self.wfd)
@@ -462,10 +480,14 @@ class _Helper:
             replica.helper_joined()
         if not self.ended or self.fed:  # (a fed helper's files all have their commit before its input ends)
             why = self.why if not self.ended else "its writer process was never told to commit it"
-            for a in self.theirs:
+            for i, a in enumerate(self.theirs):
                 if a.__class__ is WriteFile and a.path not in self.heard:
-                    replica.orphaned(a)
-                    sink.failed(a.path, ItemIOError(a.path, "write", why))
+                    if replica.orphaned(a):  # committed after all: its outcome was lost with it
+                        if i not in self.staged_seen:
+                            sink.staged(a)
+                        sink.done(a, a.path)
+                    else:
+                        sink.failed(a.path, ItemIOError(a.path, "write", why))
         for path, err in self.failures:
             sink.failed(path, err)
 
@@ -495,6 +517,7 @@ class _Helper:
     def _event(self, ev: tuple, replica, sink: Sink) -> None:
         kind = ev[0]
         if kind == 0:
+            self.staged_seen.add(ev[1])
             sink.staged(self.theirs[ev[1]])
         elif kind == 1:
             w = self.theirs[ev[1]]

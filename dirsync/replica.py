@@ -590,13 +590,45 @@ class Replica:
         """A fresh directory in which the helper left a failed file it could not remove."""
         self._tainted.add(rel)
 
-    def orphaned(self, w: WriteFile) -> None:
-        """The helper died without a word on `w`: in a fresh directory (not yet published, so
+    def orphaned(self, w: WriteFile) -> bool:
+        """The helper died without a word on `w`. In a fresh directory (not yet published, so
         only the helper can have put it there) remove what may be at its name, complete or
-        not. Its temps elsewhere are an interrupted run's, removed by the next run."""
+        not: False. Elsewhere its commit may have happened unreported (the helper sends its
+        outcomes in batches): True when the file at w's path is w's target (regular, its size,
+        mode and mtime, and its bytes read again give the digest), recorded then as a commit
+        is, but not trusted (the next scan reads it again). Its temps are an interrupted run's,
+        removed by the next run."""
         parent = parent_of(w.path)
         if parent in self._in_fresh:
             self._unlink_tmp((parent, w.path.rsplit("/", 1)[-1]))
+            return False
+        t = w.target
+        try:
+            dfd, name = self._at(w.path, "check")
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except (OSError, ItemError):
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) != (
+                    t.size, t.mtime_ns, t.mode):
+                return False
+            h = xxhash.xxh3_128()
+            cut = _ChunkHasher(t.sizes) if w.derive else None  # (its digests were to be cut from its bytes)
+            while data := os.read(fd, COPY_BLOCK):
+                h.update(data)
+                if cut is not None:
+                    cut.update(data)
+            if h.digest() != t.digest or (cut is not None and not cut.complete):
+                return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self.current[t.path] = FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes,
+                                         cut.digests() if cut is not None else t.digests, st.st_ino,
+                                         st.st_ctime_ns, False)
+        return True
 
     # -- path resolution -----------------------------------------------------------
 
