@@ -212,15 +212,6 @@ def _alone_in_stretch(actions, start: int, end: int, committed: set[str]) -> lis
     return alone if len(alone) >= SPLIT_MIN_EDITS else None
 
 
-def replacing_share(actions) -> set[str] | None:
-    """The paths of the writes a helper may take because each replaces its own path's file
-    alone (_replaces_alone), when there are SPLIT_MIN_EDITS or more; else None. For a master
-    whose agent's helper takes such writes (RemoteTransport: "h" on a write)."""
-    start, end, committed = first_stretch(actions)
-    alone = _alone_in_stretch(actions, start, end, committed)
-    return None if alone is None else {actions[i].path for i in alone}
-
-
 def _split_share(actions, replaces: bool = False) -> tuple[list, list, int, int] | None:
     """(the parent's actions, the helper's, where the helper starts, where the parent waits for
     it), both as indexes into the parent's list, which equals `actions` up to the first; None

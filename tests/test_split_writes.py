@@ -26,7 +26,7 @@ except ImportError:  # tests/ imported as a package
 from dirsync import apply as apply_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.manifest import parent_of
-from dirsync.plan import Commit, CopyOp, MakeDir, WriteFile, diff
+from dirsync.plan import Commit, CopyOp, MakeDir, PlanOptions, WriteFile, diff
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
 
@@ -617,4 +617,52 @@ def test_a_file_changed_on_the_replica_before_the_helper_replaces_it_is_kept_and
     rep.close()
     assert (r / victim).read_bytes().endswith(b"# the replica's own line\n")
     assert summary.files_written == E - 1
+    assert stray_temps(r) == []
+
+
+def test_edits_a_killed_helper_committed_unreported_are_found_in_place_and_reported_written(tmp_path, monkeypatch):
+    """The helper dies as its first commit returns (its files renamed into place, no outcome of
+    them sent): the parent finds each of them at its path, exactly its target, and reports it
+    written (recorded, not trusted: the next scan reads it again); every other file of the
+    helper's is reported failed and left as it was; the next run converges."""
+    import signal
+
+    spec = _edits_tree()
+    m, r = _synced(tmp_path, spec)
+    before = {p: (m / p).read_bytes() for p in spec}
+    _edit(m, sorted(spec))
+    settle(m)
+    real = Replica.commit_finish
+
+    def commit_finish(self, c):
+        out = real(self, c)
+        if self._helper:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    monkeypatch.setattr(Replica, "commit_finish", commit_finish)
+    ms = scan_tree(str(m), hold=64 << 20)
+    rep = Replica(str(r))
+    rep.open()
+    plan = diff(ms.manifest, rep.manifest(Excluder()).manifest, PlanOptions(commit_replaced=16))
+    assert sum(isinstance(a, Commit) for a in plan.actions) > 4
+    spy = _Spy(monkeypatch)
+    summary = ReplicaSummary(replica=str(r))
+    apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, split=True)
+    assert len(spy.pids) == 1
+    new = [p for p in spec if (r / p).read_bytes() == (m / p).read_bytes()]
+    old = [p for p in spec if (r / p).read_bytes() == before[p]]
+    assert len(new) + len(old) == E  # every file whole: new or as it was
+    assert old and summary.files_written == len(new)
+    assert sorted(e.path for e in summary.errors) == sorted(old)
+    assert all("writer process died" in str(e) for e in summary.errors)
+    for p in new:
+        e = rep.current[p]
+        assert e.ino == os.lstat(r / p).st_ino and e.digest == ms.manifest.entries[p].digest
+    assert any(rep.current[p].trusted is False for p in new)  # (those found in place)
+    rep.close()
+    settle(m, r)
+    _, out = sync_json(m, r)
+    assert out["replicas"][0]["files_written"] == len(old)
+    treecmp.assert_trees_equal(m, r)
     assert stray_temps(r) == []

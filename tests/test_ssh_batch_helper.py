@@ -20,13 +20,12 @@ import pytest
 try:
     import sshd as _sshd_plugin
     import treecmp
-    from helpers import build_tree, files_match_master, random_bytes, settle, stray_temps, sync_json, text_lines
+    from helpers import build_tree, files_match_master, random_bytes, settle, stray_temps, sync_json
     from remote_helpers import REPO_ROOT, ssh_spec
 except ImportError:  # tests/ imported as a package
     from tests import sshd as _sshd_plugin
     from tests import treecmp
-    from tests.helpers import (build_tree, files_match_master, random_bytes, settle, stray_temps, sync_json,
-                               text_lines)
+    from tests.helpers import build_tree, files_match_master, random_bytes, settle, stray_temps, sync_json
     from tests.remote_helpers import REPO_ROOT, ssh_spec
 
 from dirsync import apply as apply_mod
@@ -192,100 +191,3 @@ def test_files_a_killed_helper_committed_unreported_in_existing_directories_are_
     assert out["replicas"][0]["files_written"] == len(died)
     treecmp.assert_trees_equal(m, r)
     assert stray_temps(r) == []
-
-
-# -- edits: writes that replace a file reusing only its bytes (flagged "h", feature "we") -------
-
-E = apply_mod.SPLIT_MIN_EDITS + 60
-
-
-def _edits_tree(n: int = E, dirs: int = 8) -> dict:
-    return {f"e{i % dirs}/s{i:04d}.py": text_lines(9000 + 37 * i, seed=i) for i in range(n)}
-
-
-def _edit_all(m, paths) -> dict:
-    """Edit each file mid-file, in place (the rest is reused); returns the texts before."""
-    before = {}
-    for i, p in enumerate(paths):
-        before[p] = (m / p).read_bytes()
-        with open(m / p, "r+b") as f:
-            f.seek(4000)
-            f.write(b"# edited %05d\n" % i)
-    return before
-
-
-def test_the_agent_shares_many_edits_with_a_helper_and_its_cache_is_exact(sshd, tmp_path):
-    m, r = tmp_path / "m", tmp_path / "r"
-    spec = _edits_tree()
-    build_tree(m, spec)
-    args, log = _shim_args(sshd, tmp_path)
-    _, out = sync_json(m, ssh_spec(sshd, r), args=args)
-    assert out["replicas"][0]["files_written"] == E and _helpers_noted(log) == []  # (new files: too few)
-    settle(m, r)
-    before = _edit_all(m, sorted(spec))
-    (m / "e2" / "zz-copy.py").write_bytes(before["e2/s0002.py"] + b"# a copy of an old text\n")  # reads s0002
-    settle(m)
-    _, out = sync_json(m, ssh_spec(sshd, r), args=args)
-    rep = out["replicas"][0]
-    assert rep["errors"] == [] and rep["files_written"] == E + 1
-    assert 0 < rep["bytes_sent"] < rep["bytes_reused"]  # (edits: most of each file is reused)
-    assert len(_helpers_noted(log)) == 1  # one helper, on the far side
-    treecmp.assert_trees_equal(m, r)
-    assert stray_temps(r) == []
-    cache = load_manifest_file(os.path.join(r, ".dirsync", "manifest"), CHUNKER_ID).manifest
-    want = {p: e for p, e in scan_tree(str(m)).manifest.entries.items() if isinstance(e, FileEntry)}
-    got = {p: e for p, e in cache.entries.items() if isinstance(e, FileEntry)}
-    assert sorted(got) == sorted(want)
-    for p, e in got.items():  # the replaced files as they now are (the helper's too)
-        assert (e.digest, e.sizes, e.digests) == (want[p].digest, want[p].sizes, want[p].digests), p
-        assert os.lstat(os.path.join(r, p)).st_ino == e.ino, p
-    settle(m, r)
-    _, out = sync_json(m, ssh_spec(sshd, r), args=args)
-    assert out["replicas"][0]["files_written"] == 0
-
-
-def test_a_helper_killed_midway_through_edits_leaves_each_file_old_or_new_and_the_next_run_converges(sshd, tmp_path):
-    m, r = tmp_path / "m", tmp_path / "r"
-    spec = _edits_tree()
-    build_tree(m, spec)
-    args, log = _shim_args(sshd, tmp_path)
-    sync_json(m, ssh_spec(sshd, r), args=args)
-    settle(m, r)
-    before = _edit_all(m, sorted(spec))
-    settle(m)
-    args, log = _shim_args(sshd, tmp_path, KILL_AT=40)
-    _, out = sync_json(m, ssh_spec(sshd, r), args=args, expect=None)
-    rep = out["replicas"][0]
-    assert len(_helpers_noted(log)) == 1
-    died = [e for e in rep["errors"] if "writer process died" in e["message"]]
-    assert died and len(died) == len(rep["errors"]), rep["errors"][:3]
-    assert rep["files_written"] + len(died) == E and out["exit_code"] != 0
-    new = sum((r / p).read_bytes() == (m / p).read_bytes() for p in spec)
-    old = sum((r / p).read_bytes() == before[p] for p in spec)
-    assert new == rep["files_written"]
-    assert new + old == E  # every file whole: the master's new text or the one it replaced
-    # What the helper had staged when it died stays under its own temp names (not known to
-    # the agent) until the next run, which removes them.
-    settle(m, r)
-    args, _ = _shim_args(sshd, tmp_path)
-    _, out = sync_json(m, ssh_spec(sshd, r), args=args)
-    assert out["replicas"][0]["files_written"] == len(died)
-    treecmp.assert_trees_equal(m, r)
-    assert stray_temps(r) == []
-
-
-def test_the_agent_hands_its_helper_only_a_replacement_of_a_file_by_itself():
-    """The agent's own check of a write the master flagged (a hostile or mistaken flag costs a
-    write done here, never a helper touching another file)."""
-    from dirsync.plan import CopyOp, SendOp, WriteFile
-    from dirsync.transport.agent import _alone
-
-    t = FileEntry("a/x.py", 3000, 0o644, 1, b"\0" * 16, 0, (3000,), b"\0" * 16)
-    own = (CopyOp("a/x.py", 0, 1000), SendOp(1000, 2000))
-    assert _alone(WriteFile(t, own, ("f", 2900, 5)))
-    assert _alone(WriteFile(t, (SendOp(0, 3000),), ("f", 2900, 5)))
-    assert not _alone(WriteFile(t, own, None))  # a new file
-    assert not _alone(WriteFile(t, own, ("l", "target")))  # replaces a link
-    assert not _alone(WriteFile(t, own, ("d",)))  # replaces a directory
-    assert not _alone(WriteFile(t, (CopyOp("a/y.py", 0, 1000), SendOp(1000, 2000)), ("f", 2900, 5)))
-    assert not _alone(WriteFile(t, (CopyOp("a/y.py", 0, 3000),), ("f", 2900, 5), move=True))

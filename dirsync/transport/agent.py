@@ -65,7 +65,7 @@ ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after dec
 # PROTOCOL.md, write; "wb": write batches, "wh": flagged ones a helper writer may take; "tw2":
 # the two-way `head` request and base snapshot files (twoway-<pair>.snap-<16 hex>) among the
 # state names; "pp": the `prep` hint; "pc": the `precopy` hint).
-FEATURES = ("rz", "sd", "tw2", "wb", "wh", "we", "pp", "pc")
+FEATURES = ("rz", "sd", "tw2", "wb", "wh", "pp", "pc")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -442,8 +442,6 @@ class Agent:
                     if len(self._inline) != a.send_bytes:
                         raise ProtocolError(f"write {a.path!r}: {len(self._inline)} inline bytes for "
                                             f"{a.send_bytes} bytes of send ops")
-                    if v_bool(m.get("h", False)) and _alone(a) and share.take_write(a, self._inline):
-                        continue
             yield a
 
     def _batch(self, m: dict) -> tuple[list[WriteFile], bytes, bytes]:
@@ -723,15 +721,6 @@ _TW_NAME = re.compile(r"twoway-[0-9a-f]{32}\.(?:base|pending|step|snap-[0-9a-f]{
 HEAD_MAX = 1 << 20  # bytes a two-way `head` request may ask for
 
 
-def _alone(w: WriteFile) -> bool:
-    """May a write the master flagged "h" go to the helper? It must replace a file at its own
-    path and reuse bytes of that file only (the master vouches that no other write reads it;
-    if it lied, a reader's content check fails: nothing is written wrong)."""
-    x = w.expect
-    return (x is not None and x[0] == "f" and not w.move
-            and all(o.__class__ is SendOp or o.src == w.path for o in w.ops))
-
-
 def _pieces(writes: list[WriteFile], data: bytes) -> Iterator[bytes]:
     """The bytes of each write of a batch (dec_batch checked that they add up)."""
     pos = 0
@@ -758,16 +747,9 @@ class _BatchShare:
 
     def take(self, writes: list[WriteFile], blob: bytes, data: bytes) -> bool:
         """Hand a flagged batch to the helper (forked now if it is the first); False: write it here."""
-        return self._hand(("b", blob, data), writes, len(data) + FILE_COST * len(writes))
-
-    def take_write(self, w: WriteFile, data: bytes) -> bool:
-        """Hand a flagged write (with its inline bytes: see _alone) to the helper; False: write
-        it here. Its cost is its whole size: the bytes it reuses are copied too."""
-        return self._hand(("w", w, data), [w], w.target.size + FILE_COST)
-
-    def _hand(self, msg: tuple, writes: list[WriteFile], cost: int) -> bool:
         if self.closed:
             return False
+        cost = len(data) + FILE_COST * len(writes)
         if self.theirs * (1 - HELPER_SHARE) > self.mine * HELPER_SHARE:
             self.mine += cost
             return False
@@ -781,7 +763,7 @@ class _BatchShare:
                 return False
         self.theirs += cost
         self.paths.update(w.path for w in writes)
-        if not self.helper.send(msg, writes, self.replica, self.sink):
+        if not self.helper.send(("b", blob, data), writes, self.replica, self.sink):
             self.finish()  # (it is gone: its files are reported failed)
         return True
 
@@ -828,12 +810,6 @@ def _batch_helper_main(fd: int, rfd: int, replica: Replica, agent_fds: tuple[int
                     theirs.append(w)
                     data[w.path] = piece
                     yield w
-            elif msg[0] == "w":  # one write (decoded and checked by the agent) and its send ops' bytes
-                w = msg[1]
-                out.index[w.path] = len(theirs)
-                theirs.append(w)
-                data[w.path] = msg[2]
-                yield w
             else:
                 yield Commit(msg[1])
 

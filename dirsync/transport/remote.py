@@ -109,7 +109,6 @@ class RemoteTransport:
         self._sd = False  # ... and computes the chunk digests of sent bytes itself ("sd")
         self._wb = False  # ... and takes small new files in write batches ("wb")
         self._wh = False  # ... and may hand batches flagged "h" to a helper writer ("wh")
-        self._we = False  # ... and writes flagged "h" too ("we")
         self._pp = False  # ... and takes the `prep` hint ("pp")
         self._pc = False  # ... and the `precopy` hint ("pc")
         # precopy() hints asked while the opener thread (open_start) still owns the sending:
@@ -386,7 +385,6 @@ class RemoteTransport:
             self._sd = self._rz and "sd" in features
             self._wb = self._sd and "wb" in features
             self._wh = self._wb and "wh" in features
-            self._we = self._wh and "we" in features
             self._pp = "pp" in features
             self._pc = "pc" in features
             self.tw_level = 2 if "tw2" in features else 1
@@ -601,9 +599,6 @@ class RemoteTransport:
         held = 0  # their bytes
         wb = self._wb
         share = self._helper_share(actions) if wb else None
-        # Writes an agent's helper may take (see _send_write): not beside a batch share (the
-        # new files are many then; the agent's one helper takes those).
-        edits = _apply.replacing_share(actions) if self._we and _apply.split_writers and share is None else None
         self._busy = True
         self._send({"t": "apply"})
         for a in actions:
@@ -628,7 +623,7 @@ class RemoteTransport:
                 if batch:
                     self._send_batch(batch, share)
                     batch, held = [], 0
-                self._send_write(a, master, sink, edits is not None and a.path in edits)
+                self._send_write(a, master, sink)
                 self._dispatch(sink, writes, others, block=False)
                 continue
             if batch:  # (before any other action: the plan's order holds)
@@ -651,10 +646,7 @@ class RemoteTransport:
             pass
         self._busy = False
 
-    def _send_write(self, w: WriteFile, master: MasterReader, sink: Sink, alone: bool = False) -> None:
-        """`alone`: w replaces the file at its path reusing only that file's bytes, and no other
-        write reads it (apply.replacing_share): flagged "h" when its data goes inline, so that
-        the agent may hand it to its helper writer (PROTOCOL.md, write)."""
+    def _send_write(self, w: WriteFile, master: MasterReader, sink: Sink) -> None:
         msg = proto.enc_action(w)
         if self.scanned is not None and any(isinstance(o, CopyOp) for o in w.ops):
             compact = proto.compact_digests(w, self.scanned.entries)
@@ -678,8 +670,6 @@ class RemoteTransport:
                 msg["d"], z = self._pack(inline)
                 if z:
                     msg["z"] = True
-                if alone:
-                    msg["h"] = True
             self._send(msg)
             return
         self._send(msg)
