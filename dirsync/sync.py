@@ -497,7 +497,7 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             ok = True
             return
         small = {"commit_replaced": REPLACED_BATCH} if info.frees_linger else {}  # (see REPLACED_BATCH)
-        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), **small)
+        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), local=not t.is_remote, **small)
         mman = mscan.manifest
         if info.reserved:  # the replica's own backup dir: nothing of the master goes there
             from dirsync.verify import filter_manifest
@@ -614,6 +614,5 @@ def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: P
     summary.exit_code = int(ExitCode.DELETE_LIMIT)
     summary.status = "refused"
     reporter.error(msg)
-    safe = PlanOptions(delete=False, protect=opts.protect, commit_bytes=opts.commit_bytes,
-                       commit_files=opts.commit_files, commit_replaced=opts.commit_replaced)
+    safe = opts.replace(delete=False)
     return diff(master, replica, safe)

@@ -593,3 +593,35 @@ def test_a_scoped_side_reuses_every_file_of_the_side():
     edited = _fe("b", [1, 3])  # a basis outside the scope too
     idx.want([edited])
     assert file_delta(edited, idx) == (CopyOp("b", 0, 8), SendOp(8, 8))
+
+
+def test_a_local_replica_looks_for_chunks_in_other_files_only_when_enough_are_wanted():
+    """PlanOptions.local: a chunk sent to a replica on this machine costs only a read of the
+    master, so the replica's every chunk is indexed (for chunks other files hold) only when at
+    least one in LOCAL_INDEX_SHARE of them is wanted; a file's own basis and whole-file copies
+    are found either way; a remote replica (the default) always looks."""
+    from dirsync.plan import LOCAL_INDEX_SHARE
+
+    n = 8 * LOCAL_INDEX_SHARE  # replica chunks (5 wanted below: too few)
+    big = _fe("big", range(n))
+    own = _fe("own", [9000, 9001, 9002])
+    replica = tree(big, own, _fe("whole", [9100, 9101]))
+    few = _fe("few", [0, 1, 2, 3000])  # with the edit, 5 wanted: < n / LOCAL_INDEX_SHARE
+    edited = _fe("own", [9000, 3001, 9002])  # its own basis has two of its chunks
+    moved = _fe("moved", [9100, 9101])  # whole content at another path
+    many = _fe("many", list(range(n // 2)) + [3002])  # n/2 + 1 wanted: enough
+    cases = {"few": few, "own": edited, "moved": moved}
+    for local in (False, True):
+        plan = diff(tree(big, edited, _fe("whole", [9100, 9101]), few, moved), replica, PlanOptions(local=local))
+        w = {a.path: a for a in plan.actions if isinstance(a, WriteFile)}
+        assert set(w) == set(cases)
+        assert w["own"].ops == (CopyOp("own", 0, 11), SendOp(11, 11), CopyOp("own", 22, 11))
+        assert w["moved"].ops == (CopyOp("whole", 0, moved.size),)
+        if local:  # too few wanted for the index: sent
+            assert w["few"].ops == (SendOp(0, few.size),)
+        else:
+            assert w["few"].ops == (CopyOp("big", 0, 24), SendOp(24, 11))
+    plan = diff(tree(big, own, _fe("whole", [9100, 9101]), many), replica, PlanOptions(local=True))
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.ops[-1] == SendOp(many.size - 11, 11)
+    assert all(isinstance(o, CopyOp) and o.src == "big" for o in w.ops[:-1])

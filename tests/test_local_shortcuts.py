@@ -1,14 +1,17 @@
-"""A small file changed on the master is rebuilt on a local replica from the bytes the master
-scan read (apply.MasterReader.local_sends: WholeSends with the write's ops), not by also
-copying the chunks it keeps from the replica's old version.
+"""Shortcuts a replica on this machine takes, where sending a byte costs only a read of the master.
 
-What must hold: the replica ends equal to the master; the writer never opens the old version
-as a reuse source for such a file; the plan's accounting (sent and reused bytes) is what it
-was; with --bwlimit (throttled sends), without held bytes, or for a file of DIRECT_MIN bytes
-or more, the copy from the old version is still made; an edit made on the replica after its
-scan is still refused at commit (the written bytes never came from it, but the file they
-replace must still be the one the plan saw); iterating such sends yields only the send ops'
-bytes.
+A small file changed on the master is rebuilt from the bytes the master scan read
+(apply.MasterReader.local_sends: WholeSends with the write's ops), not by also copying the
+chunks it keeps from the replica's old version. What must hold: the replica ends equal to the
+master; the writer never opens the old version as a reuse source for such a file; the plan's
+accounting (sent and reused bytes) is what it was; with --bwlimit (throttled sends), without
+held bytes, or for a file of DIRECT_MIN bytes or more, the copy from the old version is still
+made; an edit made on the replica after its scan is still refused at commit (the written bytes
+never came from it, but the file they replace must still be the one the plan saw); iterating
+such sends yields only the send ops' bytes.
+
+And the plan for a local replica says so (PlanOptions.local: chunks are looked for in other
+replica files only when enough are wanted; see test_plan.py), an SSH replica's does not.
 """
 
 from __future__ import annotations
@@ -183,3 +186,22 @@ def test_local_sends_offers_the_whole_file_only_for_held_bytes(tmp_path):
     held = {"a.txt": (t.digest, data)}
     got = MasterReader(str(m), None, held).local_sends(w)
     assert got.whole is True and got.take_all() == data
+
+
+def test_the_plan_for_a_local_replica_is_made_as_for_one_on_this_machine(tmp_path, monkeypatch):
+    import dirsync.sync as sync_mod
+
+    seen: list = []
+    real = sync_mod.diff
+
+    def spy(master, replica, opts, *a, **k):
+        seen.append(opts)
+        return real(master, replica, opts, *a, **k)
+
+    monkeypatch.setattr(sync_mod, "diff", spy)
+    m, r = _pair(tmp_path, {"a.txt": text_lines(40 * KiB, seed=1)})
+    _middle_edit(m / "a.txt", 20 * KiB, b"EDITED" * 10)
+    settle(m)
+    assert _run(m, r).exit_code == 0
+    assert seen and all(o.local is True for o in seen)
+    treecmp.assert_trees_equal(m, r)
