@@ -1105,7 +1105,8 @@ class Bench:
             "",
             "Bytes: `ssh` rows count every TCP byte both ways through the same counting proxy "
             "(sent = towards the replica / received = back); `local` rows show dirsync's JSON `bytes_sent` "
-            "(literal data it wrote from the master) and rsync's `--stats` Total bytes sent / received between "
+            "(the plan's literal data: what a remote replica would be sent) and rsync's `--stats` Total bytes "
+            "sent / received between "
             "its own processes. Ratios < 1 favour dirsync. RSS: peak of the local process tree "
             "(+ far side's peak, sampled, for ssh).",
         ]
