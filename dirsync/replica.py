@@ -812,8 +812,10 @@ class Replica:
         for a file the master scan trusted): then the sent ranges are copied from it in the
         kernel too, proven the same way by its check(), and no byte is hashed."""
         path = w.path
-        if len(w.ops) <= 1 and (not w.ops or w.ops[0].__class__ is SendOp) or getattr(sends, "whole", False):
-            # The whole file is sent, or its bytes are at hand anyway (apply.WholeSends.whole).
+        if len(w.ops) <= 1 and (not w.ops or w.ops[0].__class__ is SendOp) or getattr(sends, "whole", False) \
+                and not over:
+            # The whole file is sent, or its bytes are at hand anyway (apply.WholeSends.whole; not
+            # over a copy made ahead, which is of 64 MiB or more: never held).
             data = getattr(sends, "take_all", _nothing)() if w.ops else b""
             if data is not None:  # (it is at hand: a small file)
                 return self._build_whole(w, tmp, data)
