@@ -256,6 +256,21 @@ def settle(*roots, racy_ns: int = 100_000_000) -> None:
         time.sleep(0.01)
 
 
+def spy_calls(monkeypatch, owner, name: str, note: Callable[..., Any]) -> list:
+    """Let owner.name (a method or a module function) run as ever, recording note(result,
+    *args, **kwargs) of each call in the list returned (a method's args start with self)."""
+    got: list = []
+    real = getattr(owner, name)
+
+    def spy(*a, **k):
+        result = real(*a, **k)
+        got.append(note(result, *a, **k))
+        return result
+
+    monkeypatch.setattr(owner, name, spy)
+    return got
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.002, what: str = "condition"):
     """Poll `cond` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout

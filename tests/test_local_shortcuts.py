@@ -22,10 +22,10 @@ import pytest
 
 try:
     import treecmp
-    from helpers import build_tree, random_bytes, settle, stray_temps, text_lines, tmp_entries
+    from helpers import build_tree, random_bytes, settle, spy_calls, stray_temps, text_lines, tmp_entries
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, settle, stray_temps, text_lines, tmp_entries
+    from tests.helpers import build_tree, random_bytes, settle, spy_calls, stray_temps, text_lines, tmp_entries
 
 from dirsync.apply import DIRECT_MIN, MasterReader, WholeSends
 from dirsync.manifest import FileEntry
@@ -40,29 +40,14 @@ KiB = 1 << 10
 @pytest.fixture
 def sources(monkeypatch) -> list:
     """The reuse sources the writer opened (Replica._open_source calls), as relpaths."""
-    got: list = []
-    real = Replica._open_source
-
-    def spy(self, w, src, *a, **k):
-        got.append(src)
-        return real(self, w, src, *a, **k)
-
-    monkeypatch.setattr(Replica, "_open_source", spy)
-    return got
+    return spy_calls(monkeypatch, Replica, "_open_source", lambda _, self, w, src, *a: src)
 
 
 @pytest.fixture
 def staged(monkeypatch) -> list:
     """Every WriteFile staged, with what its sends were (type, and `whole` when it had one)."""
-    got: list = []
-    real = Replica.stage
-
-    def spy(self, w, sends):
-        got.append((w, type(sends).__name__, getattr(sends, "whole", None)))
-        return real(self, w, sends)
-
-    monkeypatch.setattr(Replica, "stage", spy)
-    return got
+    return spy_calls(monkeypatch, Replica, "stage",
+                     lambda _, self, w, sends: (w, type(sends).__name__, getattr(sends, "whole", None)))
 
 
 def _run(m, r, **kw):
@@ -112,28 +97,21 @@ def test_a_small_edit_is_written_from_the_master_bytes_alone(tmp_path, sources, 
     _clean(r)
 
 
-def test_throttled_sends_still_copy_from_the_old_version(tmp_path, sources, staged):
-    m, r = _pair(tmp_path, {"a.txt": text_lines(40 * KiB, seed=1)})
+@pytest.mark.parametrize("case", ["throttled", "direct-min"])
+def test_the_old_version_is_still_copied_from_when_throttled_or_large(tmp_path, sources, staged, case):
+    """--bwlimit (throttled sends), or a file of DIRECT_MIN bytes or more (never held)."""
+    if case == "throttled":
+        path, data, at, kw = "a.txt", text_lines(40 * KiB, seed=1), 20 * KiB, {"bwlimit": 1 << 30}
+    else:
+        path, data, at, kw = "big.bin", random_bytes(DIRECT_MIN + 8 * KiB, seed=3), DIRECT_MIN // 2, {}
+    m, r = _pair(tmp_path, {path: data})
     staged.clear()
-    _middle_edit(m / "a.txt", 20 * KiB, b"EDITED" * 10)
+    _middle_edit(m / path, at, b"EDITED" * 10)
     settle(m)
-    run = _run(m, r, bwlimit=1 << 30)
+    run = _run(m, r, **kw)
     assert run.exit_code == 0
-    assert [(w.path, whole) for w, _, whole in staged] == [("a.txt", None)]
-    assert sources == ["a.txt"]
-    treecmp.assert_trees_equal(m, r)
-    _clean(r)
-
-
-def test_a_file_of_direct_min_or_more_still_copies_from_the_old_version(tmp_path, sources, staged):
-    m, r = _pair(tmp_path, {"big.bin": random_bytes(DIRECT_MIN + 8 * KiB, seed=3)})
-    staged.clear()
-    _middle_edit(m / "big.bin", DIRECT_MIN // 2, b"\xff" * 100)
-    settle(m)
-    run = _run(m, r)
-    assert run.exit_code == 0
-    assert [(w.path, whole) for w, _, whole in staged] == [("big.bin", None)]
-    assert sources == ["big.bin"]
+    assert [(w.path, whole) for w, _, whole in staged] == [(path, None)]
+    assert sources == [path]
     treecmp.assert_trees_equal(m, r)
     _clean(r)
 
@@ -191,14 +169,7 @@ def test_local_sends_offers_the_whole_file_only_for_held_bytes(tmp_path):
 def test_the_plan_for_a_local_replica_is_made_as_for_one_on_this_machine(tmp_path, monkeypatch):
     import dirsync.sync as sync_mod
 
-    seen: list = []
-    real = sync_mod.diff
-
-    def spy(master, replica, opts, *a, **k):
-        seen.append(opts)
-        return real(master, replica, opts, *a, **k)
-
-    monkeypatch.setattr(sync_mod, "diff", spy)
+    seen = spy_calls(monkeypatch, sync_mod, "diff", lambda _, master, replica, opts, *a: opts)
     m, r = _pair(tmp_path, {"a.txt": text_lines(40 * KiB, seed=1)})
     _middle_edit(m / "a.txt", 20 * KiB, b"EDITED" * 10)
     settle(m)

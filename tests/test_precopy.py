@@ -23,12 +23,13 @@ import pytest
 try:
     import sshd as _sshd_plugin
     import treecmp
-    from helpers import build_tree, random_bytes, read, settle, stray_temps, tmp_entries, wait_for
+    from helpers import build_tree, random_bytes, read, settle, spy_calls, stray_temps, tmp_entries, wait_for
     from remote_helpers import ssh_options, ssh_spec
 except ImportError:  # tests/ imported as a package
     from tests import sshd as _sshd_plugin
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, read, settle, stray_temps, tmp_entries, wait_for
+    from tests.helpers import (build_tree, random_bytes, read, settle, spy_calls, stray_temps, tmp_entries,
+                               wait_for)
     from tests.remote_helpers import ssh_options, ssh_spec
 
 from dirsync import replica as replica_mod
@@ -55,16 +56,7 @@ def small_precopies(monkeypatch):
 @pytest.fixture
 def claims(monkeypatch) -> list:
     """What each _claim_precopy returned (a temp: built over the copy; None: not)."""
-    got: list = []
-    real = Replica._claim_precopy
-
-    def spy(self, w, sends):
-        tmp = real(self, w, sends)
-        got.append(tmp)
-        return tmp
-
-    monkeypatch.setattr(Replica, "_claim_precopy", spy)
-    return got
+    return spy_calls(monkeypatch, Replica, "_claim_precopy", lambda tmp, *a: tmp)
 
 
 @pytest.fixture
