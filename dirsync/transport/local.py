@@ -45,7 +45,8 @@ class LocalTransport:
         assert self.replica is not None
         self.replica.prewalk(self._excluder)
 
-    def open_finish(self) -> OpenInfo:
+    def open_finish(self, *, plan_expected: bool = False) -> OpenInfo:
+        """(`plan_expected`: see RemoteTransport.open_finish; nothing to do here.)"""
         info, self._info = self._info, None
         assert info is not None
         return info
