@@ -321,14 +321,12 @@ def _replica_turn(cfg: SyncConfig, master_real: str, patterns: list[str], mscan:
                 lock, transport = opened.lock, opened.transport
                 if opened.error is not None:
                     raise opened.error
-                last = _last_in_step(cfg, spec) if mscan.fingerprint else None  # (read under the lock)
-                info = transport.open_finish(plan_expected=_plan_expected(mscan, last))  # type: ignore[union-attr]
+                info = transport.open_finish()  # type: ignore[union-attr]
             else:
                 if not cfg.dry_run:
                     lock = _pair_lock(cfg, master_real, spec)
-                last = _last_in_step(cfg, spec) if mscan.fingerprint else None
                 transport = open_transport(spec, cfg.transport)
-            _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop, info, last)
+            _sync_one(cfg, mscan, cache_ok, patterns, transport, summary, run, reporter, should_stop, info)
         except DirsyncError as e:
             summary.fatal = str(e)
             summary.exit_code = int(e.exit_code)
@@ -470,9 +468,8 @@ def _replica_key(spec: str) -> str:
 
 def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list[str], t: Transport,
               summary: ReplicaSummary, run: RunSummary, reporter: Reporter, should_stop: Callable[[], bool],
-              info=None, last: dict | None = None) -> None:
-    """`info`: the transport was opened already (and may have a scan under way). `last`: the
-    pair's last in-step record (_last_in_step), when the master scan has a fingerprint."""
+              info=None) -> None:
+    """`info`: the transport was opened already (and may have a scan under way)."""
     if info is None:
         info = t.open(init=cfg.init, readonly=cfg.dry_run)
     ok = False
@@ -480,7 +477,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
         for w in info.warnings:
             summary.warn(w)
             reporter.warn(f"{cfg.master} -> {t.name}: {w}")
-        if _plan_expected(mscan, last):
+        last = _last_in_step(cfg, t.name) if mscan.fingerprint else None
+        if last is None or last.get("master") != mscan.fingerprint.hex():
             t.expect_plan()  # not in step before: a plan follows (unless the replica got there itself)
         rscan = t.scan(patterns)
         for e in rscan.errors:
@@ -544,12 +542,6 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
     fp = getattr(t, "closed_fingerprint", b"") if done is not None else b""
     if fp:
         summary.in_step = {**done, "replica": fp.hex()}
-
-
-def _plan_expected(mscan: ScanResult, last: dict | None) -> bool:
-    """The master changed since the pair was last found in step (or was never): a plan follows,
-    unless the replica got there itself."""
-    return last is None or last.get("master") != mscan.fingerprint.hex()
 
 
 def _in_step_key(mscan: ScanResult, rscan: ScanResult, deletes_ok: bool, info, after: bool = False) -> dict | None:

@@ -45,8 +45,7 @@ class LocalTransport:
         assert self.replica is not None
         self.replica.prewalk(self._excluder)
 
-    def open_finish(self, *, plan_expected: bool = False) -> OpenInfo:
-        """(`plan_expected`: see RemoteTransport.open_finish; nothing to do here.)"""
+    def open_finish(self) -> OpenInfo:
         info, self._info = self._info, None
         assert info is not None
         return info

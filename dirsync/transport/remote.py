@@ -102,7 +102,6 @@ class RemoteTransport:
         self._scan_pending: tuple[list[str], bool] | None = None  # (patterns, fresh) asked by scan_start
         self._hello_sent = False
         self._opener: threading.Thread | None = None  # see open_start
-        self._base_loaded = threading.Event()  # set by open_start's thread once self.base is read
         self._opened: OpenInfo | BaseException | None = None
         self._cache_file = os.path.join(state_home(), "replicas", _key(spec) + ".manifest")
         self._zc: Any = None  # one zstd stream for the session's write rows, and data with --compress
@@ -302,22 +301,17 @@ class RemoteTransport:
         with self._shutdown_on_error():
             self._start(wait=False)
         self._pc_queue = []
-        self._base_loaded.clear()
         self._opener = threading.Thread(target=self._open_and_scan, args=(list(patterns), init, readonly),
                                         name=f"dirsync-open {self.name}", daemon=True)
         self._opener.start()
 
     def _open_and_scan(self, patterns: list[str], init: bool, readonly: bool) -> None:
         try:
-            try:  # first: open_finish may decode it while this thread waits for the agent
-                self._load_base()
-            finally:
-                self._base_loaded.set()
             self._hello_wait()
             self._send(self._open_msg(init, readonly), flush=True)
             m = self._expect("opened")
             self._opened = proto.dec_open_info(m.get("info"))
-            self.scan_start(patterns, loaded=True)
+            self.scan_start(patterns)
         except BaseException as e:  # handed to open_finish, in the owner's thread
             self._opened = e
         with self._pc_lock:
@@ -347,17 +341,9 @@ class RemoteTransport:
             except DirsyncError:
                 pass
 
-    def open_finish(self, *, plan_expected: bool = False) -> OpenInfo:
-        """The OpenInfo of open_start (raising what went wrong there); the scan is under way.
-        `plan_expected` (see expect_plan): decode this side's copy of the replica's manifest
-        while the agent starts up (its login shell and interpreter: ~0.2 s here, this thread
-        idle), not after it answered (30-44 ms of the mixed tree's 1% change, on the path)."""
+    def open_finish(self) -> OpenInfo:
+        """The OpenInfo of open_start (raising what went wrong there); the scan is under way."""
         assert self._opener is not None
-        if plan_expected and self._base_loaded.wait(self.timeout) and self.base is not None:
-            try:  # (the opener thread set self.base before the event and only reads it after)
-                self.base.manifest  # noqa: B018 (decoded once, kept)
-            except ManifestFormatError:
-                pass  # reported by _base_manifest if the answer needs it
         self._opener.join()
         self._opener = None
         got, self._opened = self._opened, None
@@ -504,17 +490,12 @@ class RemoteTransport:
             else:
                 raise self._fail(ProtocolError(f"{self.ep}: unexpected {str(t)[:40]!r} while waiting for {end!r}"))
 
-    def _load_base(self) -> None:
-        """Read (not decode) this side's copy of the replica's last saved manifest."""
-        self.base = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True).saved
-
-    def scan_start(self, patterns: list[str], *, fresh: bool = False, loaded: bool = False) -> None:
+    def scan_start(self, patterns: list[str], *, fresh: bool = False) -> None:
         """Ask the agent to scan now and collect the answer in scan(): the far side walks its
-        tree while this side does other work (the master scan, the other two-way side).
-        `loaded`: _load_base was just called (open_start's thread)."""
+        tree while this side does other work (the master scan, the other two-way side)."""
         try:
-            if not loaded:
-                self._load_base()
+            load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
+            self.base = load.saved
             base_gen = self.base.generation if self.base is not None else ""
             self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
             self._scan_pending = (list(patterns), fresh)
