@@ -38,7 +38,7 @@ from dirsync.errors import (
     RefusedError,
     SourceChangedError,
 )
-from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, SavedManifest, check_relpath,
+from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, Overlay, SavedManifest, check_relpath,
                               fingerprint, fingerprint_update, is_under, parent_of)
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
@@ -437,10 +437,32 @@ class Replica:
 
     @property
     def current(self) -> dict[str, Entry]:
-        """What the replica holds now: the scan, then our changes."""
+        """What the replica holds now: the scan, then our changes. When the scan took a saved
+        cache whole (undecoded) and it has a row index, an Overlay over its rows: a run that
+        touches a few paths of a large replica then decodes those rows only."""
         if self._current is None:
-            self._current = dict(self._scan.manifest.entries) if self._scan is not None else {}
+            s = self._scan
+            rows = s._saved.rows() if s is not None and not s.decoded and s._saved is not None else None
+            if rows is not None:
+                self._current = Overlay(rows)  # type: ignore[assignment]
+            else:
+                self._current = dict(s.manifest.entries) if s is not None else {}
         return self._current
+
+    def scanned_entry(self, p: str) -> Entry | None:
+        """The entry at p as the last scan found it (None: nothing there)."""
+        if self._scan is None:
+            return None
+        cur = self.current
+        if cur.__class__ is Overlay:
+            return cur.original(p)  # type: ignore[attr-defined]
+        return self._scan.manifest.entries.get(p)
+
+    def ready_rows(self) -> None:
+        """Decode now what the actions will read of the scan (the row index, or else every row),
+        not at the first action. Raises ManifestFormatError for rows that do not decode."""
+        if self._scan is not None and self.current.__class__ is Overlay:
+            self.current._ix.where  # type: ignore[attr-defined]  # noqa: B018
 
     @property
     def touched(self) -> bool:
@@ -470,7 +492,8 @@ class Replica:
         return bool(self._scan is not None and self.scan_unchanged and self.cache is not None
                     and self.cache.generation
                     and (not self._scan.fingerprint or self._scan.fingerprint == self.cache.fingerprint)
-                    and (self._current is None or self._current == self._scan.manifest.entries))
+                    and (self._current is None or (not self._current.changed() if self._current.__class__ is Overlay
+                                                   else self._current == self._scan.manifest.entries)))
 
     def will_save(self, save: bool = True) -> bool:
         """Whether close(save=save) is to write a cache under a new generation (after settle)."""
@@ -492,12 +515,17 @@ class Replica:
                 self.closed_fingerprint = self.cache.fingerprint
             elif self._may_save(save):  # (not untouched: will_save)
                 generation = new_generation or os.urandom(16).hex()
-                scanned = self._scan.manifest
-                fp = fingerprint_update(self._scan.fingerprint, scanned.entries, self.current) \
-                    if self._scan.fingerprint else fingerprint(self.current)
+                cur = self.current
+                if cur.__class__ is Overlay:  # (the scan's rows: the cache's own, see Overlay)
+                    fp = cur.fingerprint(self._scan.fingerprint)  # type: ignore[attr-defined]
+                    new = Manifest(cur, generation=generation)
+                else:
+                    scanned = self._scan.manifest
+                    fp = fingerprint_update(self._scan.fingerprint, scanned.entries, cur) \
+                        if self._scan.fingerprint else fingerprint(cur)
+                    new = Manifest(cur, generation=generation, rows=scanned.rows)
                 try:
-                    save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE),
-                                       Manifest(self.current, generation=generation, rows=scanned.rows), chunker, fp)
+                    save_manifest_file(os.path.join(self.root, STATE_DIR, CACHE), new, chunker, fp)
                 except OSError as e:  # e.g. a full disk: the old cache stays (stat checks catch staleness)
                     generation = ""
                     raise ItemIOError(f"{STATE_DIR}/{CACHE}", "save replica cache", e) from None

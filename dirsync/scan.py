@@ -93,6 +93,7 @@ class ScanResult:
         # scan missed, see _note_base); None when the scan did not start from a saved cache with
         # a fingerprint.
         self.base: tuple[bytes, set[str]] | None = None
+        self.base_manifest: Manifest | None = None  # that cache, decoded (with `base`)
         self.cache_failed = False  # the saved cache's rows did not decode (treated as no cache)
         # path -> (whole-file digest, bytes): small files this scan read, kept (scan_tree's
         # `hold`) so that sending them does not open and read them again (apply.MasterReader).
@@ -209,6 +210,7 @@ def _note_base(cache: Manifest | SavedManifest | None, cm: Manifest | None, res:
     if len(E) - len(missed_in) + sum(1 for p in missed_in if p in C) != len(C):
         changed.update(compress(C, map(operator.not_, map(E.__contains__, C))))
     res.base = (cache.fingerprint, changed)
+    res.base_manifest = cm
 
 
 SPLIT_MIN = 4000  # entries in a tree's cache from which scan_tree(split=True) walks with two processes

@@ -506,8 +506,15 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             if len(mman.entries) != len(mscan.manifest.entries):
                 summary.warn(f"master entries under {', '.join(info.reserved)} are not synced: "
                              "the replica keeps its backups there")
-        plan = diff(mman, rscan.manifest, opts, _changed_since_in_step(mscan, last, step, deletes_ok, info))
-        plan = _guard_deletes(cfg, mman, rscan.manifest, plan, opts, summary, reporter, t.name)
+        only = _changed_since_in_step(mscan, last, step, deletes_ok, info)
+        # In step, the replica holds at every path what the master's cache holds (content and
+        # metadata, all the planner reads): a local replica is planned against that cache,
+        # decoded by the master scan already, and its own cache is read only at the rows its
+        # writes touch (Replica.current). A remote one's copy is decoded while the agent walks.
+        rman = mscan.base_manifest if only is not None and not t.is_remote and mscan.base_manifest is not None \
+            else rscan.manifest
+        plan = diff(mman, rman, opts, only)
+        plan = _guard_deletes(cfg, mman, rman, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:
             summary.warn(f"skipped {display_path(path)}: {why}")
         if step is not None and not plan.actions and not plan.skipped and summary.fatal is None:

@@ -45,9 +45,9 @@ def cache_facts(m: Manifest) -> dict:
 @given(any_manifests(), st.booleans(), st.booleans())
 def test_round_trip(m, own, packed):
     """Both decoders (peer rows fully checked; our own cache files, cheaper) give back the same,
-    from both row forms (format 2: chunk sizes as ints; 3, cache files: packed)."""
+    from both row forms (format 2: chunk sizes as ints; 4, cache files: packed, row index)."""
     data = to_bytes(m, CHUNKER, packed=packed)
-    assert data[len(MAGIC)] == (3 if packed else 2) and size_forms(data) <= ({bytes, list} if packed else {list})
+    assert data[len(MAGIC)] == (4 if packed else 2) and size_forms(data) <= ({bytes, list} if packed else {list})
     back = load(data, CHUNKER, own=own).manifest
     assert back == m
     assert back.keys() == m.keys()
@@ -58,10 +58,12 @@ def test_round_trip(m, own, packed):
 
 
 def size_forms(data: bytes) -> set:
-    """The Python types the file rows of a format 2/3 manifest hold their chunk sizes in."""
+    """The Python types the file rows of a format 2/3/4 manifest hold their chunk sizes in."""
     rest = data[len(MAGIC) + 9:]
-    hlen = int.from_bytes(rest[:4], "little")
-    _, rows, _ = msgpack.unpackb(rest[4 + hlen:])
+    at = 4 + int.from_bytes(rest[:4], "little")
+    if data[len(MAGIC)] == 4:  # (the row index)
+        at += 4 + int.from_bytes(rest[at:at + 4], "little")
+    _, rows, _ = msgpack.unpackb(rest[at:])
     return {type(r[7]) for r in rows if r[0] == 0}
 
 
@@ -164,7 +166,7 @@ def forge(rows, chunker: str = CHUNKER, version: int = FORMAT_VERSION) -> bytes:
     if version == 1:
         return MAGIC + b"\x01" + xxhash.xxh3_64_digest(body) + body
     header = msgpack.packb((chunker, "", b"", 0), use_bin_type=True)
-    rest = len(header).to_bytes(4, "little") + header + body
+    rest = len(header).to_bytes(4, "little") + header + (b"\0\0\0\0" if version >= 4 else b"") + body  # (no index)
     # from format 3 on, the checksum covers the version byte too
     check = xxhash.xxh3_64_digest(bytes([version]) + rest if version >= 3 else rest)
     return MAGIC + bytes([version]) + check + rest
@@ -179,7 +181,7 @@ def packed_row(row):
     return _with(row, 7, pack_sizes(tuple(row[7])))
 
 
-@pytest.mark.parametrize("version", [1, 2, FORMAT_VERSION])
+@pytest.mark.parametrize("version", [1, 2, 3, FORMAT_VERSION])
 @pytest.mark.parametrize("own", [False, True])
 def test_forged_valid_body_accepted(version, own):
     # The control for the cases below: forge() itself makes readable manifests.
@@ -225,7 +227,7 @@ def _with(row, i, value):
     "not a list of rows",
     [None],
 ])
-@pytest.mark.parametrize("version", [1, 2, FORMAT_VERSION])
+@pytest.mark.parametrize("version", [1, 2, 3, FORMAT_VERSION])
 def test_forged_bad_body_rejected(rows, version):
     with pytest.raises(ManifestFormatError):
         from_bytes(forge(rows, version=version), CHUNKER)

@@ -21,7 +21,7 @@ import threading
 from dirsync import __version__, chunking
 from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
-from dirsync.manifest import _FSENC, FileEntry, ManifestFormatError, changed_entries, encode_rows
+from dirsync.manifest import _FSENC, FileEntry, ManifestFormatError, Overlay, changed_entries, encode_rows
 from dirsync.plan import Action, Commit, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica, warm_up
 from dirsync.runtime import gc_paused, keep_freed_memory, widen_pipe
@@ -359,7 +359,7 @@ class Agent:
         that do not decode are left for those later reads to report, as without it."""
         r = self._need()
         try:
-            r.scanned  # noqa: B018 (decodes the rows once; later reads reuse them)
+            r.ready_rows()
         except ManifestFormatError:
             pass
         __import__("zstandard")  # the writes' compressed rows need it: loaded now, not at the first write
@@ -497,10 +497,14 @@ class Agent:
 
     def _send_changes(self, r: Replica) -> None:
         """What the run changed against the scan, for the master's copy of the saved manifest."""
-        scanned = r.scanned.entries if r.scanned is not None else {}
         current = r.current
-        changed = changed_entries(scanned, current)
-        removed = [os.fsencode(p) for p in scanned if p not in current]
+        if current.__class__ is Overlay:  # (no pass over every row)
+            changed, gone = current.changes()  # type: ignore[attr-defined]
+            removed = [os.fsencode(p) for p in gone]
+        else:
+            scanned = r.scanned.entries if r.scanned is not None else {}
+            changed = changed_entries(scanned, current)
+            removed = [os.fsencode(p) for p in scanned if p not in current]
         # A file now exactly as the master sent it goes back as its path only: the master
         # still has the row (for a large file, thousands of chunk digests).
         derived, get = self._derived, self.written.get
@@ -525,16 +529,14 @@ class Agent:
 
     def _scanned_file(self, src: str) -> FileEntry | None:
         """Replica file `src` as scanned this session (None: not a file then)."""
-        r = self._need()
-        e = r.scanned.entries.get(src) if r.scanned is not None else None
+        e = self._need().scanned_entry(src)
         return e if isinstance(e, FileEntry) else None
 
     def _chunk_at(self, src: str, offset: int) -> tuple[int, bytes] | None:
         """(size, digest) of the chunk at `offset` of replica file `src`, as scanned this session."""
         table = self._chunk_tables.get(src)
         if table is None:
-            r = self._need()
-            e = r.scanned.entries.get(src) if r.scanned is not None else None
+            e = self._need().scanned_entry(src)
             if not isinstance(e, FileEntry):
                 return None
             table = self._chunk_tables[src] = {off: (n, d) for off, n, d in e.chunks()}
