@@ -545,3 +545,93 @@ def test_changed_entries_skips_shared_objects_and_finds_every_difference():
     assert {e.path for e in changed_entries(old, new)} == {"l", "n"}
     assert changed_entries(old, dict(old)) == []
     assert [e.path for e in changed_entries(old, {**old, "a": f.replace(mode=0o600)})] == ["a"]
+
+
+# -- the row index (format 4) and the Overlay over it ------------------------------------
+
+
+def _saved_with_index(m: Manifest, fp: bytes = b""):
+    saved = load(to_bytes(m, CHUNKER, fp, packed=True), CHUNKER, own=True)
+    rows = saved.rows()
+    assert rows is not None and rows.paths == list(m.entries)
+    return saved, rows
+
+
+@SETTINGS
+@given(any_manifests(), any_manifests(), st.data())
+def test_an_overlay_reads_and_changes_like_a_dict_and_saves_what_it_holds(m, other, data):
+    """Overlay (Replica.current over a cache read row by row) against a dict model: the same
+    lookups, membership, length, contents and changes after random edits; saved, it reads back
+    as the model (rows copied and encoded alike); its fingerprint is the model's."""
+    from dirsync.manifest import Overlay, fingerprint
+
+    fp = fingerprint(m.entries)
+    saved, rows = _saved_with_index(m, fp)
+    ov, model = Overlay(rows), dict(m.entries)
+    for p in model:  # every row decodes to its entry, cache facts included
+        assert ov.get(p) == model[p] and cache_facts(Manifest({p: ov.get(p)})) == cache_facts(Manifest({p: model[p]}))
+    ov, model = Overlay(rows), dict(m.entries)  # (fresh: nothing decoded yet)
+    edited = _edit(m, other, data)
+    for p in [p for p in model if p not in edited]:
+        assert ov.pop(p) is not None
+        del model[p]
+    for p, e in edited.items():
+        if model.get(p) is not e:
+            ov[p] = model[p] = e
+    if data.draw(st.booleans()) and edited:  # a path dropped and set again
+        p = data.draw(st.sampled_from(sorted(edited)))
+        e = ov.pop(p)
+        assert p not in ov and ov.get(p) is None and ov.pop(p, "none") == "none"
+        with pytest.raises(KeyError):
+            ov[p]  # noqa: B018
+        ov[p] = e
+    assert len(ov) == len(model) and bool(ov) == bool(model)
+    assert set(ov) == set(model) and ov == model and dict(ov.items()) == model
+    for p in list(model) + ["not/there"]:
+        assert (p in ov) == (p in model) and ov.get(p) == model.get(p)
+    changed, gone = ov.changes()
+    assert sorted(e.path for e in changed) == sorted(p for p, e in model.items() if m.entries.get(p) != e)
+    assert sorted(gone) == sorted(p for p in m.entries if p not in model)
+    # (conservative: a path dropped and set again, or set to an equal entry, counts as changed)
+    assert ov.changed() >= bool(changed or gone)
+    assert not Overlay(rows).changed()
+    assert ov.fingerprint(fp) == fingerprint(model)
+    back = load(to_bytes(Manifest(ov, generation="g2"), CHUNKER, b"fp2", packed=True), CHUNKER, own=True)
+    assert back.count == len(model) and back.rows() is not None and set(back.rows().paths) == set(model)
+    again = Overlay(back.rows())
+    assert again == model and cache_facts(Manifest(dict(again.items()))) == cache_facts(Manifest(model))
+    assert back.manifest.entries == model and cache_facts(back.manifest) == cache_facts(Manifest(model))
+
+
+def test_the_row_index_is_checked_against_the_rows():
+    """A row index that does not fit its body is not used (the whole body is then decoded, and
+    it reports what is wrong); a row that is not the one the index names is refused."""
+    m = sample_manifest()
+    data = bytearray(to_bytes(m, CHUNKER, packed=True))
+    saved = load(bytes(data), CHUNKER, own=True)
+    rows = saved.rows()
+    assert rows is not None and len(rows.paths) == len(m.entries) > 2
+    # The index pointing one row further along: row 0 is then not the row of paths[0].
+    shifted = type(rows)(rows.body, rows.offs[1:] + rows.offs[-1:], rows.paths, CHUNKER, True)
+    with pytest.raises(ManifestFormatError):
+        shifted.entry(0)
+    # Peer bytes and manifests decoded whole have no rows to read one by one.
+    assert load(bytes(data), CHUNKER, own=False).rows() is None
+    saved.manifest  # noqa: B018
+    assert saved.rows() is None
+    # An index whose counts do not match: not used; the body still decodes.
+    bad = _with_index(bytes(data), lambda paths, offs: (paths, offs[:-8]))
+    assert load(bad, CHUNKER, own=True).rows() is None and load(bad, CHUNKER, own=True).manifest == m
+    twice = _with_index(bytes(data), lambda paths, offs: (paths.replace(b"\0link", b"\0docs", 1), offs))
+    assert load(twice, CHUNKER, own=True).rows() is None and load(twice, CHUNKER, own=True).manifest == m
+
+
+def _with_index(data: bytes, change) -> bytes:
+    """A format 4 file with its row index changed (and its checksum made valid again)."""
+    rest = data[len(MAGIC) + 9:]
+    at = 4 + int.from_bytes(rest[:4], "little")
+    ilen = int.from_bytes(rest[at:at + 4], "little")
+    paths, offs = msgpack.unpackb(rest[at + 4:at + 4 + ilen])
+    index = msgpack.packb(change(paths, offs), use_bin_type=True)
+    rest = rest[:at] + len(index).to_bytes(4, "little") + index + rest[at + 4 + ilen:]
+    return MAGIC + b"\x04" + xxhash.xxh3_64_digest(b"\x04" + rest) + rest
