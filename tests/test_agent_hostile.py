@@ -530,10 +530,13 @@ def test_a_large_frame_begun_in_one_read_is_read_in_place(world):
 
 
 @pytest.mark.parametrize("prep", [True, False])
-def test_prep_decodes_the_saved_manifest_the_scan_took_whole(world, prep):
-    """The master's `prep` hint ("a plan follows"): the agent decodes the rows of the saved
-    manifest its scan took undecoded (the tree matched it) then, while the master plans, and
+def test_prep_reads_the_row_index_of_the_saved_manifest_the_scan_took_whole(world, prep):
+    """The master's `prep` hint ("a plan follows"): the agent reads the row index of the saved
+    manifest its scan took undecoded (the tree matched it) then, while the master plans (its
+    actions then decode only the rows they touch; the manifest is never decoded whole), and
     the session goes on as without it."""
+    from dirsync.manifest import Overlay
+
     agent, send, recv, finish = _agent_in_thread()
     send(world.open())
     assert recv()["t"] == "opened"
@@ -564,7 +567,12 @@ def test_prep_decodes_the_saved_manifest_the_scan_took_whole(world, prep):
         send({"t": "prep"})
     send({"t": "root", "patterns": []})  # answered after the hint was handled
     assert recv()["t"] == "root"
-    assert agent.replica._scan.decoded is prep
+    assert not agent.replica._scan.decoded
+    cur = agent.replica._current
+    if prep:
+        assert isinstance(cur, Overlay) and cur._ix._where is not None and not cur._orig
+    else:
+        assert cur is None
     send({"t": "close", "save": True})
     assert recv()["t"] == "closed"
     assert finish() == 0
