@@ -479,7 +479,11 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             reporter.warn(f"{cfg.master} -> {t.name}: {w}")
         last = _last_in_step(cfg, t.name) if mscan.fingerprint else None
         if last is None or last.get("master") != mscan.fingerprint.hex():
-            t.expect_plan()  # not in step before: a plan follows (unless the replica got there itself)
+            # Not in step before: a plan follows (unless the replica got there itself), against
+            # the master's cache when the pair was in step with it (see below), so no copy of
+            # the replica's manifest need be decoded for it.
+            t.expect_plan(decode=not (mscan.base_manifest is not None and last is not None
+                                      and last.get("master") == mscan.base[0].hex()))  # type: ignore[index]
         rscan = t.scan(patterns)
         for e in rscan.errors:
             summary.failed(e.path, e)
@@ -508,11 +512,11 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
                              "the replica keeps its backups there")
         only = _changed_since_in_step(mscan, last, step, deletes_ok, info)
         # In step, the replica holds at every path what the master's cache holds (content and
-        # metadata, all the planner reads): a local replica is planned against that cache,
-        # decoded by the master scan already, and its own cache is read only at the rows its
-        # writes touch (Replica.current). A remote one's copy is decoded while the agent walks.
-        rman = mscan.base_manifest if only is not None and not t.is_remote and mscan.base_manifest is not None \
-            else rscan.manifest
+        # metadata, all the planner reads; chunk boundaries may differ, not the bytes): it is
+        # planned against that cache, decoded by the master scan already, and the replica's
+        # cache (a remote one's, and our copy of it) is read only at the rows its writes touch
+        # (Replica.current, RemoteTransport._scanned_rows).
+        rman = mscan.base_manifest if only is not None and mscan.base_manifest is not None else rscan.manifest
         plan = diff(mman, rman, opts, only)
         plan = _guard_deletes(cfg, mman, rman, plan, opts, summary, reporter, t.name)
         for path, why in plan.skipped:

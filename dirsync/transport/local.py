@@ -50,7 +50,7 @@ class LocalTransport:
         assert info is not None
         return info
 
-    def expect_plan(self) -> None:
+    def expect_plan(self, decode: bool = True) -> None:
         """See RemoteTransport.expect_plan: nothing to do here (this process walks the master
         while a child walks the replica; it has no idle time to decode in)."""
 

@@ -23,7 +23,7 @@ from dirsync import __version__, chunking
 from dirsync import apply as _apply
 from dirsync.apply import MasterReader, Sink
 from dirsync.errors import ConnectError, DirsyncError, ItemError, ProtocolError
-from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, SavedManifest, encode_rows
+from dirsync.manifest import FileEntry, Manifest, ManifestFormatError, Overlay, SavedManifest, encode_rows
 from dirsync.plan import Action, Commit, CopyOp, SendOp, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import PRECOPY_MIN, ScanResult
@@ -96,6 +96,7 @@ class RemoteTransport:
         self.tw_level = 1  # the agent's two-way requests: 2 when its hello announced "tw2"
         self.closed_fingerprint = b""  # after close: the fingerprint of the cache the agent saved
         self.base: SavedManifest | None = None  # our copy of the replica's last saved manifest
+        self._base_rows: Overlay | None = None  # ... read by rows (see _scanned_rows)
         self._written: dict[str, FileEntry] = {}  # write targets sent this session (see "written")
         self._staged_seen: set[str] = set()  # writes whose bytes the sink has counted
         self._scan_res: ScanResult | None = None
@@ -495,7 +496,7 @@ class RemoteTransport:
         tree while this side does other work (the master scan, the other two-way side)."""
         try:
             load = load_manifest_file(self._cache_file, chunking.CHUNKER_ID, lazy=True)
-            self.base = load.saved
+            self.base, self._base_rows = load.saved, None
             base_gen = self.base.generation if self.base is not None else ""
             self._send({"t": "scan", "patterns": list(patterns), "fresh": fresh, "base": base_gen}, flush=True)
             self._scan_pending = (list(patterns), fresh)
@@ -512,19 +513,21 @@ class RemoteTransport:
         except (ConnectError, ProtocolError) as e:
             raise self._fail(e) from None
 
-    def expect_plan(self) -> None:
+    def expect_plan(self, decode: bool = True) -> None:
         """A hint, given before scan(): the master changed since this pair was last found in
         step, so a plan is coming. This side's own scan is done and it would wait idle for the
         agent's answer; the agent would wait idle while this side plans. So the agent is told
-        ("prep": it decodes its saved manifest then, not at the first action that needs a row),
-        and meanwhile this side decodes its copy of the replica's manifest (the answer amends
-        it) and loads the compressor the writes' rows need."""
+        ("prep": it reads its saved manifest's row index then, not at the first action that
+        needs a row), and meanwhile this side decodes its copy of the replica's manifest (the
+        answer amends it; not with `decode` False: the sync expects to plan against the
+        master's cache, and then reads the copy by rows) and loads the compressor the writes'
+        rows need."""
         try:
             if self._pp and self._scan_pending is not None:
                 self._send({"t": "prep"}, flush=True)
         except (ConnectError, ProtocolError) as e:
             raise self._fail(e) from None
-        if self.base is not None and self._scan_pending is not None:
+        if decode and self.base is not None and self._scan_pending is not None:
             try:
                 self.base.manifest  # noqa: B018 (decoded once, kept)
             except ManifestFormatError:
@@ -574,6 +577,24 @@ class RemoteTransport:
     @property
     def scanned(self) -> Manifest | None:
         return self._scan_res.manifest if self._scan_res is not None else None
+
+    def _scanned_rows(self) -> Overlay | None:
+        """Our copy of the replica's manifest read by rows (an Overlay, kept), when the scan
+        found the replica as that copy records it and nothing has decoded the copy whole."""
+        res = self._scan_res
+        if self._base_rows is None and res is not None and not res.decoded and res._saved is self.base \
+                and self.base is not None:
+            rows = self.base.rows()
+            if rows is not None:
+                self._base_rows = Overlay(rows)
+        return self._base_rows if res is not None and not res.decoded else None
+
+    def _scanned_entries(self):
+        """What the replica held when scanned, for lookups by path (see _scanned_rows)."""
+        rows = self._scanned_rows()
+        if rows is not None:
+            return rows
+        return self._scan_res.manifest.entries if self._scan_res is not None else None
 
     def cached_root(self, patterns: list[str]) -> bytes | None:
         """Merkle root of the replica's saved manifest (verify --quick); the agent walks nothing."""
@@ -648,8 +669,8 @@ class RemoteTransport:
 
     def _send_write(self, w: WriteFile, master: MasterReader, sink: Sink) -> None:
         msg = proto.enc_action(w)
-        if self.scanned is not None and any(isinstance(o, CopyOp) for o in w.ops):
-            compact = proto.compact_digests(w, self.scanned.entries)
+        if self._scan_res is not None and any(isinstance(o, CopyOp) for o in w.ops):
+            compact = proto.compact_digests(w, self._scanned_entries())
             if compact is not None:  # the agent looks up the digests of chunks it already holds
                 row = list(msg["f"])
                 msg["dm"], row[8] = compact
@@ -857,16 +878,24 @@ class RemoteTransport:
             if (not changed and not removed and self.base is not None and gen == self.base.generation
                     and self._scan_res.unchanged):
                 return  # the replica kept the cache our copy matches: nothing to write
-            scanned = self._scan_res.manifest
-            entries = dict(scanned.entries)
-            for p in removed:
-                entries.pop(p, None)
-            entries.update(changed)
+            rows = self._scanned_rows()
+            if rows is not None:  # (the copy's own rows, read by path: see Overlay)
+                for p in removed:
+                    rows.pop(p, None)
+                for p, e in changed.items():
+                    rows[p] = e
+                new = Manifest(rows, generation=gen)  # type: ignore[arg-type]
+            else:
+                scanned = self._scan_res.manifest
+                entries = dict(scanned.entries)
+                for p in removed:
+                    entries.pop(p, None)
+                entries.update(changed)
+                new = Manifest(entries, generation=gen, rows=scanned.rows)
             # Not fsynced (on the run's last path, ~10 ms for the mixed tree): after a crash
             # a stale or damaged copy no longer matches the agent's generation, or fails its
             # checksum, and the agent then sends every row, as with no copy at all.
-            save_manifest_file(self._cache_file, Manifest(entries, generation=gen, rows=scanned.rows),
-                               chunking.CHUNKER_ID, b"", durable=False)
+            save_manifest_file(self._cache_file, new, chunking.CHUNKER_ID, b"", durable=False)
         except OSError:
             pass
 
