@@ -459,10 +459,16 @@ class Replica:
         return self._scan.manifest.entries.get(p)
 
     def ready_rows(self) -> None:
-        """Decode now what the actions will read of the scan (the row index, or else every row),
-        not at the first action. Raises ManifestFormatError for rows that do not decode."""
-        if self._scan is not None and self.current.__class__ is Overlay:
+        """Read now what the actions will read of the scan, not at the first action: the row
+        index of a cache the scan took whole (`current` is then an Overlay), or else every row.
+        Raises ManifestFormatError for rows that do not decode."""
+        s = self._scan
+        if s is None or self._current is not None:
+            return
+        if not s.decoded and s._saved is not None and s._saved.rows() is not None:
             self.current._ix.where  # type: ignore[attr-defined]  # noqa: B018
+        else:
+            s.manifest  # noqa: B018 (decoded once; later reads reuse it)
 
     @property
     def touched(self) -> bool:

@@ -212,3 +212,29 @@ def test_the_master_cache_keeps_its_index_through_runs(tmp_path):
     assert rows is not None
     got = {p: rows.entry(i) for i, p in enumerate(rows.paths)}
     assert got == load.saved.manifest.entries
+
+
+def test_ready_rows_reads_the_index_or_else_decodes_the_whole_cache(tmp_path):
+    """The agent's `prep` (Replica.ready_rows): with an index, the Overlay and its path lookup
+    are made and no row is decoded; without one, the scan's manifest is decoded whole (so that
+    the first action does not pay for it) and nothing counts as touched."""
+    m, r = _in_step_pair(tmp_path)
+    rep = Replica(str(r))
+    rep.open()
+    rep.manifest(Excluder())
+    rep.ready_rows()
+    assert isinstance(rep._current, Overlay) and rep._current._ix._where is not None and not rep._current._orig
+    rep.close()
+    path = os.path.join(r, ".dirsync", "manifest")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(_without_index(data))
+    rep = Replica(str(r))
+    rep.open()
+    rs = rep.manifest(Excluder())
+    assert rs.unchanged and not rs.decoded
+    rep.ready_rows()
+    assert rs.decoded and not rep.touched
+    rep.close()
+    assert _cache(r).rows() is None  # untouched: the cache was not saved again

@@ -353,10 +353,11 @@ class Agent:
                    "fp": res.fingerprint})
 
     def prep(self) -> None:
-        """The master's hint that a plan will follow: decode the saved manifest the scan took
-        whole now, while the master plans, instead of at the first action that needs a row
-        (and at close), and load what writing needs. A hint only: nothing is answered, and rows
-        that do not decode are left for those later reads to report, as without it."""
+        """The master's hint that a plan will follow: read the saved manifest the scan took whole
+        now (its row index; a cache without one, every row), while the master plans, instead of
+        at the first action that needs a row, and load what writing needs. A hint only: nothing
+        is answered, and rows that do not decode are left for those later reads to report, as
+        without it."""
         r = self._need()
         try:
             r.ready_rows()
