@@ -107,14 +107,21 @@ def _spies(monkeypatch):
     return overlays, decodes
 
 
+def _sync_spied(m, r, monkeypatch) -> tuple[list, list]:
+    """One clean run that leaves the replica equal to the master: (Overlays made, whole
+    decodes) during it (see _spies)."""
+    overlays, decodes = _spies(monkeypatch)
+    run = _run(m, r)
+    got = list(overlays), list(decodes)
+    assert run.exit_code == 0 and run.replicas[0].errors == []
+    treecmp.assert_trees_equal(m, r)
+    return got
+
+
 def test_a_local_replica_in_step_is_planned_and_written_without_decoding_its_cache(tmp_path, monkeypatch):
     m, r = _in_step_pair(tmp_path)
     _change(m)
-    overlays, decodes = _spies(monkeypatch)
-    run = _run(m, r)
-    decoded = list(decodes)
-    assert run.exit_code == 0 and run.replicas[0].errors == []
-    treecmp.assert_trees_equal(m, r)
+    overlays, decoded = _sync_spied(m, r, monkeypatch)
     # The replica's cache was read by rows (one Overlay over all of them); the one manifest
     # decoded whole was the master's cache, which the master scan needs anyway.
     before = len(_spec()) + 1 + 2 + 12 + 2  # (root, d, e, keep's files, d's two files: 22)
@@ -131,31 +138,29 @@ def test_a_replica_changed_since_its_last_run_is_planned_against_its_own_scan(tm
     write(r / "keep" / "k5.txt", b"changed on the replica\n")  # its walk no longer matches its cache
     write(r / "stray.txt", b"only on the replica\n")
     settle(m, r)
-    overlays, decodes = _spies(monkeypatch)
-    run = _run(m, r)
-    assert run.exit_code == 0 and run.replicas[0].errors == []
-    treecmp.assert_trees_equal(m, r)
+    overlays, _ = _sync_spied(m, r, monkeypatch)
     assert overlays == []  # its scan classified its walk against the decoded cache
     assert_cache_is_the_tree(r)
 
 
 def test_a_cache_without_a_row_index_is_decoded_whole_with_the_same_result(tmp_path, monkeypatch):
     m, r = _in_step_pair(tmp_path)
+    _strip_index(r)
+    assert _cache(r).rows() is None
+    _change(m)
+    overlays, decoded = _sync_spied(m, r, monkeypatch)
+    assert overlays == [] and len(decoded) == 2  # the master's cache and the replica's
+    assert_cache_is_the_tree(r)
+    assert _cache(r).rows() is not None  # saved with an index again
+
+
+def _strip_index(r) -> None:
+    """Make the replica's cache what dirsync wrote before format 4 (rows and all alike)."""
     path = os.path.join(r, ".dirsync", "manifest")
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
-        f.write(_without_index(data))  # what dirsync wrote before format 4 (rows and all alike)
-    assert _cache(r).rows() is None
-    _change(m)
-    overlays, decodes = _spies(monkeypatch)
-    run = _run(m, r)
-    decoded = list(decodes)
-    assert run.exit_code == 0 and run.replicas[0].errors == []
-    treecmp.assert_trees_equal(m, r)
-    assert overlays == [] and len(decoded) == 2  # the master's cache and the replica's
-    assert_cache_is_the_tree(r)
-    assert _cache(r).rows() is not None  # saved with an index again
+        f.write(_without_index(data))
 
 
 def _without_index(data: bytes) -> bytes:
@@ -225,11 +230,7 @@ def test_ready_rows_reads_the_index_or_else_decodes_the_whole_cache(tmp_path):
     rep.ready_rows()
     assert isinstance(rep._current, Overlay) and rep._current._ix._where is not None and not rep._current._orig
     rep.close()
-    path = os.path.join(r, ".dirsync", "manifest")
-    with open(path, "rb") as f:
-        data = f.read()
-    with open(path, "wb") as f:
-        f.write(_without_index(data))
+    _strip_index(r)
     rep = Replica(str(r))
     rep.open()
     rs = rep.manifest(Excluder())
