@@ -442,7 +442,7 @@ class Replica:
         touches a few paths of a large replica then decodes those rows only."""
         if self._current is None:
             s = self._scan
-            rows = s._saved.rows() if s is not None and not s.decoded and s._saved is not None else None
+            rows = s.saved_rows() if s is not None else None
             if rows is not None:
                 self._current = Overlay(rows)  # type: ignore[assignment]
             else:
@@ -465,7 +465,7 @@ class Replica:
         s = self._scan
         if s is None or self._current is not None:
             return
-        if not s.decoded and s._saved is not None and s._saved.rows() is not None:
+        if s.saved_rows() is not None:
             self.current._ix.where  # type: ignore[attr-defined]  # noqa: B018
         else:
             s.manifest  # noqa: B018 (decoded once; later reads reuse it)

@@ -28,6 +28,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Iterable
 
+    from dirsync.manifest import RowIndex
+
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
 RACY_NS = 100_000_000  # ext4 stamps come from a coarse clock (1-10 ms); stay well clear
@@ -113,6 +115,11 @@ class ScanResult:
     def decoded(self) -> bool:
         """False while the manifest is still the undecoded saved cache."""
         return self._manifest is not None
+
+    def saved_rows(self) -> RowIndex | None:
+        """The rows of the saved cache this scan took whole, to read one by one (manifest.Overlay),
+        while nothing has decoded it and it has a row index; else None."""
+        return self._saved.rows() if self._manifest is None and self._saved is not None else None
 
 
 def scan_tree(

@@ -582,9 +582,8 @@ class RemoteTransport:
         """Our copy of the replica's manifest read by rows (an Overlay, kept), when the scan
         found the replica as that copy records it and nothing has decoded the copy whole."""
         res = self._scan_res
-        if self._base_rows is None and res is not None and not res.decoded and res._saved is self.base \
-                and self.base is not None:
-            rows = self.base.rows()
+        if self._base_rows is None and res is not None:
+            rows = res.saved_rows()  # (the scan's saved cache is our copy: see _scan_finish)
             if rows is not None:
                 self._base_rows = Overlay(rows)
         return self._base_rows if res is not None and not res.decoded else None
