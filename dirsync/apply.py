@@ -292,7 +292,7 @@ class _HelperSink:
     helper failed as a whole (an exception left its loop)."""
 
     def __init__(self, fd: int, theirs: list, replica) -> None:
-        import pickle
+        import _pickle as pickle  # (not pickle.py: see scan._send)
 
         self.dumps = pickle.dumps
         self.fd = fd
@@ -416,7 +416,7 @@ class _Helper:
         """Give a fed helper one message (pickled), `writes` the files it brings (its outcomes
         name them by their place in `theirs`). What the helper says meanwhile is taken in (it
         may be waiting for us to read before it reads on). False: it is gone (join says so)."""
-        import pickle
+        import _pickle as pickle  # (not pickle.py: see scan._send)
         import select
 
         self.theirs.extend(writes)
@@ -492,7 +492,7 @@ class _Helper:
             pass
 
     def _feed(self, data: bytes, replica, sink: Sink) -> None:
-        import pickle
+        import _pickle as pickle  # (not pickle.py: see scan._send)
 
         buf = self.buf + data
         pos = 0
@@ -537,7 +537,7 @@ class _Helper:
 
 def fed_messages(rfd: int) -> Iterator[tuple]:
     """In a fed helper: the messages _Helper.send wrote to `rfd`, until it is closed."""
-    import pickle
+    import _pickle as pickle  # (not pickle.py: see scan._send)
 
     buf = b""
     while True:

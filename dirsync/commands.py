@@ -104,7 +104,7 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
          backup_dir: Optional[str], backup_keep: Optional[int], bwlimit: Optional[int], jobs: Optional[int],
          two_way: bool, prefer: Optional[str], rsh: Optional[str]) -> int:
     """`dirsync sync`: the exit code. Installs the SIGTERM handler (SIGTERM unwinds like Ctrl-C)."""
-    import signal
+    import _signal as signal  # (the C module, loaded at start-up: signal.py's enums cost ~3 ms)
 
     from dirsync.progress import make_reporter
     from dirsync.sync import SyncConfig, run_sync

@@ -5,14 +5,16 @@ from __future__ import annotations
 import errno as _errno
 import os
 from contextlib import contextmanager
-from enum import IntEnum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Iterator
 
 
-class ExitCode(IntEnum):
+class ExitCode:
+    """The process exit codes: plain ints (an IntEnum would import enum, a few ms of every run's
+    start-up, and every small run's time counts against rsync's). `codes()` lists them."""
+
     OK = 0
     ERROR = 1  # unexpected: a bug
     USAGE = 2  # bad arguments or configuration
@@ -24,6 +26,10 @@ class ExitCode(IntEnum):
     DELETE_LIMIT = 25  # mass-delete guard tripped: nothing was deleted (rsync's number)
     CONFLICTS = 4  # two-way sync: conflicting changes were kept as conflict copies (all else synced)
     INTERRUPTED = 130
+
+    @classmethod
+    def codes(cls) -> dict[str, int]:
+        return {k: v for k, v in vars(cls).items() if k.isupper() and type(v) is int}
 
 
 class DirsyncError(Exception):

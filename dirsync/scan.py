@@ -227,7 +227,9 @@ READ_SPLIT_MIN = 1000  # files to read from which scan_tree(split_reads=True) re
 def _send(fd: int, answer: object, dump) -> None:
     """A forked child's answer, pickled to fd as it is encoded (by `dump`: pickle.dump,
     imported by the parent), never whole in memory: an initial copy's read share is tens of
-    megabytes, and here every megabyte a process touches first costs it about a millisecond."""
+    megabytes, and here every megabyte a process touches first costs it about a millisecond.
+    (This module and apply.py import the C pickler, _pickle, itself: pickle.py imports re,
+    ~5 ms of a small run's start-up that nothing else on that path needs.)"""
     with open(fd, "wb", buffering=1 << 20, closefd=False) as f:
         dump(answer, f, protocol=5)
 
@@ -235,7 +237,7 @@ def _send(fd: int, answer: object, dump) -> None:
 def _child_answer(pid: int, fd: int):
     """Unpickle a forked child's answer as it arrives (our own child's), close the pipe and
     reap the child. Raises when the child died or said nothing usable."""
-    import pickle
+    import _pickle as pickle
 
     try:
         with open(fd, "rb", buffering=1 << 20, closefd=False) as f:
@@ -284,7 +286,7 @@ class Prewalk:
     @classmethod
     def start(cls, root: str, excluder: Excluder, known_fp: bytes,
               cache: Manifest | SavedManifest | None = None) -> Prewalk | None:
-        import pickle  # here: the child imports nothing
+        import _pickle as pickle  # here: the child imports nothing
 
         got = fork_answering(lambda w: _prewalk_child(root, excluder, known_fp, w, pickle.dump, cache))
         return None if got is None else cls(*got)
@@ -292,7 +294,7 @@ class Prewalk:
     def result(self) -> tuple | None:
         """(fingerprint, items or None when it matched known_fp, temps, link targets), or the
         classified form (see _classified), or None."""
-        import pickle
+        import _pickle as pickle
 
         if self.fd < 0:
             return None
@@ -529,7 +531,7 @@ class _Scanner:
         thread of this process (the agent's pinger) may hold, so it is forked although that
         thread runs (state.fork_answering(threads_ok=True)). Any failure of the child: this
         process walks its directories itself."""
-        import pickle
+        import _pickle as pickle
 
         subdirs: list[str] = []
         acc = self.gather("", items, below=subdirs)
@@ -618,7 +620,7 @@ class _Scanner:
         files = [(rel, st) for rel, st in misses if st[0] & 0o170000 == 0o100000]
         if len(files) < READ_SPLIT_MIN:
             return None
-        import pickle
+        import _pickle as pickle
 
         mine = files[len(files) // 2:]  # (the child's)
         hold = self.hold_left // 2

@@ -108,7 +108,7 @@ class RunSummary(Record):
 
     @property
     def exit_code(self) -> int:
-        codes = {ExitCode(r.exit_code) for r in self.replicas}
+        codes = {int(r.exit_code) for r in self.replicas}
         if self.scan_errors:
             codes.add(ExitCode.PARTIAL)
         for c in _SEVERITY:

@@ -1250,7 +1250,7 @@ class TwoWaySummary(Record):
 
     @property
     def exit_code(self) -> int:
-        codes = {ExitCode(s.exit_code) for s in self.sides}
+        codes = {int(s.exit_code) for s in self.sides}
         if self.scan_errors or any(s.errors for s in self.sides):
             codes.add(ExitCode.PARTIAL)
         for c in (ExitCode.INTERRUPTED, ExitCode.ERROR, ExitCode.CONNECT, ExitCode.PROTOCOL, ExitCode.LOCKED,

@@ -493,8 +493,8 @@ def dec_fatal(m: dict, where: str) -> DirsyncError:
     cls = _FATAL.get(code, DirsyncError)
     hint = v_str(m.get("hint", ""), 4096) or None
     err = cls(f"{where}: {v_str(m.get('msg'), 4096)}", hint=hint)
-    if cls is DirsyncError and code in ExitCode._value2member_map_:
-        err.exit_code = ExitCode(code)  # e.g. 23 for an item error outside apply
+    if cls is DirsyncError and code in ExitCode.codes().values():
+        err.exit_code = code  # e.g. 23 for an item error outside apply
     return err
 
 
