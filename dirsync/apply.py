@@ -16,7 +16,7 @@ import xxhash
 
 from dirsync.errors import ItemError, ItemIOError, SourceChangedError
 from dirsync.manifest import DIGEST_SIZE, FileEntry, is_under, parent_of
-from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
+from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, MoveDir, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
 
 TYPE_CHECKING = False
@@ -81,7 +81,7 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
                 break
             if pending is not None and not (a.__class__ is WriteFile and not _copies_from(a.ops, pending_paths)):
                 finish()
-            if not published and not isinstance(a, (WriteFile, Commit, MakeDir)):
+            if not published and not isinstance(a, (WriteFile, Commit, MakeDir, MoveDir)):
                 publish()
             if isinstance(a, Commit):
                 try:
@@ -127,6 +127,9 @@ def _apply_one(replica, a, sends_for: Callable[[WriteFile], Iterator[bytes]], si
             sink.staged(a)
         elif isinstance(a, MakeDir):
             replica.make_dir(a)
+            sink.done(a, a.path)
+        elif isinstance(a, MoveDir):
+            replica.move_dir(a)
             sink.done(a, a.path)
         elif isinstance(a, MakeLink):
             replica.make_link(a)
@@ -808,7 +811,7 @@ class ReplicaSummary(Record):
     _fields = (
         "replica", "status", "exit_code", "files_written", "bytes_sent", "bytes_reused", "files_deleted",
         "dirs_created", "links_made", "meta_set", "errors", "warnings", "fatal", "seconds", "on_progress",
-        "in_step", "planned",
+        "in_step", "planned", "dirs_moved",
     )
 
     def __init__(
@@ -830,6 +833,7 @@ class ReplicaSummary(Record):
         on_progress: Callable[[int], None] | None = None,
         in_step: dict | None = None,  # set when master and replica were found in step (status record)
         planned: bool = True,  # False: both trees were as a run last found them in step; no plan was made
+        dirs_moved: int = 0,  # directories renamed whole (MoveDir)
     ) -> None:
         self.replica = replica
         self.status = status
@@ -848,6 +852,7 @@ class ReplicaSummary(Record):
         self.on_progress = on_progress
         self.in_step = in_step
         self.planned = planned
+        self.dirs_moved = dirs_moved
 
     def staged(self, w: WriteFile) -> None:
         s = w.send_bytes
@@ -867,6 +872,8 @@ class ReplicaSummary(Record):
             self.links_made += 1
         elif isinstance(a, SetMeta):
             self.meta_set += 1
+        elif isinstance(a, MoveDir):
+            self.dirs_moved += 1
 
     def failed(self, path: str, err: ItemError) -> None:
         self.errors.append(err)
@@ -886,6 +893,7 @@ class ReplicaSummary(Record):
             "dirs_created": self.dirs_created,
             "links_made": self.links_made,
             "metadata_set": self.meta_set,
+            "dirs_moved": self.dirs_moved,
             "errors": [{"path": os.fsencode(e.path).decode("utf-8", "backslashreplace"), "op": e.op,
                         "code": e.code, "message": str(e)} for e in self.errors],
             "warnings": self.warnings,

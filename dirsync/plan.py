@@ -1,6 +1,7 @@
 """Pure diff of a master and a replica manifest into an ordered Plan of typed actions. No I/O.
 
 Order (what the replica writer relies on):
+  0. MoveDir: a directory renamed on the master, renamed whole on the replica (see _dir_moves);
   1. MakeDir for new directories whose parents exist and whose path is free;
   2. WriteFile (staged in the replica's temp area) interleaved with Commit batches; a path is
      committed only once no later WriteFile copies from it, so swaps and renames are safe;
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from itertools import accumulate, compress
 from operator import attrgetter
 
 from dirsync.errors import display_path
-from dirsync.manifest import DIGEST_SIZE, DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, parent_of
+from dirsync.manifest import DIGEST_SIZE, DirEntry, Entry, FileEntry, LinkEntry, Manifest, covered, is_under, parent_of
 from dirsync.record import Record
 
 
@@ -156,7 +157,24 @@ class Delete(Record):
         self.obstruction = obstruction
 
 
-Action = MakeDir | WriteFile | Commit | MakeLink | SetMeta | Delete
+class MoveDir(Record):
+    """Rename replica directory `src` to `path` (a new path whose parent the replica has), with
+    everything in it. `moved` lists what the plan knows is there, as suffixes of `src` ("" for
+    the directory itself, then "/a", "/a/b" ...): the writer moves their records with them.
+    Only a directory the master holds unchanged at `path` (every entry's content, mode and
+    mtime; a directory's mtime is set after) is moved: one rename instead of a link, a rename
+    and an unlink per file."""
+
+    _fields = ("src", "path", "moved")
+    __slots__ = _fields
+
+    def __init__(self, src: str, path: str, moved: tuple[str, ...]) -> None:
+        self.src = src
+        self.path = path
+        self.moved = moved
+
+
+Action = MoveDir | MakeDir | WriteFile | Commit | MakeLink | SetMeta | Delete
 
 # Commit batch size, in files that replace one, where freed inodes linger (ext4 without a
 # journal: a create skips every inode freed in the last minute or more, ~1.5 us each). A run
@@ -169,7 +187,7 @@ REPLACED_BATCH = 32
 
 
 class PlanOptions(Record):
-    _fields = ("delete", "protect", "commit_bytes", "commit_files", "commit_replaced", "local")
+    _fields = ("delete", "protect", "commit_bytes", "commit_files", "commit_replaced", "local", "dir_moves")
 
     def __init__(
         self,
@@ -184,6 +202,10 @@ class PlanOptions(Record):
         # master, so chunks are looked for in other replica files only when enough are wanted
         # to pay for indexing every replica chunk (see ChunkIndex.want).
         local: bool = False,
+        # The replica's writer renames a directory whole (MoveDir) when its list of entries
+        # takes at most this many bytes (move_size): a local one without a limit, an agent that
+        # announced it within a frame. 0: a renamed directory is moved file by file (WriteFile.move).
+        dir_moves: int = 0,
     ) -> None:
         self.delete = delete
         self.protect = protect
@@ -191,10 +213,11 @@ class PlanOptions(Record):
         self.commit_files = commit_files
         self.commit_replaced = commit_replaced
         self.local = local
+        self.dir_moves = dir_moves
 
 
 class Totals(Record):
-    _fields = ("writes", "send_bytes", "reuse_bytes", "deletes", "mkdirs", "links", "meta")
+    _fields = ("writes", "send_bytes", "reuse_bytes", "deletes", "mkdirs", "links", "meta", "dir_moves")
 
     def __init__(
         self,
@@ -205,6 +228,7 @@ class Totals(Record):
         mkdirs: int = 0,
         links: int = 0,
         meta: int = 0,
+        dir_moves: int = 0,
     ) -> None:
         self.writes = writes
         self.send_bytes = send_bytes
@@ -213,6 +237,7 @@ class Totals(Record):
         self.mkdirs = mkdirs
         self.links = links
         self.meta = meta
+        self.dir_moves = dir_moves
 
 
 class Plan(Record):
@@ -227,7 +252,7 @@ class Plan(Record):
         self.skipped = skipped
 
     def totals(self) -> Totals:
-        w = s = r = d = mk = ln = mt = 0
+        w = s = r = d = mk = ln = mt = mv = 0
         for a in self.actions:
             if isinstance(a, WriteFile):
                 w += 1
@@ -244,7 +269,9 @@ class Plan(Record):
                 ln += 1
             elif isinstance(a, SetMeta):
                 mt += 1
-        return Totals(w, s, r, d, mk, ln, mt)
+            elif isinstance(a, MoveDir):
+                mv += 1
+        return Totals(w, s, r, d, mk, ln, mt, mv)
 
     @property
     def empty(self) -> bool:
@@ -266,6 +293,7 @@ class Plan(Record):
         lines.append(
             f"total: {t.writes} to write (send {human_size(t.send_bytes)}, reuse {human_size(t.reuse_bytes)}), "
             f"{t.deletes} to delete, {t.mkdirs} dirs, {t.links} links, {t.meta} metadata"
+            + (f", {t.dir_moves} dirs moved" if t.dir_moves else "")
         )
         return "\n".join(lines)
 
@@ -274,7 +302,10 @@ class Plan(Record):
         entries = dict(replica.entries)
         staged: dict[str, FileEntry] = {}
         for a in self.actions:
-            if isinstance(a, MakeDir):
+            if isinstance(a, MoveDir):
+                for x in a.moved:
+                    entries[a.path + x] = entries.pop(a.src + x).replace(path=a.path + x)
+            elif isinstance(a, MakeDir):
                 entries[a.path] = DirEntry(a.path, a.mode, 0)
             elif isinstance(a, WriteFile):
                 staged[a.path] = a.target
@@ -298,6 +329,10 @@ class Plan(Record):
 
 
 def render_action(a: Action) -> str:
+    if isinstance(a, MoveDir):
+        n = len(a.moved) - 1
+        return (f"move    {display_path(a.src)}/ -> {display_path(a.path)}/  "
+                f"({n} {'entry' if n == 1 else 'entries'} in it)")
     if isinstance(a, MakeDir):
         return f"mkdir   {display_path(a.path)}/"
     if isinstance(a, WriteFile):
@@ -787,7 +822,8 @@ def diff(master: Manifest, replica: Manifest, opts: PlanOptions = PlanOptions(),
         acc.touched_dirs.add(parent_of(q))
 
     _mark_moves(acc, R)
-    actions: list[Action] = list(acc.early_dirs)
+    moves = _dir_moves(acc, M, R, protect, opts.dir_moves) if opts.dir_moves and acc.deletes else []
+    actions: list[Action] = [*moves, *acc.early_dirs]
     actions += _writes_with_commits(acc.writes, opts, acc.no_copies)
     actions += acc.clears
     actions += acc.late_dirs
@@ -827,6 +863,113 @@ def _mark_moves(acc: "_Acc", R: dict[str, Entry]) -> None:
                 and isinstance(src, FileEntry) and src.mode == t.mode and src.mtime_ns == t.mtime_ns):
             taken.add(op.src)
             acc.writes[i] = (WriteFile(t, w.ops, w.expect, move=True), early)
+
+
+def move_size(moved: tuple[str, ...]) -> int:
+    """What a MoveDir's list of entries weighs, against PlanOptions.dir_moves (a bound on its
+    encoded size: 8 bytes an entry covers the framing)."""
+    return sum(map(len, moved)) + 8 * len(moved)
+
+
+def _dir_moves(acc: "_Acc", M: dict[str, Entry], R: dict[str, Entry], protect: frozenset[str],
+               limit: int) -> list[MoveDir]:
+    """Directories renamed on the master, found from the new files that hold the bytes of a
+    deleted file of the same name in a deleted directory, as MoveDirs; takes out of `acc` what
+    each one makes unneeded.
+
+    A replica directory S this plan deletes moves to a directory D it makes when the master
+    holds every entry the replica has under S at the same place under D, unchanged (files:
+    content, mode, mtime; links: target, mtime; directories: mode), D's parent is on the
+    replica already and nothing under either is protected. Then S's deletes and D's MakeDirs,
+    writes and links for those entries go (D's directory times are still set; what else D
+    holds is made after the move, as planned), and other writes that copy from under S read
+    the same bytes under D (a moved file is no longer free to be linked: copied instead).
+    The outermost such pair is taken: a file moved from S/x/f to D/x/f names (S/x, D/x), then
+    (S, D) when S/x and D/x are in them."""
+    gone_dirs = {d.path for d in acc.deletes if d.kind == "d"}
+    new_dirs = {d.path for d in acc.early_dirs}
+    if not gone_dirs or not new_dirs:
+        return []
+    gone_files: dict[tuple[int, bytes], list[str]] = {}  # by content: the files deleted in a deleted directory
+    for a in acc.deletes:
+        if a.kind == "f" and parent_of(a.path) in gone_dirs:
+            e = R[a.path]
+            gone_files.setdefault((e.size, e.digest), []).append(a.path)  # type: ignore[union-attr]
+    pairs: set[tuple[str, str]] = set()
+    for w, _ in acc.writes:
+        d, t = parent_of(w.path), w.target
+        if w.expect is not None or d not in new_dirs:
+            continue
+        name = w.path[len(d) + bool(d):]
+        for q in gone_files.get((t.size, t.digest), ())[:8]:  # (the same bytes under the same name)
+            s = parent_of(q)
+            if q[len(s) + bool(s):] == name:
+                pairs.add(_outermost(s, d, gone_dirs, new_dirs))
+    if not pairs:
+        return []
+    gone = sorted(d.path for d in acc.deletes)
+    moves: list[MoveDir] = []
+    taken_src: list[str] = []
+    taken_dst: list[str] = []
+    for s, d in sorted(pairs, key=lambda p: (p[0].count("/"), p)):
+        pd = parent_of(d)
+        if (any(is_under(s, t) for t in taken_src) or any(is_under(d, t) for t in taken_dst)
+                or not isinstance(R.get(pd), DirEntry) or not isinstance(M.get(pd), DirEntry)
+                or protect and any(is_under(p, s) or is_under(p, d) for p in protect)):
+            continue
+        under = gone[bisect_left(gone, s + "/"):bisect_left(gone, s + "0")]  # ("0" follows "/")
+        moved = ("", *(q[len(s):] for q in under))
+        if move_size(moved) <= limit and all(_same_entry(R[s + x], M.get(d + x)) for x in moved):
+            moves.append(MoveDir(s, d, moved))
+            taken_src.append(s)
+            taken_dst.append(d)
+    if not moves:
+        return []
+    old = {m.src + x for m in moves for x in m.moved}
+    made = {m.path + x for m in moves for x in m.moved}
+    acc.deletes = [a for a in acc.deletes if a.path not in old]
+    acc.early_dirs = [a for a in acc.early_dirs if a.path not in made]
+    acc.links = [a for a in acc.links if a.path not in made]
+    writes = []
+    for w, early in acc.writes:
+        if w.path in made:
+            continue
+        if any(o.__class__ is CopyOp and o.src in old for o in w.ops):
+            ops = tuple(CopyOp(_moved_to(o.src, moves), o.offset, o.size) if o.__class__ is CopyOp and o.src in old
+                        else o for o in w.ops)
+            w = WriteFile(w.target, ops, w.expect, derive=w.derive)  # (move=False: its source lives on)
+        writes.append((w, early))
+    acc.writes = writes
+    return moves
+
+
+def _outermost(s: str, d: str, gone_dirs: set[str], new_dirs: set[str]) -> tuple[str, str]:
+    """Climb from (s, d) while both parents are a deleted and a made directory of the same name."""
+    while True:
+        ps, pd = parent_of(s), parent_of(d)
+        if ps in gone_dirs and pd in new_dirs and s[len(ps) + bool(ps):] == d[len(pd) + bool(pd):]:
+            s, d = ps, pd
+        else:
+            return s, d
+
+
+def _same_entry(r: Entry, m: Entry | None) -> bool:
+    """Does master entry `m` hold what replica entry `r` does (a directory's mtime aside)?"""
+    c = r.__class__
+    if m is None or m.__class__ is not c:
+        return False
+    if c is FileEntry:
+        return r.same_content(m) and r.mode == m.mode and r.mtime_ns == m.mtime_ns  # type: ignore[union-attr]
+    if c is LinkEntry:
+        return r.target == m.target and r.mtime_ns == m.mtime_ns  # type: ignore[union-attr]
+    return r.mode == m.mode  # type: ignore[union-attr]
+
+
+def _moved_to(src: str, moves: list[MoveDir]) -> str:
+    for m in moves:
+        if is_under(src, m.src):
+            return m.path + src[len(m.src):]
+    raise AssertionError(src)
 
 
 def _deepest_first(metas: dict[str, SetMeta]) -> list[SetMeta]:

@@ -501,7 +501,8 @@ def _sync_one(cfg: SyncConfig, mscan: ScanResult, cache_ok: bool, patterns: list
             ok = True
             return
         small = {"commit_replaced": REPLACED_BATCH} if info.frees_linger else {}  # (see REPLACED_BATCH)
-        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), local=not t.is_remote, **small)
+        opts = PlanOptions(delete=deletes_ok, protect=frozenset(mscan.protect), local=not t.is_remote,
+                           dir_moves=0 if cfg.transport.backup_dir else t.dir_moves, **small)
         mman = mscan.manifest
         if info.reserved:  # the replica's own backup dir: nothing of the master goes there
             from dirsync.verify import filter_manifest

@@ -777,7 +777,7 @@ class _WatchLoop(_Loop):
         s = run.replicas[0]
         tot.written += s.files_written
         tot.deleted += s.files_deleted
-        tot.other += s.dirs_created + s.links_made + s.meta_set
+        tot.other += s.dirs_created + s.links_made + s.meta_set + s.dirs_moved
         tot.sent += s.bytes_sent
         tot.reused += s.bytes_reused
         tot.errors += len(s.errors)
@@ -967,7 +967,7 @@ class _TwoWayLoop(_Loop):
         sides = summ.sides
         written = sum(s.files_written for s in sides)
         deleted = sum(s.files_deleted for s in sides)
-        other = sum(s.dirs_created + s.links_made + s.meta_set for s in sides)
+        other = sum(s.dirs_created + s.links_made + s.meta_set + s.dirs_moved for s in sides)
         errors = sum(len(s.errors) for s in sides) + len(summ.scan_errors)
         if not (always or written or deleted or other or errors or copies or any(n.values())):
             return

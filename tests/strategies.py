@@ -168,14 +168,17 @@ def simulate(plan, master: Manifest, replica: Manifest, protect=frozenset()) -> 
     - no path is committed, linked over or deleted while a later WriteFile copies from it;
     - every staged file is committed exactly once;
     - nothing at or under a protected path is acted on;
-    - changing a directory's entries makes its mtime NOW until a later SetMeta fixes it.
+    - changing a directory's entries makes its mtime NOW until a later SetMeta fixes it;
+    - MoveDir moves a directory of the replica to a free path whose parent is a directory, and
+      lists exactly what is in it; nothing under it is needed later at its old path;
+      a CopyOp may read a moved file at its new path.
     """
-    from dirsync.plan import Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile, expect_of
+    from dirsync.plan import Commit, CopyOp, Delete, MakeDir, MakeLink, MoveDir, SendOp, SetMeta, WriteFile, expect_of
 
     state: dict[str, Entry] = dict(replica.entries)
     if "" not in state:  # a replica that does not exist yet: the writer creates the root
         state[""] = DirEntry("", 0o755, NOW)
-    orig = replica.entries
+    orig = dict(replica.entries)  # replica files unchanged so far, by their path now (MoveDir moves them)
     staged: dict[str, object] = {}
     actions = plan.actions
     later: list[set[str]] = [set() for _ in actions]
@@ -206,7 +209,26 @@ def simulate(plan, master: Manifest, replica: Manifest, protect=frozenset()) -> 
         assert p not in later[i], f"{where(i, a)}: {p!r} changes while a later WriteFile copies from it"
 
     for i, a in enumerate(actions):
-        if isinstance(a, MakeDir):
+        if isinstance(a, MoveDir):
+            for x in a.moved:
+                not_protected(i, a, a.src + x)
+                not_protected(i, a, a.path + x)
+                not_needed_later(i, a, a.src + x)
+            assert isinstance(state.get(a.src), DirEntry), f"{where(i, a)}: {a.src!r} is not a directory"
+            parent_is_dir(i, a, a.path)
+            assert a.path not in state, f"{where(i, a)}: path taken by {state[a.path]!r}"
+            assert a.moved[0] == "" and not _under(a.path, a.src), f"{where(i, a)}: bad move"
+            inside = {q for q in state if _under(q, a.src)}
+            assert inside == {a.src + x for x in a.moved}, f"{where(i, a)}: lists {sorted(a.moved)}, holds {sorted(inside)}"
+            for x in a.moved:
+                e = state.pop(a.src + x)
+                state[a.path + x] = e.replace(path=a.path + x)
+                if orig.get(a.src + x) is e:
+                    orig[a.path + x] = state[a.path + x]
+                orig.pop(a.src + x, None)
+            touch_parent(a.src)
+            touch_parent(a.path)
+        elif isinstance(a, MakeDir):
             not_protected(i, a, a.path)
             parent_is_dir(i, a, a.path)
             assert a.path not in state, f"{where(i, a)}: path taken by {state[a.path]!r}"
@@ -285,6 +307,10 @@ def simulate(plan, master: Manifest, replica: Manifest, protect=frozenset()) -> 
             raise AssertionError(f"unknown action {a!r}")
     assert not staged, f"staged but never committed: {sorted(staged)}"
     return state
+
+
+def _under(p: str, top: str) -> bool:
+    return p == top or p.startswith(top + "/")
 
 
 def changed_paths(base: dict, entries: dict) -> set[str]:

@@ -31,7 +31,7 @@ except ImportError:  # tests/ imported as a package
 from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ItemIOError
-from dirsync.plan import REPLACED_BATCH, Commit, CopyOp, Delete, PlanOptions, SendOp, WriteFile, diff, expect_of
+from dirsync.plan import REPLACED_BATCH, Commit, CopyOp, Delete, MoveDir, PlanOptions, SendOp, WriteFile, diff, expect_of
 from dirsync.replica import DIR_FSYNC_MAX, Replica
 from dirsync.scan import Excluder, scan_tree
 
@@ -138,6 +138,30 @@ def test_a_moved_directory_is_linked_and_its_new_names_flushed_by_directory_befo
     assert len(run) == len(need)  # each once
     summary, actions = _sync(m, r)
     assert not [a for a in actions if not isinstance(a, Delete) or a.path != "payload"] and not summary.errors
+
+
+def test_a_directory_moved_whole_is_one_rename_flushed_in_both_parents_before_the_cache(tmp_path, monkeypatch):
+    """With directory moves on (PlanOptions.dir_moves: what sync.py sets for a local replica),
+    the same rename is one MoveDir: the files keep their inodes, no file data and no file is
+    flushed, and the two directories whose entries changed are fsynced before the cache that
+    records the move is saved."""
+    m, r = _synced_pair(tmp_path, _payload())
+    inodes = {f"p{i % 2}/f{i:02d}.bin": _ino(r / "payload" / f"p{i % 2}" / f"f{i:02d}.bin") for i in range(20)}
+    os.rename(m / "payload", m / "keep" / "payload-2")
+    calls: list[_Calls] = []
+    summary, actions = _sync(m, r, lambda: calls.append(_Calls(monkeypatch)), PlanOptions(dir_moves=1 << 40))
+    assert not summary.errors and summary.dirs_moved == 1
+    assert [(a.src, a.path) for a in actions if isinstance(a, MoveDir)] == [("payload", "keep/payload-2")]
+    assert not [a for a in actions if isinstance(a, (WriteFile, Delete))]
+    treecmp.assert_trees_equal(m, r)
+    for rel, ino in inodes.items():
+        assert _ino(r / "keep" / "payload-2" / rel) == ino
+    before_save = calls[0].before("save")
+    flushed = {e[1] for e in before_save if e[0] == "fsync"}
+    assert {_ino(r), _ino(r / "keep")} <= flushed and not calls[0].kinds("syncfs")
+    assert all(e[2] for e in before_save if e[0] == "fsync"), "a move flushes no file"
+    summary, actions = _sync(m, r, opts=PlanOptions(dir_moves=1 << 40))
+    assert not actions and not summary.errors
 
 
 def test_a_file_moved_into_an_existing_directory_is_flushed_there_before_its_old_name_goes(tmp_path, monkeypatch):

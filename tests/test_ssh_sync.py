@@ -543,3 +543,34 @@ def test_a_large_replica_walked_by_the_agent_in_two_processes_stays_exact(sshd, 
     settle(r)
     rep = ssh_synced(sshd, m, spec, r)
     assert rep["files_written"] == 6 and rep["files_deleted"] == 1
+
+
+@pytest.mark.parametrize("agent", ["md", "without-md"])
+def test_a_renamed_directory_is_renamed_whole_by_an_agent_that_announces_it(sshd, tmp_path, agent):
+    """The agent renames the directory ("mvdir", when its hello lists "md"): same inodes, no
+    file written or deleted, the replica equal; an agent that does not announce it is sent
+    the file-by-file move, which converges too."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {"photos": {"a": {f"p{i}.jpg": random_bytes(20_000 + i, i) for i in range(8)},
+                              "b.txt": "b\n", "empty": {}}, "keep": {"x.txt": "x\n"}})
+    cmd = remote_cmd() if agent == "md" else patched_agent_cmd(
+        "FEATURES = tuple(f for f in a.FEATURES if f != 'md')")
+    args = ("--ssh-config", sshd.ssh_config_path, "--remote-cmd", cmd)
+    spec = ssh_spec(sshd, r)
+    settle(m)
+    sync_json(m, spec, args=args)
+    settle(r)
+    sync_json(m, spec, args=args)
+    before = {n: os.lstat(r / "photos" / "a" / n).st_ino for n in os.listdir(r / "photos" / "a")}
+    os.rename(m / "photos", m / "keep" / "pictures")
+    _, out = sync_json(m, spec, args=args)
+    rep = out["replicas"][0]
+    treecmp.assert_trees_equal(m, r)
+    assert rep["errors"] == [] and rep["bytes_sent"] == 0, rep
+    if agent == "md":
+        assert (rep["dirs_moved"], rep["files_written"], rep["files_deleted"]) == (1, 0, 0), rep
+        assert {n: os.lstat(r / "keep" / "pictures" / "a" / n).st_ino for n in before} == before
+    else:
+        assert rep["dirs_moved"] == 0 and rep["files_deleted"] == 12, rep
+    _, out = sync_json(m, spec, args=args)  # and the master's copy of the replica's cache followed
+    assert out["replicas"][0]["files_written"] == 0 and out["replicas"][0]["dirs_moved"] == 0

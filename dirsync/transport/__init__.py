@@ -88,6 +88,7 @@ class Transport:
 
     name: str
     is_remote: bool
+    dir_moves: int  # PlanOptions.dir_moves for this replica (known once open() returned)
 
     def open(self, *, init: bool = False, readonly: bool = False) -> OpenInfo: ...
     def expect_plan(self, decode: bool = True) -> None: ...  # a hint before scan(): a plan will follow

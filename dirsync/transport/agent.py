@@ -64,8 +64,8 @@ ROW_MAX = 1 << 24  # bytes of a compressed write's row and ops ("rz"), after dec
 # Announced in the hello; the master uses only what the agent announced ("rz", "sd": see
 # PROTOCOL.md, write; "wb": write batches, "wh": flagged ones a helper writer may take; "tw2":
 # the two-way `head` request and base snapshot files (twoway-<pair>.snap-<16 hex>) among the
-# state names; "pp": the `prep` hint; "pc": the `precopy` hint).
-FEATURES = ("rz", "sd", "tw2", "wb", "wh", "pp", "pc")
+# state names; "pp": the `prep` hint; "pc": the `precopy` hint; "md": the `mvdir` action).
+FEATURES = ("rz", "sd", "tw2", "wb", "wh", "pp", "pc", "md")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -850,7 +850,7 @@ class _ResultSender:
                 self.emit()
             return
         self.emit()
-        self.agent.send({"t": "done", "k": proto.enc_action(a)["t"] if not isinstance(a, WriteFile) else "write",
+        self.agent.send({"t": "done", "k": proto.action_type(a),
                          "p": os.fsencode(path)}, later=True)
 
     def failed(self, path: str, err: ItemError) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): n
 
 class LocalTransport:
     is_remote = False
+    dir_moves = 1 << 62  # (MoveDir of any size)
 
     def __init__(self, root: str, opts: TransportOptions | None = None) -> None:
         self.root = os.path.abspath(root)

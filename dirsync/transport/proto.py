@@ -22,8 +22,8 @@ from dirsync.errors import (
     ProtocolError,
     RefusedError,
 )
-from dirsync.manifest import _FSENC, DIGEST_SIZE, Entry, FileEntry, _or_all, decode_rows, encode_rows
-from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, SendOp, SetMeta, WriteFile
+from dirsync.manifest import _FSENC, DIGEST_SIZE, Entry, FileEntry, _or_all, decode_rows, encode_rows, is_under
+from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, MoveDir, SendOp, SetMeta, WriteFile
 from dirsync.replica import OpenInfo
 from dirsync.scan import STATE_DIR
 from dirsync.transport.wire import v_bool, v_bytes, v_code, v_int, v_list, v_map, v_relpath as _v_relpath, v_str
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): n
 
 MAX_OPS = 1 << 22
 MAX_ROWS = 1 << 16  # rows per frame
+MOVE_MAX = 8 << 20  # an mvdir's list of entries, as plan.move_size weighs it: well within a frame
 MAX_MODE = 0o7777
 I64 = 2**63 - 1
 ROWS_PER_FRAME = 4096
@@ -105,7 +106,18 @@ def enc_action(a: Action) -> dict:
         return {"t": "meta", "p": _enc(a.path), "k": a.kind, "mode": a.mode, "mt": a.mtime_ns}
     if isinstance(a, Delete):
         return {"t": "del", "p": _enc(a.path), "k": a.kind, "x": enc_expect(a.expect), "ob": a.obstruction}
+    if isinstance(a, MoveDir):  # (only to an agent that announced "md")
+        return {"t": "mvdir", "s": _enc(a.src), "p": _enc(a.path), "m": [_enc(x) for x in a.moved]}
     raise TypeError(f"unknown action {a!r}")
+
+
+_TYPES = {WriteFile: "write", Commit: "commit", MakeDir: "mkdir", MakeLink: "link", SetMeta: "meta", Delete: "del",
+          MoveDir: "mvdir"}
+
+
+def action_type(a: Action) -> str:
+    """enc_action(a)["t"], without encoding a."""
+    return _TYPES[a.__class__]
 
 
 def pack_row(msg: dict) -> bytes:
@@ -361,6 +373,18 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
         if kind not in ("f", "d", "l"):
             raise ProtocolError(f"del: bad kind {kind!r}")
         return Delete(v_relpath(m.get("p")), kind, dec_expect(m.get("x")), v_bool(m.get("ob", False)))
+    if t == "mvdir":
+        src, dst = v_relpath(m.get("s")), v_relpath(m.get("p"))
+        if is_under(dst, src) or is_under(src, dst):
+            raise ProtocolError("mvdir: a directory cannot move into itself or its own parent")
+        moved = [os.fsdecode(v_bytes(x, 4096)) for x in v_list(m.get("m"), MOVE_MAX // 8)]
+        if not moved or moved[0] != "":
+            raise ProtocolError("mvdir: the entries moved must start with the directory itself")
+        for x in moved[1:]:  # suffixes of both: "/a", "/a/b" ... (checked as paths under src)
+            if not x.startswith("/"):
+                raise ProtocolError("mvdir: bad entry suffix")
+            v_relpath(os.fsencode(src + x))
+        return MoveDir(src, dst, tuple(moved))
     raise ProtocolError(f"unknown action type {str(t)[:40]!r}")
 
 

@@ -67,6 +67,7 @@ _MISSING_MARKS = ("command not found", "No such file or directory", "No module n
 
 class RemoteTransport:
     is_remote = True
+    dir_moves = 0  # until the agent's hello lists "md"
 
     def __init__(self, spec: str, opts: TransportOptions = TransportOptions(), *,
                  channel_factory: Callable[[], Any] | None = None) -> None:
@@ -388,6 +389,7 @@ class RemoteTransport:
             self._wh = self._wb and "wh" in features
             self._pp = "pp" in features
             self._pc = "pc" in features
+            self.dir_moves = proto.MOVE_MAX if "md" in features else 0
             self.tw_level = 2 if "tw2" in features else 1
             theirs = v_str(first.get("chunker", ""), 200)
             if theirs != chunking.CHUNKER_ID:  # every chunk would differ: nothing could be reused
