@@ -10,14 +10,20 @@ pair lock, sync.py writes one small JSON record per pair:
     "replica": "/backup/site",            the replica as given (absolute for local paths)
     "last_run":     RUN,                  the latest run, whatever its outcome
     "last_success": RUN | null            the latest run that exited 0 for this replica
-    "in_step": {"master": FP, "replica": FP, "opts": "..."}   (only when this run found the two
-                                          in step; lets the next run skip planning, see sync.py)
   }
   RUN = {"run_id": "20261126T101500Z-3f9a1c", "profile": "backup" | null,
          "started": "2026-11-26T10:15:00Z", "finished": "2026-11-26T10:15:02Z",
          "finished_ts": 1795687502.1, "exit_code": 0, "status": "ok",
          "files_written": 3, "files_deleted": 1, "bytes_sent": 1234, "bytes_reused": 0,
          "errors": 0, "seconds": 1.9, "pid": 4242, "host": "backup-box"}
+
+Beside it, when the run found the two in step (or left them so), its in-step note, which lets
+the next run skip planning (see sync.py), as four lines: "dirsync in-step 1", the master's
+fingerprint, the replica's (hex), the options it holds for ("delete=1 reserved=...", to the
+end): <hash>.step. It is written without fsync: a note that is lost or stale names
+fingerprints the trees no longer match, and the next run plans as without one. Both are read
+and written without importing json (its import, with re and enum, is ~7 ms of every small
+run's start-up): the record through _dumps, which writes what json.dumps(indent=1) does.
 
 Two-way pairs (`sync --two-way`, a `two_way` profile, `watch --two-way`) get their own record,
 written by the glue around run_twoway (`run_twoway_recorded`, under a per-pair lock), never by
@@ -39,7 +45,6 @@ twoway.py itself. The pair is unordered (A B and B A are one pair):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -53,12 +58,84 @@ def status_path(master_real: str, replica_key: str) -> str:
     return os.path.join(state_home(), "status", _key(master_real, replica_key) + ".json")
 
 
+def step_path(master_real: str, replica_key: str) -> str:
+    return os.path.join(state_home(), "status", _key(master_real, replica_key) + ".step")
+
+
+_STEP = "dirsync in-step 1"
+
+
+def load_in_step(master_real: str, replica_key: str) -> dict | None:
+    """The pair's in-step note {"master", "replica", "opts"} (see above), or None."""
+    try:
+        with open(step_path(master_real, replica_key), "rb") as f:
+            parts = f.read(1 << 16).decode("utf-8", "surrogateescape").split("\n", 3)
+    except OSError:
+        return None
+    if len(parts) != 4 or parts[0] != _STEP:
+        return None
+    return {"master": parts[1], "replica": parts[2], "opts": parts[3]}
+
+
+def _save_in_step(master_real: str, replica_key: str, step: dict | None) -> None:
+    path = step_path(master_real, replica_key)
+    if step is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    text = "\n".join((_STEP, step["master"], step["replica"], step["opts"]))
+    write_atomic(path, text.encode("utf-8", "surrogateescape"), durable=False)
+
+
+def _dumps(obj, ind: str = "\n") -> str:
+    """json.dumps(obj, indent=1) for what a record holds (dict, list, str, int, float, bool,
+    None), without importing json: strings through its C escaper, _json's."""
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    c = obj.__class__
+    if c is str:
+        return _quote(obj)
+    if c is int:
+        return int.__repr__(obj)
+    if c is float:
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            return "NaN" if obj != obj else "Infinity" if obj > 0 else "-Infinity"
+        return float.__repr__(obj)
+    inner = ind + " "
+    if c is dict:
+        if not obj:
+            return "{}"
+        for k in obj:
+            if k.__class__ is not str:
+                raise TypeError(f"record keys are strings, not {k!r}")
+        return "{" + ",".join(inner + _quote(k) + ": " + _dumps(v, inner) for k, v in obj.items()) + ind + "}"
+    if c in (list, tuple):
+        if not obj:
+            return "[]"
+        return "[" + ",".join(inner + _dumps(v, inner) for v in obj) + ind + "]"
+    raise TypeError(f"a record holds no {c.__name__}")
+
+
+try:
+    from _json import encode_basestring_ascii as _quote
+except ImportError:  # (not CPython)
+    from json.encoder import encode_basestring_ascii as _quote
+
+
 def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _read_record(path: str) -> dict | None:
     """A status record of this format, or None when there is none (or it is unreadable)."""
+    import json  # (here: `dirsync status`, a failed run's record; see above)
+
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
@@ -96,17 +173,16 @@ def record_run(master_real: str, replica_key: str, summary, *, run_id: str, star
         "seconds": round(summary.seconds, 3),
         **_process_fields(),
     }
-    old = load_record(master_real, replica_key) or {}
     rec = {
         "format": FORMAT,
         "master": master_real,
         "replica": replica_key,
         "last_run": run,
-        "last_success": run if summary.exit_code == 0 else old.get("last_success"),
+        "last_success": run if summary.exit_code == 0 else (load_record(master_real, replica_key) or {}).get(
+            "last_success"),
     }
-    if summary.in_step:
-        rec["in_step"] = summary.in_step
-    write_atomic(status_path(master_real, replica_key), (json.dumps(rec, indent=1) + "\n").encode())
+    write_atomic(status_path(master_real, replica_key), (_dumps(rec) + "\n").encode())
+    _save_in_step(master_real, replica_key, summary.in_step or None)
 
 
 def running_pid(master_real: str, replica_key: str) -> int | None:
@@ -333,7 +409,7 @@ def record_twoway_run(a: str, b: str, summ, *, run_id: str, started: float, prof
         "last_run": run,
         "last_success": run if code in (0, 4) else old.get("last_success"),
     }
-    write_atomic(twoway_status_path(a, b), (json.dumps(rec, indent=1) + "\n").encode())
+    write_atomic(twoway_status_path(a, b), (_dumps(rec) + "\n").encode())
 
 
 def run_twoway_recorded(cfg, reporter, should_stop=lambda: False, *, profile: str | None = None,

@@ -586,10 +586,9 @@ def _changed_since_in_step(mscan: ScanResult, last: dict | None, step: dict | No
 
 
 def _last_in_step(cfg: SyncConfig, name: str) -> dict | None:
-    from dirsync.status import load_record
+    from dirsync.status import load_in_step
 
-    rec = load_record(os.path.realpath(cfg.master), _replica_key(name))
-    return rec.get("in_step") if rec else None
+    return load_in_step(os.path.realpath(cfg.master), _replica_key(name))
 
 
 def _guard_deletes(cfg: SyncConfig, master: Manifest, replica: Manifest, plan: Plan, opts: PlanOptions,

@@ -32,7 +32,7 @@ from dirsync.progress import Reporter
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
 from dirsync.state import load_manifest_file
-from dirsync.status import load_record
+from dirsync.status import load_in_step
 from dirsync.sync import SyncConfig, run_sync
 
 KiB = 1 << 10
@@ -59,7 +59,7 @@ def _in_step_pair(tmp_path):
     assert run_sync(SyncConfig(master=str(m), replicas=(str(r),), init=True), Reporter(quiet=True)).exit_code == 0
     settle(m, r)
     assert _run(m, r).exit_code == 0  # (caches racy-clean now: the pair is recorded in step)
-    assert load_record(os.path.realpath(m), os.path.abspath(r)).get("in_step")
+    assert load_in_step(os.path.realpath(m), os.path.abspath(r))
     return m, r
 
 

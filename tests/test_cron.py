@@ -17,11 +17,15 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 try:  # pytest "prepend" import mode puts tests/ on sys.path ...
     import treecmp
+    from helpers import settle
 except ImportError:  # ... unless tests/ is a package
     from tests import treecmp
+    from tests.helpers import settle
 
 MiB = 1 << 20
 STAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{6}Z(-\d+)?")
@@ -685,6 +689,47 @@ def test_status_reports_last_success_run_and_behind(tmp_path, env):
     assert rep["last_success"]["run_id"] == run_id
     assert rep["last_run"]["run_id"] == json.loads(bad.stdout)["run_id"] and rep["last_run"]["exit_code"] == 23
     assert rep["behind"] is None  # --no-check
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), _json_values, max_size=6))
+def test_status_records_are_written_as_json_dumps_writes_them(rec):
+    """Status records are written without importing json (start-up time): the text must be
+    json.dumps(indent=1)'s, byte for byte (non-ASCII, control characters, lone surrogates,
+    NaN and infinities, big ints, nesting and empty containers included)."""
+    from dirsync.status import _dumps
+
+    assert _dumps(rec) == json.dumps(rec, indent=1)
+
+
+def test_a_sync_neither_imports_json_nor_leaves_its_in_step_note_in_the_record(tmp_path, env, monkeypatch):
+    m, r = tmp_path / "m", tmp_path / "r"
+    write(m / "a.txt", "a")
+    code = ("import sys, os; had = set(sys.modules); from dirsync import fastcli, commands; "  # (had: site's,
+            "cmd, kw = fastcli.parse(sys.argv[1:]); c = commands.sync(**kw); "  # e.g. an editable install's)
+            "print(sorted(k for k in ('json', 're', 'enum', 'pickle', 'signal') if k in sys.modules and k not in had)); "
+            "sys.stdout.flush(); os._exit(c)")
+    for i in range(4):  # the first makes the replica (its marker is JSON), the first two hash racy
+        # files (the chunker's import brings re); the last two read nothing, the last finds the
+        # pair in step by its note
+        p = subprocess.run([sys.executable, "-c", code, "sync", "-q", str(m), str(r)], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and (i < 2 or p.stdout.strip() == "[]"), (i, p.stdout, p.stderr)
+        settle(m, r)
+    d = os.path.join(env["XDG_STATE_HOME"], "dirsync", "status")
+    (rec,) = [json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.endswith(".json")]
+    assert rec["last_success"]["exit_code"] == 0 and "in_step" not in rec
+    from dirsync.status import load_in_step
+
+    monkeypatch.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])  # (where load_in_step looks)
+    note = load_in_step(rec["master"], rec["replica"])
+    assert note is not None and set(note) == {"master", "replica", "opts"} and note["opts"].startswith("delete=")
 
 
 def test_status_of_every_profile_and_of_a_missing_master(tmp_path, env):

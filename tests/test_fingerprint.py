@@ -27,6 +27,7 @@ except ImportError:  # tests/ imported as a package
 from dirsync import chunking
 from dirsync.manifest import FileEntry, fingerprint, fingerprint_update, load, to_bytes
 from dirsync.scan import Excluder, scan_tree
+from dirsync.status import load_in_step
 
 CHUNKER = chunking.CHUNKER_ID
 
@@ -186,10 +187,14 @@ def test_excludes_apply_before_the_fingerprint(tmp_path):
 
 
 def _status_record(env_home) -> dict:
+    """The one pair's status record, with its in-step note (the .step beside it) as "in_step"."""
     d = os.path.join(env_home, "dirsync", "status")
-    (name,) = os.listdir(d)
+    (name,) = [n for n in os.listdir(d) if n.endswith(".json")]
     with open(os.path.join(d, name)) as f:
-        return json.load(f)
+        rec = json.load(f)
+    assert "in_step" not in rec
+    rec["in_step"] = load_in_step(rec["master"], rec["replica"])
+    return rec
 
 
 def _in_step_pair(tmp_path):
