@@ -18,13 +18,16 @@ import pytest
 try:
     import treecmp
     from helpers import build_tree, random_bytes, read, run_cli, settle, stray_temps, sync_json, tmp_entries, write
+    from strategies import file_entry, simulate
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
     from tests.helpers import build_tree, random_bytes, read, run_cli, settle, stray_temps, sync_json, tmp_entries, write
+    from tests.strategies import file_entry, simulate
 
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ProtocolError
-from dirsync.plan import Delete, MoveDir, PlanOptions, WriteFile, diff
+from dirsync.manifest import DirEntry, Manifest
+from dirsync.plan import CopyOp, Delete, MoveDir, PlanOptions, WriteFile, diff, move_size
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
 from dirsync.transport import proto
@@ -234,3 +237,58 @@ def test_the_agent_decodes_a_move_and_refuses_malformed_ones():
     for msg in bad:
         with pytest.raises(ProtocolError):
             proto.dec_action(msg)
+
+
+# -- the planner's choices (pure) -------------------------------------------------------------
+
+T = 1_000_000_000
+ON = PlanOptions(dir_moves=1 << 40)
+
+
+def _m(*entries) -> Manifest:
+    return Manifest({"": DirEntry("", 0o755, T), **{e.path: e for e in entries}})
+
+
+def _d(p):
+    return DirEntry(p, 0o755, T)
+
+
+def _f(p, chunks=(0, 1)):
+    return file_entry(p, chunks, 0o644, T)
+
+
+def test_a_copy_of_a_moved_file_elsewhere_reads_it_at_its_new_path_and_does_not_link_it():
+    replica = _m(_d("s"), _f("s/x"), _f("s/y", (2,)))
+    master = _m(_d("d"), _f("d/x"), _f("d/y", (2,)), _d("z"), _f("z/x"))  # s renamed to d, and a copy of x
+    plan = diff(master, replica, ON)
+    assert [(a.src, a.path) for a in plan.actions if isinstance(a, MoveDir)] == [("s", "d")]
+    (w,) = [a for a in plan.actions if isinstance(a, WriteFile)]
+    assert w.path == "z/x" and not w.move and {o.src for o in w.ops if isinstance(o, CopyOp)} == {"d/x"}
+    assert Manifest(simulate(plan, master, replica)).keys() == master.keys()
+
+
+def test_no_move_into_a_new_parent_under_protection_or_over_the_size_limit():
+    replica = _m(_d("s"), _f("s/x"), _f("s/y", (2,)))
+    into_new = _m(_d("n"), _d("n/d"), _f("n/d/x"), _f("n/d/y", (2,)))
+    assert not [a for a in diff(into_new, replica, ON).actions if isinstance(a, MoveDir)]
+    renamed = _m(_d("d"), _f("d/x"), _f("d/y", (2,)))
+    assert [a for a in diff(renamed, replica, ON).actions if isinstance(a, MoveDir)]
+    shielded = PlanOptions(dir_moves=1 << 40, protect=frozenset({"s/y"}))
+    assert not [a for a in diff(renamed, replica, shielded).actions if isinstance(a, MoveDir)]
+    need = move_size(("", "/x", "/y"))
+    assert [a for a in diff(renamed, replica, PlanOptions(dir_moves=need)).actions if isinstance(a, MoveDir)]
+    assert not [a for a in diff(renamed, replica, PlanOptions(dir_moves=need - 1)).actions
+                if isinstance(a, MoveDir)]
+    assert not [a for a in diff(renamed, replica, PlanOptions(dir_moves=1 << 40, delete=False)).actions
+                if isinstance(a, MoveDir)]  # (without deletes the old directory stays: copies)
+
+
+def test_the_outermost_renamed_directory_moves_and_a_split_one_moves_in_parts():
+    replica = _m(_d("s"), _d("s/a"), _f("s/a/x"), _d("s/b"), _f("s/b/y", (2,)), _d("keep"))
+    whole = _m(_d("keep"), _d("keep/t"), _d("keep/t/a"), _f("keep/t/a/x"), _d("keep/t/b"), _f("keep/t/b/y", (2,)))
+    assert [(a.src, a.path) for a in diff(whole, replica, ON).actions if isinstance(a, MoveDir)] == [("s", "keep/t")]
+    split = _m(_d("keep"), _d("keep/a"), _f("keep/a/x"), _d("b2"), _f("b2/y", (2,)))
+    plan = diff(split, replica, ON)
+    assert sorted((a.src, a.path) for a in plan.actions if isinstance(a, MoveDir)) == [("s/a", "keep/a"), ("s/b", "b2")]
+    assert [a.path for a in plan.actions if isinstance(a, Delete)] == ["s"]
+    assert Manifest(simulate(plan, split, replica)).keys() == split.keys()
