@@ -711,14 +711,19 @@ def test_status_records_are_written_as_json_dumps_writes_them(rec):
 def test_a_sync_neither_imports_json_nor_leaves_its_in_step_note_in_the_record(tmp_path, env, monkeypatch):
     m, r = tmp_path / "m", tmp_path / "r"
     write(m / "a.txt", "a")
-    code = ("import sys, os; had = set(sys.modules); from dirsync import fastcli, commands; "  # (had: site's,
-            "cmd, kw = fastcli.parse(sys.argv[1:]); c = commands.sync(**kw); "  # e.g. an editable install's)
-            "print(sorted(k for k in ('json', 're', 'enum', 'pickle', 'signal') if k in sys.modules and k not in had)); "
-            "sys.stdout.flush(); os._exit(c)")
+    import site
+
+    code = ("import sys, os; from dirsync import fastcli, commands; cmd, kw = fastcli.parse(sys.argv[1:]); "
+            "c = commands.sync(**kw); print(sorted(k for k in ('json', 're', 'enum', 'pickle', 'signal') "
+            "if k in sys.modules)); sys.stdout.flush(); os._exit(c)")
+    # -S, with the packages' directories on the path instead: no .pth hook (an editable
+    # install's imports re and enum) runs first, so what is imported is the sync's own.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**env, "PYTHONPATH": os.pathsep.join([repo, *site.getsitepackages()])}
     for i in range(4):  # the first makes the replica (its marker is JSON), the first two hash racy
         # files (the chunker's import brings re); the last two read nothing, the last finds the
         # pair in step by its note
-        p = subprocess.run([sys.executable, "-c", code, "sync", "-q", str(m), str(r)], env=env,
+        p = subprocess.run([sys.executable, "-S", "-c", code, "sync", "-q", str(m), str(r)], env=env,
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and (i < 2 or p.stdout.strip() == "[]"), (i, p.stdout, p.stderr)
         settle(m, r)

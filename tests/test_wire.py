@@ -62,10 +62,7 @@ def test_encode_layout() -> None:
 @pytest.mark.parametrize("msg", MESSAGES, ids=range(len(MESSAGES)))
 def test_round_trip(msg: object) -> None:
     got = FrameDecoder().feed(encode(msg))  # type: ignore[arg-type]
-    expected = dict(msg) if isinstance(msg, dict) else msg
-    if isinstance(expected, dict) and "code" in expected:
-        expected["code"] = expected["code"].value
-    assert got == [expected]
+    assert got == [msg]
 
 
 def test_stream_split_at_every_byte_boundary() -> None:
@@ -387,7 +384,7 @@ def test_v_field_and_v_type() -> None:
 
 
 def test_error_codes_are_closed() -> None:
-    assert {c.value for c in ErrorCode} == {
+    assert ErrorCode.codes() == {
         "NOT_FOUND",
         "CONFLICT",
         "PERMISSION",
@@ -397,9 +394,9 @@ def test_error_codes_are_closed() -> None:
         "CHANGED",
         "INTERNAL",
     }
-    for c in ErrorCode:
+    for c in ErrorCode.codes():
         (m,) = FrameDecoder().feed(encode({"code": c}))
-        assert v_code(m["code"]) is c
+        assert v_code(m["code"]) == c
     for bad in ("EVIL", 3, None, "not_found"):
         with pytest.raises(ProtocolError):
             v_code(bad)
@@ -410,7 +407,7 @@ def test_item_error_codes_are_wire_codes() -> None:
     errors = pytest.importorskip("dirsync.errors")
     codes = {getattr(cls, "code", None) for cls in vars(errors).values() if isinstance(cls, type)}
     for code in codes - {None}:
-        assert ErrorCode(code)
+        assert code in ErrorCode.codes()
 
 
 @pytest.mark.parametrize(

@@ -500,7 +500,7 @@ def dec_item_error(x: Any) -> ItemError:
     if len(x) != 4:
         raise ProtocolError("bad item error")
     path = os.fsdecode(v_bytes(x[0], 4096))
-    return RemoteItemError(path, v_str(x[1], 100), v_code(x[2]).value, v_str(x[3], 4096))
+    return RemoteItemError(path, v_str(x[1], 100), v_code(x[2]), v_str(x[3], 4096))
 
 
 _FATAL = {int(ExitCode.USAGE): ConfigError, int(ExitCode.LOCKED): LockedError, int(ExitCode.REFUSED): RefusedError,
