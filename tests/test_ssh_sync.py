@@ -548,29 +548,43 @@ def test_a_large_replica_walked_by_the_agent_in_two_processes_stays_exact(sshd, 
 @pytest.mark.parametrize("agent", ["md", "without-md"])
 def test_a_renamed_directory_is_renamed_whole_by_an_agent_that_announces_it(sshd, tmp_path, agent):
     """The agent renames the directory ("mvdir", when its hello lists "md"): same inodes, no
-    file written or deleted, the replica equal; an agent that does not announce it is sent
-    the file-by-file move, which converges too."""
-    m, r = tmp_path / "m", tmp_path / "r"
-    build_tree(m, {"photos": {"a": {f"p{i}.jpg": random_bytes(20_000 + i, i) for i in range(8)},
-                              "b.txt": "b\n", "empty": {}}, "keep": {"x.txt": "x\n"}})
-    cmd = remote_cmd() if agent == "md" else patched_agent_cmd(
-        "FEATURES = tuple(f for f in a.FEATURES if f != 'md')")
-    args = ("--ssh-config", sshd.ssh_config_path, "--remote-cmd", cmd)
-    spec = ssh_spec(sshd, r)
-    settle(m)
-    sync_json(m, spec, args=args)
-    settle(r)
-    sync_json(m, spec, args=args)
-    before = {n: os.lstat(r / "photos" / "a" / n).st_ino for n in os.listdir(r / "photos" / "a")}
-    os.rename(m / "photos", m / "keep" / "pictures")
-    _, out = sync_json(m, spec, args=args)
-    rep = out["replicas"][0]
-    treecmp.assert_trees_equal(m, r)
-    assert rep["errors"] == [] and rep["bytes_sent"] == 0, rep
-    if agent == "md":
-        assert (rep["dirs_moved"], rep["files_written"], rep["files_deleted"]) == (1, 0, 0), rep
-        assert {n: os.lstat(r / "keep" / "pictures" / "a" / n).st_ino for n in before} == before
-    else:
-        assert rep["dirs_moved"] == 0 and rep["files_deleted"] == 12, rep
-    _, out = sync_json(m, spec, args=args)  # and the master's copy of the replica's cache followed
-    assert out["replicas"][0]["files_written"] == 0 and out["replicas"][0]["dirs_moved"] == 0
+    file written or deleted, the replica equal, and the moved entries' rows do not travel back
+    (a `moved` list: the master moves its own copy's rows, which the next run finds right).
+    An agent that does not announce it is sent the file-by-file move, which converges too."""
+    proxy = TcpProxy(sshd.port)
+    try:
+        cfg = proxy_ssh_config(sshd, proxy, tmp_path / "ssh_config")
+        m, r = tmp_path / "m", tmp_path / "r"
+        # 4 MiB files: 8 KiB chunks, 8 KiB of chunk digests a file, were their rows to travel
+        build_tree(m, {"photos": {"a": {f"p{i}.raw": random_bytes(4 * MiB, i) for i in range(4)},
+                                  "b.txt": "b\n", "empty": {}}, "keep": {"x.txt": "x\n"}})
+        cmd = remote_cmd() if agent == "md" else patched_agent_cmd(
+            "FEATURES = tuple(f for f in a.FEATURES if f != 'md')")
+        args = ("--ssh-config", cfg, "--remote-cmd", cmd)
+        spec = f"via-proxy:{r}"
+        settle(m)
+        sync_json(m, spec, args=args)
+        settle(r)
+        sync_json(m, spec, args=args)
+        before = {n: os.lstat(r / "photos" / "a" / n).st_ino for n in os.listdir(r / "photos" / "a")}
+        os.rename(m / "photos", m / "keep" / "pictures")
+        up0, down0 = proxy.counts()
+        _, out = sync_json(m, spec, args=args)
+        up, down = proxy.counts()
+        rep = out["replicas"][0]
+        treecmp.assert_trees_equal(m, r)
+        assert rep["errors"] == [] and rep["bytes_sent"] == 0, rep
+        if agent == "md":
+            assert (rep["dirs_moved"], rep["files_written"], rep["files_deleted"]) == (1, 0, 0), rep
+            assert {n: os.lstat(r / "keep" / "pictures" / "a" / n).st_ino for n in before} == before
+            assert down - down0 < 16 * KiB, (up - up0, down - down0)  # (the rows alone: 32 KiB)
+        else:
+            assert rep["dirs_moved"] == 0 and rep["files_deleted"] == 8, rep
+        _, out = sync_json(m, spec, args=args)  # the master's copy of the replica's cache followed:
+        assert out["replicas"][0]["files_written"] == 0 and out["replicas"][0]["dirs_moved"] == 0
+        write(m / "keep" / "pictures" / "a" / "p1.raw", random_bytes(4 * MiB, 1)[:-100] + b"x" * 100)
+        _, out = sync_json(m, spec, args=args)  # ... and its rows serve a delta at the new path
+        assert 0 < out["replicas"][0]["bytes_sent"] < 64 * KiB, out["replicas"][0]
+        treecmp.assert_trees_equal(m, r)
+    finally:
+        proxy.close()

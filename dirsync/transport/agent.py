@@ -21,7 +21,7 @@ from dirsync import __version__, chunking
 from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import _FSENC, FileEntry, ManifestFormatError, Overlay, changed_entries, encode_rows
-from dirsync.plan import Action, Commit, SendOp, WriteFile
+from dirsync.plan import Action, Commit, MoveDir, SendOp, WriteFile
 from dirsync.replica import BackupOptions, Replica, warm_up
 from dirsync.runtime import gc_paused, keep_freed_memory, widen_pipe
 from dirsync.scan import Excluder
@@ -102,6 +102,7 @@ class Agent:
         # the stream itself from the first batch on (importing zstandard costs ~10 ms: a no-op need not)
         self.replica: Replica | None = None
         self.written: dict[str, FileEntry] = {}  # write targets received this session
+        self.moves: list[MoveDir] = []  # directories moved whole this session (see _send_changes)
         self._derived: set[str] = set()  # writes whose chunk digests this side computed
         self._chunk_tables: dict[str, dict[int, tuple[int, bytes]]] = {}  # for compacted write rows
         self.inflater = Inflater()
@@ -505,6 +506,10 @@ class Agent:
             scanned = r.scanned.entries if r.scanned is not None else {}
             changed = changed_entries(scanned, current)
             removed = [os.fsencode(p) for p in scanned if p not in current]
+        # The entries of a directory moved whole that are exactly as scanned at their old
+        # paths go back as one `moved` list of suffixes: the master has their rows.
+        if self.moves:
+            changed, removed = self._send_moves(r, changed, removed)
         # A file now exactly as the master sent it goes back as its path only: the master
         # still has the row (for a large file, thousands of chunk digests).
         derived, get = self._derived, self.written.get
@@ -526,6 +531,29 @@ class Agent:
         self._send_rows(rest, removed)
         for i in range(0, len(as_sent), proto.ROWS_PER_FRAME):
             self.send({"t": "written", "paths": as_sent[i:i + proto.ROWS_PER_FRAME]})
+
+    def _send_moves(self, r: Replica, changed, removed: list[bytes]) -> tuple[list, list[bytes]]:
+        """Send a `moved` frame per directory moved whole, listing the entries now at its new
+        path exactly as scanned at the old one; return the changes and removals left."""
+        old: dict[str, str] = {}  # new path -> old path
+        for m in self.moves:
+            for x in m.moved:
+                old[m.path + x] = m.src + x
+        rest, same = [], set()
+        for e in changed:
+            q = old.get(e.path)
+            s = r.scanned_entry(q) if q is not None else None
+            if s is not None and s.__class__ is e.__class__ and s.replace(path=e.path) == e:
+                same.add(e.path)
+            else:
+                rest.append(e)
+        gone = {os.fsencode(old[p]) for p in same}
+        for m in self.moves:
+            xs = [os.fsencode(x) for x in m.moved if m.path + x in same]
+            for i in range(0, len(xs), proto.ROWS_PER_FRAME):
+                self.send({"t": "moved", "s": os.fsencode(m.src), "p": os.fsencode(m.path),
+                           "m": xs[i:i + proto.ROWS_PER_FRAME]})
+        return rest, [p for p in removed if p not in gone]
 
     def _scanned_file(self, src: str) -> FileEntry | None:
         """Replica file `src` as scanned this session (None: not a file then)."""
@@ -860,6 +888,8 @@ class _ResultSender:
                 self.emit()
             return
         self.emit()
+        if a.__class__ is MoveDir:
+            self.agent.moves.append(a)
         self.agent.send({"t": "done", "k": proto.action_type(a),
                          "p": os.fsencode(path)}, later=True)
 

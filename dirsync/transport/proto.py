@@ -377,15 +377,23 @@ def dec_action(m: dict, chunk_at: Callable[[str, int], tuple[int, bytes] | None]
         src, dst = v_relpath(m.get("s")), v_relpath(m.get("p"))
         if is_under(dst, src) or is_under(src, dst):
             raise ProtocolError("mvdir: a directory cannot move into itself or its own parent")
-        moved = [os.fsdecode(v_bytes(x, 4096)) for x in v_list(m.get("m"), MOVE_MAX // 8)]
+        moved = dec_suffixes(m.get("m"), src)
         if not moved or moved[0] != "":
             raise ProtocolError("mvdir: the entries moved must start with the directory itself")
-        for x in moved[1:]:  # suffixes of both: "/a", "/a/b" ... (checked as paths under src)
-            if not x.startswith("/"):
-                raise ProtocolError("mvdir: bad entry suffix")
-            v_relpath(os.fsencode(src + x))
         return MoveDir(src, dst, tuple(moved))
     raise ProtocolError(f"unknown action type {str(t)[:40]!r}")
+
+
+def dec_suffixes(items: Any, src: str) -> list[str]:
+    """A MoveDir's entries, as suffixes of `src` ("" or "/a", "/a/b" ...): each checked as a
+    path under it."""
+    out = [os.fsdecode(v_bytes(x, 4096)) for x in v_list(items, MOVE_MAX // 8)]
+    for x in out:
+        if x and not x.startswith("/"):
+            raise ProtocolError("bad suffix of a moved directory's entry")
+        if x:
+            v_relpath(os.fsencode(src + x))
+    return out
 
 
 def _expand_digests(row: Any, mask: bytes, ops: list, chunk_at, source=None) -> list:

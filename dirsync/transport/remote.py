@@ -486,6 +486,15 @@ class RemoteTransport:
                     if w is None:
                         raise self._fail(ProtocolError(f"{self.ep}: agent reports {p!r} as written, but it was not sent"))
                     changed[p] = w
+            elif t == "moved" and end == "closed":  # (see Agent._send_moves)
+                src, dst = proto.v_relpath(m.get("s")), proto.v_relpath(m.get("p"))
+                ours = self._scanned_entries()
+                for x in proto.dec_suffixes(m.get("m"), src):
+                    e = ours.get(src + x) if ours is not None else None
+                    if e is None:
+                        raise self._fail(ProtocolError(f"{self.ep}: agent reports {src + x!r} moved, but it was not scanned"))
+                    changed[dst + x] = e.replace(path=dst + x)
+                    removed.append(src + x)
             elif t == "saving" and saving is not None:
                 saving(v_str(m.get("gen", ""), 64))
             elif t == end:
