@@ -877,13 +877,15 @@ def _dir_moves(acc: "_Acc", M: dict[str, Entry], R: dict[str, Entry], protect: f
     deleted file of the same name in a deleted directory, as MoveDirs; takes out of `acc` what
     each one makes unneeded.
 
-    A replica directory S this plan deletes moves to a directory D it makes when the master
-    holds every entry the replica has under S at the same place under D, unchanged (files:
-    content, mode, mtime; links: target, mtime; directories: mode), D's parent is on the
-    replica already and nothing under either is protected. Then S's deletes and D's MakeDirs,
-    writes and links for those entries go (D's directory times are still set; what else D
-    holds is made after the move, as planned), and other writes that copy from under S read
-    the same bytes under D (a moved file is no longer free to be linked: copied instead).
+    A replica directory S this plan deletes moves to a directory D it makes when D's parent is
+    on the replica already, nothing under either is protected and the move is worth it
+    (_worth_moving). Then S's deletes and D's MakeDirs, writes and links for the entries the
+    move puts in place go, save what changed: a file's new content is written over the moved
+    file (expecting it, reusing its bytes), its new mode or mtime set, a link remade; an entry
+    the master no longer has is deleted at its new path. D's directory times are still set,
+    what else D holds is made after the move, as planned, and other writes that copy from
+    under S read the same bytes under D (a moved file the plan keeps is no longer free to be
+    linked: copied instead).
     The outermost such pair is taken: a file moved from S/x/f to D/x/f names (S/x, D/x), then
     (S, D) when S/x and D/x are in them."""
     gone_dirs = {d.path for d in acc.deletes if d.kind == "d"}
@@ -919,28 +921,70 @@ def _dir_moves(acc: "_Acc", M: dict[str, Entry], R: dict[str, Entry], protect: f
             continue
         under = gone[bisect_left(gone, s + "/"):bisect_left(gone, s + "0")]  # ("0" follows "/")
         moved = ("", *(q[len(s):] for q in under))
-        if move_size(moved) <= limit and all(_same_entry(R[s + x], M.get(d + x)) for x in moved):
+        if move_size(moved) <= limit and _worth_moving(s, d, moved, M, R):
             moves.append(MoveDir(s, d, moved))
             taken_src.append(s)
             taken_dst.append(d)
     if not moves:
         return []
-    old = {m.src + x for m in moves for x in m.moved}
-    made = {m.path + x for m in moves for x in m.moved}
-    acc.deletes = [a for a in acc.deletes if a.path not in old]
-    acc.early_dirs = [a for a in acc.early_dirs if a.path not in made]
-    acc.links = [a for a in acc.links if a.path not in made]
+    old: dict[str, str] = {}  # replica path under a moved directory -> where it is after the move
+    for m in moves:
+        for x in m.moved:
+            old[m.src + x] = m.path + x
+    there = {q: R[p] for p, q in old.items() if q in M}  # what the master keeps: there after the move
+    deletes = []
+    for a in acc.deletes:
+        q = old.get(a.path)
+        if q is None:
+            deletes.append(a)
+        elif q not in there:  # gone from the master: deleted after the move, at its new path
+            deletes.append(Delete(q, a.kind, a.expect))
+            acc.touched_dirs.add(parent_of(q))
+    acc.deletes = sorted(deletes, key=attrgetter("path"), reverse=True)
+    acc.early_dirs = [a for a in acc.early_dirs if a.path not in there]
+    links = []
+    for a in acc.links:
+        r = there.get(a.path)
+        if r is None:
+            links.append(a)
+        elif r.target != a.target:  # type: ignore[union-attr]
+            links.append(MakeLink(a.path, a.target, a.mtime_ns, expect_of(r)))
+        elif r.mtime_ns != a.mtime_ns:
+            acc.file_meta.append(SetMeta(a.path, "l", 0, a.mtime_ns))
+    acc.links = links
+    deleted = {a.path for a in deletes if a.kind == "f"}
     writes = []
     for w, early in acc.writes:
-        if w.path in made:
+        r, t = there.get(w.path), w.target
+        if r is not None and r.same_content(t):  # (the moved file: at most its metadata changed)
+            if r.mode != t.mode or r.mtime_ns != t.mtime_ns:  # type: ignore[union-attr]
+                acc.file_meta.append(SetMeta(w.path, "f", t.mode, t.mtime_ns))
             continue
-        if any(o.__class__ is CopyOp and o.src in old for o in w.ops):
-            ops = tuple(CopyOp(_moved_to(o.src, moves), o.offset, o.size) if o.__class__ is CopyOp and o.src in old
-                        else o for o in w.ops)
-            w = WriteFile(w.target, ops, w.expect, derive=w.derive)  # (move=False: its source lives on)
+        if r is not None or any(o.__class__ is CopyOp and o.src in old for o in w.ops):
+            ops = tuple(CopyOp(old[o.src], o.offset, o.size) if o.__class__ is CopyOp and o.src in old else o
+                        for o in w.ops)
+            # (a moved file it took over stays free to link when the plan deletes it afterwards)
+            move = w.move and ops[0].src in deleted  # type: ignore[union-attr]
+            w = WriteFile(t, ops, expect_of(r) if r is not None else w.expect, move=move, derive=w.derive)
         writes.append((w, early))
     acc.writes = writes
     return moves
+
+
+def _worth_moving(s: str, d: str, moved: tuple[str, ...], M: dict[str, Entry], R: dict[str, Entry]) -> bool:
+    """Is directory s, renamed to d, moved whole? When every entry under it that the master
+    still has at the same place under d is of the same kind there (a type change would need
+    clearing first) and at least half of its files are there with the same content; the
+    others are replaced or deleted after the move."""
+    files = same = 0
+    for x in moved:
+        r, m = R[s + x], M.get(d + x)
+        if m is not None and m.__class__ is not r.__class__:
+            return False
+        if r.__class__ is FileEntry:
+            files += 1
+            same += m is not None and r.same_content(m)  # type: ignore[union-attr]
+    return 2 * same >= files and same > 0
 
 
 def _outermost(s: str, d: str, gone_dirs: set[str], new_dirs: set[str]) -> tuple[str, str]:
@@ -951,25 +995,6 @@ def _outermost(s: str, d: str, gone_dirs: set[str], new_dirs: set[str]) -> tuple
             s, d = ps, pd
         else:
             return s, d
-
-
-def _same_entry(r: Entry, m: Entry | None) -> bool:
-    """Does master entry `m` hold what replica entry `r` does (a directory's mtime aside)?"""
-    c = r.__class__
-    if m is None or m.__class__ is not c:
-        return False
-    if c is FileEntry:
-        return r.same_content(m) and r.mode == m.mode and r.mtime_ns == m.mtime_ns  # type: ignore[union-attr]
-    if c is LinkEntry:
-        return r.target == m.target and r.mtime_ns == m.mtime_ns  # type: ignore[union-attr]
-    return r.mode == m.mode  # type: ignore[union-attr]
-
-
-def _moved_to(src: str, moves: list[MoveDir]) -> str:
-    for m in moves:
-        if is_under(src, m.src):
-            return m.path + src[len(m.src):]
-    raise AssertionError(src)
 
 
 def _deepest_first(metas: dict[str, SetMeta]) -> list[SetMeta]:

@@ -106,10 +106,35 @@ def test_replica_copies_not_yet_trusted_are_read_and_still_moved(tmp_path):
     assert _inodes(r / "pictures") == before
 
 
-def test_a_renamed_directory_with_a_file_edited_in_it_moves_file_by_file(tmp_path):
+def test_a_renamed_directory_with_entries_edited_or_gone_moves_then_changes_them(tmp_path):
+    """Renamed, with one file edited, one touched (mtime only), one deleted and the link
+    retargeted: the directory still moves whole (most of it is unchanged), then the edit is
+    written over the moved file (reusing its bytes), the rest fixed in place."""
+    m, r = _pair(tmp_path)
+    before = _inodes(r / "photos")
+    os.rename(m / "photos", m / "pictures")
+    with open(m / "pictures" / "2023" / "img05.jpg", "r+b") as f:
+        f.seek(1000)
+        f.write(b"edited in the middle")
+    os.utime(m / "pictures" / "notes.txt", ns=(T, T))
+    os.unlink(m / "pictures" / "2024" / "raw" / "r1.cr2")
+    os.unlink(m / "pictures" / "notes.lnk")
+    os.symlink("zero.bin", m / "pictures" / "notes.lnk")
+    _, out = sync_json(m, r)
+    rep = out["replicas"][0]
+    assert (rep["dirs_moved"], rep["files_written"], rep["files_deleted"]) == (1, 1, 1), rep
+    assert 0 < rep["bytes_sent"] < 10_000 and rep["bytes_reused"] > 20_000, rep
+    treecmp.assert_trees_equal(m, r)
+    after = _inodes(r / "pictures")
+    same = {k for k in after if after[k] == before.get(k)}
+    assert same == set(before) - {"2023/img05.jpg", "2024/raw/r1.cr2", "notes.lnk"}, sorted(set(before) - same)
+
+
+def test_a_renamed_directory_mostly_rewritten_moves_file_by_file(tmp_path):
     m, r = _pair(tmp_path)
     os.rename(m / "photos", m / "pictures")
-    write(m / "pictures" / "notes.txt", "trip, edited\n")
+    for i in range(9):  # 9 of its 17 files: fewer than half are left as they were
+        write(m / "pictures" / "2023" / f"img{i:02d}.jpg", random_bytes(30_000, 500 + i))
     _, out = sync_json(m, r)
     rep = out["replicas"][0]
     assert rep["dirs_moved"] == 0 and rep["files_deleted"] > 0, rep
