@@ -204,6 +204,18 @@ def _rename_noreplace(sdfd: int, src: str, ddfd: int, dst: str) -> int:
     return err
 
 
+def _rename_checked(sdfd: int, src: str, ddfd: int, dst: str) -> int:
+    """Rename `src` to `dst` unless something is there (checked first: a directory renamed over
+    an empty one made in between replaces it). 0, or the errno (EEXIST: `dst` exists)."""
+    if os.access(dst, os.F_OK, dir_fd=ddfd, follow_symlinks=False):
+        return errno.EEXIST
+    try:
+        os.rename(src, dst, src_dir_fd=sdfd, dst_dir_fd=ddfd)
+    except OSError as e:
+        return e.errno or errno.EIO
+    return 0
+
+
 KICK_BYTES = 16 << 20  # start writing a file's data back after this much (see _kick)
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -1288,15 +1300,10 @@ class Replica:
         for x in a.moved[1:]:  # (what it holds must be as scanned: the plan moves it as the master's)
             self._check_moved(a.src + x, cur.get(a.src + x))
         ddfd, dname = self._at(a.path, "move")
-        # Checked, then renamed: an empty directory made there in between would be replaced (a
-        # non-empty one fails the rename), which loses nothing. (renameat2's RENAME_NOREPLACE,
-        # as publish uses, needs ctypes: importing it costs ~4 ms, a tenth of a small move's run.)
-        err = errno.EEXIST if os.access(dname, os.F_OK, dir_fd=ddfd, follow_symlinks=False) else 0
-        if not err:
-            try:
-                os.rename(sname, dname, src_dir_fd=sdfd, dst_dir_fd=ddfd)
-            except OSError as e:
-                err = e.errno or errno.EIO
+        # (Not renameat2's RENAME_NOREPLACE, as publish uses: it needs ctypes, whose import costs
+        # ~4 ms, a tenth of a small move's run. An empty directory made there between the check
+        # and the rename would be replaced, which loses nothing.)
+        err = _rename_checked(sdfd, sname, ddfd, dname)
         if err in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
             raise ConflictError(a.path, "move", "appeared on the replica since it was scanned; left alone")
         if err:
@@ -1408,13 +1415,8 @@ class Replica:
                                                                 "not be removed; the directory was not put in place")))
                 continue
             err = _rename_noreplace(dfd, tmp, dfd, name)
-            if err < 0:  # no RENAME_NOREPLACE here: check, then rename (a directory would replace an empty one)
-                err = errno.EEXIST if os.access(name, os.F_OK, dir_fd=dfd, follow_symlinks=False) else 0
-                if not err:
-                    try:
-                        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-                    except OSError as e:
-                        err = e.errno or errno.EIO
+            if err < 0:  # no RENAME_NOREPLACE here: check, then rename
+                err = _rename_checked(dfd, tmp, dfd, name)
             if err:
                 failed += self._merge_fresh(rel, dfd, tmp, name, err)
                 self._drop_dirfds(rel)  # (they were the removed temp's)

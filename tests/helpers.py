@@ -103,6 +103,29 @@ def build_tree(root: str | bytes | os.PathLike, spec: Mapping[Any, Any]) -> None
             write(p, v)
 
 
+def sync_in_process(m, r, between: Callable[[], Any] | None = None, opts=None) -> tuple:
+    """One local sync of m to r in this process: scan both, plan (`opts`: PlanOptions), run
+    `between` (a test's meddling or spies), apply, close. Returns (ReplicaSummary, actions)."""
+    from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
+    from dirsync.plan import PlanOptions, diff
+    from dirsync.replica import Replica
+    from dirsync.scan import Excluder, scan_tree
+
+    ms = scan_tree(str(m))
+    rep = Replica(str(r))
+    rep.open(init=True)
+    rs = rep.manifest(Excluder())
+    plan = diff(ms.manifest, rs.manifest, PlanOptions() if opts is None else opts)
+    if between is not None:
+        between()
+    summary = ReplicaSummary(replica=str(r))
+    try:
+        apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, lambda: False)
+    finally:
+        rep.close()
+    return summary, plan.actions
+
+
 def read(p: str | bytes | os.PathLike) -> bytes:
     with open(B(p), "rb") as f:
         return f.read()

@@ -17,19 +17,18 @@ import pytest
 
 try:
     import treecmp
-    from helpers import build_tree, random_bytes, read, run_cli, settle, stray_temps, sync_json, tmp_entries, write
+    from helpers import (build_tree, random_bytes, read, run_cli, settle, stray_temps, sync_in_process, sync_json,
+                         tmp_entries, write)
     from strategies import file_entry, simulate
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, read, run_cli, settle, stray_temps, sync_json, tmp_entries, write
+    from tests.helpers import (build_tree, random_bytes, read, run_cli, settle, stray_temps, sync_in_process,
+                               sync_json, tmp_entries, write)
     from tests.strategies import file_entry, simulate
 
-from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ProtocolError
 from dirsync.manifest import DirEntry, Manifest
 from dirsync.plan import CopyOp, Delete, MoveDir, PlanOptions, WriteFile, diff, move_size
-from dirsync.replica import Replica
-from dirsync.scan import Excluder, scan_tree
 from dirsync.transport import proto
 
 
@@ -186,18 +185,7 @@ def test_backups_keep_the_file_by_file_move(tmp_path):
 
 def _plan_then(m, r, between):
     """Scan both, plan with directory moves, run `between`, apply, close. (summary, actions)."""
-    ms = scan_tree(str(m))
-    rep = Replica(str(r))
-    rep.open()
-    rs = rep.manifest(Excluder())
-    plan = diff(ms.manifest, rs.manifest, PlanOptions(dir_moves=1 << 40))
-    between()
-    summary = ReplicaSummary(replica=str(r))
-    try:
-        apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, lambda: False)
-    finally:
-        rep.close()
-    return summary, plan.actions
+    return sync_in_process(m, r, between, PlanOptions(dir_moves=1 << 40))
 
 
 @pytest.mark.parametrize("change", ["edited", "replaced-by-link", "gone"])

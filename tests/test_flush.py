@@ -23,15 +23,15 @@ import pytest
 
 try:
     import treecmp
-    from helpers import build_tree, random_bytes, settle, stray_temps
+    from helpers import build_tree, random_bytes, settle, stray_temps, sync_in_process
 except ImportError:  # tests/ imported as a package
     from tests import treecmp
-    from tests.helpers import build_tree, random_bytes, settle, stray_temps
+    from tests.helpers import build_tree, random_bytes, settle, stray_temps, sync_in_process
 
 from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.errors import ItemIOError
-from dirsync.plan import REPLACED_BATCH, Commit, CopyOp, Delete, MoveDir, PlanOptions, SendOp, WriteFile, diff, expect_of
+from dirsync.plan import REPLACED_BATCH, Commit, CopyOp, Delete, MoveDir, PlanOptions, SendOp, WriteFile, expect_of
 from dirsync.replica import DIR_FSYNC_MAX, Replica
 from dirsync.scan import Excluder, scan_tree
 
@@ -81,20 +81,8 @@ class _Calls:
 
 
 def _sync(m, r, calls_factory=None, opts: PlanOptions = PlanOptions()) -> tuple[ReplicaSummary, list]:
-    """One in-process sync of m to r: plan, apply, close. Returns the summary and the plan's actions."""
-    ms = scan_tree(str(m))
-    rep = Replica(str(r))
-    rep.open(init=True)
-    rs = rep.manifest(Excluder())
-    plan = diff(ms.manifest, rs.manifest, opts)
-    if calls_factory is not None:
-        calls_factory()
-    summary = ReplicaSummary(replica=str(r))
-    try:
-        apply_actions(rep, plan.actions, MasterReader(str(m), None, ms.held).local_sends, summary, lambda: False)
-    finally:
-        rep.close()
-    return summary, plan.actions
+    """One in-process sync of m to r (spies set up by calls_factory after the plan)."""
+    return sync_in_process(m, r, calls_factory, opts)
 
 
 def _synced_pair(tmp_path, spec: dict) -> tuple:
