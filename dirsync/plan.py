@@ -161,9 +161,8 @@ class MoveDir(Record):
     """Rename replica directory `src` to `path` (a new path whose parent the replica has), with
     everything in it. `moved` lists what the plan knows is there, as suffixes of `src` ("" for
     the directory itself, then "/a", "/a/b" ...): the writer moves their records with them.
-    Only a directory the master holds unchanged at `path` (every entry's content, mode and
-    mtime; a directory's mtime is set after) is moved: one rename instead of a link, a rename
-    and an unlink per file."""
+    One rename instead of a link, a rename and an unlink per file; what changed in it on the
+    master follows at the new paths (see _dir_moves)."""
 
     _fields = ("src", "path", "moved")
     __slots__ = _fields
