@@ -82,7 +82,8 @@ def print_plans(run, as_json: bool) -> None:
         for r, (name, plan) in zip(out["replicas"], run.plans):
             t = plan.totals()
             r["plan"] = {"lines": plan.render().splitlines(), "send_bytes": t.send_bytes,
-                         "reuse_bytes": t.reuse_bytes, "writes": t.writes, "deletes": t.deletes}
+                         "reuse_bytes": t.reuse_bytes, "writes": t.writes, "deletes": t.deletes,
+                         "dir_moves": t.dir_moves}
         import json
 
         print(json.dumps(out, indent=2))

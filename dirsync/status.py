@@ -268,7 +268,8 @@ class PairStatus(Record):
                      f"{p.get('conflicts', 0)} conflict(s))")
         elif self.behind:
             p = self.pending or {}
-            state = (f"BEHIND ({p.get('writes', 0)} to write, {p.get('deletes', 0)} to delete, "
+            moves = f", {p['dir_moves']} dirs to move" if p.get("dir_moves") else ""
+            state = (f"BEHIND ({p.get('writes', 0)} to write, {p.get('deletes', 0)} to delete{moves}, "
                      f"{_size(p.get('send_bytes', 0))} to send)")
         else:
             state = "up to date"
@@ -334,7 +335,7 @@ def check_status(cfg, reporter, *, check: bool = True) -> list[PairStatus]:
         ps.behind = bool(plan.actions)
         ps.pending = {"actions": len(plan.actions), "writes": t.writes, "deletes": t.deletes,
                       "send_bytes": t.send_bytes, "reuse_bytes": t.reuse_bytes, "mkdirs": t.mkdirs,
-                      "links": t.links, "meta": t.meta}
+                      "links": t.links, "meta": t.meta, "dir_moves": t.dir_moves}
     return out
 
 

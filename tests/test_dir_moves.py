@@ -11,6 +11,7 @@ the agent takes the move over SSH, and refuses a malformed one.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -89,6 +90,17 @@ def test_the_plan_shows_the_move_as_one_line(tmp_path):
     assert lines[0] == "move    photos/ -> pictures/  (22 entries in it)", lines
     assert not [x for x in lines if x.startswith(("write", "delete", "mkdir"))], lines
     assert lines[-1].endswith(", 1 dirs moved"), lines
+
+
+def test_status_and_a_json_plan_count_the_move(tmp_path):
+    m, r = _pair(tmp_path)
+    os.rename(m / "photos", m / "pictures")
+    cp = run_cli("status", m, r)
+    assert cp.returncode == 1 and "BEHIND (0 to write, 0 to delete, 1 dirs to move," in cp.stdout, cp.stdout
+    cp = run_cli("plan", "--json", m, r)
+    assert cp.returncode == 0, cp.stderr
+    plan = json.loads(cp.stdout)["replicas"][0]["plan"]
+    assert (plan["dir_moves"], plan["writes"], plan["deletes"]) == (1, 0, 0), plan
 
 
 def test_replica_copies_not_yet_trusted_are_read_and_still_moved(tmp_path):
