@@ -84,9 +84,9 @@ def print_plans(run, as_json: bool) -> None:
             r["plan"] = {"lines": plan.render().splitlines(), "send_bytes": t.send_bytes,
                          "reuse_bytes": t.reuse_bytes, "writes": t.writes, "deletes": t.deletes,
                          "dir_moves": t.dir_moves}
-        import json
+        from dirsync.status import dumps  # (json.dumps's text without importing json: see status.py)
 
-        print(json.dumps(out, indent=2))
+        print(dumps(out, indent=2))
         return
     for name, plan in run.plans:
         if len(run.plans) > 1:
@@ -124,9 +124,9 @@ def sync(*, master: str, replicas: Sequence[str], delete: bool, exclude: Optiona
         if dry_run:
             print_plans(run, as_json)
         elif as_json:
-            import json
+            from dirsync.status import dumps  # (json.dumps's text without importing json: see status.py)
 
-            print(json.dumps(run.to_json(), indent=2))
+            print(dumps(run.to_json(), indent=2))
         return run.exit_code
 
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -23,7 +23,8 @@ fingerprint, the replica's (hex), the options it holds for ("delete=1 reserved=.
 end): <hash>.step. It is written without fsync: a note that is lost or stale names
 fingerprints the trees no longer match, and the next run plans as without one. Both are read
 and written without importing json (its import, with re and enum, is ~7 ms of every small
-run's start-up): the record through _dumps, which writes what json.dumps(indent=1) does.
+run's start-up): the record through dumps, which writes what json.dumps(indent=1) does (and
+sync's --json summary through it too).
 
 Two-way pairs (`sync --two-way`, a `two_way` profile, `watch --two-way`) get their own record,
 written by the glue around run_twoway (`run_twoway_recorded`, under a per-pair lock), never by
@@ -89,9 +90,14 @@ def _save_in_step(master_real: str, replica_key: str, step: dict | None) -> None
     write_atomic(path, text.encode("utf-8", "surrogateescape"), durable=False)
 
 
-def _dumps(obj, ind: str = "\n") -> str:
-    """json.dumps(obj, indent=1) for what a record holds (dict, list, str, int, float, bool,
-    None), without importing json: strings through its C escaper, _json's."""
+def dumps(obj, indent: int = 1) -> str:
+    """json.dumps(obj, indent=indent) for what a record or a run's --json summary holds (dict,
+    list, tuple, str, int, float, bool, None), without importing json (see above): byte for
+    byte its text, strings through its own C escaper (_json's)."""
+    return _dumps(obj, "\n", " " * indent)
+
+
+def _dumps(obj, ind: str = "\n", step: str = " ") -> str:
     if obj is None:
         return "null"
     if obj is True:
@@ -107,18 +113,18 @@ def _dumps(obj, ind: str = "\n") -> str:
         if obj != obj or obj in (float("inf"), float("-inf")):
             return "NaN" if obj != obj else "Infinity" if obj > 0 else "-Infinity"
         return float.__repr__(obj)
-    inner = ind + " "
+    inner = ind + step
     if c is dict:
         if not obj:
             return "{}"
         for k in obj:
             if k.__class__ is not str:
                 raise TypeError(f"record keys are strings, not {k!r}")
-        return "{" + ",".join(inner + _quote(k) + ": " + _dumps(v, inner) for k, v in obj.items()) + ind + "}"
+        return "{" + ",".join(inner + _quote(k) + ": " + _dumps(v, inner, step) for k, v in obj.items()) + ind + "}"
     if c in (list, tuple):
         if not obj:
             return "[]"
-        return "[" + ",".join(inner + _dumps(v, inner) for v in obj) + ind + "]"
+        return "[" + ",".join(inner + _dumps(v, inner, step) for v in obj) + ind + "]"
     raise TypeError(f"a record holds no {c.__name__}")
 
 
@@ -181,7 +187,7 @@ def record_run(master_real: str, replica_key: str, summary, *, run_id: str, star
         "last_success": run if summary.exit_code == 0 else (load_record(master_real, replica_key) or {}).get(
             "last_success"),
     }
-    write_atomic(status_path(master_real, replica_key), (_dumps(rec) + "\n").encode())
+    write_atomic(status_path(master_real, replica_key), (dumps(rec) + "\n").encode())
     _save_in_step(master_real, replica_key, summary.in_step or None)
 
 
@@ -410,7 +416,7 @@ def record_twoway_run(a: str, b: str, summ, *, run_id: str, started: float, prof
         "last_run": run,
         "last_success": run if code in (0, 4) else old.get("last_success"),
     }
-    write_atomic(twoway_status_path(a, b), (_dumps(rec) + "\n").encode())
+    write_atomic(twoway_status_path(a, b), (dumps(rec) + "\n").encode())
 
 
 def run_twoway_recorded(cfg, reporter, should_stop=lambda: False, *, profile: str | None = None,

@@ -699,16 +699,19 @@ _json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(max_size=8), _json_values, max_size=6))
-def test_status_records_are_written_as_json_dumps_writes_them(rec):
+def test_status_records_and_json_summaries_are_written_as_json_dumps_writes_them(rec):
     """Status records are written without importing json (start-up time): the text must be
     json.dumps(indent=1)'s, byte for byte (non-ASCII, control characters, lone surrogates,
-    NaN and infinities, big ints, nesting and empty containers included)."""
-    from dirsync.status import _dumps
+    NaN and infinities, big ints, nesting and empty containers included). So must sync's
+    --json summary (indent 2), written by the same writer."""
+    from dirsync.status import dumps
 
-    assert _dumps(rec) == json.dumps(rec, indent=1)
+    assert dumps(rec) == json.dumps(rec, indent=1)
+    assert dumps(rec, indent=2) == json.dumps(rec, indent=2)
+    assert dumps([rec, (1.5, None)], indent=2) == json.dumps([rec, (1.5, None)], indent=2)
 
 
-def test_a_sync_neither_imports_json_nor_leaves_its_in_step_note_in_the_record(tmp_path, env, monkeypatch):
+def test_a_sync_imports_no_json_nor_re_and_leaves_no_in_step_note_in_the_record(tmp_path, env, monkeypatch):
     m, r = tmp_path / "m", tmp_path / "r"
     write(m / "a.txt", "a")
     import site
@@ -720,12 +723,15 @@ def test_a_sync_neither_imports_json_nor_leaves_its_in_step_note_in_the_record(t
     # install's imports re and enum) runs first, so what is imported is the sync's own.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**env, "PYTHONPATH": os.pathsep.join([repo, *site.getsitepackages()])}
-    for i in range(4):  # the first makes the replica (its marker is JSON), the first two hash racy
-        # files (the chunker's import brings re); the last two read nothing, the last finds the
-        # pair in step by its note
-        p = subprocess.run([sys.executable, "-S", "-c", code, "sync", "-q", str(m), str(r)], env=env,
-                           capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0 and (i < 2 or p.stdout.strip() == "[]"), (i, p.stdout, p.stderr)
+    for i in range(4):  # the first makes the replica (its marker is JSON); the first two hash racy
+        # files (the chunker's import: no typing, re or enum either); the last two read nothing,
+        # the last finds the pair in step by its note and prints its summary with --json
+        p = subprocess.run([sys.executable, "-S", "-c", code, "sync", "--json" if i == 3 else "-q", str(m), str(r)],
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and (i < 1 or p.stdout.splitlines()[-1] == "[]"), (i, p.stdout, p.stderr)
+        if i == 3:
+            summary = json.loads(p.stdout[:p.stdout.rindex("[]")])
+            assert summary["exit_code"] == 0 and summary["replicas"][0]["replica"] == str(r), summary
         settle(m, r)
     d = os.path.join(env["XDG_STATE_HOME"], "dirsync", "status")
     (rec,) = [json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.endswith(".json")]
