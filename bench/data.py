@@ -22,6 +22,7 @@ state A, master at state B" as often as it likes without copying trees.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ import math
 import os
 import random
 import stat
+import zlib
 from dataclasses import dataclass, field
 
 KiB = 1024
@@ -527,6 +529,27 @@ class Mutator:
             elif op.kind == "rename" and op.dest and not op.dest.endswith("/"):
                 out.append(op.dest)
         return out
+
+    def new_content(self) -> tuple[int, int] | None:
+        """(bytes, zlib-deflated bytes) of what the change brings that the tree did not hold
+        before: appended, patched and created data, and a replaced file's lines the old file
+        lacked (a multiset difference); renames and deletes bring none. No tool can send less
+        (without other compression): it is the bytes floor of a change case. None when an op
+        swaps in a whole variant file (insert), which this does not compare. Call it on the
+        tree in its base state."""
+        parts = []
+        for op in self.ops:
+            if op.kind in ("append", "patch", "create"):
+                parts.append(op.data)
+            elif op.kind == "replace":
+                with open(os.path.join(self.root, op.path), "rb") as f:
+                    old = collections.Counter(f.read().splitlines(keepends=True))
+                new = collections.Counter(op.data.splitlines(keepends=True))
+                parts.extend(line * n for line, n in (new - old).items())
+            elif op.kind not in ("delete", "rename"):
+                return None
+        raw = b"".join(parts)
+        return len(raw), len(zlib.compress(raw, 6))
 
     def apply(self) -> None:
         """Apply every op. Each op is logged before it changes anything, so that undo() puts

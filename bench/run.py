@@ -335,6 +335,7 @@ class Row:
     transport: str
     tools: dict[str, ToolResult]
     notes: list[str] = field(default_factory=list)
+    new_content: tuple[int, int] | None = None  # a change case's bytes floor (data.Mutator.new_content)
 
 
 # ---------------------------------------------------------------------------
@@ -826,6 +827,8 @@ class Bench:
         tools = [t for t in tools if t in replicas]
         mut = self.mutator(case) if case.kind == "change" else None
         content = mut.changed_paths() if mut else self.sample_content(master)[:20]
+        if mut:
+            row.new_content = mut.new_content()  # (the master is in its base state here)
         for i in range(self.args.runs):
             last = i == self.args.runs - 1
             if mut:
@@ -1063,6 +1066,8 @@ class Bench:
         fl = "–"
         if floor and floor.runs:
             fl = f"cp -a {fmt_s(floor.median())}"
+        elif row.new_content:
+            fl = f"new {human_bytes(row.new_content[0])} ({human_bytes(row.new_content[1])} deflated)"
         return [row.case.name, row.transport, time_cell(d), time_cell(r), ratio_t, bytes_cell(d), bytes_cell(r),
                 ratio_b, f"{rss_cell(d)} / {rss_cell(r)}", fl]
 
@@ -1108,7 +1113,9 @@ class Bench:
             "(the plan's literal data: what a remote replica would be sent) and rsync's `--stats` Total bytes "
             "sent / received between "
             "its own processes. Ratios < 1 favour dirsync. RSS: peak of the local process tree "
-            "(+ far side's peak, sampled, for ssh).",
+            "(+ far side's peak, sampled, for ssh). Floor: `cp -a`'s time for a local initial copy; for a "
+            "change, the bytes it brings that the tree did not hold (appended, patched, created data and "
+            "replaced files' new lines), raw and deflated: no tool sends less without compressing more.",
         ]
         problems = []
         for row in self.rows:
@@ -1136,6 +1143,7 @@ class Bench:
             rt, rb = self.ratios(row)
             out["rows"].append({"case": row.case.name, "transport": row.transport, "description": row.case.desc,
                                 "replicas": row.case.replicas, "time_ratio": rt, "bytes_ratio": rb,
+                                "new_content": row.new_content,
                                 "tools": {k: v.summary() for k, v in row.tools.items()}})
         tmp = self.json_path + ".tmp"
         with open(tmp, "w") as f:

@@ -63,3 +63,24 @@ def test_a_change_a_full_disk_stops_is_undone_exactly(failing):
         mut.undo()
         assert _state(master) == before
         assert not os.path.exists(os.path.join(master, "new")) and not os.path.exists(os.path.join(master, "e"))
+
+
+def test_a_changes_new_content_counts_what_the_tree_did_not_hold(tmp_path):
+    """The bench's bytes floor for a change case: appended, patched and created data, and the
+    lines a replaced file gains; nothing for renames and deletes; None for a swapped variant."""
+    import zlib
+
+    master = tmp_path / "m"
+    (master / "d").mkdir(parents=True)
+    (master / "d" / "a").write_bytes(b"one\ntwo\nthree\n")
+    (master / "d" / "b").write_bytes(b"x" * 100)
+    ops = [data.Op("append", "d/b", b"tail"), data.Op("patch", "d/b", b"PATCH", offset=3),
+           data.Op("create", "d/new", b"created"), data.Op("rename", "d/b", dest="e/b"),
+           data.Op("delete", "d/gone"),
+           data.Op("replace", "d/a", b"one\nTWO\nthree\nthree\n")]  # gains "TWO\n" and a second "three\n"
+    raw = b"tail" + b"PATCH" + b"created" + b"TWO\n" + b"three\n"
+    got = data.Mutator(str(master), str(tmp_path / "stash"), ops, "t").new_content()
+    assert got is not None and got[0] == len(raw) == 26, got
+    assert got[1] == len(zlib.compress(b"tailPATCHcreatedTWO\nthree\n", 6))
+    swap = data.Mutator(str(master), str(tmp_path / "stash"), [data.Op("swap", "d/a")], "t")
+    assert swap.new_content() is None
