@@ -549,7 +549,7 @@ class Mutator:
             elif op.kind not in ("delete", "rename"):
                 return None
         raw = b"".join(parts)
-        return len(raw), len(zlib.compress(raw, 6))
+        return len(raw), len(zlib.compress(raw, 6)) if raw else 0
 
     def apply(self) -> None:
         """Apply every op. Each op is logged before it changes anything, so that undo() puts

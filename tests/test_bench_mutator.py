@@ -82,5 +82,7 @@ def test_a_changes_new_content_counts_what_the_tree_did_not_hold(tmp_path):
     got = data.Mutator(str(master), str(tmp_path / "stash"), ops, "t").new_content()
     assert got is not None and got[0] == len(raw) == 26, got
     assert got[1] == len(zlib.compress(b"tailPATCHcreatedTWO\nthree\n", 6))
+    moves = data.Mutator(str(master), str(tmp_path / "stash"), [data.Op("rename", "d/a", dest="x/a")], "t")
+    assert moves.new_content() == (0, 0)  # (not zlib's 8-byte empty stream)
     swap = data.Mutator(str(master), str(tmp_path / "stash"), [data.Op("swap", "d/a")], "t")
     assert swap.new_content() is None
