@@ -519,6 +519,7 @@ class Mutator:
         self.root, self.stash, self.ops, self.name = root, stash, ops, name
         self.undo_log: list[tuple] = []
         self.marker = os.path.join(stash, "DIRTY")
+        self._new_content: tuple[int, int] | None | bool = False  # (False: not computed yet)
 
     def changed_paths(self) -> list[str]:
         """Paths whose content is new in the mutated state (for content verification)."""
@@ -535,8 +536,13 @@ class Mutator:
         before: appended, patched and created data, and a replaced file's lines the old file
         lacked (a multiset difference); renames and deletes bring none. No tool can send less
         (without other compression): it is the bytes floor of a change case. None when an op
-        swaps in a whole variant file (insert), which this does not compare. Call it on the
-        tree in its base state."""
+        swaps in a whole variant file (insert), which this does not compare. Computed once, on
+        the first call, which must find the tree in its base state."""
+        if self._new_content is False:
+            self._new_content = self._count_new_content()
+        return self._new_content  # type: ignore[return-value]
+
+    def _count_new_content(self) -> tuple[int, int] | None:
         parts = []
         for op in self.ops:
             if op.kind in ("append", "patch", "create"):

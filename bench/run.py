@@ -828,7 +828,7 @@ class Bench:
         mut = self.mutator(case) if case.kind == "change" else None
         content = mut.changed_paths() if mut else self.sample_content(master)[:20]
         if mut:
-            row.new_content = mut.new_content()  # (the master is in its base state here)
+            row.new_content = mut.new_content()  # (computed at its first case, the master in its base state)
         for i in range(self.args.runs):
             last = i == self.args.runs - 1
             if mut:
