@@ -15,6 +15,7 @@ import time
 from collections import namedtuple
 from itertools import compress, repeat
 
+from xxhash import xxh3_128_digest as _digest
 from xxhash import xxh3_128_intdigest as _intdigest
 
 from dirsync import chunking
@@ -24,6 +25,11 @@ from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, M
 from dirsync.manifest import _FSENC, FP_FILE
 from dirsync.state import fork_answering
 
+try:  # the walk's per-directory loop in C (dirsync/_walk.c), when it was built; else gather's own
+    from dirsync import _walk
+except ImportError:
+    _walk = None
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Iterable
@@ -32,6 +38,8 @@ if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): n
 
 STATE_DIR = ".dirsync"  # replica state folder at the root; never scanned, synced or deleted
 TMP_PREFIX = ".dirsync-tmp-"
+_TMP_PREFIX_B = TMP_PREFIX.encode()
+WALK_C = True  # False: gather's Python loop even when _walk is built (tests compare the two)
 RACY_NS = 100_000_000  # ext4 stamps come from a coarse clock (1-10 ms); stay well clear
 BUFFER_MAX = 1 << 20  # files up to this size are read in one go
 HOLD_MAX = 64 << 10  # larger files are copied in the kernel (apply.DIRECT_MIN), not sent from memory
@@ -452,6 +460,8 @@ class _Scanner:
         `below`: list `top` alone, its subdirectories (listed as entries) put there, not walked."""
         fast = getattr(self.excluder, "trivial", False)
         excluded = self.excluder.excluded
+        if _walk is not None and WALK_C:
+            return self._gather_c(top, items, below, excluded, STATE_DIR if fast else None)
         append = items.append
         temps = self.result.temps
         h, fenc, fmt_f = _intdigest, _FSENC, FP_FILE  # the hot loop inlines fp_file
@@ -509,6 +519,30 @@ class _Scanner:
                 # A compact stand-in for the stat result (a 100,000-file walk holds one per entry):
                 # a plain tuple in _St's order, cheaper to build and to pickle than the _St itself.
                 append((rel, (m, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)))
+        return acc
+
+    def _gather_c(self, top: str, items: list, below: list | None, excluded, state_dir: str | None) -> int:
+        """gather with its per-directory loop in C (_walk.list_dir: the same entries, errors and
+        sum, mod 2**128 as fp_final takes it, in the same order)."""
+        list_dir, temps, links, fsenc = _walk.list_dir, self.result.temps, self.links, os.fsencode
+        acc = 0
+        stack = [top]
+        push = stack.extend if below is None else below.extend
+        while stack:
+            d = stack.pop()
+            prefix = d + "/" if d else ""
+            try:
+                got, subdirs, errors, special = list_dir(self.abspath(d), prefix, fsenc(prefix), items, temps, links,
+                                                         excluded, state_dir, _digest, _TMP_PREFIX_B)
+            except OSError as e:
+                self.fail(ItemIOError(d, "read directory", e))
+                continue
+            acc += got
+            push(subdirs)
+            if special:
+                self.fp_ok = False  # a special file: skipped with a warning on every scan
+            for rel, what, err in errors:
+                self.fail(ItemIOError(rel, what, OSError(err, os.strerror(err))))
         return acc
 
     def walk_root(self) -> tuple[list, bytes]:
