@@ -147,11 +147,14 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *path_b = PyUnicode_EncodeFSDefault(path);
     if (!path_b) return NULL;
-    int fd;
+    int fd, err0 = 0;
     Py_BEGIN_ALLOW_THREADS
     fd = open(PyBytes_AS_STRING(path_b), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        err0 = errno;
     Py_END_ALLOW_THREADS
     if (fd < 0) {
+        errno = err0;
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
         Py_DECREF(path_b);
         return NULL;
@@ -170,12 +173,15 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
     if (!names) { closedir(dir); return NULL; }
     for (;;) {
         struct dirent *de;
-        errno = 0;
+        int err;
         Py_BEGIN_ALLOW_THREADS
+        errno = 0;  /* (here: releasing the GIL may itself set errno) */
         de = readdir(dir);
+        err = errno;
         Py_END_ALLOW_THREADS
         if (!de) {
-            if (errno) {
+            if (err) {
+                errno = err;
                 PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
                 Py_DECREF(names);
                 closedir(dir);
@@ -224,11 +230,13 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
         }
         struct stat st;
         int rc;
+        int e = 0;
         Py_BEGIN_ALLOW_THREADS
         rc = fstatat(dirfd(dir), name, &st, AT_SYMLINK_NOFOLLOW);
+        if (rc != 0)
+            e = errno;
         Py_END_ALLOW_THREADS
         if (rc != 0) {
-            int e = errno;
             int r = e == ENOENT ? 0 : add_error(errors, rel, "stat", e);  /* vanished: simply absent */
             Py_DECREF(rel);
             if (r < 0) goto done;
@@ -258,9 +266,11 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
             ssize_t tn;
             Py_BEGIN_ALLOW_THREADS
             tn = readlinkat(dirfd(dir), name, target, sizeof target);
+            if (tn < 0)
+                e = errno;
             Py_END_ALLOW_THREADS
             if (tn < 0 || tn > PATH_MAX) {
-                int e = tn < 0 ? errno : ENAMETOOLONG;
+                e = tn < 0 ? e : ENAMETOOLONG;
                 int r = e == ENOENT ? 0 : add_error(errors, rel, "read link", e);
                 Py_DECREF(rel);
                 if (r < 0) goto done;
