@@ -502,16 +502,18 @@ class Bench:
             env = python_env(env, REPO)
         return env
 
-    def walk_loop(self) -> str:
-        """Which walk loop the timed dirsync runs: "C" when dirsync/_walk.c was built (the install
-        compiles it in place; `make bench` installs first), else "Python"."""
+    def c_loops(self) -> str:
+        """Which of dirsync's C loops the timed runs use: "walk, rows" when dirsync/_walk.c and
+        dirsync/_rows.c were built (the install compiles them in place; `make bench` installs
+        first), "none" when neither was (their Python loops run)."""
         if os.environ.get("BENCH_DIRSYNC_CMD"):
             return "?"  # (a command of the caller's: not necessarily this repo's Python)
-        probe = "from dirsync import scan; print('C' if scan._walk is not None else 'Python')"
+        probe = ("from dirsync import manifest, scan; print(', '.join(n for n, m in (('walk', scan._walk), "
+                 "('rows', manifest._rows)) if m is not None) or 'none')")
         r = run_cmd([self.dirsync_base[0], "-c", probe], env=self.env_for("dirsync", home=self.work), timeout=60)
         got = r.stdout.strip() if r.rc == 0 else "?"
-        if got != "C":
-            self.log(f"note: dirsync's walk loop is {got}: dirsync/_walk.c is not built (`make venv` builds it)")
+        if got != "walk, rows":
+            self.log(f"note: dirsync's C loops built: {got} (`make venv` builds dirsync/_walk.c and _rows.c)")
         return got
 
     def target(self, path: str, transport: str) -> str:
@@ -1030,7 +1032,7 @@ class Bench:
             host=platform.node(), cpu=cpu, cores=os.cpu_count(), memory_gib=round(mem / 2**30, 1),
             kernel=platform.release(), python=platform.python_version(), work_dir=self.work,
             filesystem=fs_type(self.work), rsync=out(["rsync", "--version"]).split("\n")[0],
-            openssh=ssh_v, dirsync_commit=commit + ("+dirty" if dirty else ""), walk_loop=self.walk_loop(),
+            openssh=ssh_v, dirsync_commit=commit + ("+dirty" if dirty else ""), c_loops=self.c_loops(),
             dirsync_cmd=shlex.join(self.dirsync_base), remote_cmd=self.remote_cmd,
             profile=self.profile, seed=self.args.seed, runs=self.args.runs, generator=data.GENERATOR,
             rss_method=RSS_METHOD,
@@ -1108,8 +1110,8 @@ class Bench:
             f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB RAM, "
             f"kernel {m.get('kernel', '?')}; work dir on {m.get('filesystem', '?')}; replicas on "
             f"{m.get('fs_mode', '?')}; {m.get('rsync', '')}; {m.get('openssh', '')} "
-            f"(cipher {ssh.get('cipher', '?')}); dirsync {m.get('dirsync_commit', '?')} (walk loop in "
-            f"{m.get('walk_loop', '?')}); Python {m.get('python')}; "
+            f"(cipher {ssh.get('cipher', '?')}); dirsync {m.get('dirsync_commit', '?')} (C loops: "
+            f"{m.get('c_loops', '?')}); Python {m.get('python')}; "
             f"load average at start {m.get('load_avg_at_start', ['?'])[0]:.2f}"
             f"{', at end ' + format(m['load_avg_at_end'][0], '.2f') if m.get('load_avg_at_end') else ''}"
             f"; total {m.get('total_seconds', '?')} s.",

@@ -566,6 +566,12 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
             raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
         nrows = up.read_array_header()
         offs = array("Q")  # where each row starts (own caches: for saving the rows again, RowSource)
+        if own and ROWS_C and _rows is not None:
+            got = _rows.decode_own_rows(body, up.tell(), nrows, *_row_kinds())
+            if got is not None:  # (None: rows the C decoder does not take; decoded below, as ever)
+                entries, packed_offs, end = got
+                offs.frombytes(packed_offs)
+                return _finish_body(body, end, nparts, entries, nrows, chunker, packed, offs)
 
         def own_rows() -> Iterator:
             mark, tell, unpack = offs.append, up.tell, up.unpack
@@ -586,6 +592,40 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
         raise
     except Exception as e:  # malformed body: any decoding failure means "rebuild"
         raise ManifestFormatError(f"manifest body unreadable: {e}") from e
+
+
+def _finish_body(body, end: int, nparts: int, entries: dict[str, Entry], nrows: int, chunker: str, packed: bool,
+                 offs: array) -> Manifest:
+    """_decode_body's end after the C decoder took the rows (which end at `end`)."""
+    generation = ""
+    if nparts == 3:
+        up = msgpack.Unpacker(raw=False, use_list=False)
+        up.feed(body[end:])
+        generation = up.unpack()
+        end += up.tell()
+    if end != len(body):
+        raise ManifestFormatError("trailing bytes after the manifest body")
+    m = Manifest(entries=entries, generation=str(generation))
+    if len(entries) == nrows:  # (a repeated path would break row i <-> entry i)
+        m.rows = RowSource(chunker, packed, body, entries, offs)
+    return m
+
+
+try:  # rows of our own caches decoded in C (dirsync/_rows.c), when it was built; else in Python
+    from dirsync import _rows
+except ImportError:
+    _rows = None
+ROWS_C = True  # False: the Python decoder even when _rows is built (tests compare the two)
+_KINDS: tuple | None = None
+
+
+def _row_kinds() -> tuple:
+    """(class, its slots' member descriptors in __init__'s order) for FileEntry, DirEntry and
+    LinkEntry: _rows builds entries without calling __init__, which assigns exactly these."""
+    global _KINDS
+    if _KINDS is None:
+        _KINDS = tuple((c, tuple(c.__dict__[f] for f in c.__slots__)) for c in (FileEntry, DirEntry, LinkEntry))
+    return _KINDS
 
 
 class RowIndex:
