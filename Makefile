@@ -26,7 +26,7 @@ $(VPY):
 
 # Also re-install once dirsync/__init__.py appears/changes: an editable
 # install made before the package existed maps no modules; and when a C
-# source changes (the install compiles it in place: dirsync/_walk.c).
+# source changes (the install compiles each in place: dirsync/*.c).
 $(STAMP): pyproject.toml $(wildcard dirsync/__init__.py dirsync/*.c) | $(VPY)
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
