@@ -14,8 +14,10 @@ from dirsync.manifest import (DirEntry, FileEntry, LinkEntry, Manifest, Manifest
                               load, to_bytes)
 
 try:
+    from helpers import spy_calls
     from strategies import any_manifests
 except ImportError:
+    from tests.helpers import spy_calls
     from tests.strategies import any_manifests
 
 pytestmark = pytest.mark.skipif(manifest._rows is None, reason="dirsync._rows was not built (no C compiler?)")
@@ -50,19 +52,9 @@ def same(a: Manifest, b: Manifest) -> None:
 def test_c_decoder_equals_python_decoder(m, packed, generation):
     m.generation = generation
     data = to_bytes(m, CHUNKER, b"\1" * 24, packed=packed)
-    real, took = manifest._rows, []
-
-    class Spy:  # the C decoder must take every row our writer writes, not leave it to Python
-        @staticmethod
-        def decode_own_rows(*a):
-            took.append(real.decode_own_rows(*a) is not None)
-            return real.decode_own_rows(*a)
-
-    manifest._rows = Spy
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the C decoder must take every row our writer writes
+        took = spy_calls(mp, manifest._rows, "decode_own_rows", lambda got, *a: got is not None)
         c = decode(data, True)
-    finally:
-        manifest._rows = real
     py = decode(data, False)
     assert took == [True]
     same(c, py)
@@ -73,16 +65,7 @@ def test_the_c_decoder_is_what_a_load_uses(monkeypatch):
     m = Manifest({"": DirEntry("", 0o755, 1), "a": FileEntry("a", 3, 0o644, 5, b"d" * 16, 0, (3,), b"d" * 16, 7, 8,
                                                                  True),
                   "l": LinkEntry("l", "a", 9)})
-    calls = []
-    real = manifest._rows.decode_own_rows
-
-    class Spy:
-        @staticmethod
-        def decode_own_rows(*a):
-            calls.append(a[2])
-            return real(*a)
-
-    monkeypatch.setattr(manifest, "_rows", Spy)
+    calls = spy_calls(monkeypatch, manifest._rows, "decode_own_rows", lambda _, body, pos, nrows, *a: nrows)
     got = load(to_bytes(m, CHUNKER, packed=True), CHUNKER, own=True).manifest
     assert calls == [3] and got.entries == m.entries and got.entries["a"].trusted is True
 

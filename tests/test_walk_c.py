@@ -17,9 +17,9 @@ from dirsync import scan
 from dirsync.scan import STATE_DIR, TMP_PREFIX, Excluder, _Scanner
 
 try:
-    from helpers import user_ids, world_dir
+    from helpers import spy_calls, user_ids, world_dir
 except ImportError:
-    from tests.helpers import user_ids, world_dir
+    from tests.helpers import spy_calls, user_ids, world_dir
 
 pytestmark = pytest.mark.skipif(scan._walk is None, reason="dirsync._walk was not built (no C compiler?)")
 
@@ -236,16 +236,7 @@ def test_the_c_loop_is_what_a_scan_uses(tmp_path, monkeypatch):
     would only ever test the Python loop)."""
     root = str(tmp_path / "t")
     rich_tree(root)
-    calls = []
-    real = scan._walk.list_dir
-
-    class Spy:
-        @staticmethod
-        def list_dir(*a):
-            calls.append(a[0])
-            return real(*a)
-
-    monkeypatch.setattr(scan, "_walk", Spy)
+    calls = spy_calls(monkeypatch, scan._walk, "list_dir", lambda _, path, *a: path)
     res = scan.scan_tree(root)
     assert len(calls) == sum(1 for _ in os.walk(root)) - 3  # not the state folder, nor the temp dir and its x
     assert "d1/d2/d3/deep" in res.manifest.entries
