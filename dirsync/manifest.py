@@ -615,6 +615,8 @@ try:  # rows of our own caches decoded in C (dirsync/_rows.c), when it was built
     from dirsync import _rows
 except ImportError:
     _rows = None
+if getattr(_rows, "API", None) != 1:  # (a build of an older _rows.c: not this code's)
+    _rows = None
 ROWS_C = True  # False: the Python decoder even when _rows is built (tests compare the two)
 _KINDS: tuple | None = None
 

@@ -29,6 +29,8 @@ try:  # the walk's per-directory loop in C (dirsync/_walk.c), when it was built;
     from dirsync import _walk
 except ImportError:
     _walk = None
+if getattr(_walk, "API", None) != 1:  # (a build of an older _walk.c: not this code's)
+    _walk = None
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up

@@ -123,3 +123,32 @@ def test_an_agent_session_without_writes_imports_no_json_traceback_zstandard_re_
     assert "dirsync.transport.agent" in modules  # it did run the agent
     assert not {"json", "traceback", "zstandard"} & modules, sorted({"json", "traceback", "zstandard"} & modules)
     assert not {"re", "enum", "pickle"} & modules, sorted({"re", "enum", "pickle"} & modules)  # (~5 ms together)
+
+
+def test_a_built_c_loop_is_the_one_used():
+    """A C loop built beside this source (dirsync/_walk*.so, _rows*.so for this Python) is the
+    one scans and cache loads use: not ignored as a build of another source (its API)."""
+    import importlib.machinery
+
+    import dirsync
+    from dirsync import manifest, scan
+
+    pkg = os.path.dirname(dirsync.__file__)
+    for name, used in (("_walk", scan._walk), ("_rows", manifest._rows)):
+        built = [f for f in os.listdir(pkg) if f in [name + s for s in importlib.machinery.EXTENSION_SUFFIXES]]
+        assert not built or used is not None, f"{built} is built but not used"
+
+
+def test_a_c_loop_built_from_another_source_is_ignored():
+    """A build left over from an older _walk.c / _rows.c (an install not redone after a pull)
+    says another API: the Python loops run instead of calling it wrongly."""
+    got = _run("""
+        import sys, types
+        for name in ("_walk", "_rows"):
+            m = types.ModuleType("dirsync." + name)
+            m.API = 0
+            sys.modules["dirsync." + name] = m
+        from dirsync import manifest, scan
+        print(scan._walk is None, manifest._rows is None)
+    """)
+    assert got == "True True"
