@@ -566,23 +566,25 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
             raise ManifestFormatError(f"manifest made with chunker {got_chunker!r}, this dirsync uses {chunker!r}")
         nrows = up.read_array_header()
         offs = array("Q")  # where each row starts (own caches: for saving the rows again, RowSource)
-        if own and ROWS_C and _rows is not None:
-            got = _rows.decode_own_rows(body, up.tell(), nrows, *_row_kinds())
-            if got is not None:  # (None: rows the C decoder does not take; decoded below, as ever)
-                entries, packed_offs, end = got
-                offs.frombytes(packed_offs)
-                return _finish_body(body, end, nparts, entries, nrows, chunker, packed, offs)
-
-        def own_rows() -> Iterator:
-            mark, tell, unpack = offs.append, up.tell, up.unpack
-            for _ in range(nrows):
+        got = _rows.decode_own_rows(body, up.tell(), nrows, *_row_kinds()) \
+            if own and ROWS_C and _rows is not None else None
+        start = 0  # where `up` started in the body
+        if got is not None:  # the rows decoded in C (None: rows it does not take; decoded below, as ever)
+            entries, packed_offs, start = got
+            offs.frombytes(packed_offs)
+            up = msgpack.Unpacker(raw=False, use_list=False)
+            up.feed(body[start:])  # (what follows the rows: the generation)
+        else:
+            def own_rows() -> Iterator:
+                mark, tell, unpack = offs.append, up.tell, up.unpack
+                for _ in range(nrows):
+                    mark(tell())
+                    yield unpack()
                 mark(tell())
-                yield unpack()
-            mark(tell())
 
-        entries = _decode_own_rows(own_rows()) if own else decode_rows(up.unpack() for _ in range(nrows))
+            entries = _decode_own_rows(own_rows()) if own else decode_rows(up.unpack() for _ in range(nrows))
         generation = up.unpack() if nparts == 3 else ""
-        if up.tell() != len(body):
+        if start + up.tell() != len(body):
             raise ManifestFormatError("trailing bytes after the manifest body")
         m = Manifest(entries=entries, generation=str(generation))
         if own and len(entries) == nrows:  # (a repeated path would break row i <-> entry i)
@@ -592,23 +594,6 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
         raise
     except Exception as e:  # malformed body: any decoding failure means "rebuild"
         raise ManifestFormatError(f"manifest body unreadable: {e}") from e
-
-
-def _finish_body(body, end: int, nparts: int, entries: dict[str, Entry], nrows: int, chunker: str, packed: bool,
-                 offs: array) -> Manifest:
-    """_decode_body's end after the C decoder took the rows (which end at `end`)."""
-    generation = ""
-    if nparts == 3:
-        up = msgpack.Unpacker(raw=False, use_list=False)
-        up.feed(body[end:])
-        generation = up.unpack()
-        end += up.tell()
-    if end != len(body):
-        raise ManifestFormatError("trailing bytes after the manifest body")
-    m = Manifest(entries=entries, generation=str(generation))
-    if len(entries) == nrows:  # (a repeated path would break row i <-> entry i)
-        m.rows = RowSource(chunker, packed, body, entries, offs)
-    return m
 
 
 try:  # rows of our own caches decoded in C (dirsync/_rows.c), when it was built; else in Python

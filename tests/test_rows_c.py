@@ -4,6 +4,8 @@ decoder runs and raises) on rows it does not take."""
 
 from __future__ import annotations
 
+import contextlib
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -25,13 +27,25 @@ pytestmark = pytest.mark.skipif(manifest._rows is None, reason="dirsync._rows wa
 CHUNKER = "test-chunker"
 
 
-def decode(data: bytes, use_c: bool) -> Manifest:
+@contextlib.contextmanager
+def rows_in(use_c: bool):
+    """Cache rows decoded by the C decoder (True) or the Python one (False) meanwhile."""
     old = manifest.ROWS_C
     manifest.ROWS_C = use_c
     try:
-        return load(data, CHUNKER, own=True).manifest
+        yield
     finally:
         manifest.ROWS_C = old
+
+
+def decode(data: bytes, use_c: bool) -> Manifest:
+    with rows_in(use_c):
+        return load(data, CHUNKER, own=True).manifest
+
+
+def decode_body(body: bytes, use_c: bool) -> Manifest:
+    with rows_in(use_c):
+        return _decode_body(body, CHUNKER, own=True)
 
 
 def slots(e) -> tuple:
@@ -93,13 +107,8 @@ GOOD_FILE = (0, b"f", 3, 0o644, 5, b"d" * 16, 0, (3,), b"d" * 16, 7, 8, True)
 def test_rows_the_python_decoder_rejects_are_rejected(row):
     body = _body([(1, b"", 0o755, 1), row])
     for use_c in (True, False):
-        old = manifest.ROWS_C
-        manifest.ROWS_C = use_c
-        try:
-            with pytest.raises(ManifestFormatError):
-                _decode_body(body, CHUNKER, own=True)
-        finally:
-            manifest.ROWS_C = old
+        with pytest.raises(ManifestFormatError):
+            decode_body(body, use_c)
 
 
 @pytest.mark.parametrize("row", [
@@ -110,8 +119,7 @@ def test_rows_the_python_decoder_rejects_are_rejected(row):
 def test_rows_our_writer_never_writes_are_left_to_the_python_decoder(row):
     body = _body([(1, b"", 0o755, 1), row])
     assert manifest._rows.decode_own_rows(body, 2 + len(msgpack.packb(CHUNKER)), 2, *manifest._row_kinds()) is None
-    c, py = (_decode_body(body, CHUNKER, own=True) for _ in range(2))
-    same(c, py)
+    same(decode_body(body, True), decode_body(body, False))
 
 
 def test_extreme_ints_and_repeated_paths():
@@ -119,16 +127,8 @@ def test_extreme_ints_and_repeated_paths():
                                        b"d" * 32, 2**64 - 1, -1, False),
             (2, b"\xff\xfe", b"t\xff", 0), (1, b"f", 0o700, 3)]  # "f" again: the last row wins
     body = _body(rows)
-    old = manifest.ROWS_C
-    try:
-        got = []
-        for use_c in (True, False):
-            manifest.ROWS_C = use_c
-            got.append(_decode_body(body, CHUNKER, own=True))
-    finally:
-        manifest.ROWS_C = old
-    same(*got)
-    m = got[0]
+    m = decode_body(body, True)
+    same(m, decode_body(body, False))
     assert m.rows is None  # a repeated path: no row source
     assert m.entries["f"] == DirEntry("f", 0o700, 3) and m.entries[""].mtime_ns == -(2**63)
     link = m.entries[b"\xff\xfe".decode("utf-8", "surrogateescape")]
@@ -140,13 +140,8 @@ def test_a_truncated_body_is_rejected():
     body = msgpack.packb((CHUNKER, manifest.encode_rows(m.entries.values(), packed=True), "g"), use_bin_type=True)
     for cut in range(1, len(body)):
         for use_c in (True, False):
-            old = manifest.ROWS_C
-            manifest.ROWS_C = use_c
-            try:
-                with pytest.raises(ManifestFormatError):
-                    _decode_body(body[:-cut], CHUNKER, own=True)
-            finally:
-                manifest.ROWS_C = old
+            with pytest.raises(ManifestFormatError):
+                decode_body(body[:-cut], use_c)
 
 
 @settings(max_examples=400, deadline=None)
@@ -172,16 +167,10 @@ def test_damaged_rows_decode_as_in_python_or_not_at_all(m, packed, data):
     got = manifest._rows.decode_own_rows(damaged, header.tell(), nrows, *manifest._row_kinds())
     if got is None:
         return
-    old = manifest.ROWS_C
-    manifest.ROWS_C = False
-    try:
-        up = msgpack.Unpacker(raw=False, use_list=False)
-        up.feed(damaged)
-        up.read_array_header(), up.unpack(), up.read_array_header()
-        rows = [up.unpack() for _ in range(nrows)]
-        expect = manifest._decode_own_rows(rows)
-    finally:
-        manifest.ROWS_C = old
+    up = msgpack.Unpacker(raw=False, use_list=False)  # the same rows through msgpack and the Python decoder
+    up.feed(damaged)
+    up.read_array_header(), up.unpack(), up.read_array_header()
+    expect = manifest._decode_own_rows([up.unpack() for _ in range(nrows)])
     entries, offs, end = got
     assert end == up.tell()
     assert list(entries) == list(expect)
