@@ -503,17 +503,17 @@ class Bench:
         return env
 
     def c_loops(self) -> str:
-        """Which of dirsync's C loops the timed runs use: "walk, rows" when dirsync/_walk.c and
-        dirsync/_rows.c were built (the install compiles them in place; `make bench` installs
-        first), "none" when neither was (their Python loops run)."""
+        """Which of dirsync's C loops the timed runs use: "walk, rows, files" when
+        dirsync/_walk.c, _rows.c and _files.c were built (the install compiles them in place;
+        `make bench` installs first), "none" when none was (their Python loops run)."""
         if os.environ.get("BENCH_DIRSYNC_CMD"):
             return "?"  # (a command of the caller's: not necessarily this repo's Python)
-        probe = ("from dirsync import manifest, scan; print(', '.join(n for n, m in (('walk', scan._walk), "
-                 "('rows', manifest._rows)) if m is not None) or 'none')")
+        probe = ("from dirsync import manifest, replica, scan; print(', '.join(n for n, m in (('walk', scan._walk), "
+                 "('rows', manifest._rows), ('files', replica._files)) if m is not None) or 'none')")
         r = run_cmd([self.dirsync_base[0], "-c", probe], env=self.env_for("dirsync", home=self.work), timeout=60)
         got = r.stdout.strip() if r.rc == 0 else "?"
-        if got != "walk, rows":
-            self.log(f"note: dirsync's C loops built: {got} (`make venv` builds dirsync/_walk.c and _rows.c)")
+        if got != "walk, rows, files":
+            self.log(f"note: dirsync's C loops built: {got} (`make venv` builds dirsync/_walk.c, _rows.c and _files.c)")
         return got
 
     def target(self, path: str, transport: str) -> str:

@@ -75,10 +75,23 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
             sink.failed(p, err)
             lost.append(p)
 
+    new_max, reader = _new_batching(replica, sends_for)
     try:
-        for a in actions:
+        for a in (_batched(actions, replica, new_max) if new_max else actions):
             if should_stop():
                 break
+            if a.__class__ is list:  # new small files in fresh directories (_batched)
+                if lost:
+                    a = [w for w in a if not any(is_under(w.path, p) for p in lost)]
+                left = replica.stage_new(a, reader.root, reader.held)
+                left_ids = {id(w) for w in left} if left else ()
+                for w in a:
+                    if w.__class__ is WriteFile and id(w) in left_ids:
+                        _apply_one(replica, w, sends_for, sink, staged_ok)  # (it writes it, or says why not)
+                    else:
+                        staged_ok[w.path] = w
+                        sink.staged(w)
+                continue
             if pending is not None and not (a.__class__ is WriteFile and not _copies_from(a.ops, pending_paths)):
                 finish()
             if not published and not isinstance(a, (WriteFile, Commit, MakeDir, MoveDir)):
@@ -102,6 +115,40 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
         finish()  # (an interrupted run: close() publishes what was committed)
         if helpers:  # (left early: stop it and take in what it did)
             helpers.pop().join(replica, sink, stop=True)
+
+
+def _new_batching(replica, sends_for) -> tuple[int, "MasterReader | None"]:
+    """(batch size, master reader) when new small files may be staged in batches
+    (Replica.stage_new): a local replica writer with the _files build, fed by a MasterReader
+    in this process, not throttled (its pace is per read). Else (0, None)."""
+    reader = getattr(sends_for, "__self__", None)
+    if reader.__class__ is not MasterReader or reader.throttle is not None \
+            or getattr(sends_for, "__func__", None) is not MasterReader.local_sends:
+        return 0, None
+    n = getattr(replica, "new_batch_max", None)
+    return (n(), reader) if n is not None and n() > 1 else (0, None)
+
+
+def _batched(actions, replica, most: int) -> Iterator:
+    """`actions` with each run of writes that Replica.may_stage_new takes (up to `most`, and
+    none a commit of the run would have to wait for: they are new paths) gathered in a list.
+    Reads one action past a run (to see that it ends): an action source that does work as it
+    is asked (apply._with_helper's) does it that much earlier, which only joins its helper."""
+    run: list = []
+    may = replica.may_stage_new
+    for a in actions:
+        if a.__class__ is WriteFile and may(a):
+            run.append(a)
+            if len(run) < most:
+                continue
+            a = None
+        if run:
+            yield run if len(run) > 1 else run[0]
+            run = []
+        if a is not None:
+            yield a
+    if run:
+        yield run if len(run) > 1 else run[0]
 
 
 def _copies_from(ops: tuple, paths: frozenset[str]) -> bool:

@@ -56,6 +56,16 @@ COPY_BLOCK = 4 << 20
 BESIDE_MAX = 1 << 20  # files up to this size are staged beside their target (see _stage_dir)
 Tmp = tuple  # (directory relpath beside the target, or None for .dirsync/tmp; temp name)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+NEW_BATCH = 128  # writes of new small files staged in one _files.write_new call (see stage_new)
+NEW_MAX = 64 << 10  # the largest such file is a byte smaller (as apply.DIRECT_MIN: larger ones copy in the kernel)
+_NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1  # (stage_new: mtimes it takes, as a C long long)
+
+try:  # new small files written in C (dirsync/_files.c), when it was built; else stage() writes them
+    from dirsync import _files
+except ImportError:
+    _files = None
+if getattr(_files, "API", None) != 1:  # (a build of an older _files.c: not this code's)
+    _files = None
 
 
 class OpenInfo(Record):
@@ -312,6 +322,7 @@ class Replica:
         self.closed_fingerprint = b""  # set by close: the fingerprint of the cache it left (b"": none)
         self.staged: dict[str, tuple[Tmp, WriteFile]] = {}
         self.building: Tmp | None = None  # the temp stage() is making (see there)
+        self.building_many: list[Tmp] | tuple = ()  # the files stage_new is making (see there)
         self._create_modes = _create_modes()  # (read per session: the umask could change between)
         self._flushing: threading.Thread | None = None  # a commit's syncfs in flight (see commit_start)
         # Directories holding entries made since the last flush (renames, new names), flushed at
@@ -619,6 +630,7 @@ class Replica:
         self._unflushed_many = False
         self.staged = {}
         self.building = None
+        self.building_many = ()
         self._flushing = None
         self._links = set()
         self._linked = {}
@@ -832,6 +844,61 @@ class Replica:
         self.staged[path] = (tmp, w)
         self.building = None
         return total
+
+    def new_batch_max(self) -> int:
+        """How many writes stage_new takes at a time (0: it takes none: no _files build). Kept
+        to half the directory fds held open, so no fd of a batch is closed before it is used."""
+        return min(NEW_BATCH, self._dirfd_max // 2) if _files is not None else 0
+
+    def may_stage_new(self, w: WriteFile) -> bool:
+        """Can stage_new take `w`: a new small file sent whole, in a fresh directory (made by this
+        run, not yet in place: nothing else is at its name), derived from nothing, not staged."""
+        t = w.target
+        return (t.size < NEW_MAX and not w.derive and not w.move and len(w.ops) == 1
+                and w.ops[0].__class__ is SendOp and parent_of(w.path) in self._in_fresh
+                and _NS_MIN <= t.mtime_ns <= _NS_MAX and w.path not in self.staged)
+
+    def stage_new(self, ws: list[WriteFile], root: str, held: dict) -> list[WriteFile]:
+        """stage() for writes that may_stage_new takes, in one call of _files.write_new: each is
+        read from the master file under `root` (checked against its size, mtime and whole
+        digest, as MasterReader.sends checks it) unless `held` has its bytes (the master scan's),
+        and written at its own name in its fresh directory. Returns those not staged (their
+        file is absent): the caller stages each with stage(), which writes it or raises."""
+        items = []
+        tmps = []
+        mine = []
+        left = []
+        cm = self._create_modes
+        fsenc = os.fsencode
+        for w in ws:
+            path, t = w.path, w.target
+            try:
+                check_relpath(path)
+                parent, name = path.rpartition("/")[::2]
+                dfd = self._dirfd(parent)
+            except (ValueError, ItemError):
+                left.append(w)  # (stage() says why)
+                continue
+            h = held.get(path)
+            data = h[1] if h is not None and h[0] == t.digest and len(h[1]) == t.size else None
+            mode = t.mode
+            plain = mode == mode & cm
+            items.append((dfd, fsenc(name), None if data is not None else fsenc(os.path.join(root, path)),
+                          data, t.size, t.digest, t.mtime_ns, mode if plain else 0o600, -1 if plain else mode))
+            tmps.append((parent, name))
+            mine.append(w)
+        # Until they are in `staged`, the files are `building` (see stage): an interrupt landing
+        # after the call leaves none behind, at a final name in a fresh directory.
+        self.building_many = tmps
+        codes = _files.write_new(items, xxhash.xxh3_128_digest)
+        staged = self.staged
+        for w, tmp, code in zip(mine, tmps, codes):
+            if code:
+                left.append(w)
+            else:
+                staged[w.path] = (tmp, w)
+        self.building_many = ()
+        return left
 
     def _link_moved(self, w: WriteFile, tmp: Tmp) -> bool:
         """Stage a moved file as a hard link to the file it moves from (no byte is copied), when
@@ -1748,6 +1815,9 @@ class Replica:
         self._links.clear()
         tmp, self.building = self.building, None
         if tmp is not None:
+            self._unlink_tmp(tmp)
+        many, self.building_many = self.building_many, ()
+        for tmp in many:  # (those it staged went with `staged` above: a second unlink finds nothing)
             self._unlink_tmp(tmp)
 
     def _in_place(self, tmp: Tmp) -> bool:

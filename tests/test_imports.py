@@ -126,29 +126,30 @@ def test_an_agent_session_without_writes_imports_no_json_traceback_zstandard_re_
 
 
 def test_a_built_c_loop_is_the_one_used():
-    """A C loop built beside this source (dirsync/_walk*.so, _rows*.so for this Python) is the
-    one scans and cache loads use: not ignored as a build of another source (its API)."""
+    """A C loop built beside this source (dirsync/_walk*.so, _rows*.so, _files*.so for this
+    Python) is the one scans, cache loads and writers use: not ignored as a build of another
+    source (its API)."""
     import importlib.machinery
 
     import dirsync
-    from dirsync import manifest, scan
+    from dirsync import manifest, replica, scan
 
     pkg = os.path.dirname(dirsync.__file__)
-    for name, used in (("_walk", scan._walk), ("_rows", manifest._rows)):
+    for name, used in (("_walk", scan._walk), ("_rows", manifest._rows), ("_files", replica._files)):
         built = [f for f in os.listdir(pkg) if f in [name + s for s in importlib.machinery.EXTENSION_SUFFIXES]]
         assert not built or used is not None, f"{built} is built but not used"
 
 
 def test_a_c_loop_built_from_another_source_is_ignored():
-    """A build left over from an older _walk.c / _rows.c (an install not redone after a pull)
-    says another API: the Python loops run instead of calling it wrongly."""
+    """A build left over from an older _walk.c / _rows.c / _files.c (an install not redone
+    after a pull) says another API: the Python loops run instead of calling it wrongly."""
     got = _run("""
         import sys, types
-        for name in ("_walk", "_rows"):
+        for name in ("_walk", "_rows", "_files"):
             m = types.ModuleType("dirsync." + name)
             m.API = 0
             sys.modules["dirsync." + name] = m
-        from dirsync import manifest, scan
-        print(scan._walk is None, manifest._rows is None)
+        from dirsync import manifest, replica, scan
+        print(scan._walk is None, manifest._rows is None, replica._files is None)
     """)
-    assert got == "True True"
+    assert got == "True True True"

@@ -14,6 +14,8 @@ import os
 import signal
 import threading
 
+import pytest
+
 try:
     import treecmp
     from helpers import (build_tree, files_match_master, popen_cli, random_bytes, settle, stray_temps, sync_json,
@@ -24,6 +26,7 @@ except ImportError:  # tests/ imported as a package
                                sync_json, text_lines, wait_for, write)
 
 from dirsync import apply as apply_mod
+from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.manifest import parent_of
 from dirsync.plan import Commit, CopyOp, MakeDir, PlanOptions, WriteFile, diff
@@ -379,6 +382,7 @@ def test_an_interrupt_between_creating_a_file_and_guarding_it_leaves_nothing_at_
     during an initial copy left an empty file at its final name, published by close())."""
     m, r = tmp_path / "m", tmp_path / "r"
     build_tree(m, {"d/f1.txt": "one\n", "d/f2.txt": "two\n", "d/f3.txt": "three\n"})
+    monkeypatch.setattr(replica_mod, "_files", None)  # stage() one by one (the next test: stage_new)
     ms, rep, plan = _open(m, r)
     real_open = os.open
 
@@ -401,6 +405,38 @@ def test_an_interrupt_between_creating_a_file_and_guarding_it_leaves_nothing_at_
     rep.close()
     assert not (r / "d" / "f2.txt").exists()
     assert files_match_master(m, r) == 0  # (f1 was staged, never committed: gone too)
+    assert stray_temps(r) == []
+    _, out = sync_json(m, r)
+    treecmp.assert_trees_equal(m, r)
+
+
+@pytest.mark.skipif(replica_mod._files is None, reason="dirsync/_files.c is not built")
+def test_an_interrupt_as_a_batch_of_new_files_is_written_leaves_nothing_at_their_names(tmp_path, monkeypatch):
+    """The same window for Replica.stage_new (many new small files written by one C call): the
+    interrupt lands as the call returns, before any of its files is staged."""
+    m, r = tmp_path / "m", tmp_path / "r"
+    build_tree(m, {f"d/f{i}.txt": f"{i}\n" * i for i in range(1, 7)})
+    ms, rep, plan = _open(m, r)
+    real = replica_mod._files
+    calls = []
+
+    class Interrupting:
+        API = real.API
+
+        @staticmethod
+        def write_new(items, hash):
+            codes = real.write_new(items, hash)
+            calls.append(codes)
+            raise KeyboardInterrupt  # as if Ctrl-C came right after the call returned
+
+    monkeypatch.setattr(replica_mod, "_files", Interrupting)
+    reader = MasterReader(str(m), None, ms.held)
+    with pytest.raises(KeyboardInterrupt):
+        apply_actions(rep, plan.actions, reader.local_sends, ReplicaSummary(replica=str(r)))
+    assert calls == [[0] * 6]  # all six were written by the call, then the interrupt
+    rep.close()
+    assert files_match_master(m, r) == 0  # (the directory itself may be published, empty)
+    assert not (r / "d").exists() or list((r / "d").iterdir()) == []
     assert stray_temps(r) == []
     _, out = sync_json(m, r)
     treecmp.assert_trees_equal(m, r)
