@@ -8,9 +8,10 @@
    reported, and the caller builds that file through the Python path, which writes it or
    raises the error it always raised. So no error message is made here.
 
-   write_new(items, hash) -> list of int, one per item: 0 written, else a positive errno or
-   -1 (the master file is not as the plan says: changed, vanished, another type, short)
-     items  list of tuples (dirfd, name, src, data, size, digest, mtime_ns, create_mode, chmod_mode)
+   write_new(items, hash) -> list, one per item: 0 (or bytes, see cuts) written, else a
+   positive errno or -1 (the master file or the bytes are not as the plan says: changed,
+   vanished, another type, short, another digest)
+     items  list of tuples (dirfd, name, src, data, size, digest, mtime_ns, create_mode, chmod_mode, cuts)
        dirfd        int: the directory to create `name` in (openat)
        name         bytes: a plain name (no "/"), created with O_CREAT|O_EXCL|O_NOFOLLOW
        src, data    exactly one is not None: bytes of the file's content (the master scan held
@@ -21,7 +22,10 @@
        mtime_ns     int (64-bit): the file's mtime and atime (futimens)
        create_mode  int: the mode it is created with (the umask applies, as for os.open)
        chmod_mode   int: a mode to fchmod it to after writing, or -1 for none
-     hash   xxhash.xxh3_128_digest
+       cuts         None, or a tuple of chunk sizes adding up to `size`: the file's chunk
+                    digests are derived from its bytes (hash of each chunk, concatenated),
+                    and given for it instead of 0 (a WriteFile's `derive`)
+     hash   xxhash.xxh3_128_digest (16 bytes)
    Every item is parsed before any file is touched (a TypeError leaves the disk as it was).
    A file that fails after its creation is unlinked before the next item. */
 
@@ -39,6 +43,7 @@ typedef struct {
     const char *name;
     const char *src;            /* NULL: `data` */
     PyObject *data;             /* borrowed bytes, or NULL */
+    PyObject *cuts;             /* borrowed tuple, or NULL */
     long long size, mtime_ns;
     const char *digest;
     Py_ssize_t digest_len;
@@ -46,14 +51,27 @@ typedef struct {
 } Item;
 
 static int parse_item(PyObject *t, Item *it) {
-    PyObject *src, *data;
+    PyObject *src, *data, *cuts;
     if (!PyTuple_Check(t)) {
         PyErr_SetString(PyExc_TypeError, "write_new: each item must be a tuple");
         return -1;
     }
-    if (!PyArg_ParseTuple(t, "iyOOLy#Lii", &it->dirfd, &it->name, &src, &data, &it->size, &it->digest,
-                          &it->digest_len, &it->mtime_ns, &it->create_mode, &it->chmod_mode))
+    if (!PyArg_ParseTuple(t, "iyOOLy#LiiO", &it->dirfd, &it->name, &src, &data, &it->size, &it->digest,
+                          &it->digest_len, &it->mtime_ns, &it->create_mode, &it->chmod_mode, &cuts))
         return -1;
+    if (cuts == Py_None) {
+        it->cuts = NULL;
+    } else if (PyTuple_Check(cuts)) {
+        it->cuts = cuts;
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(cuts); k++)
+            if (!PyLong_Check(PyTuple_GET_ITEM(cuts, k))) {
+                PyErr_SetString(PyExc_TypeError, "write_new: cuts must be a tuple of ints");
+                return -1;
+            }
+    } else {
+        PyErr_SetString(PyExc_TypeError, "write_new: cuts must be None or a tuple");
+        return -1;
+    }
     if ((src == Py_None) == (data == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "write_new: exactly one of src and data must be given");
         return -1;
@@ -136,6 +154,35 @@ static int digest_matches(PyObject *hash, PyObject *data, const Item *it) {
     return ok;
 }
 
+/* The chunk digests of `data` cut at it->cuts, concatenated: a new bytes object; NULL with
+   *code = -1 when the cuts do not tile the data, NULL with a Python error otherwise. */
+static PyObject *derive(PyObject *hash, PyObject *data, const Item *it, int *code) {
+    Py_ssize_t n = PyTuple_GET_SIZE(it->cuts), len = PyBytes_GET_SIZE(data), pos = 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * it->digest_len);
+    if (!out) return NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        long long c = PyLong_AsLongLong(PyTuple_GET_ITEM(it->cuts, k));
+        if (c == -1 && PyErr_Occurred()) { Py_DECREF(out); return NULL; }
+        if (c <= 0 || c > len - pos) { Py_DECREF(out); *code = -1; return NULL; }
+        PyObject *view = PyMemoryView_FromMemory(PyBytes_AS_STRING(data) + pos, (Py_ssize_t)c, PyBUF_READ);
+        if (!view) { Py_DECREF(out); return NULL; }
+        PyObject *d = PyObject_CallOneArg(hash, view);
+        Py_DECREF(view);
+        if (!d) { Py_DECREF(out); return NULL; }
+        if (!PyBytes_Check(d) || PyBytes_GET_SIZE(d) != it->digest_len) {
+            Py_DECREF(d);
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_ValueError, "write_new: hash gave a digest of another size");
+            return NULL;
+        }
+        memcpy(PyBytes_AS_STRING(out) + k * it->digest_len, PyBytes_AS_STRING(d), (size_t)it->digest_len);
+        Py_DECREF(d);
+        pos += (Py_ssize_t)c;
+    }
+    if (pos != len) { Py_DECREF(out); *code = -1; return NULL; }
+    return out;
+}
+
 /* Create, fill and stamp one file; 0 or an errno (the file is then gone again). */
 static int write_one(const Item *it, const char *p, Py_ssize_t n) {
     int e = 0;
@@ -202,14 +249,21 @@ static PyObject *write_new(PyObject *self, PyObject *args) {
             data = read_src(it, &code);
             if (!data && !code) { Py_CLEAR(out); goto done; }
         }
+        PyObject *digests = NULL;
         if (data) {
             int m = digest_matches(hash, data, it);
             if (m < 0) { Py_DECREF(data); Py_CLEAR(out); goto done; }
-            code = m ? write_one(it, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) : -1;
+            if (!m) code = -1;
+            if (!code && it->cuts) {  /* (derived before the file is made: a bad cut makes none) */
+                digests = derive(hash, data, it, &code);
+                if (!digests && !code) { Py_DECREF(data); Py_CLEAR(out); goto done; }
+            }
+            if (!code) code = write_one(it, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
             Py_DECREF(data);
             wrote[i] = code == 0;
         }
-        PyObject *c = PyLong_FromLong(code);
+        PyObject *c = code == 0 && digests ? digests : PyLong_FromLong(code);
+        if (c != digests) Py_XDECREF(digests);
         if (!c) { Py_CLEAR(out); goto done; }
         PyList_SET_ITEM(out, i, c);
     }

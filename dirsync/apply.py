@@ -75,22 +75,14 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
             sink.failed(p, err)
             lost.append(p)
 
-    new_max, reader = _new_batching(replica, sends_for)
+    new_max, source = _new_batching(replica, sends_for)
     try:
         for a in (_batched(actions, replica, new_max) if new_max else actions):
             if should_stop():
                 break
-            if a.__class__ is list:  # new small files in fresh directories (_batched)
-                if lost:
-                    a = [w for w in a if not any(is_under(w.path, p) for p in lost)]
-                left = replica.stage_new(a, reader.root, reader.held)
-                left_ids = {id(w) for w in left} if left else ()
-                for w in a:
-                    if w.__class__ is WriteFile and id(w) in left_ids:
-                        _apply_one(replica, w, sends_for, sink, staged_ok)  # (it writes it, or says why not)
-                    else:
-                        staged_ok[w.path] = w
-                        sink.staged(w)
+            if a.__class__ is list or a.__class__ is NewWrites:  # new small files (Replica.stage_new)
+                _stage_new(replica, a, a.source if a.__class__ is NewWrites else source, lost, sends_for, sink,
+                           staged_ok)
                 continue
             if pending is not None and not (a.__class__ is WriteFile and not _copies_from(a.ops, pending_paths)):
                 finish()
@@ -117,16 +109,43 @@ def apply_actions(replica, actions, sends_for: Callable[[WriteFile], Iterator[by
             helpers.pop().join(replica, sink, stop=True)
 
 
-def _new_batching(replica, sends_for) -> tuple[int, "MasterReader | None"]:
-    """(batch size, master reader) when new small files may be staged in batches
-    (Replica.stage_new): a local replica writer with the _files build, fed by a MasterReader
-    in this process, not throttled (its pace is per read). Else (0, None)."""
+class NewWrites(list):
+    """Writes of new small files an action source gives the loop together (the agent's write
+    batches), for Replica.stage_new, with `source` (see there) for their bytes."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, writes: list, source: Callable[[WriteFile], bytes | str | None]) -> None:
+        super().__init__(writes)
+        self.source = source
+
+
+def _stage_new(replica, ws: list, source, lost: list[str], sends_for, sink: Sink, staged_ok: dict) -> None:
+    """Stage writes of new small files with Replica.stage_new; each it leaves goes through
+    stage() (_apply_one), with the bytes `source` gave for it when it gave bytes."""
+    if lost:
+        ws = [w for w in ws if not any(is_under(w.path, p) for p in lost)]
+    left = replica.stage_new(ws, source)
+    for w in ws:
+        if left and id(w) in left:
+            given = left[id(w)]
+            _apply_one(replica, w, sends_for if given.__class__ is not bytes else (lambda _w, d=given: WholeSends(d)),
+                       sink, staged_ok)  # (it writes it, or says why not)
+        else:
+            staged_ok[w.path] = w
+            sink.staged(w)
+
+
+def _new_batching(replica, sends_for) -> tuple[int, Callable | None]:
+    """(batch size, source of bytes) when the loop may gather writes of new small files for
+    Replica.stage_new itself (_batched): a local replica writer with the _files build, fed by
+    a MasterReader in this process, not throttled (its pace is per read). Else (0, None)."""
     reader = getattr(sends_for, "__self__", None)
     if reader.__class__ is not MasterReader or reader.throttle is not None \
             or getattr(sends_for, "__func__", None) is not MasterReader.local_sends:
         return 0, None
     n = getattr(replica, "new_batch_max", None)
-    return (n(), reader) if n is not None and n() > 1 else (0, None)
+    return (n(), reader.new_source) if n is not None and n() > 1 else (0, None)
 
 
 def _batched(actions, replica, most: int) -> Iterator:
@@ -686,6 +705,16 @@ class MasterReader:
                 raise SourceChangedError(path, "read", "changed while being read; it will be synced next run")
         finally:
             os.close(fd)
+
+    def new_source(self, w: WriteFile) -> bytes | str:
+        """Where Replica.stage_new takes a new small file's bytes from: those the master scan
+        held (exactly the bytes its digest was computed from), else the master file's path
+        (read there, and checked as sends() checks it)."""
+        held = self.held.get(w.path)
+        t = w.target
+        if held is not None and held[0] == t.digest and len(held[1]) == t.size:
+            return held[1]
+        return os.path.join(self.root, w.path)
 
     def local_sends(self, w: WriteFile) -> Iterator[bytes]:
         """sends(w) for a replica writer in this process: for a small file whose bytes the

@@ -852,51 +852,67 @@ class Replica:
 
     def may_stage_new(self, w: WriteFile) -> bool:
         """Can stage_new take `w`: a new small file sent whole, in a fresh directory (made by this
-        run, not yet in place: nothing else is at its name), derived from nothing, not staged."""
+        run, not yet in place: nothing else is at its name), not staged."""
         t = w.target
-        return (t.size < NEW_MAX and not w.derive and not w.move and len(w.ops) == 1
+        return (t.size < NEW_MAX and not w.move and len(w.ops) == 1
                 and w.ops[0].__class__ is SendOp and parent_of(w.path) in self._in_fresh
                 and _NS_MIN <= t.mtime_ns <= _NS_MAX and w.path not in self.staged)
 
-    def stage_new(self, ws: list[WriteFile], root: str, held: dict) -> list[WriteFile]:
-        """stage() for writes that may_stage_new takes, in one call of _files.write_new: each is
-        read from the master file under `root` (checked against its size, mtime and whole
-        digest, as MasterReader.sends checks it) unless `held` has its bytes (the master scan's),
-        and written at its own name in its fresh directory. Returns those not staged (their
-        file is absent): the caller stages each with stage(), which writes it or raises."""
+    def stage_new(self, ws: list[WriteFile], source) -> dict[int, bytes | str | None]:
+        """stage() for writes that may_stage_new takes, in one call of _files.write_new.
+        source(w) gives each file's bytes, or the master file's path (read there, and checked
+        against the size, mtime and whole digest, as MasterReader.sends checks it), or None;
+        each is written at its own name in its fresh directory. Returns, by id(w), what source
+        gave for those it did not stage (their file is absent): the caller stages each with
+        stage(), which writes it or raises."""
         items = []
         tmps = []
         mine = []
-        left = []
+        left: dict[int, bytes | str | None] = {}
+        seen: set[str] = set()
         cm = self._create_modes
         fsenc = os.fsencode
         for w in ws:
             path, t = w.path, w.target
+            given = source(w)
             try:
                 check_relpath(path)
                 parent, name = path.rpartition("/")[::2]
                 dfd = self._dirfd(parent)
             except (ValueError, ItemError):
-                left.append(w)  # (stage() says why)
+                left[id(w)] = given  # (stage() says why)
                 continue
-            h = held.get(path)
-            data = h[1] if h is not None and h[0] == t.digest and len(h[1]) == t.size else None
+            if given is None or path in seen:
+                left[id(w)] = given  # (a path twice: the second replaces the first, as stage() does)
+                continue
+            seen.add(path)
             mode = t.mode
             plain = mode == mode & cm
-            items.append((dfd, fsenc(name), None if data is not None else fsenc(os.path.join(root, path)),
-                          data, t.size, t.digest, t.mtime_ns, mode if plain else 0o600, -1 if plain else mode))
+            data = given if given.__class__ is bytes else None
+            cuts = None
+            if w.derive and len(sizes := t.sizes) > 1:  # (one chunk: its digest is the file's)
+                cuts = sizes
+            items.append((dfd, fsenc(name), None if data is not None else fsenc(given), data, t.size, t.digest,
+                          t.mtime_ns, mode if plain else 0o600, -1 if plain else mode, cuts))
             tmps.append((parent, name))
-            mine.append(w)
+            mine.append((w, given))
         # Until they are in `staged`, the files are `building` (see stage): an interrupt landing
         # after the call leaves none behind, at a final name in a fresh directory.
         self.building_many = tmps
         codes = _files.write_new(items, xxhash.xxh3_128_digest)
         staged = self.staged
-        for w, tmp, code in zip(mine, tmps, codes):
-            if code:
-                left.append(w)
-            else:
-                staged[w.path] = (tmp, w)
+        for (w, given), tmp, code in zip(mine, tmps, codes):
+            if code.__class__ is int:
+                if code:
+                    left[id(w)] = given
+                    continue
+                if w.derive:  # one chunk (code holds the digests of several)
+                    code = w.target.digest if w.target.sizes else b""
+            if w.derive:  # the content check passed: these are the digests of what was sent (see stage)
+                t = w.target
+                w = WriteFile(FileEntry(t.path, t.size, t.mode, t.mtime_ns, t.digest, t.avg, t.held_sizes, code,
+                                        t.ino, t.ctime_ns, t.trusted), w.ops, w.expect, w.move, False)
+            staged[w.path] = (tmp, w)
         self.building_many = ()
         return left
 

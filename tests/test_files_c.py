@@ -57,7 +57,7 @@ def sync(m, r, hold: int, c: bool, monkeypatch, between=None, full: bool = False
     replica's cache cannot be saved)."""
     monkeypatch.setattr(replica_mod, "_files", _files if c else None)
     batches = spy_calls(monkeypatch, Replica, "stage_new",  # (the paths each call wrote)
-                        lambda left, self, ws, root, held: [w.path for w in ws if all(w is not x for x in left)])
+                        lambda left, self, ws, source: [w.path for w in ws if id(w) not in left])
     ms = scan_tree(str(m), hold=hold)
     rep = Replica(str(r))
     rep.open(init=True)
@@ -146,9 +146,10 @@ def test_write_new_checks_before_creating_and_leaves_nothing_when_it_fails(tmp_p
     try:
         ok = b"fine\n"
 
-        def item(name, data=ok, src_path=None, size=None, digest=None, mtime=1_000_000_123, modes=(0o644, -1)):
+        def item(name, data=ok, src_path=None, size=None, digest=None, mtime=1_000_000_123, modes=(0o644, -1),
+                 cuts=None):
             size = len(data) if size is None else size
-            return (dfd, name, src_path, None if src_path else data, size, digest or H(data), mtime, *modes)
+            return (dfd, name, src_path, None if src_path else data, size, digest or H(data), mtime, *modes, cuts)
 
         codes = _files.write_new([
             item(b"a"),                                   # written
@@ -159,9 +160,12 @@ def test_write_new_checks_before_creating_and_leaves_nothing_when_it_fails(tmp_p
             item(b"f", data=src.read_bytes(), src_path=os.fsencode(src), mtime=st.st_mtime_ns + 1),  # mtime differs
             item(b"g", data=src.read_bytes(), src_path=os.fsencode(tmp_path / "gone"), mtime=st.st_mtime_ns),
             item(b"h", modes=(0o600, 0o2750)),            # fchmod after writing
+            item(b"i", b"0123456789", cuts=(3, 3, 4)),     # its chunk digests derived
+            item(b"j", b"0123456789", cuts=(3, 3, 3)),     # cuts that do not tile it: nothing made
+            item(b"k", b"0123456789", cuts=(3, 0, 7)),
         ], H)
-        assert codes == [0, errno.EEXIST, -1, -1, 0, -1, errno.ENOENT, 0]
-        assert sorted(os.listdir(d)) == ["a", "e", "h", "taken"]
+        assert codes == [0, errno.EEXIST, -1, -1, 0, -1, errno.ENOENT, 0, H(b"012") + H(b"345") + H(b"6789"), -1, -1]
+        assert sorted(os.listdir(d)) == ["a", "e", "h", "i", "taken"]
         assert os.stat(d / "a").st_mtime_ns == 1_000_000_123 == os.stat(d / "a").st_atime_ns  # (before a read)
         assert (d / "a").read_bytes() == ok and (d / "e").read_bytes() == b"source bytes\n"
         assert (d / "taken").read_bytes() == b"someone else's\n"
@@ -169,6 +173,8 @@ def test_write_new_checks_before_creating_and_leaves_nothing_when_it_fails(tmp_p
         assert stat.S_IMODE(os.stat(d / "h").st_mode) == 0o2750
         with pytest.raises(TypeError):  # a bad item: checked before any file is made
             _files.write_new([item(b"x"), (dfd, b"y")], H)
+        with pytest.raises(TypeError):
+            _files.write_new([item(b"x"), item(b"y", cuts=(1, "2"))], H)
         with pytest.raises(ValueError):
             _files.write_new([item(b"x"), item(b"y/z")], H)
         assert not (d / "x").exists()
@@ -181,7 +187,7 @@ def test_write_new_checks_before_creating_and_leaves_nothing_when_it_fails(tmp_p
         with pytest.raises(RuntimeError):
             _files.write_new([item(b"p1", b"first\n"), item(b"p2", b"second\n"), item(b"p3", b"third\n")],
                              failing_hash)
-        assert sorted(os.listdir(d)) == ["a", "e", "h", "taken"]
+        assert sorted(os.listdir(d)) == ["a", "e", "h", "i", "taken"]
     finally:
         os.close(dfd)
 

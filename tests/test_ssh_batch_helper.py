@@ -29,6 +29,7 @@ except ImportError:  # tests/ imported as a package
     from tests.remote_helpers import REPO_ROOT, ssh_spec
 
 from dirsync import apply as apply_mod
+from dirsync import replica as replica_mod
 from dirsync.chunking import CHUNKER_ID
 from dirsync.manifest import FileEntry
 from dirsync.scan import scan_tree
@@ -62,7 +63,7 @@ def start_fed(cls, *a, **kw):
 ap._Helper.start_fed = classmethod(start_fed)
 kill_at = int(os.environ.get("KILL_AT", "0"))
 if kill_at:
-    stage = rp.Replica.stage
+    stage, stage_new = rp.Replica.stage, rp.Replica.stage_new
     seen = [0]
     def staging(self, w, sends):
         if self._helper:
@@ -70,7 +71,22 @@ if kill_at:
             if seen[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         return stage(self, w, sends)
+    def staging_new(self, ws, source):  # (new small files written in C, many at a time)
+        if self._helper:
+            seen[0] += len(ws)
+            if seen[0] >= kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return stage_new(self, ws, source)
     rp.Replica.stage = staging
+    rp.Replica.stage_new = staging_new
+if os.environ.get("NEW_LOG"):  # how many files each process staged through stage_new (in C)
+    real_new = rp.Replica.stage_new
+    def noting(self, ws, source):
+        left = real_new(self, ws, source)
+        with open(os.environ["NEW_LOG"], "a") as f:
+            f.write(f"{'helper' if self._helper else 'agent'} {len(ws) - len(left)}\\n")
+        return left
+    rp.Replica.stage_new = noting
 if os.environ.get("KILL_AFTER_COMMIT"):  # the helper dies with its first commit's renames made, unreported
     commit_finish = rp.Replica.commit_finish
     def committed(self, c):
@@ -107,11 +123,18 @@ def test_the_agent_shares_an_initial_copy_with_a_helper_and_its_cache_is_exact(s
     spec["d03/big.bin"] = random_bytes(3 << 20, 7)  # too big for a batch: the agent's own, in the stretch
     spec["d05/empty.txt"] = b""
     build_tree(m, spec)
-    args, log = _shim_args(sshd, tmp_path)
+    new_log = tmp_path / "new.log"
+    args, log = _shim_args(sshd, tmp_path, NEW_LOG=new_log)
     _, out = sync_json(m, ssh_spec(sshd, r), args=args)
     rep = out["replicas"][0]
     assert rep["errors"] == [] and rep["files_written"] == len(spec)
     assert len(_helpers_noted(log)) == 1  # one helper, on the far side
+    if replica_mod._files is not None:  # both wrote most of their files through stage_new (in C)
+        staged = {"agent": 0, "helper": 0}
+        for line in new_log.read_text().split("\n")[:-1]:
+            who, n = line.split()
+            staged[who] += int(n)
+        assert min(staged.values()) > N // 4 and sum(staged.values()) <= len(spec) - 2, staged
     treecmp.assert_trees_equal(m, r)
     assert stray_temps(r) == []
     cache = load_manifest_file(os.path.join(r, ".dirsync", "manifest"), CHUNKER_ID).manifest

@@ -18,7 +18,7 @@ import sys
 import threading
 
 from dirsync import __version__, chunking
-from dirsync.apply import FILE_COST, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
+from dirsync.apply import FILE_COST, NewWrites, WholeSends, _Helper, _helper_main, apply_actions, fed_messages
 from dirsync.errors import DirsyncError, ItemError, ItemIOError, ProtocolError
 from dirsync.manifest import _FSENC, FileEntry, ManifestFormatError, Overlay, changed_entries, encode_rows
 from dirsync.plan import Action, Commit, MoveDir, SendOp, WriteFile
@@ -43,7 +43,7 @@ from dirsync.transport.wire import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
-    from typing import Any, Iterator
+    from typing import Any, Callable, Iterator
 
 IDLE_S = 900.0  # no input for this long: the master is gone
 IDLE_ENV = "DIRSYNC_AGENT_IDLE"  # seconds; overrides IDLE_S (tests)
@@ -415,9 +415,7 @@ class Agent:
             if t == "wb":
                 writes, blob, data = self._batch(m)
                 if not (v_bool(m.get("h", False)) and share.take(writes, blob, data)):
-                    for w, piece in zip(writes, _pieces(writes, data)):
-                        self._inline = piece
-                        yield w
+                    yield from _new_runs(writes, _pieces(writes, data), self.replica, self._set_inline)
                 continue
             if share.helper is not None and t not in ("write", "commit", "data", "end", "abort"):
                 share.finish()  # the stretch of writes and commits ended: the helper's files are in
@@ -457,6 +455,9 @@ class Agent:
             written[w.path] = w.target
             derived.add(w.path)
         return writes, blob, data
+
+    def _set_inline(self, data: bytes) -> None:
+        self._inline = data
 
     def _sends(self, w: WriteFile) -> Iterator[bytes]:  # (its inline bytes, or data frames to come)
         ops = w.ops
@@ -762,6 +763,44 @@ def _tw_name(name: str) -> bool:
 HEAD_MAX = 1 << 20  # bytes a two-way `head` request may ask for
 
 
+def _new_runs(writes: list[WriteFile], pieces: Iterator[bytes], replica: Replica, inline: Callable | None = None,
+              data: dict[str, bytes] | None = None) -> Iterator:
+    """A write batch's writes for the action loop: runs of those Replica.stage_new takes,
+    gathered in apply.NewWrites whose source gives (pops) their bytes, and each other write
+    alone: inline(its bytes) is called as it is yielded (the agent's), or with `data` (a
+    helper's, see _batch_helper_main), every write's bytes go there by path, where the
+    helper's sends_for pops them too. Each write is checked as it is reached (the loop has
+    carried out everything yielded before it)."""
+    most = replica.new_batch_max()
+    may = replica.may_stage_new if most > 1 else None
+    got: dict[str, bytes] = {} if data is None else data
+    run: list = []
+    for w, piece in zip(writes, pieces):
+        if may is not None and may(w):
+            run.append(w)
+            got[w.path] = piece
+            if len(run) < most:
+                continue
+            w = None
+        if run:
+            yield NewWrites(run, _popper(got))
+            run = []
+            if data is None:
+                got = {}
+        if w is not None:
+            if data is None:
+                inline(piece)  # type: ignore[misc]
+            else:
+                data[w.path] = piece
+            yield w
+    if run:
+        yield NewWrites(run, _popper(got))
+
+
+def _popper(data: dict[str, bytes]) -> Callable[[WriteFile], bytes | None]:
+    return lambda w: data.pop(w.path, None)
+
+
 def _pieces(writes: list[WriteFile], data: bytes) -> Iterator[bytes]:
     """The bytes of each write of a batch (dec_batch checked that they add up)."""
     pos = 0
@@ -846,11 +885,10 @@ def _batch_helper_main(fd: int, rfd: int, replica: Replica, agent_fds: tuple[int
         for msg in fed_messages(rfd):  # (until the agent ends the stretch, or goes away)
             if msg[0] == "b":
                 writes = proto.dec_batch(msg[1], len(msg[2]))  # (checked by the agent already; cheap)
-                for w, piece in zip(writes, _pieces(writes, msg[2])):
+                for w in writes:
                     out.index[w.path] = len(theirs)
                     theirs.append(w)
-                    data[w.path] = piece
-                    yield w
+                yield from _new_runs(writes, _pieces(writes, msg[2]), replica, data=data)
             else:
                 yield Commit(msg[1])
 
