@@ -15,7 +15,7 @@ from dirsync import replica as replica_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.chunking import CHUNKER_ID
 from dirsync.errors import ItemIOError
-from dirsync.plan import WriteFile, diff
+from dirsync.plan import diff
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
 from dirsync.state import load_manifest_file
