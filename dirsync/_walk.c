@@ -22,7 +22,10 @@
      errors    [(rel, what, errno)] for an entry whose stat or readlink failed otherwise than
                ENOENT (such an entry is left out, as in the Python loop)
      special   True when an entry other than a file, directory or link was kept
-   Raises OSError when the directory itself cannot be opened or read. */
+   Raises OSError when the directory itself cannot be opened or read.
+
+   fingerprint_sum(entries, file_kind, dir_kind, link_kind, hash): the same records' hashes
+   summed over a manifest's entries, for manifest.fingerprint (see there). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -309,8 +312,125 @@ done:
     return result;
 }
 
+/* Slot k of entry o through its kind's member descriptor (a new reference, or NULL). */
+static PyObject *slot(PyObject *kind, PyObject *o, Py_ssize_t k) {
+    PyObject *d = PyTuple_GET_ITEM(PyTuple_GET_ITEM(kind, 1), k);
+    return Py_TYPE(d)->tp_descr_get(d, o, (PyObject *)Py_TYPE(o));
+}
+
+/* "%d" of an int slot; 0, 1 (not an int of 64 bits: the caller gives up) or -1 (error). */
+static int buf_int(Buf *b, PyObject *v) {
+    if (!PyLong_CheckExact(v)) return 1;
+    int over = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &over);
+    if (over) return 1;
+    if (x == -1 && PyErr_Occurred()) return -1;
+    char d[24], *e = d + sizeof d, *q = e;  /* (snprintf costs more than the rest of an entry) */
+    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    do { *--q = (char)('0' + (int)(u % 10)); u /= 10; } while (u);
+    if (x < 0) *--q = '-';
+    return buf_put(b, q, (size_t)(e - q)) ? -1 : 0;
+}
+
+static int buf_str(Buf *b, PyObject *v) {  /* v.encode(fs encoding, "surrogateescape"); 1: not a str */
+    if (!PyUnicode_CheckExact(v)) return 1;
+    if (PyUnicode_IS_ASCII(v))  /* (the same bytes in any fs encoding this runs with: utf-8) */
+        return buf_put(b, (const char *)PyUnicode_DATA(v), (size_t)PyUnicode_GET_LENGTH(v)) ? -1 : 0;
+    PyObject *e = PyUnicode_EncodeFSDefault(v);
+    if (!e) return -1;
+    int r = buf_put(b, PyBytes_AS_STRING(e), (size_t)PyBytes_GET_SIZE(e)) ? -1 : 0;
+    Py_DECREF(e);
+    return r;
+}
+
+/* fingerprint_sum(entries, file_kind, dir_kind, link_kind, hash): manifest.fingerprint's sum
+   of the entries' fingerprint hashes (fp_file, fp_dir, fp_link), modulo 2**128, as an int;
+   None when a file entry is untrusted or has no inode (fingerprint() gives b"" then);
+   NotImplemented for anything else it does not format as Python would (another class, an
+   int beyond 64 bits, a str subclass): the caller computes it in Python.
+     entries    a list of entries; *_kind: manifest._row_kinds()'s (class, member descriptors
+                of its __slots__) for FileEntry, DirEntry and LinkEntry */
+static PyObject *fingerprint_sum(PyObject *self, PyObject *args) {
+    PyObject *entries, *fk, *dk, *lk, *hash;
+    if (!PyArg_ParseTuple(args, "O!OOOO", &PyList_Type, &entries, &fk, &dk, &lk, &hash))
+        return NULL;
+    PyObject *kinds[3] = {fk, dk, lk};
+    Py_ssize_t nslots[3] = {11, 3, 3};
+    for (int k = 0; k < 3; k++) {
+        PyObject *kd = kinds[k];
+        if (!PyTuple_Check(kd) || PyTuple_GET_SIZE(kd) != 2 || !PyType_Check(PyTuple_GET_ITEM(kd, 0))
+            || !PyTuple_Check(PyTuple_GET_ITEM(kd, 1)) || PyTuple_GET_SIZE(PyTuple_GET_ITEM(kd, 1)) != nslots[k]) {
+            PyErr_SetString(PyExc_TypeError, "kinds must be (class, descriptors)");
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < nslots[k]; j++)
+            if (!Py_TYPE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(kd, 1), j))->tp_descr_get) {
+                PyErr_SetString(PyExc_TypeError, "descriptors must be readable");
+                return NULL;
+            }
+    }
+    u128 acc = 0;
+    Buf b;
+    buf_init(&b);
+    PyObject *result = NULL;
+    int give_up = 0, untrusted = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(entries) && !give_up && !untrusted; i++) {
+        PyObject *e = PyList_GET_ITEM(entries, i);
+        PyObject *cls = (PyObject *)Py_TYPE(e);
+        int k = cls == PyTuple_GET_ITEM(fk, 0) ? 0 : cls == PyTuple_GET_ITEM(dk, 0) ? 1
+                : cls == PyTuple_GET_ITEM(lk, 0) ? 2 : -1;
+        if (k < 0) { give_up = 1; break; }
+        PyObject *v[11] = {NULL};
+        int r = 0;
+        for (Py_ssize_t j = 0; j < nslots[k] && !r; j++)
+            if ((k != 0 || j < 4 || j > 7) && !(v[j] = slot(kinds[k], e, j))) r = -1;  /* (not a file's digests) */
+        b.n = 0;
+        if (!r && k == 0) {  /* FP_FILE: path, mode, size, mtime_ns, ino, ctime_ns */
+            int t = PyObject_IsTrue(v[10]), ino = PyObject_IsTrue(v[8]);
+            if (t < 0 || ino < 0) r = -1;
+            else if (!t || !ino) untrusted = 1;
+            else {
+                r = buf_put(&b, "f", 1) ? -1 : buf_str(&b, v[0]);
+                if (!r) r = buf_put(&b, "\0", 1) ? -1 : buf_int(&b, v[2]);
+                if (!r) r = buf_put(&b, " ", 1) ? -1 : buf_int(&b, v[1]);
+                if (!r) r = buf_put(&b, " ", 1) ? -1 : buf_int(&b, v[3]);
+                if (!r) r = buf_put(&b, " ", 1) ? -1 : buf_int(&b, v[8]);
+                if (!r) r = buf_put(&b, " ", 1) ? -1 : buf_int(&b, v[9]);
+            }
+        } else if (!r && k == 1) {  /* fp_dir: path, mode, mtime_ns */
+            r = buf_put(&b, "d", 1) ? -1 : buf_str(&b, v[0]);
+            if (!r) r = buf_put(&b, "\0", 1) ? -1 : buf_int(&b, v[1]);
+            if (!r) r = buf_put(&b, " ", 1) ? -1 : buf_int(&b, v[2]);
+        } else if (!r) {  /* fp_link: path, mtime_ns, target */
+            r = buf_put(&b, "l", 1) ? -1 : buf_str(&b, v[0]);
+            if (!r) r = buf_put(&b, "\0", 1) ? -1 : buf_int(&b, v[2]);
+            if (!r) r = buf_put(&b, "\0", 1) ? -1 : buf_str(&b, v[1]);
+        }
+        if (!r && !untrusted) r = add_hash(&acc, hash, &b);
+        for (int j = 0; j < 11; j++) Py_XDECREF(v[j]);
+        if (r < 0) goto done;
+        if (r > 0) give_up = 1;
+    }
+    if (give_up) {
+        result = Py_NotImplemented;
+        Py_INCREF(result);
+    } else if (untrusted) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        unsigned char out[16];
+        u128 x = acc;
+        for (int j = 0; j < 16; j++) { out[j] = (unsigned char)(x & 0xff); x >>= 8; }
+        result = _PyLong_FromByteArray(out, 16, 1, 0);
+    }
+done:
+    buf_free(&b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"list_dir", list_dir, METH_VARARGS, "List one directory for scan._Scanner.gather (see the module's header)."},
+    {"fingerprint_sum", fingerprint_sum, METH_VARARGS, "manifest.fingerprint's sum (see there)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -320,7 +440,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "dirsync._walk", NULL
    an older source (an install not redone after a pull) is then ignored, not called wrongly. */
 PyMODINIT_FUNC PyInit__walk(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "API", 1) < 0) {
+    if (m && PyModule_AddIntConstant(m, "API", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -596,6 +596,12 @@ def _decode_body(body: bytes, chunker: str, own: bool = False, packed: bool = Fa
         raise ManifestFormatError(f"manifest body unreadable: {e}") from e
 
 
+try:  # the walk's loop and fingerprint sum in C (dirsync/_walk.c), when it was built (scan.py's too)
+    from dirsync import _walk
+except ImportError:
+    _walk = None
+if getattr(_walk, "API", None) != 2:  # (a build of an older _walk.c: not this code's)
+    _walk = None
 try:  # rows of our own caches decoded in C (dirsync/_rows.c), when it was built; else in Python
     from dirsync import _rows
 except ImportError:
@@ -603,6 +609,7 @@ except ImportError:
 if getattr(_rows, "API", None) != 1:  # (a build of an older _rows.c: not this code's)
     _rows = None
 ROWS_C = True  # False: the Python decoder even when _rows is built (tests compare the two)
+FP_C = True  # False: fingerprint() sums in Python even when _walk is built (likewise)
 _KINDS: tuple | None = None
 
 
@@ -876,24 +883,34 @@ def fingerprint_update(fp: bytes, base: dict[str, "Entry"], entries: dict[str, "
             if h is None:
                 return b""
             acc += h
-    for p in entries.keys() - base.keys():
-        h = _fp_entry(entries[p])
-        if h is None:
-            return b""
-        acc += h
-    return fp_final(acc, len(entries))
+    added = _fp_sum([entries[p] for p in entries.keys() - base.keys()])
+    if added is None:
+        return b""
+    return fp_final(acc + added, len(entries))
 
 
 def fingerprint(entries: dict[str, "Entry"]) -> bytes:
     """The fingerprint a scan of the tree these entries describe would compute, or b"" when an
     entry lacks what makes it trustworthy (an untrusted file, an unknown inode)."""
+    acc = _fp_sum(list(entries.values()))
+    return b"" if acc is None else fp_final(acc, len(entries))
+
+
+def _fp_sum(entries: list["Entry"]) -> int | None:
+    """The sum of the entries' fingerprint hashes (_fp_entry; modulo 2**128 when summed in C),
+    or None when one has none. In C when _walk is built: a replica's close after an initial copy
+    sums every entry it made (100,000: ~0.13 s in Python)."""
+    if _walk is not None and FP_C:
+        got = _walk.fingerprint_sum(entries, *_row_kinds(), xxhash.xxh3_128_digest)
+        if got is not NotImplemented:
+            return got
     acc = 0
-    for e in entries.values():
+    for e in entries:
         h = _fp_entry(e)
         if h is None:
-            return b""
+            return None
         acc += h
-    return fp_final(acc, len(entries))
+    return acc
 
 
 def _or_all(xs: tuple) -> int:

@@ -25,12 +25,7 @@ from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, M
 from dirsync.manifest import _FSENC, FP_FILE
 from dirsync.state import fork_answering
 
-try:  # the walk's per-directory loop in C (dirsync/_walk.c), when it was built; else gather's own
-    from dirsync import _walk
-except ImportError:
-    _walk = None
-if getattr(_walk, "API", None) != 1:  # (a build of an older _walk.c: not this code's)
-    _walk = None
+from dirsync.manifest import _walk  # the walk's per-directory loop in C (dirsync/_walk.c), or None: gather's own
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up

@@ -1,5 +1,6 @@
 """The walk's C loop (dirsync/_walk.c) against gather's Python loop: same items, fingerprint,
-link targets, temps and errors, in the same order, on the same trees (real files, real faults)."""
+link targets, temps and errors, in the same order, on the same trees (real files, real faults);
+its fingerprint sum of a manifest's entries against manifest.fingerprint's Python sum."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import stat
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+import xxhash
 from hypothesis import strategies as st
 
-from dirsync import scan
+from dirsync import manifest, scan
+from dirsync.manifest import DirEntry, FileEntry, LinkEntry
 from dirsync.scan import STATE_DIR, TMP_PREFIX, Excluder, _Scanner
 
 try:
@@ -240,3 +243,51 @@ def test_the_c_loop_is_what_a_scan_uses(tmp_path, monkeypatch):
     res = scan.scan_tree(root)
     assert len(calls) == sum(1 for _ in os.walk(root)) - 3  # not the state folder, nor the temp dir and its x
     assert "d1/d2/d3/deep" in res.manifest.entries
+
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12) | st.sampled_from(
+    ["caf\udce9", "a/b\udcff", "plain", "spaces and\nnewline"])  # (surrogate-escaped bytes: non-UTF-8 names)
+_ints = st.integers(-2**63, 2**63 - 1) | st.sampled_from([0, 1, -1, 2**63, -2**63 - 1, 2**70])
+_entries = st.one_of(
+    st.builds(FileEntry, _texts, st.integers(0, 2**40), st.integers(0, 0o7777), _ints, st.just(b"d" * 16),
+              st.just(0), st.just((1,)), st.just(b"d" * 16), _ints, _ints, st.booleans()),
+    st.builds(DirEntry, _texts, st.integers(0, 0o7777), _ints),
+    st.builds(LinkEntry, _texts, _texts, _ints))
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(_entries, max_size=12))
+def test_the_fingerprint_sum_in_c_equals_pythons(entries):
+    """manifest.fingerprint (and fingerprint_update's sum of added entries) with the C sum and
+    with Python's: equal on any entries; an untrusted file or one with no inode gives b"" in
+    both; an int beyond 64 bits sends the C sum back to Python (NotImplemented)."""
+    d = {f"{i}:{e.path}": e for i, e in enumerate(entries)}
+    got = {}
+    for c in (True, False):
+        manifest.FP_C = c
+        try:
+            got[c] = (manifest.fingerprint(d), manifest.fingerprint_update(manifest.fingerprint({}), {}, d))
+        finally:
+            manifest.FP_C = True
+    assert got[True] == got[False]
+    raw = manifest._walk.fingerprint_sum(list(d.values()), *manifest._row_kinds(), xxhash.xxh3_128_digest)
+    beyond = any(not -2**63 <= v < 2**63 for e in entries for k in ("mtime_ns", "ino", "ctime_ns", "size")
+                 if isinstance(v := getattr(e, k, 0), int))
+    if raw is NotImplemented:
+        assert beyond
+    elif raw is None:
+        assert got[True][0] == b""
+    else:
+        assert not beyond and got[True][0] == manifest.fp_final(raw, len(d))
+
+
+def test_the_fingerprint_sum_gives_other_classes_back_to_python():
+    class Odd(DirEntry):
+        pass
+
+    kinds = manifest._row_kinds()
+    assert manifest._walk.fingerprint_sum([DirEntry("a", 0o755, 1), Odd("b", 0o755, 2)], *kinds,
+                                          xxhash.xxh3_128_digest) is NotImplemented
+    assert manifest._walk.fingerprint_sum([], *kinds, xxhash.xxh3_128_digest) == 0
+    with pytest.raises(TypeError):
+        manifest._walk.fingerprint_sum([], kinds[0], kinds[1], (DirEntry, ()), xxhash.xxh3_128_digest)
