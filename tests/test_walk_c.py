@@ -11,8 +11,8 @@ import shutil
 import stat
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 import xxhash
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dirsync import manifest, scan
