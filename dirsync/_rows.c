@@ -253,8 +253,196 @@ done:
     return result;
 }
 
+/* -- encoding: msgpack as msgpack.Packer(use_bin_type=True) packs manifest.encode_rows's rows -- */
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} Out;
+
+static int out_room(Out *o, Py_ssize_t k) {
+    if (o->n + k <= o->cap) return 0;
+    Py_ssize_t cap = (o->n + k) * 2;
+    char *q = PyMem_Realloc(o->p, (size_t)cap);
+    if (!q) { PyErr_NoMemory(); return -2; }
+    o->p = q;
+    o->cap = cap;
+    return 0;
+}
+
+static int out_put(Out *o, const void *s, Py_ssize_t k) {
+    if (out_room(o, k)) return -2;
+    memcpy(o->p + o->n, s, (size_t)k);
+    o->n += k;
+    return 0;
+}
+
+static int out_be(Out *o, unsigned char tag, uint64_t v, int width) {
+    unsigned char b[9] = {tag};
+    for (int k = 0; k < width; k++) b[1 + k] = (unsigned char)(v >> (8 * (width - 1 - k)));
+    return out_put(o, b, 1 + width);
+}
+
+/* msgpack's int encoding: the smallest form, unsigned for positive values. */
+static int out_ll(Out *o, long long d) {
+    if (d < -(1LL << 5)) {
+        if (d < -(1LL << 15)) return d < -(1LL << 31) ? out_be(o, 0xd3, (uint64_t)d, 8) : out_be(o, 0xd2, (uint64_t)d, 4);
+        return d < -(1 << 7) ? out_be(o, 0xd1, (uint64_t)d, 2) : out_be(o, 0xd0, (uint64_t)d, 1);
+    }
+    if (d < (1 << 7)) { unsigned char c = (unsigned char)d; return out_put(o, &c, 1); }
+    return d < (1LL << 16) ? (d < (1 << 8) ? out_be(o, 0xcc, (uint64_t)d, 1) : out_be(o, 0xcd, (uint64_t)d, 2))
+                           : (d < (1LL << 32) ? out_be(o, 0xce, (uint64_t)d, 4) : out_be(o, 0xcf, (uint64_t)d, 8));
+}
+
+/* An int (not a bool: the caller tells them apart); -1 when it is not one msgpack packs. */
+static int out_int(Out *o, PyObject *v) {
+    if (!PyLong_CheckExact(v)) return -1;
+    int over = 0;
+    long long d = PyLong_AsLongLongAndOverflow(v, &over);
+    if (d == -1 && PyErr_Occurred()) return -2;
+    if (!over) return out_ll(o, d);
+    if (over < 0) return -1;
+    unsigned long long u = PyLong_AsUnsignedLongLong(v);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) { PyErr_Clear(); return -1; }
+    return out_be(o, 0xcf, u, 8);
+}
+
+static int out_bin(Out *o, const char *s, Py_ssize_t k) {
+    int e = k < 256 ? out_be(o, 0xc4, (uint64_t)k, 1) : k < 65536 ? out_be(o, 0xc5, (uint64_t)k, 2)
+                                                        : out_be(o, 0xc6, (uint64_t)k, 4);
+    return e ? e : out_put(o, s, k);
+}
+
+static int out_bytes(Out *o, PyObject *v) {
+    if (!PyBytes_CheckExact(v) || PyBytes_GET_SIZE(v) > 0xffffffffLL) return -1;
+    return out_bin(o, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+}
+
+static int out_path(Out *o, PyObject *v) {  /* v.encode(fs encoding, "surrogateescape") as bin */
+    if (!PyUnicode_CheckExact(v)) return -1;
+    if (PyUnicode_IS_ASCII(v))
+        return out_bin(o, (const char *)PyUnicode_DATA(v), PyUnicode_GET_LENGTH(v));
+    PyObject *b = PyUnicode_EncodeFSDefault(v);
+    if (!b) return -2;
+    int e = out_bin(o, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+    Py_DECREF(b);
+    return e;
+}
+
+static int out_array(Out *o, Py_ssize_t k) {
+    if (k < 16) { unsigned char c = (unsigned char)(0x90 | k); return out_put(o, &c, 1); }
+    return k < 65536 ? out_be(o, 0xdc, (uint64_t)k, 2) : out_be(o, 0xdd, (uint64_t)k, 4);
+}
+
+/* A file's chunk sizes as encode_rows(packed=True) leaves them: packed bytes as they are; a
+   tuple of ints as pack_sizes packs it (uint16s, else uint32s), or as an array of ints when
+   one does not fit 32 bits. */
+static int out_sizes(Out *o, PyObject *v) {
+    if (PyBytes_CheckExact(v)) return out_bytes(o, v);
+    if (!PyTuple_CheckExact(v)) return -1;
+    Py_ssize_t k = PyTuple_GET_SIZE(v);
+    unsigned long long most = 0;
+    int fits = 1;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        PyObject *x = PyTuple_GET_ITEM(v, j);
+        if (!PyLong_CheckExact(x)) return -1;
+        int over = 0;
+        long long d = PyLong_AsLongLongAndOverflow(x, &over);
+        if (d == -1 && PyErr_Occurred()) return -2;
+        if (over || d < 0 || d > 0xffffffffLL) fits = 0;
+        else if ((unsigned long long)d > most) most = (unsigned long long)d;
+    }
+    if (!fits) {
+        int e = out_array(o, k);
+        for (Py_ssize_t j = 0; !e && j < k; j++) e = out_int(o, PyTuple_GET_ITEM(v, j));
+        return e;
+    }
+    int w = most <= 0xffff ? 2 : 4;
+    int e = w * k < 256 ? out_be(o, 0xc4, (uint64_t)(w * k), 1) : w * k < 65536 ? out_be(o, 0xc5, (uint64_t)(w * k), 2)
+                                                                 : out_be(o, 0xc6, (uint64_t)(w * k), 4);
+    if (e || out_room(o, w * k)) return e ? e : -2;
+    for (Py_ssize_t j = 0; j < k; j++) {  /* little-endian, as struct's "<H" / "<I" */
+        unsigned long long x = (unsigned long long)PyLong_AsLongLong(PyTuple_GET_ITEM(v, j));
+        for (int b = 0; b < w; b++) o->p[o->n++] = (char)(x >> (8 * b));
+    }
+    return 0;
+}
+
+static int out_slot(Out *o, PyObject *kind, PyObject *e, Py_ssize_t k, int (*put)(Out *, PyObject *)) {
+    PyObject *d = PyTuple_GET_ITEM(PyTuple_GET_ITEM(kind, 1), k);
+    PyObject *v = Py_TYPE(d)->tp_descr_get(d, e, (PyObject *)Py_TYPE(e));
+    if (!v) return -2;
+    int r = put(o, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int out_trusted(Out *o, PyObject *v) {
+    if (v == Py_True || v == Py_False) { unsigned char c = v == Py_True ? 0xc3 : 0xc2; return out_put(o, &c, 1); }
+    return out_int(o, v);
+}
+
+/* encode_own_rows(entries, file_kind, dir_kind, link_kind, base): the rows msgpack packs of
+   manifest.encode_rows(entries, packed=True), concatenated, and their offsets (bytes: n + 1
+   native uint64, from `base`: where each row starts, where the last ends); None when an entry
+   is not one it encodes as Python would (another class or type, an int beyond 64 bits): the
+   caller encodes in Python then, which raises where it should. */
+static PyObject *encode_own_rows(PyObject *self, PyObject *args) {
+    PyObject *entries, *fk, *dk, *lk;
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "O!OOOK", &PyList_Type, &entries, &fk, &dk, &lk, &base))
+        return NULL;
+    if (check_kind(fk, 11) || check_kind(dk, 3) || check_kind(lk, 3)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(entries);
+    Out o = {NULL, 0, 0};
+    PyObject *offs = PyBytes_FromStringAndSize(NULL, (n + 1) * (Py_ssize_t)sizeof(uint64_t)), *result = NULL;
+    if (!offs || out_room(&o, 64 * (n + 1))) goto done;
+    uint64_t *of = (uint64_t *)PyBytes_AS_STRING(offs);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PyList_GET_ITEM(entries, i);
+        PyObject *cls = (PyObject *)Py_TYPE(e);
+        of[i] = base + (uint64_t)o.n;
+        int r;
+        if (cls == PyTuple_GET_ITEM(fk, 0)) {
+            /* (0, path, size, mode, mtime_ns, digest, avg, sizes, digests, ino, ctime_ns, trusted) */
+            r = out_array(&o, 12);
+            if (!r) r = out_ll(&o, 0);
+            if (!r) r = out_slot(&o, fk, e, 0, out_path);
+            for (Py_ssize_t k = 1; !r && k < 11; k++)
+                r = out_slot(&o, fk, e, k, k == 4 || k == 7 ? out_bytes : k == 6 ? out_sizes : k == 10 ? out_trusted
+                                                                                                 : out_int);
+        } else if (cls == PyTuple_GET_ITEM(dk, 0)) {  /* (1, path, mode, mtime_ns) */
+            r = out_array(&o, 4);
+            if (!r) r = out_ll(&o, 1);
+            if (!r) r = out_slot(&o, dk, e, 0, out_path);
+            if (!r) r = out_slot(&o, dk, e, 1, out_int);
+            if (!r) r = out_slot(&o, dk, e, 2, out_int);
+        } else if (cls == PyTuple_GET_ITEM(lk, 0)) {  /* (2, path, target, mtime_ns) */
+            r = out_array(&o, 4);
+            if (!r) r = out_ll(&o, 2);
+            if (!r) r = out_slot(&o, lk, e, 0, out_path);
+            if (!r) r = out_slot(&o, lk, e, 1, out_path);
+            if (!r) r = out_slot(&o, lk, e, 2, out_int);
+        } else {
+            r = -1;
+        }
+        if (r == -2) goto done;
+        if (r == -1) { result = Py_None; Py_INCREF(result); goto done; }
+    }
+    of[n] = base + (uint64_t)o.n;
+    {
+        PyObject *body = PyBytes_FromStringAndSize(o.p, o.n);
+        if (body) result = Py_BuildValue("(NO)", body, offs);
+    }
+done:
+    PyMem_Free(o.p);
+    Py_XDECREF(offs);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"decode_own_rows", decode_own_rows, METH_VARARGS, "Decode a cache's rows (see the module's header)."},
+    {"encode_own_rows", encode_own_rows, METH_VARARGS, "Encode a cache's rows (see there)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -264,7 +452,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "dirsync._rows", NULL
    an older source (an install not redone after a pull) is then ignored, not called wrongly. */
 PyMODINIT_FUNC PyInit__rows(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "API", 1) < 0) {
+    if (m && PyModule_AddIntConstant(m, "API", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -398,6 +398,12 @@ def _fresh_body(entries: dict[str, Entry], chunker: str, generation: str,
     """The body of `entries` encoded row by row, with its row index (see _splice)."""
     pk = msgpack.Packer(use_bin_type=True)
     head = [pk.pack_array_header(3), pk.pack(chunker), pk.pack_array_header(len(entries))]
+    if packed and _rows is not None and ROWS_C:  # (100,000 rows: ~0.2 s in Python; a cache saved after a copy)
+        got = _rows.encode_own_rows(list(entries.values()), *_row_kinds(), sum(map(len, head)))
+        if got is not None:
+            offs = array("Q")
+            offs.frombytes(got[1])
+            return [*head, got[0], pk.pack(generation)], offs, list(entries)
     rows = list(map(pk.pack, encode_rows(entries.values(), packed=packed)))
     offs = array("Q", accumulate(map(len, rows), initial=sum(map(len, head))))
     return [*head, *rows, pk.pack(generation)], offs, list(entries)
@@ -606,9 +612,9 @@ try:  # rows of our own caches decoded in C (dirsync/_rows.c), when it was built
     from dirsync import _rows
 except ImportError:
     _rows = None
-if getattr(_rows, "API", None) != 1:  # (a build of an older _rows.c: not this code's)
+if getattr(_rows, "API", None) != 2:  # (a build of an older _rows.c: not this code's)
     _rows = None
-ROWS_C = True  # False: the Python decoder even when _rows is built (tests compare the two)
+ROWS_C = True  # False: the Python decoder and encoder even when _rows is built (tests compare them)
 FP_C = True  # False: fingerprint() sums in Python even when _walk is built (likewise)
 _KINDS: tuple | None = None
 
