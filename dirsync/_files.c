@@ -1,4 +1,5 @@
-/* dirsync._files: new small files written in C, many per call (see Replica.stage_new).
+/* dirsync._files: new small files written in C, many per call (see Replica.stage_new); a small
+   file read and hashed in one call (read_small, for scan._Scanner.hash_file: see there).
 
    An initial copy of many small files spent about 80 us of one process's time per file in
    the apply loop, of which the system calls that create and fill the file were ~35 us; the
@@ -34,6 +35,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -277,8 +279,156 @@ done:
     return out;
 }
 
+/* -- reading and hashing a small file (scan._Scanner.hash_file) ---------------------------- */
+
+/* pyfastcdc's FastCDC 2020 cut (its _cut_gear, normalized chunking), on the tables and masks
+   the caller takes from pyfastcdc itself: the offset where the chunk starting at buf ends. */
+static uint64_t cut_gear(const unsigned char *buf, uint64_t len, uint64_t min_size, uint64_t avg_size,
+                         uint64_t max_size, uint64_t mask_s, uint64_t mask_l, const uint64_t *gear,
+                         const uint64_t *gear_ls) {
+    uint64_t remaining = len;
+    if (remaining <= min_size) return remaining;
+    uint64_t center = avg_size;
+    if (remaining > max_size) remaining = max_size;
+    else if (remaining < center) center = remaining;
+    uint64_t h = 0, mask_s_ls = mask_s << 1, mask_l_ls = mask_l << 1;
+    uint64_t start = (min_size / 2) * 2, mid = (center / 2) * 2, end = (remaining / 2) * 2, pos;
+    for (pos = start; pos < mid; pos += 2) {
+        h = (h << 2) + gear_ls[buf[pos]];
+        if (!(h & mask_s_ls)) return pos;
+        h = h + gear[buf[pos + 1]];
+        if (!(h & mask_s)) return pos + 1;
+    }
+    for (pos = mid; pos < end; pos += 2) {
+        h = (h << 2) + gear_ls[buf[pos]];
+        if (!(h & mask_l_ls)) return pos;
+        h = h + gear[buf[pos + 1]];
+        if (!(h & mask_l)) return pos + 1;
+    }
+    return remaining;
+}
+
+typedef struct {
+    unsigned long long min, avg, max, mask_s, mask_l;
+    Py_buffer gear, gear_ls;
+} Cutter;
+
+/* (sizes, digests) of `data` cut by `c` (avg 0: one chunk, whose digest is `whole`) */
+static PyObject *chunk_data(PyObject *data, const Cutter *c, PyObject *whole, PyObject *hash) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    uint64_t len = (uint64_t)PyBytes_GET_SIZE(data);
+    if (!len) return Py_BuildValue("(()y)", "");
+    if (!c->avg) return Py_BuildValue("((K)O)", (unsigned long long)len, whole);
+    PyObject *sizes = PyList_New(0), *digests = PyBytes_FromStringAndSize(NULL, 0), *out = NULL;
+    if (!sizes || !digests) goto done;
+    Py_ssize_t nd = 0;
+    for (uint64_t off = 0; off < len;) {
+        uint64_t n = cut_gear(p + off, len - off, c->min, c->avg, c->max, c->mask_s, c->mask_l,
+                              (const uint64_t *)c->gear.buf, (const uint64_t *)c->gear_ls.buf);
+        PyObject *view = PyMemoryView_FromMemory((char *)p + off, (Py_ssize_t)n, PyBUF_READ);
+        if (!view) goto done;
+        PyObject *d = PyObject_CallOneArg(hash, view);
+        Py_DECREF(view);
+        if (!d) goto done;
+        if (!PyBytes_Check(d)) { Py_DECREF(d); PyErr_SetString(PyExc_TypeError, "hash must return bytes"); goto done; }
+        Py_ssize_t dl = PyBytes_GET_SIZE(d);
+        if (_PyBytes_Resize(&digests, nd + dl) < 0) { Py_DECREF(d); goto done; }
+        memcpy(PyBytes_AS_STRING(digests) + nd, PyBytes_AS_STRING(d), (size_t)dl);
+        nd += dl;
+        Py_DECREF(d);
+        PyObject *k = PyLong_FromUnsignedLongLong(n);
+        if (!k || PyList_Append(sizes, k) < 0) { Py_XDECREF(k); goto done; }
+        Py_DECREF(k);
+        off += n;
+    }
+    {
+        PyObject *t = PyList_AsTuple(sizes);
+        if (t) out = Py_BuildValue("(NO)", t, digests);
+    }
+done:
+    Py_XDECREF(sizes);
+    Py_XDECREF(digests);
+    return out;
+}
+
+/* read_small(path, ino, size, cut, hash) -> (data, sizes, digests, whole, mode, mtime_ns, ctime_ns)
+   or None. What scan._Scanner.hash_file does for a file of at most a buffer's size, with the
+   same checks: opened without following a link, a regular file with the walk's inode and size,
+   read whole (a byte more is asked for: a grown file shows), unchanged in size, mtime and ctime
+   from before the read to after it. None on any failure or mismatch, or a time beyond 64 bits:
+   the caller reads the file in Python then, which raises or reports as it always did.
+     cut    (min, avg, max, mask_s, mask_l, gear, gear_ls): pyfastcdc's cutter for the file's
+            chunk class (avg 0: the file is one chunk), gear tables as buffers of 256 uint64 */
+static PyObject *read_small(PyObject *self, PyObject *args) {
+    PyObject *path, *hash;
+    unsigned long long ino, size;
+    Cutter c;
+    if (!PyArg_ParseTuple(args, "O&KK(KKKKKy*y*)O", PyUnicode_FSConverter, &path, &ino, &size, &c.min, &c.avg,
+                          &c.max, &c.mask_s, &c.mask_l, &c.gear, &c.gear_ls, &hash))
+        return NULL;
+    PyObject *data = NULL, *out = NULL;
+    if (c.gear.len != 256 * 8 || c.gear_ls.len != 256 * 8) {
+        PyErr_SetString(PyExc_ValueError, "read_small: gear tables must be 256 uint64s");
+        goto done;
+    }
+    if (size > (1ULL << 30)) { out = Py_None; Py_INCREF(out); goto done; }
+    data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size + 1);
+    if (!data) goto done;
+    int fail = 0;
+    uint64_t got = 0;
+    struct stat st0, st1;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = open(PyBytes_AS_STRING(path), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        fail = 1;
+    } else {
+        if (fstat(fd, &st0) != 0 || !S_ISREG(st0.st_mode) || (unsigned long long)st0.st_ino != ino
+            || (unsigned long long)st0.st_size != size) {
+            fail = 1;
+        } else {
+            while (got <= size) {
+                ssize_t n = read(fd, PyBytes_AS_STRING(data) + got, (size_t)(size + 1 - got));
+                if (n < 0) {
+                    if (errno == EINTR) continue;
+                    fail = 1;
+                    break;
+                }
+                if (n == 0) break;
+                got += (uint64_t)n;
+            }
+            if (!fail && (got != size || fstat(fd, &st1) != 0 || st1.st_size != st0.st_size
+                          || st1.st_mtim.tv_sec != st0.st_mtim.tv_sec || st1.st_mtim.tv_nsec != st0.st_mtim.tv_nsec
+                          || st1.st_ctim.tv_sec != st0.st_ctim.tv_sec || st1.st_ctim.tv_nsec != st0.st_ctim.tv_nsec
+                          || st1.st_mtim.tv_sec > 9000000000LL || st1.st_mtim.tv_sec < -9000000000LL
+                          || st1.st_ctim.tv_sec > 9000000000LL || st1.st_ctim.tv_sec < -9000000000LL))
+                fail = 1;
+        }
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    if (fail) { out = Py_None; Py_INCREF(out); goto done; }
+    if (_PyBytes_Resize(&data, (Py_ssize_t)size) < 0) goto done;
+    PyObject *whole = PyObject_CallOneArg(hash, data);
+    if (!whole) goto done;
+    PyObject *ch = chunk_data(data, &c, whole, hash);
+    if (ch) {
+        out = Py_BuildValue("(OOONILL)", data, PyTuple_GET_ITEM(ch, 0), PyTuple_GET_ITEM(ch, 1), whole,
+                            (unsigned int)(st1.st_mode & 07777), ns_of(st1.st_mtim), ns_of(st1.st_ctim));
+        Py_DECREF(ch);
+    } else {
+        Py_DECREF(whole);
+    }
+done:
+    Py_XDECREF(data);
+    Py_DECREF(path);
+    PyBuffer_Release(&c.gear);
+    PyBuffer_Release(&c.gear_ls);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"write_new", write_new, METH_VARARGS, "Write new small files (see the module's header)."},
+    {"read_small", read_small, METH_VARARGS, "Read and hash a small file (see there)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -288,7 +438,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "dirsync._files", NUL
    source (an install not redone after a pull) is then ignored, not called wrongly. */
 PyMODINIT_FUNC PyInit__files(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "API", 1) < 0) {
+    if (m && PyModule_AddIntConstant(m, "API", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -81,8 +81,66 @@ def cutter(avg: int):
     c = _cutters.get(avg)
     if c is None:
         fastcdc = _import_pyfastcdc().FastCDC
-        c = _cutters[avg] = fastcdc(avg, min_size=max(64, avg // 4), max_size=max(1024, avg * 4), normalized_chunking=1)
+        c = _cutters[avg] = fastcdc(avg, min_size=_min_size(avg), max_size=_max_size(avg), normalized_chunking=1)
     return c
+
+
+def _min_size(avg: int) -> int:
+    return max(64, avg // 4)
+
+
+def _max_size(avg: int) -> int:
+    return max(1024, avg * 4)
+
+
+def cut_params(avg: int) -> tuple | None:
+    """cutter(avg) as _files.read_small cuts (pyfastcdc's FastCDC 2020 with normalized chunking
+    1, tests/test_files_c.py compares the two): (min, avg, max, mask_s, mask_l, gear, gear_ls),
+    the masks and gear tables pyfastcdc's own (avg 0: one chunk); None when they are not at hand."""
+    p = _cut_params.get(avg)
+    if p is None and avg not in _cut_params:
+        k = _gear_tables()
+        if k is None:
+            p = None
+        elif avg:
+            bits = avg.bit_length() - 1
+            p = (_min_size(avg), avg, _max_size(avg), k.MASKS[bits + 1], k.MASKS[bits - 1], k.GEAR, k.GEAR_LS)
+        else:
+            p = (0, 0, 0, 0, 0, k.GEAR, k.GEAR_LS)
+        _cut_params[avg] = p
+    return p
+
+
+_cut_params: dict = {}
+
+
+def _gear_tables():
+    """pyfastcdc's masks and gear tables: its pure-Python implementation's constants module (the
+    compiled one's are not reachable from Python), loaded on its own (importing pyfastcdc.py
+    would import that implementation, and typing with it) with typing_extensions hidden as in
+    _import_pyfastcdc; None if they are not there as expected."""
+    import importlib.util
+    import sys
+
+    from dirsync.imports import stand_in
+
+    try:
+        path = os.path.join(os.path.dirname(_import_pyfastcdc().__file__), "py", "constants.py")
+        spec = importlib.util.spec_from_file_location("dirsync._fastcdc_constants", path)
+        k = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        hidden = "typing_extensions" not in sys.modules
+        if hidden:
+            sys.modules["typing_extensions"] = stand_in("typing_extensions", Final=_Hint())
+        try:
+            spec.loader.exec_module(k)  # type: ignore[union-attr]
+        finally:
+            if hidden:
+                del sys.modules["typing_extensions"]
+        if len(k.GEAR) == len(k.GEAR_LS) == 256 and k.GEAR.itemsize == 8 and k.GEAR_LS.itemsize == 8:
+            return k
+    except (ImportError, AttributeError, TypeError, OSError):
+        pass
+    return None
 
 
 def chunk_buffer(buf: bytes | memoryview, avg: int) -> tuple[tuple[int, ...], bytes, bytes]:

@@ -60,12 +60,7 @@ NEW_BATCH = 128  # writes of new small files staged in one _files.write_new call
 NEW_MAX = 64 << 10  # the largest such file is a byte smaller (as apply.DIRECT_MIN: larger ones copy in the kernel)
 _NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1  # (stage_new: mtimes it takes, as a C long long)
 
-try:  # new small files written in C (dirsync/_files.c), when it was built; else stage() writes them
-    from dirsync import _files
-except ImportError:
-    _files = None
-if getattr(_files, "API", None) != 1:  # (a build of an older _files.c: not this code's)
-    _files = None
+from dirsync.scan import _files  # new small files written in C (dirsync/_files.c), or None: stage() writes them
 
 
 class OpenInfo(Record):

@@ -27,6 +27,13 @@ from dirsync.state import fork_answering
 
 from dirsync.manifest import _walk  # the walk's per-directory loop in C (dirsync/_walk.c), or None: gather's own
 
+try:  # small files read and hashed (and new ones written: Replica.stage_new) in C, when it was built
+    from dirsync import _files
+except ImportError:
+    _files = None
+if getattr(_files, "API", None) != 2:  # (a build of an older _files.c: not this code's)
+    _files = None
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
     from typing import Callable, Iterable
@@ -39,6 +46,8 @@ _TMP_PREFIX_B = TMP_PREFIX.encode()
 WALK_C = True  # False: gather's Python loop even when _walk is built (tests compare the two)
 RACY_NS = 100_000_000  # ext4 stamps come from a coarse clock (1-10 ms); stay well clear
 BUFFER_MAX = 1 << 20  # files up to this size are read in one go
+SMALL_C_MAX = 256 << 10  # ... and up to this size in C (_files.read_small) when it is built (the saving is per file)
+READ_C = True  # False: hash_file reads in Python even when _files is built (tests compare the two)
 HOLD_MAX = 64 << 10  # larger files are copied in the kernel (apply.DIRECT_MIN), not sent from memory
 PRECOPY_MIN = 64 << 20  # scan_tree's on_rehash is called for files at least this large (Replica.precopy)
 
@@ -797,6 +806,15 @@ class _Scanner:
         return c.replace(path=rel)
 
     def hash_file(self, rel: str, st: os.stat_result, prev_avg: int | None) -> FileEntry:
+        if _files is not None and st.st_size <= SMALL_C_MAX and READ_C:
+            # In C (_files.read_small): the same checks, the same result; None on anything
+            # that is not a plain read of an unchanging file: then below, which raises as ever.
+            avg = chunking.choose_avg(st.st_size, prev_avg)
+            cut = chunking.cut_params(avg)
+            got = _files.read_small(self.abspath(rel), st.st_ino, st.st_size, cut, _digest) if cut else None
+            if got is not None:
+                buf, sizes, digests, whole, mode, mtime_ns, ctime_ns = got
+                return self._read_entry(rel, buf, avg, sizes, digests, whole, mode, mtime_ns, st.st_ino, ctime_ns)
         fd = os.open(self.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             st0 = os.fstat(fd)
@@ -820,18 +838,27 @@ class _Scanner:
         if (nread != st0.st_size or st1.st_size != st0.st_size or st1.st_mtime_ns != st0.st_mtime_ns
                 or st1.st_ctime_ns != st0.st_ctime_ns):
             raise SourceChangedError(rel, "read", "file changed while being read; it will be synced on a later run")
-        self.result.files_read += 1
+        return self._read_entry(rel, buf if nread <= BUFFER_MAX else None, avg, sizes, digests, whole,
+                                stat.S_IMODE(st1.st_mode), st1.st_mtime_ns, st1.st_ino, st1.st_ctime_ns, nread)
+
+    def _read_entry(self, rel: str, buf: bytes | None, avg: int, sizes: tuple, digests: bytes, whole: bytes,
+                    mode: int, mtime_ns: int, ino: int, ctime_ns: int, nread: int = -1) -> FileEntry:
+        """The entry of a file just read whole (`buf`: its bytes, when it was read in one go),
+        with the scan's accounting: counters, progress, the bytes it may hold."""
+        if nread < 0:
+            nread = len(buf)  # type: ignore[arg-type]
+        res = self.result
+        res.files_read += 1
         self.changed = True
-        self.result.bytes_read += nread
+        res.bytes_read += nread
         if self.on_bytes:
             self.on_bytes(nread)
         limit = self.start_ns - RACY_NS
-        trusted = st1.st_ctime_ns < limit and st1.st_mtime_ns < limit
-        if nread <= HOLD_MAX and nread <= self.hold_left:
+        trusted = ctime_ns < limit and mtime_ns < limit
+        if nread <= HOLD_MAX and nread <= self.hold_left and buf is not None:
             self.hold_left -= nread
-            self.result.held[rel] = (whole, buf)  # exactly the bytes `whole` was computed from
-        return FileEntry(rel, nread, stat.S_IMODE(st1.st_mode), st1.st_mtime_ns, whole, avg, sizes, digests,
-                         st1.st_ino, st1.st_ctime_ns, trusted)
+            res.held[rel] = (whole, buf)  # exactly the bytes `whole` was computed from
+        return FileEntry(rel, nread, mode, mtime_ns, whole, avg, sizes, digests, ino, ctime_ns, trusted)
 
     def rescan(self, only: Iterable[str]) -> None:
         tops = set(only)

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
 
 import pytest
 import xxhash
 
+from dirsync import chunking
 from dirsync import replica as replica_mod
+from dirsync import scan as scan_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.chunking import CHUNKER_ID
 from dirsync.errors import ItemIOError
+from dirsync.manifest import FileEntry
 from dirsync.plan import diff
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
@@ -207,3 +211,75 @@ def test_a_full_disk_leaves_no_partial_file_and_the_rest_is_reported(tmp_path, m
     r2 = tmp_path / "r2"
     sync_json(m, r2)
     treecmp.assert_trees_equal(m, r2)
+
+
+# -- a small file read and hashed in C (scan._Scanner.hash_file) ------------------------------------
+
+
+def scanned(root, use_c: bool, monkeypatch, hold: int = 64 << 20):
+    monkeypatch.setattr(scan_mod, "READ_C", use_c)
+    calls = spy_calls(monkeypatch, scan_mod._files, "read_small", lambda got, *a: got is not None)
+    res = scan_tree(str(root), hold=hold)
+    monkeypatch.undo()
+    return res, calls
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_read_small_gives_what_the_python_read_gives(tmp_path, monkeypatch, seed):
+    """Every chunk class (0: one chunk; 512 B to 8 KiB), random and repetitive bytes, sizes at
+    the classes' edges and at the C read's limit; modes, an old mtime, non-UTF-8 names: the
+    same entries (digests, chunk sizes, stat facts, trust) and held bytes either way."""
+    rnd = random.Random(seed)
+    spec = {}
+    for n in (0, 1, 63, 64, 1024, 1025, 2048, 4095, 4096, 16384, 65536, 65537, 100_000, 262_144, 262_145, 300_000):
+        spec[f"r/{n}.bin"] = rnd.randbytes(n)
+        spec[f"t/{n}.txt"] = (b"abc\n" * (n // 4 + 1))[:n]
+    build_tree(tmp_path / "m", spec)
+    os.chmod(tmp_path / "m/r/1025.bin", 0o4711)
+    os.utime(tmp_path / "m/t/2048.txt", ns=(-10**18, -10**18))
+    with open(os.fsencode(tmp_path / "m/r") + b"/caf\xe9", "wb") as f:
+        f.write(rnd.randbytes(5000))
+    settle(tmp_path / "m")
+    c, c_calls = scanned(tmp_path / "m", True, monkeypatch)
+    py, py_calls = scanned(tmp_path / "m", False, monkeypatch)
+    assert py_calls == [] and c_calls.count(True) == sum(len(v) <= 262_144 for v in spec.values()) + 1
+    assert list(c.manifest.entries) == list(py.manifest.entries)
+    for p, e in c.manifest.entries.items():
+        f = py.manifest.entries[p]
+        assert [getattr(e, k) for k in e.__slots__ if k != "held_sizes"] == \
+            [getattr(f, k) for k in f.__slots__ if k != "held_sizes"] and getattr(e, "sizes", 0) == getattr(f, "sizes", 0), p
+    assert c.held == py.held and (c.files_read, c.bytes_read) == (py.files_read, py.bytes_read)
+    assert sum(len(e.sizes) > 1 for e in c.manifest.entries.values() if isinstance(e, FileEntry)) > 10
+
+
+@pytest.mark.parametrize("avg", [0, 512, 1024, 2048, 4096, 8192])
+def test_read_small_cuts_as_pyfastcdc_does(tmp_path, avg):
+    rnd = random.Random(avg)
+    for k in range(40):
+        n = rnd.choice([rnd.randrange(1, 300), rnd.randrange(300, 40_000), rnd.randrange(40_000, 200_000)])
+        data = rnd.randbytes(n) if k % 3 else bytes(rnd.choice(b"ab") for _ in range(n))
+        p = tmp_path / f"f{k}"
+        p.write_bytes(data)
+        st = os.stat(p)
+        got = _files.read_small(str(p), st.st_ino, n, chunking.cut_params(avg), H)
+        sizes, digests, whole = chunking.chunk_buffer(data, avg)
+        assert got[:4] == (data, sizes, digests, whole)
+        assert got[4:] == (stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_ctime_ns)
+
+
+def test_read_small_leaves_anything_else_to_python(tmp_path):
+    """None for: a missing file, a link, a directory, another inode, another size (grown or
+    shrunk since the walk), an unreadable file (as another user): hash_file's Python read then
+    raises or reports as it always did."""
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    os.symlink("f", tmp_path / "l")
+    st = os.stat(p)
+    cut = chunking.cut_params(0)
+    assert _files.read_small(str(p), st.st_ino, 100, cut, H) is not None
+    for path, ino, size in ((tmp_path / "gone", st.st_ino, 100), (tmp_path / "l", st.st_ino, 100),
+                            (tmp_path, os.stat(tmp_path).st_ino, 0), (p, st.st_ino + 1, 100), (p, st.st_ino, 99),
+                            (p, st.st_ino, 101)):
+        assert _files.read_small(str(path), ino, size, cut, H) is None, path
+    with pytest.raises(ValueError):
+        _files.read_small(str(p), st.st_ino, 100, (0, 0, 0, 0, 0, b"short", b"short"), H)
