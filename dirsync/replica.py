@@ -43,6 +43,7 @@ from dirsync.manifest import (DirEntry, Entry, FileEntry, LinkEntry, Manifest, O
 from dirsync.plan import CopyOp, Delete, MakeDir, MakeLink, MoveDir, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
 from dirsync.scan import PRECOPY_MIN, RACY_NS, STATE_DIR, TMP_PREFIX, Excluder, Prewalk, ScanResult, scan_tree
+from dirsync.scan import _files  # new small files written in C (dirsync/_files.c), or None: stage() writes them
 from dirsync.state import FileLock, fsync_dir_fd, load_manifest_file, save_manifest_file, write_atomic
 
 TYPE_CHECKING = False
@@ -59,8 +60,6 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_BATCH = 128  # writes of new small files staged in one _files.write_new call (see stage_new)
 NEW_MAX = 64 << 10  # the largest such file is a byte smaller (as apply.DIRECT_MIN: larger ones copy in the kernel)
 _NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1  # (stage_new: mtimes it takes, as a C long long)
-
-from dirsync.scan import _files  # new small files written in C (dirsync/_files.c), or None: stage() writes them
 
 
 class OpenInfo(Record):
