@@ -279,6 +279,38 @@ done:
     return out;
 }
 
+/* read_checked(path, size, mtime_ns, digest, hash) -> bytes or None: a master file's bytes as
+   write_new reads them (a regular file, not followed through a link, of that size and mtime,
+   exactly `size` bytes whose hash is `digest`), for apply.MasterReader.whole; None on any
+   failure or mismatch (the caller reads it in Python then, which raises what it raises). */
+static PyObject *read_checked(PyObject *self, PyObject *args) {
+    PyObject *path, *hash;
+    Item it = {0};
+    if (!PyArg_ParseTuple(args, "O&LLy#O", PyUnicode_FSConverter, &path, &it.size, &it.mtime_ns, &it.digest,
+                          &it.digest_len, &hash))
+        return NULL;
+    PyObject *out = NULL;
+    int code = 0;
+    it.src = PyBytes_AS_STRING(path);
+    if (it.size < 0 || (Py_ssize_t)strlen(it.src) != PyBytes_GET_SIZE(path)) {
+        out = Py_None;
+        Py_INCREF(out);
+    } else {
+        PyObject *data = read_src(&it, &code);
+        if (data) {
+            int m = digest_matches(hash, data, &it);
+            if (m > 0) { out = data; data = NULL; }
+            else if (m == 0) { out = Py_None; Py_INCREF(out); }
+            Py_XDECREF(data);
+        } else if (code) {
+            out = Py_None;
+            Py_INCREF(out);
+        }
+    }
+    Py_DECREF(path);
+    return out;
+}
+
 /* -- reading and hashing a small file (scan._Scanner.hash_file) ---------------------------- */
 
 /* pyfastcdc's FastCDC 2020 cut (its _cut_gear, normalized chunking), on the tables and masks
@@ -429,6 +461,7 @@ done:
 static PyMethodDef methods[] = {
     {"write_new", write_new, METH_VARARGS, "Write new small files (see the module's header)."},
     {"read_small", read_small, METH_VARARGS, "Read and hash a small file (see there)."},
+    {"read_checked", read_checked, METH_VARARGS, "Read a master file as write_new does (see there)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -438,7 +471,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "dirsync._files", NUL
    source (an install not redone after a pull) is then ignored, not called wrongly. */
 PyMODINIT_FUNC PyInit__files(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "API", 2) < 0) {
+    if (m && PyModule_AddIntConstant(m, "API", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

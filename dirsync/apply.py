@@ -18,6 +18,7 @@ from dirsync.errors import ItemError, ItemIOError, SourceChangedError
 from dirsync.manifest import DIGEST_SIZE, FileEntry, is_under, parent_of
 from dirsync.plan import Action, Commit, CopyOp, Delete, MakeDir, MakeLink, MoveDir, SendOp, SetMeta, WriteFile
 from dirsync.record import Record
+from dirsync.scan import _files
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers only (annotations are never evaluated): no import at start-up
@@ -705,6 +706,23 @@ class MasterReader:
                 raise SourceChangedError(path, "read", "changed while being read; it will be synced next run")
         finally:
             os.close(fd)
+
+    def whole(self, w: WriteFile) -> bytes:
+        """All the bytes of a new file whose one send op covers it (an SSH write batch's): those
+        the scan held; else, not throttled, read and checked in C (_files.read_checked: as
+        sends() checks them, ~10 us a file less); else (or when that fails) sends()'s."""
+        t = w.target
+        held = self.held.get(w.path)
+        if held is not None and held[0] == t.digest and len(held[1]) == t.size:
+            if self.throttle:
+                self.throttle(t.size)
+            return held[1]
+        if _files is not None and self.throttle is None and t.size and -(1 << 63) <= t.mtime_ns < 1 << 63:
+            got = _files.read_checked(os.path.join(self.root, w.path), t.size, t.mtime_ns, t.digest,
+                                      xxhash.xxh3_128_digest)
+            if got is not None:
+                return got
+        return b"".join(self.sends(w))
 
     def new_source(self, w: WriteFile) -> bytes | str:
         """Where Replica.stage_new takes a new small file's bytes from: those the master scan

@@ -31,7 +31,7 @@ try:  # small files read and hashed (and new ones written: Replica.stage_new) in
     from dirsync import _files
 except ImportError:
     _files = None
-if getattr(_files, "API", None) != 2:  # (a build of an older _files.c: not this code's)
+if getattr(_files, "API", None) != 3:  # (a build of an older _files.c: not this code's)
     _files = None
 
 TYPE_CHECKING = False

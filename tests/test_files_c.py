@@ -17,8 +17,8 @@ from dirsync import replica as replica_mod
 from dirsync import scan as scan_mod
 from dirsync.apply import MasterReader, ReplicaSummary, apply_actions
 from dirsync.chunking import CHUNKER_ID
-from dirsync.errors import ItemIOError
-from dirsync.manifest import FileEntry
+from dirsync.errors import ItemIOError, SourceChangedError
+from dirsync.manifest import DirEntry, FileEntry, Manifest
 from dirsync.plan import diff
 from dirsync.replica import Replica
 from dirsync.scan import Excluder, scan_tree
@@ -283,3 +283,41 @@ def test_read_small_leaves_anything_else_to_python(tmp_path):
         assert _files.read_small(str(path), ino, size, cut, H) is None, path
     with pytest.raises(ValueError):
         _files.read_small(str(p), st.st_ino, 100, (0, 0, 0, 0, 0, b"short", b"short"), H)
+
+
+def test_read_checked_gives_a_master_files_bytes_only_as_the_plan_has_them(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"content\n" * 10)
+    os.symlink("f", tmp_path / "l")
+    st = os.stat(p)
+    d = H(p.read_bytes())
+    assert _files.read_checked(str(p), 80, st.st_mtime_ns, d, H) == b"content\n" * 10
+    for path, size, mtime, digest in ((p, 79, st.st_mtime_ns, d), (p, 81, st.st_mtime_ns, d),
+                                      (p, 80, st.st_mtime_ns + 1, d), (p, 80, st.st_mtime_ns, H(b"other")),
+                                      (tmp_path / "l", 80, st.st_mtime_ns, d), (tmp_path / "gone", 80, 0, d),
+                                      (tmp_path, 80, st.st_mtime_ns, d)):
+        assert _files.read_checked(str(path), size, mtime, digest, H) is None, (path, size, mtime)
+
+
+def test_a_master_readers_whole_file_is_held_read_in_c_or_refused_as_sends_refuses_it(tmp_path, monkeypatch):
+    """MasterReader.whole (an SSH write batch's bytes): the scan's held bytes, else read in C,
+    and a file changed since the scan raises what sends() raises (its Python read)."""
+    m = tmp_path / "m"
+    build_tree(m, {"a.txt": b"alpha\n" * 30, "b.txt": b"beta\n" * 30, "c.txt": b"gamma\n" * 30})
+    settle(m)
+    ms = scan_tree(str(m), hold=len(b"alpha\n" * 30))  # (room for the first file read only)
+    plan = diff(ms.manifest, Manifest({"": DirEntry("", 0o755, 0)}))
+    writes = {a.path: a for a in plan.actions if a.__class__.__name__ == "WriteFile"}
+    reader = MasterReader(str(m), None, ms.held)
+    assert len(ms.held) == 1
+    read = spy_calls(monkeypatch, _files, "read_checked", lambda got, *a: got is not None)
+    for p in ("a.txt", "b.txt", "c.txt"):
+        assert reader.whole(writes[p]) == (m / p).read_bytes()
+    assert read == [True, True]  # (the held one needed no read)
+    p = next(p for p in ("b.txt", "c.txt") if p not in ms.held)
+    st = os.stat(m / p)
+    (m / p).write_bytes(b"X" * st.st_size)  # same size and mtime, other bytes
+    os.utime(m / p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(SourceChangedError):
+        reader.whole(writes[p])
+    assert read[-1] is False
