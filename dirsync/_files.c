@@ -102,6 +102,23 @@ static int parse_item(PyObject *t, Item *it) {
 
 static long long ns_of(struct timespec t) { return (long long)t.tv_sec * 1000000000LL + t.tv_nsec; }
 
+/* Read from the start of `fd` into p up to size + 1 bytes (one more than expected: a file
+   that grew shows) or to its end; the bytes read, or -1 with *err set. No GIL needed. */
+static long long read_upto(int fd, char *p, long long size, int *err) {
+    long long got = 0;
+    while (got <= size) {
+        ssize_t n = pread(fd, p + got, (size_t)(size + 1 - got), (off_t)got);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            *err = errno;
+            return -1;
+        }
+        if (n == 0) break;
+        got += n;
+    }
+    return got;
+}
+
 /* The master file's content, as the plan describes it, in a new bytes object; NULL with
    *code set (-1 or an errno) when it is not, NULL with a Python error on a memory error. */
 static PyObject *read_src(const Item *it, int *code) {
@@ -109,7 +126,6 @@ static PyObject *read_src(const Item *it, int *code) {
     if (!buf) return NULL;
     char *p = PyBytes_AS_STRING(buf);
     int fd, e = 0;
-    long long got = 0;
     struct stat st;
     Py_BEGIN_ALLOW_THREADS
     fd = open(it->src, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
@@ -122,17 +138,8 @@ static PyObject *read_src(const Item *it, int *code) {
                    || st.st_mtim.tv_sec < -9000000000LL || ns_of(st.st_mtim) != it->mtime_ns) {
             e = -1;
         } else {
-            while (got <= it->size) {  /* up to one byte more than expected: a grown file shows */
-                ssize_t n = pread(fd, p + got, (size_t)(it->size + 1 - got), (off_t)got);
-                if (n < 0) {
-                    if (errno == EINTR) continue;
-                    e = errno;
-                    break;
-                }
-                if (n == 0) break;
-                got += n;
-            }
-            if (!e && got != it->size) e = -1;
+            long long got = read_upto(fd, p, it->size, &e);
+            if (got >= 0 && got != it->size) e = -1;
         }
         close(fd);
     }
@@ -156,14 +163,15 @@ static int digest_matches(PyObject *hash, PyObject *data, const Item *it) {
     return ok;
 }
 
-/* The chunk digests of `data` cut at it->cuts, concatenated: a new bytes object; NULL with
-   *code = -1 when the cuts do not tile the data, NULL with a Python error otherwise. */
-static PyObject *derive(PyObject *hash, PyObject *data, const Item *it, int *code) {
-    Py_ssize_t n = PyTuple_GET_SIZE(it->cuts), len = PyBytes_GET_SIZE(data), pos = 0;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n * it->digest_len);
+/* The chunk digests of `data` cut at `cuts` (a tuple of ints), each `dlen` bytes, concatenated:
+   a new bytes object; NULL with *code = -1 when the cuts do not tile the data, NULL with a
+   Python error otherwise. (write_new's derived writes; read_small's chunks.) */
+static PyObject *chunk_digests(PyObject *hash, PyObject *data, PyObject *cuts, Py_ssize_t dlen, int *code) {
+    Py_ssize_t n = PyTuple_GET_SIZE(cuts), len = PyBytes_GET_SIZE(data), pos = 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * dlen);
     if (!out) return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
-        long long c = PyLong_AsLongLong(PyTuple_GET_ITEM(it->cuts, k));
+        long long c = PyLong_AsLongLong(PyTuple_GET_ITEM(cuts, k));
         if (c == -1 && PyErr_Occurred()) { Py_DECREF(out); return NULL; }
         if (c <= 0 || c > len - pos) { Py_DECREF(out); *code = -1; return NULL; }
         PyObject *view = PyMemoryView_FromMemory(PyBytes_AS_STRING(data) + pos, (Py_ssize_t)c, PyBUF_READ);
@@ -171,13 +179,13 @@ static PyObject *derive(PyObject *hash, PyObject *data, const Item *it, int *cod
         PyObject *d = PyObject_CallOneArg(hash, view);
         Py_DECREF(view);
         if (!d) { Py_DECREF(out); return NULL; }
-        if (!PyBytes_Check(d) || PyBytes_GET_SIZE(d) != it->digest_len) {
+        if (!PyBytes_Check(d) || PyBytes_GET_SIZE(d) != dlen) {
             Py_DECREF(d);
             Py_DECREF(out);
-            PyErr_SetString(PyExc_ValueError, "write_new: hash gave a digest of another size");
+            PyErr_SetString(PyExc_ValueError, "hash gave a digest of another size");
             return NULL;
         }
-        memcpy(PyBytes_AS_STRING(out) + k * it->digest_len, PyBytes_AS_STRING(d), (size_t)it->digest_len);
+        memcpy(PyBytes_AS_STRING(out) + k * dlen, PyBytes_AS_STRING(d), (size_t)dlen);
         Py_DECREF(d);
         pos += (Py_ssize_t)c;
     }
@@ -257,7 +265,7 @@ static PyObject *write_new(PyObject *self, PyObject *args) {
             if (m < 0) { Py_DECREF(data); Py_CLEAR(out); goto done; }
             if (!m) code = -1;
             if (!code && it->cuts) {  /* (derived before the file is made: a bad cut makes none) */
-                digests = derive(hash, data, it, &code);
+                digests = chunk_digests(hash, data, it->cuts, it->digest_len, &code);
                 if (!digests && !code) { Py_DECREF(data); Py_CLEAR(out); goto done; }
             }
             if (!code) code = write_one(it, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
@@ -351,34 +359,22 @@ static PyObject *chunk_data(PyObject *data, const Cutter *c, PyObject *whole, Py
     uint64_t len = (uint64_t)PyBytes_GET_SIZE(data);
     if (!len) return Py_BuildValue("(()y)", "");
     if (!c->avg) return Py_BuildValue("((K)O)", (unsigned long long)len, whole);
-    PyObject *sizes = PyList_New(0), *digests = PyBytes_FromStringAndSize(NULL, 0), *out = NULL;
-    if (!sizes || !digests) goto done;
-    Py_ssize_t nd = 0;
+    PyObject *sizes = PyList_New(0), *cuts = NULL, *digests = NULL, *out = NULL;
+    if (!sizes) return NULL;
     for (uint64_t off = 0; off < len;) {
         uint64_t n = cut_gear(p + off, len - off, c->min, c->avg, c->max, c->mask_s, c->mask_l,
                               (const uint64_t *)c->gear.buf, (const uint64_t *)c->gear_ls.buf);
-        PyObject *view = PyMemoryView_FromMemory((char *)p + off, (Py_ssize_t)n, PyBUF_READ);
-        if (!view) goto done;
-        PyObject *d = PyObject_CallOneArg(hash, view);
-        Py_DECREF(view);
-        if (!d) goto done;
-        if (!PyBytes_Check(d)) { Py_DECREF(d); PyErr_SetString(PyExc_TypeError, "hash must return bytes"); goto done; }
-        Py_ssize_t dl = PyBytes_GET_SIZE(d);
-        if (_PyBytes_Resize(&digests, nd + dl) < 0) { Py_DECREF(d); goto done; }
-        memcpy(PyBytes_AS_STRING(digests) + nd, PyBytes_AS_STRING(d), (size_t)dl);
-        nd += dl;
-        Py_DECREF(d);
         PyObject *k = PyLong_FromUnsignedLongLong(n);
         if (!k || PyList_Append(sizes, k) < 0) { Py_XDECREF(k); goto done; }
         Py_DECREF(k);
         off += n;
     }
-    {
-        PyObject *t = PyList_AsTuple(sizes);
-        if (t) out = Py_BuildValue("(NO)", t, digests);
-    }
+    int code = 0;  /* (the cuts tile the data by construction) */
+    if ((cuts = PyList_AsTuple(sizes)) && (digests = chunk_digests(hash, data, cuts, PyBytes_GET_SIZE(whole), &code)))
+        out = Py_BuildValue("(OO)", cuts, digests);
 done:
-    Py_XDECREF(sizes);
+    Py_DECREF(sizes);
+    Py_XDECREF(cuts);
     Py_XDECREF(digests);
     return out;
 }
@@ -406,7 +402,7 @@ static PyObject *read_small(PyObject *self, PyObject *args) {
     if (size > (1ULL << 30)) { out = Py_None; Py_INCREF(out); goto done; }
     data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size + 1);
     if (!data) goto done;
-    int fail = 0;
+    int fail = 0, err = 0;
     uint64_t got = 0;
     struct stat st0, st1;
     Py_BEGIN_ALLOW_THREADS
@@ -418,16 +414,9 @@ static PyObject *read_small(PyObject *self, PyObject *args) {
             || (unsigned long long)st0.st_size != size) {
             fail = 1;
         } else {
-            while (got <= size) {
-                ssize_t n = read(fd, PyBytes_AS_STRING(data) + got, (size_t)(size + 1 - got));
-                if (n < 0) {
-                    if (errno == EINTR) continue;
-                    fail = 1;
-                    break;
-                }
-                if (n == 0) break;
-                got += (uint64_t)n;
-            }
+            long long n = read_upto(fd, PyBytes_AS_STRING(data), (long long)size, &err);
+            if (n < 0) fail = 1;
+            else got = (uint64_t)n;
             if (!fail && (got != size || fstat(fd, &st1) != 0 || st1.st_size != st0.st_size
                           || st1.st_mtim.tv_sec != st0.st_mtim.tv_sec || st1.st_mtim.tv_nsec != st0.st_mtim.tv_nsec
                           || st1.st_ctim.tv_sec != st0.st_ctim.tv_sec || st1.st_ctim.tv_nsec != st0.st_ctim.tv_nsec
@@ -442,6 +431,11 @@ static PyObject *read_small(PyObject *self, PyObject *args) {
     if (_PyBytes_Resize(&data, (Py_ssize_t)size) < 0) goto done;
     PyObject *whole = PyObject_CallOneArg(hash, data);
     if (!whole) goto done;
+    if (!PyBytes_Check(whole)) {
+        Py_DECREF(whole);
+        PyErr_SetString(PyExc_TypeError, "hash must return bytes");
+        goto done;
+    }
     PyObject *ch = chunk_data(data, &c, whole, hash);
     if (ch) {
         out = Py_BuildValue("(OOONILL)", data, PyTuple_GET_ITEM(ch, 0), PyTuple_GET_ITEM(ch, 1), whole,

@@ -307,9 +307,13 @@ static int out_int(Out *o, PyObject *v) {
     return out_be(o, 0xcf, u, 8);
 }
 
+static int out_bin_head(Out *o, Py_ssize_t k) {  /* a bin of k bytes follows */
+    return k < 256 ? out_be(o, 0xc4, (uint64_t)k, 1) : k < 65536 ? out_be(o, 0xc5, (uint64_t)k, 2)
+                                                      : out_be(o, 0xc6, (uint64_t)k, 4);
+}
+
 static int out_bin(Out *o, const char *s, Py_ssize_t k) {
-    int e = k < 256 ? out_be(o, 0xc4, (uint64_t)k, 1) : k < 65536 ? out_be(o, 0xc5, (uint64_t)k, 2)
-                                                        : out_be(o, 0xc6, (uint64_t)k, 4);
+    int e = out_bin_head(o, k);
     return e ? e : out_put(o, s, k);
 }
 
@@ -358,8 +362,7 @@ static int out_sizes(Out *o, PyObject *v) {
         return e;
     }
     int w = most <= 0xffff ? 2 : 4;
-    int e = w * k < 256 ? out_be(o, 0xc4, (uint64_t)(w * k), 1) : w * k < 65536 ? out_be(o, 0xc5, (uint64_t)(w * k), 2)
-                                                                 : out_be(o, 0xc6, (uint64_t)(w * k), 4);
+    int e = out_bin_head(o, w * k);
     if (e || out_room(o, w * k)) return e ? e : -2;
     for (Py_ssize_t j = 0; j < k; j++) {  /* little-endian, as struct's "<H" / "<I" */
         unsigned long long x = (unsigned long long)PyLong_AsLongLong(PyTuple_GET_ITEM(v, j));

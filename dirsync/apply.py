@@ -641,11 +641,10 @@ class MasterReader:
             return
         t = w.target
         path = w.path
-        held = self.held.get(path)
-        if held is not None and held[0] == t.digest and len(held[1]) == t.size:
+        buf = self.held_bytes(w)
+        if buf is not None:
             # The very bytes the scan read and computed t.digest from: send those (the file
             # as scanned, as its manifest entry says) instead of opening and reading it again.
-            buf = held[1]
             for op in ops:
                 if self.throttle:
                     self.throttle(op.size)
@@ -712,11 +711,11 @@ class MasterReader:
         the scan held; else, not throttled, read and checked in C (_files.read_checked: as
         sends() checks them, ~10 us a file less); else (or when that fails) sends()'s."""
         t = w.target
-        held = self.held.get(w.path)
-        if held is not None and held[0] == t.digest and len(held[1]) == t.size:
+        held = self.held_bytes(w)
+        if held is not None:
             if self.throttle:
                 self.throttle(t.size)
-            return held[1]
+            return held
         if _files is not None and self.throttle is None and t.size and -(1 << 63) <= t.mtime_ns < 1 << 63:
             got = _files.read_checked(os.path.join(self.root, w.path), t.size, t.mtime_ns, t.digest,
                                       xxhash.xxh3_128_digest)
@@ -728,11 +727,15 @@ class MasterReader:
         """Where Replica.stage_new takes a new small file's bytes from: those the master scan
         held (exactly the bytes its digest was computed from), else the master file's path
         (read there, and checked as sends() checks it)."""
+        held = self.held_bytes(w)
+        return held if held is not None else os.path.join(self.root, w.path)
+
+    def held_bytes(self, w: WriteFile) -> bytes | None:
+        """The bytes of w's target the master scan held (ScanResult.held), when they are exactly
+        those its digest was computed from; else None."""
         held = self.held.get(w.path)
         t = w.target
-        if held is not None and held[0] == t.digest and len(held[1]) == t.size:
-            return held[1]
-        return os.path.join(self.root, w.path)
+        return held[1] if held is not None and held[0] == t.digest and len(held[1]) == t.size else None
 
     def local_sends(self, w: WriteFile) -> Iterator[bytes]:
         """sends(w) for a replica writer in this process: for a small file whose bytes the
@@ -748,9 +751,9 @@ class MasterReader:
         if t.size < DIRECT_MIN and len(ops) == 1 and ops[0].__class__ is SendOp:
             return WholeSends(b"".join(self.sends(w)))  # (a small new file: read and checked now)
         if t.size < DIRECT_MIN and not self.throttle:
-            held = self.held.get(w.path)
-            if held is not None and held[0] == t.digest and len(held[1]) == t.size:
-                return WholeSends(held[1], ops)  # (checked again by the writer: see there)
+            held = self.held_bytes(w)
+            if held is not None:
+                return WholeSends(held, ops)  # (checked again by the writer: see there)
         if self.throttle or t.size < DIRECT_MIN or not (t.trusted and t.ino) or \
                 not any(isinstance(o, SendOp) for o in w.ops):
             return self.sends(w)
